@@ -1,0 +1,152 @@
+"""Class-conditional GAN: conditional-BN generator, spectral-norm projection discriminator.
+
+The recipe that works at small scale (PyTorch-StudioGAN's SNGAN configs): spectral norm on every D layer, hinge
+loss, conditional batch norm in G, a projection discriminator and an EMA copy of G for sampling. Resolution (28,
+32 or 64 px) and channels (1 or 3) come from the config, so the same code serves Fashion-MNIST and a customer's
+64x64 RGB product photos.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from models.errors import InvalidModelConfig
+
+ARCH = "cgan"
+
+# resolution -> (base feature map side, number of 2x upsamplings)
+_LAYOUTS = {28: (7, 2), 32: (4, 3), 64: (4, 4)}
+
+
+@dataclass(frozen=True)
+class CGANConfig:
+    """Everything needed to rebuild the networks; stored as JSON beside the weights."""
+
+    class_names: tuple[str, ...]
+    resolution: int = 28
+    channels: int = 1
+    z_dim: int = 64
+    g_ch: int = 64  # generator width at the output; doubles per resolution level going down
+    d_ch: int = 32  # discriminator width at the input
+    arch: str = field(default=ARCH)
+
+    def __post_init__(self) -> None:
+        if self.resolution not in _LAYOUTS:
+            raise InvalidModelConfig(f"resolution {self.resolution} not supported (choose from {sorted(_LAYOUTS)})")
+        if self.channels not in (1, 3):
+            raise InvalidModelConfig(f"channels must be 1 or 3, got {self.channels}")
+        if len(self.class_names) < 1:
+            raise InvalidModelConfig("a conditional model needs at least one class name")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise InvalidModelConfig(f"class names must be unique, got {list(self.class_names)}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["class_names"] = list(self.class_names)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CGANConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["class_names"] = tuple(known.get("class_names", ()))
+        return cls(**known)
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm without its own affine; gain and bias come from the class embedding."""
+
+    def __init__(self, num_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(num_features, affine=False)
+        self.gain = nn.Embedding(num_classes, num_features)
+        self.bias = nn.Embedding(num_classes, num_features)
+        nn.init.ones_(self.gain.weight)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.bn(x)  # (B, C, H, W)
+        return h * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
+
+
+class GBlock(nn.Module):
+    """Up-block: CBN-ReLU, 2x nearest upsample, 3x3 conv (SNGAN's DCGAN-style generator block)."""
+
+    def __init__(self, c_in: int, c_out: int, num_classes: int) -> None:
+        super().__init__()
+        self.bn = ConditionalBatchNorm2d(c_in, num_classes)
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = F.interpolate(F.relu(self.bn(x, y)), scale_factor=2.0, mode="nearest")  # (B, c_in, 2H, 2W)
+        return self.conv(h)  # (B, c_out, 2H, 2W)
+
+
+class Generator(nn.Module):
+    """z (B, z_dim) and labels (B,) -> images (B, C, H, W) in [-1, 1]."""
+
+    def __init__(self, cfg: CGANConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        base, n_up = _LAYOUTS[cfg.resolution]
+        widths = [cfg.g_ch * 2 ** min(n_up - i, 3) for i in range(n_up + 1)]  # e.g. [256, 128, 64] at 28 px
+        self.base = base
+        self.fc = nn.Linear(cfg.z_dim, widths[0] * base * base)
+        self.blocks = nn.ModuleList(GBlock(widths[i], widths[i + 1], cfg.num_classes) for i in range(n_up))
+        self.out_bn = nn.BatchNorm2d(widths[-1])
+        self.out_conv = nn.Conv2d(widths[-1], cfg.channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.fc(z).view(z.shape[0], -1, self.base, self.base)  # (B, C0, base, base)
+        for block in self.blocks:
+            h = block(h, y)
+        return torch.tanh(self.out_conv(F.relu(self.out_bn(h))))  # (B, channels, R, R)
+
+
+class DBlock(nn.Module):
+    """Down-block: SN 3x3 conv then SN 4x4 stride-2 conv, LeakyReLU(0.1) after each (SNGAN's DCGAN D)."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv1 = spectral_norm(nn.Conv2d(c_in, c_out, 3, padding=1))
+        self.conv2 = spectral_norm(nn.Conv2d(c_out, c_out, 4, stride=2, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.conv1(x), 0.1)  # (B, c_out, H, W)
+        return F.leaky_relu(self.conv2(h), 0.1)  # (B, c_out, H/2, W/2)
+
+
+class Discriminator(nn.Module):
+    """images (B, C, H, W) and labels (B,) -> logits (B,), with a projection term for the class."""
+
+    def __init__(self, cfg: CGANConfig) -> None:
+        super().__init__()
+        _, n_down = _LAYOUTS[cfg.resolution]
+        widths = [cfg.channels] + [cfg.d_ch * 2 ** min(i, 3) for i in range(n_down)]
+        self.blocks = nn.Sequential(*(DBlock(widths[i], widths[i + 1]) for i in range(n_down)))
+        self.final = spectral_norm(nn.Conv2d(widths[-1], 2 * widths[-1], 3, padding=1))
+        self.linear = spectral_norm(nn.Linear(2 * widths[-1], 1))
+        self.embed = spectral_norm(nn.Embedding(cfg.num_classes, 2 * widths[-1]))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.final(self.blocks(x)), 0.1)  # (B, C_last, base, base)
+        h = h.sum(dim=(2, 3))  # (B, C_last): global sum pooling
+        return self.linear(h).squeeze(1) + (self.embed(y) * h).sum(dim=1)  # (B,)
+
+
+def latents_for_seeds(seeds: list[int], z_dim: int) -> torch.Tensor:
+    """One latent per seed, drawn on the CPU from its own generator: image i never depends on its batch.
+
+    Returns a float32 tensor of shape (B, z_dim).
+    """
+    rows = [torch.randn(z_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(rows) if rows else torch.empty(0, z_dim)

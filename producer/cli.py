@@ -1,0 +1,291 @@
+"""The ``genq`` command: submit and watch jobs, run the embedded pipeline, train models, start workers.
+
+Heavy imports (torch, Celery, the worker) happen inside the commands that need them, so ``import producer`` stays
+light for backends that only use the client.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from producer.contract import GenerateRequest, JobStatus, JobView, OutputFormat
+from producer.errors import GenqError, InvalidJob
+from producer.settings import ClientSettings
+
+app = typer.Typer(help="genq: asynchronous image generation on Celery + Redis + S3.", no_args_is_help=True)
+console = Console(stderr=True)
+
+
+@app.callback()
+def main() -> None:
+    """genq: asynchronous image generation on Celery + Redis + S3."""
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., "--out", help="Run folder: checkpoint, sample grids, export/."),
+    arch: str = typer.Option("cgan", "--arch", help="Architecture (cgan)."),
+    data: str = typer.Option("fashion-mnist", "--data", help="Data set: fashion-mnist."),
+    steps: int = typer.Option(8000, "--steps", min=1, help="Total optimisation steps (resume counts toward it)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    g_ch: int = typer.Option(32, "--g-ch", min=4, help="Generator width at the output resolution."),
+    d_ch: int = typer.Option(32, "--d-ch", min=4, help="Discriminator width at the input resolution."),
+    seed: int = typer.Option(0, "--seed"),
+    sample_every: int = typer.Option(500, "--sample-every", min=1),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from out/checkpoint.safetensors."),
+) -> None:
+    """Train a generator; progress shows step, losses, it/s and ETA."""
+    from rich.progress import TimeRemainingColumn
+
+    from models import cgan
+    from models import train as training
+    from models.data import load_fashion_mnist
+
+    if arch != cgan.ARCH:
+        raise typer.BadParameter(f"unknown architecture {arch!r} (known: {cgan.ARCH})", param_hint="--arch")
+    if data != "fashion-mnist":
+        raise typer.BadParameter(f"unknown data set {data!r} (known: fashion-mnist)", param_hint="--data")
+    dataset = load_fashion_mnist("train")
+    model_cfg = cgan.CGANConfig(class_names=dataset.class_names, g_ch=g_ch, d_ch=d_ch)
+    cfg = training.TrainConfig(
+        steps=steps, batch_size=batch_size, seed=seed, sample_every=sample_every, checkpoint_every=checkpoint_every
+    )
+    columns = (
+        TextColumn("[bold]train[/]"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("d={task.fields[d]:.3f} g={task.fields[g]:.3f} {task.fields[rate]:.2f} it/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("train", total=steps, d=0.0, g=0.0, rate=0.0)
+
+        def on_step(s: training.StepStats) -> None:
+            progress.update(task, completed=s.step, d=s.d_loss, g=s.g_loss, rate=s.steps_per_s)
+
+        training.train(dataset, out, cfg, model_cfg, resume=resume, on_step=on_step, on_log=progress.console.print)
+    console.print(f"exported generator to {out / training.EXPORT_DIR}")
+
+
+def _parse_counts(spec: str) -> dict[str, int]:
+    """'sneaker=3,bag=2' -> {'sneaker': 3, 'bag': 2}."""
+    counts: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        label, sep, number = part.partition("=")
+        if not sep or not number.strip().lstrip("-").isdigit():
+            raise typer.BadParameter(f"expected label=count, got {part!r}", param_hint="--counts")
+        counts[label.strip()] = int(number)
+    return counts
+
+
+def _build_request(**fields: Any) -> GenerateRequest:
+    from pydantic import ValidationError
+
+    try:
+        return GenerateRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "request"
+            console.print(f"[red]invalid request[/]: {where}: {err['msg']}")
+        raise typer.Exit(2) from None
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+@app.command()
+def generate(
+    model: str = typer.Option("fmnist-cgan", "--model", "-m", help="name, name@version or name:alias"),
+    label: str | None = typer.Option(None, "--label", "-l", help="Class name or index."),
+    count: int | None = typer.Option(None, "--count", "-n", help="Images of --label (default 1)."),
+    counts: str | None = typer.Option(None, "--counts", help="Per-label counts: sneaker=3,bag=2"),
+    seed: int | None = typer.Option(None, "--seed", help="Job seed (random and recorded when absent)."),
+    fmt: OutputFormat = typer.Option(OutputFormat.PNG, "--format", help="Output image format."),
+    callback: str | None = typer.Option(None, "--callback", help="URL receiving signed webhook events."),
+    metadata: str | None = typer.Option(None, "--metadata", help="JSON object echoed back in the job."),
+    idempotency_key: str | None = typer.Option(None, "--idempotency-key"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Embedded mode: write images here, no Redis/S3."),
+    embedded: bool = typer.Option(False, "--embedded", help="Run in-process even if GENQ_REDIS__URL is set."),
+    wait: bool = typer.Option(False, "--wait", help="Queue mode: follow the job to its end with a progress bar."),
+    download: Path | None = typer.Option(
+        None, "--download", help="Queue mode: download outputs here (implies --wait)."
+    ),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds --wait waits before giving up."),
+) -> None:
+    """Generate images: in-process into --out (no broker needed), or as a queued job through Redis."""
+    try:
+        meta = json.loads(metadata) if metadata else None
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not JSON: {exc}", param_hint="--metadata") from exc
+    request = _build_request(
+        model=model,
+        label=int(label) if label is not None and label.isdecimal() else label,
+        count=count,
+        counts=_parse_counts(counts) if counts else None,
+        seed=seed,
+        format=fmt,
+        callback={"url": callback} if callback else None,
+        metadata=meta,
+        idempotency_key=idempotency_key,
+    )
+    settings = ClientSettings()
+    try:
+        if embedded or settings.redis.url is None:
+            _generate_embedded(request, out or Path("./out"))
+        else:
+            if out is not None:
+                console.print("[yellow]--out is for embedded mode; use --download DIR in queue mode[/]")
+            _generate_queued(request, settings, wait or download is not None, download, timeout)
+    except InvalidJob as exc:
+        console.print(f"[red]invalid request[/]: {exc}")
+        raise typer.Exit(2) from None
+    except GenqError as exc:
+        console.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(1) from None
+
+
+def _generate_embedded(request: GenerateRequest, out: Path) -> None:
+    from worker.embedded import run_embedded  # the CLI reaches into the worker only here, lazily
+    from worker.settings import WorkerSettings
+
+    with _progress() as progress:
+        task = progress.add_task("generate", total=request.total_images)
+        job, result = run_embedded(
+            request, out, WorkerSettings(), on_progress=lambda done, total: progress.update(task, completed=done)
+        )
+    console.print(
+        f"[green]wrote {len(result.outputs)} images[/] of {job.model_name}@{job.model_version} "
+        f"(seed {job.seed}) and {result.manifest_key} to {out}/"
+    )
+
+
+def _generate_queued(
+    request: GenerateRequest, settings: ClientSettings, wait: bool, download: Path | None, timeout: float
+) -> None:
+    from producer.client import Client
+
+    client = Client(settings)
+    view = client.submit(request)
+    console.print(f"job [bold]{view.id}[/] queued ({view.model_version}, seed {view.seed})")
+    if not wait:
+        print(view.id)
+        return
+    view = _follow(client, view.id, timeout)
+    if download is not None and view.status is JobStatus.SUCCEEDED:
+        paths = client.download(view, download)
+        console.print(f"downloaded {len(paths)} files to {download}/")
+    print(view.model_dump_json(indent=2))
+    if view.status is not JobStatus.SUCCEEDED:
+        raise typer.Exit(1)
+
+
+def _follow(client: Any, job_id: str, timeout: float) -> JobView:
+    with _progress() as progress:
+        task = progress.add_task("queued", total=None)
+
+        def update(view: JobView) -> None:
+            progress.update(
+                task, description=view.status.value, completed=view.progress.done, total=view.progress.total or None
+            )
+
+        view: JobView = client.wait(job_id, timeout=timeout, on_update=update)
+    if view.error is not None:
+        console.print(f"[red]job {view.status.value}[/]: {view.error.type}: {view.error.message}")
+    return view
+
+
+@app.command()
+def status(job_id: str) -> None:
+    """Print a job's current view as JSON."""
+    from producer.client import Client
+
+    try:
+        print(Client().status(job_id).model_dump_json(indent=2))
+    except GenqError as exc:
+        console.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(1) from None
+
+
+@app.command("wait")
+def wait_cmd(job_id: str, timeout: float = typer.Option(600.0, "--timeout")) -> None:
+    """Follow a job to its end with a progress bar; exit 0 only if it succeeded."""
+    from producer.client import Client
+
+    try:
+        view = _follow(Client(), job_id, timeout)
+    except GenqError as exc:
+        console.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(1) from None
+    print(view.model_dump_json(indent=2))
+    raise typer.Exit(0 if view.status is JobStatus.SUCCEEDED else 1)
+
+
+@app.command("models")
+def models_cmd() -> None:
+    """List models, versions, aliases and classes (from Redis, or the local model folders in embedded mode)."""
+    settings = ClientSettings()
+    if settings.redis.url is None:
+        from worker.registry import ModelRegistry
+        from worker.runtime import model_roots
+        from worker.settings import WorkerSettings
+
+        worker_settings = WorkerSettings()
+        catalog = ModelRegistry(model_roots(worker_settings), worker_settings.device).catalog()
+    else:
+        from producer.client import Client
+
+        catalog = Client(settings).models()
+    table = Table("model", "version", "aliases", "arch", "size", "classes")
+    for name, entry in sorted(catalog.items()):
+        for version, info in sorted(entry.versions.items()):
+            aliases = ", ".join(a for a, v in sorted(entry.aliases.items()) if v == version)
+            size = f"{info.resolution}px x{info.channels}"
+            table.add_row(name, version, aliases, info.arch, size, ", ".join(info.class_names))
+    Console().print(table)
+
+
+@app.command()
+def worker(
+    queues: str = typer.Option("generate,callbacks", "--queues", "-Q", help="Comma-separated queues to consume."),
+    concurrency: int = typer.Option(4, "--concurrency", "-c", min=1),
+    pool: str = typer.Option(
+        "threads", "--pool", help="threads (default: one process, models loaded once), prefork or solo."
+    ),
+    loglevel: str = typer.Option("INFO", "--loglevel"),
+    hostname: str | None = typer.Option(None, "--hostname", "-n"),
+) -> None:
+    """Start a Celery worker on the configured Redis (GENQ_REDIS__URL)."""
+    import logging
+
+    from worker.app import app as celery_app  # lazily: only this command needs the worker runtime
+
+    if pool not in ("threads", "prefork", "solo"):
+        raise typer.BadParameter("choose threads, prefork or solo", param_hint="--pool")
+    if ClientSettings().redis.url is None:
+        console.print("[red]error[/]: a worker needs Redis: set GENQ_REDIS__URL (e.g. redis://127.0.0.1:6379/0)")
+        raise typer.Exit(2)
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = ["worker", f"--queues={queues}", f"--concurrency={concurrency}", f"--pool={pool}", f"--loglevel={loglevel}"]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    celery_app.worker_main(argv=argv)
+
+
+if __name__ == "__main__":
+    app(prog_name="genq")

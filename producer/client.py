@@ -1,0 +1,206 @@
+"""The Python client: submit generate jobs, read their status, wait for them, fetch their outputs.
+
+Light on purpose: importing it pulls in neither torch nor Celery. Celery (for its message format) is imported on
+the first submit, boto3 on the first download or presigned URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from producer import constants
+from producer.contract import (
+    EventType,
+    GenerateJob,
+    GenerateRequest,
+    JobError,
+    JobStatus,
+    JobView,
+    ModelEntry,
+    OutputRef,
+)
+from producer.errors import IdempotencyConflict, InvalidJob, JobTimeout
+from producer.events import callback_message
+from producer.resolve import resolve_request
+from producer.settings import ClientSettings
+from producer.status import JobStore, utcnow
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+
+class Client:
+    """Talks to Redis (jobs, catalogue, queue) and, for outputs, to S3.
+
+    >>> client = Client()  # settings from GENQ_* variables
+    >>> job = client.submit(GenerateRequest(model="fmnist-cgan", label="sneaker", count=8, seed=42))
+    >>> client.wait(job.id, timeout=60).status
+    <JobStatus.SUCCEEDED: 'succeeded'>
+    """
+
+    def __init__(self, settings: ClientSettings | None = None) -> None:
+        self.settings = settings or ClientSettings()
+        if self.settings.redis.url is None:
+            raise InvalidJob("no Redis configured: set GENQ_REDIS__URL, or use `genq generate --out DIR` (embedded)")
+        self.redis = redis.Redis.from_url(self.settings.redis.url)
+        self.store = JobStore(self.redis, self.settings.job_ttl_s)
+        self._celery: Celery | None = None
+        self._s3: Any = None
+
+    # -- submitting ---------------------------------------------------------------------------------------
+
+    def models(self) -> dict[str, ModelEntry]:
+        """The model catalogue published by workers."""
+        raw = self.redis.hgetall(constants.CATALOG_KEY)
+        return {k.decode(): ModelEntry.model_validate_json(v) for k, v in raw.items()}
+
+    def submit(self, request: GenerateRequest) -> JobView:
+        """Validate, record and enqueue a generate job; returns at once with the job ``queued``.
+
+        Raises:
+            InvalidJob: the request names an unknown model/label or exceeds a limit (``.field`` says which);
+                nothing is enqueued.
+            IdempotencyConflict: the idempotency key was used before with a different request.
+        """
+        job_id = uuid.uuid4().hex
+        if request.idempotency_key is not None:
+            existing = self._claim_idempotency_key(request, job_id)
+            if existing is not None:
+                return self.store.get(existing)
+        try:
+            job = resolve_request(request, self.models(), self.settings.limits, job_id=job_id, now=utcnow())
+        except InvalidJob:
+            self._release_idempotency_key(request)
+            raise
+        view = self.store.create(job)
+        try:
+            self._enqueue(job)
+        except Exception as exc:
+            self.store.mark_failed(job.job_id, JobError(type="EnqueueFailed", message=f"could not enqueue: {exc}"))
+            raise
+        message = callback_message(job.callback, EventType.QUEUED, view, self.store.next_event_seq(job_id))
+        if message is not None:
+            self._celery_app().send_task(
+                constants.CALLBACK_TASK, args=[message.model_dump(mode="json")], queue=constants.CALLBACK_QUEUE
+            )
+        return view
+
+    def _enqueue(self, job: GenerateJob) -> None:
+        self._celery_app().send_task(
+            constants.GENERATE_TASK, args=[job.model_dump(mode="json")], queue=constants.GENERATE_QUEUE
+        )
+
+    def _celery_app(self) -> Celery:
+        if self._celery is None:
+            from celery import Celery
+
+            app = Celery("genq-client", broker=self.settings.redis.url)
+            app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True)
+            self._celery = app
+        return self._celery
+
+    def _claim_idempotency_key(self, request: GenerateRequest, job_id: str) -> str | None:
+        """Own the key for ``job_id``; return the earlier job's id if the same request was submitted before."""
+        key = constants.IDEMPOTENCY_KEY.format(key=request.idempotency_key)
+        body = hashlib.sha256(request.model_dump_json(exclude={"idempotency_key"}).encode()).hexdigest()
+        record = json.dumps({"job_id": job_id, "body": body})
+        if self.redis.set(key, record, nx=True, ex=self.settings.job_ttl_s):
+            return None
+        raw = self.redis.get(key)
+        if raw is None:  # expired between the two calls: try once more
+            return self._claim_idempotency_key(request, job_id)
+        earlier = json.loads(raw)
+        if earlier["body"] != body:
+            raise IdempotencyConflict(
+                f"idempotency key {request.idempotency_key!r} was already used for a different request "
+                f"(job {earlier['job_id']})"
+            )
+        return str(earlier["job_id"])
+
+    def _release_idempotency_key(self, request: GenerateRequest) -> None:
+        if request.idempotency_key is not None:
+            self.redis.delete(constants.IDEMPOTENCY_KEY.format(key=request.idempotency_key))
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def status(self, job_id: str) -> JobView:
+        """The job's current view. Raises JobNotFound."""
+        return self.store.get(job_id)
+
+    def wait(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        poll_s: float = 0.2,
+        on_update: Callable[[JobView], None] | None = None,
+    ) -> JobView:
+        """Poll until the job is terminal; ``on_update`` sees every view. Raises JobTimeout after ``timeout`` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            view = self.store.get(job_id)
+            if on_update is not None:
+                on_update(view)
+            if view.status.is_terminal():
+                return view
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeout(f"job {job_id} still {view.status.value} after {timeout} s")
+            time.sleep(poll_s)
+
+    def deliveries(self, job_id: str) -> list[dict[str, Any]]:
+        """Every callback delivery attempt recorded for the job, oldest first."""
+        raw = self.redis.lrange(constants.JOB_EVENTS_KEY.format(job_id=job_id), 0, -1)
+        return [json.loads(item) for item in raw]
+
+    # -- outputs ------------------------------------------------------------------------------------------
+
+    def _s3_client(self) -> Any:
+        if self._s3 is None:
+            import boto3
+
+            self._s3 = boto3.client("s3")
+        return self._s3
+
+    def with_urls(self, view: JobView, expires_s: int | None = None) -> JobView:
+        """A copy of ``view`` whose outputs carry presigned GET URLs."""
+        expires = expires_s or self.settings.s3.presign_expires_s
+        s3 = self._s3_client()
+        outputs = [
+            o.model_copy(
+                update={
+                    "url": s3.generate_presigned_url(
+                        "get_object", Params={"Bucket": self.settings.s3.bucket, "Key": o.key}, ExpiresIn=expires
+                    )
+                }
+            )
+            for o in view.outputs
+        ]
+        return view.model_copy(update={"outputs": outputs})
+
+    def download(self, view: JobView, dest: Path, on_file: Callable[[OutputRef], None] | None = None) -> list[Path]:
+        """Download a finished job's outputs and manifest into ``dest``, checking each sha256."""
+        if view.status is not JobStatus.SUCCEEDED or view.manifest_key is None:
+            raise InvalidJob(f"job {view.id} is {view.status.value}; only succeeded jobs have a complete output set")
+        dest.mkdir(parents=True, exist_ok=True)
+        s3 = self._s3_client()
+        bucket = self.settings.s3.bucket
+        paths = []
+        for output in view.outputs:
+            data = s3.get_object(Bucket=bucket, Key=output.key)["Body"].read()
+            if hashlib.sha256(data).hexdigest() != output.sha256:
+                raise InvalidJob(f"{output.key}: sha256 does not match the manifest; the object was altered")
+            path = dest / output.key.rsplit("/", 1)[-1]
+            path.write_bytes(data)
+            paths.append(path)
+            if on_file is not None:
+                on_file(output)
+        manifest = dest / constants.MANIFEST_NAME
+        manifest.write_bytes(s3.get_object(Bucket=bucket, Key=view.manifest_key)["Body"].read())
+        return [*paths, manifest]

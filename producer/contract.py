@@ -1,0 +1,313 @@
+"""The wire contract: what clients send (requests), what workers receive (jobs) and what everyone reads (views).
+
+One source of truth for the Python client, the CLI, the workers and (later) the HTTP API. Separate models per
+direction: ``GenerateRequest`` comes in from a caller, ``GenerateJob`` is the resolved payload a worker runs, and
+``JobView`` goes out.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    field_validator,
+    model_validator,
+)
+
+MAX_SEED = 2**63 - 1
+_NAME = r"[a-z0-9][a-z0-9._-]{0,63}"
+MODEL_REF_PATTERN = re.compile(rf"^(?P<name>{_NAME})(?:@(?P<version>[A-Za-z0-9._-]{{1,64}})|:(?P<alias>{_NAME}))?$")
+
+
+class JobStatus(StrEnum):
+    """Where a job is in its life. Terminal states never change again."""
+
+    QUEUED = "queued"  # accepted and waiting on the queue
+    RUNNING = "running"  # a worker is producing outputs
+    SUCCEEDED = "succeeded"  # every output is stored and listed
+    FAILED = "failed"  # stopped for good; error says why
+    CANCELED = "canceled"  # stopped on request; outputs so far are listed
+
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+class EventType(StrEnum):
+    """What a callback announces; the first four mirror status changes."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    PROGRESS = "progress"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+class OutputFormat(StrEnum):
+    """Encoding of each output image."""
+
+    PNG = "png"  # lossless; provenance in tEXt chunks
+    JPEG = "jpeg"  # lossy, smaller; provenance in the JPEG comment
+    WEBP = "webp"  # lossless WebP; provenance in XMP
+
+    @property
+    def extension(self) -> str:
+        return {"png": "png", "jpeg": "jpg", "webp": "webp"}[self.value]
+
+    @property
+    def content_type(self) -> str:
+        return f"image/{self.value}"
+
+
+class ModelRef(BaseModel):
+    """A parsed model reference: ``name``, ``name@version`` or ``name:alias`` (no alias means ``latest``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    version: str | None = None
+    alias: str | None = None
+
+    @classmethod
+    def parse(cls, ref: str) -> ModelRef:
+        match = MODEL_REF_PATTERN.match(ref)
+        if match is None:
+            raise ValueError(
+                f"invalid model reference {ref!r}: use name, name@version or name:alias "
+                "(lower-case letters, digits, '.', '_' and '-')"
+            )
+        return cls(name=match["name"], version=match["version"], alias=match["alias"])
+
+    def __str__(self) -> str:
+        if self.version:
+            return f"{self.name}@{self.version}"
+        return f"{self.name}:{self.alias}" if self.alias else self.name
+
+
+class Callback(BaseModel):
+    """Where to POST signed events for a job, and which events to send (default: all of them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: AnyHttpUrl = Field(description="http(s) URL that receives Standard Webhooks v1 signed POSTs.")
+    events: set[EventType] = Field(
+        default_factory=lambda: set(EventType), description="Events to deliver; others are skipped."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_only(cls, url: AnyHttpUrl) -> AnyHttpUrl:
+        if url.scheme not in ("http", "https"):
+            raise ValueError("callback URL must use http or https")
+        if not url.host:
+            raise ValueError("callback URL needs a host")
+        return url
+
+
+LabelKey = Annotated[str | int, Field(description="A class name ('sneaker') or its index (7).")]
+
+
+class GenerateRequest(BaseModel):
+    """A caller's request for images: one label with a count, or a map of label -> count."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"model": "fmnist-cgan", "label": "sneaker", "count": 8, "seed": 42, "format": "png"}]
+        },
+    )
+
+    model: Annotated[str, Field(description="name, name@version or name:alias", max_length=140)]
+    label: LabelKey | None = None
+    count: Annotated[int, Field(ge=1)] | None = Field(default=None, description="Images for `label` (default 1).")
+    counts: dict[str, Annotated[int, Field(ge=1)]] | None = Field(
+        default=None, description="Per-label counts, keyed by class name or index; instead of label/count."
+    )
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = Field(
+        default=None, description="Job seed; chosen and recorded when absent. Image i's seed derives from it."
+    )
+    format: OutputFormat = OutputFormat.PNG
+    callback: Callback | None = None
+    metadata: dict[str, JsonValue] = Field(default_factory=dict, description="Echoed back in the job view.")
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _valid_model_ref(cls, value: str) -> str:
+        ModelRef.parse(value)
+        return value
+
+    @field_validator("counts", mode="before")
+    @classmethod
+    def _stringify_keys(cls, value: Any) -> Any:
+        # JSON object keys are strings; accept {7: 3} from Python callers the same as {"7": 3}.
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _one_way_to_ask(self) -> GenerateRequest:
+        if self.counts is not None:
+            if self.label is not None or self.count is not None:
+                raise ValueError("give either label (with count) or counts, not both")
+            if not self.counts:
+                raise ValueError("counts must name at least one label")
+        elif self.label is None:
+            raise ValueError("give a label (with count) or counts")
+        return self
+
+    def label_counts(self) -> list[tuple[str | int, int]]:
+        """The requested (label key, count) pairs, in request order."""
+        if self.counts is not None:
+            return [(_as_label_key(k), v) for k, v in self.counts.items()]
+        assert self.label is not None  # guaranteed by _one_way_to_ask
+        label = _as_label_key(self.label) if isinstance(self.label, str) else self.label
+        return [(label, self.count or 1)]
+
+    @property
+    def total_images(self) -> int:
+        return sum(count for _, count in self.label_counts())
+
+
+def _as_label_key(key: str) -> str | int:
+    return int(key) if key.isdecimal() else key
+
+
+class LabelCount(BaseModel):
+    """A resolved class (index and name) and how many images of it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int = Field(ge=0)
+    name: str
+    count: int = Field(ge=1)
+
+
+class GenerateJob(BaseModel):
+    """The resolved payload a worker runs: model version pinned, labels as indices, seed fixed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["generate"] = "generate"
+    job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
+    model: str  # the reference as asked, e.g. "fmnist-cgan"
+    model_name: str
+    model_version: str
+    items: list[LabelCount] = Field(min_length=1)
+    seed: int = Field(ge=0, le=MAX_SEED)
+    format: OutputFormat = OutputFormat.PNG
+    callback: Callback | None = None
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    created_at: datetime
+
+    @property
+    def total_images(self) -> int:
+        return sum(item.count for item in self.items)
+
+    def image_labels(self) -> list[LabelCount]:
+        """The label of every output image, by output index (items expanded in order)."""
+        return [item for item in self.items for _ in range(item.count)]
+
+
+class Progress(BaseModel):
+    """Images stored so far out of the total."""
+
+    done: int = 0
+    total: int = 0
+
+
+class JobError(BaseModel):
+    """Why a job failed: an error class name and a message that says what to do."""
+
+    type: str
+    message: str
+
+
+class OutputRef(BaseModel):
+    """One stored output image."""
+
+    index: int
+    label: str
+    label_index: int
+    seed: int
+    key: str
+    sha256: str
+    content_type: str
+    url: str | None = None  # presigned GET URL, filled in when a client asks for it
+
+
+class Manifest(BaseModel):
+    """``manifest.json`` beside a job's outputs: provenance for every image."""
+
+    job_id: str
+    model: str
+    model_version: str
+    seed: int
+    format: OutputFormat
+    created_at: datetime
+    outputs: list[OutputRef]
+
+
+class JobView(BaseModel):
+    """What clients see of a job."""
+
+    id: str
+    kind: Literal["generate"] = "generate"
+    status: JobStatus
+    model: str
+    model_version: str | None = None
+    seed: int | None = None
+    progress: Progress = Field(default_factory=Progress)
+    outputs: list[OutputRef] = Field(default_factory=list)
+    manifest_key: str | None = None
+    error: JobError | None = None
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class WebhookEvent(BaseModel):
+    """Body of a callback POST: the event type, when it happened, and the job view at that moment."""
+
+    type: EventType
+    timestamp: datetime
+    data: JobView
+
+
+class ModelVersionInfo(BaseModel):
+    """What a client needs to validate a request against one model version, without loading it."""
+
+    arch: str
+    class_names: list[str]
+    resolution: int
+    channels: int
+
+
+class ModelEntry(BaseModel):
+    """A model name with its versions and aliases, as published by workers into the catalogue."""
+
+    name: str
+    versions: dict[str, ModelVersionInfo]
+    aliases: dict[str, str] = Field(default_factory=dict)
+
+    def resolve(self, ref: ModelRef) -> str:
+        """The concrete version a reference names; raises KeyError with a helpful message."""
+        if ref.version is not None:
+            if ref.version not in self.versions:
+                raise KeyError(f"model {ref.name!r} has no version {ref.version!r} (known: {_known(self.versions)})")
+            return ref.version
+        alias = ref.alias or "latest"
+        if alias not in self.aliases:
+            raise KeyError(f"model {ref.name!r} has no alias {alias!r} (known: {_known(self.aliases)})")
+        return self.aliases[alias]
+
+
+def _known(names: dict[str, Any]) -> str:
+    return ", ".join(sorted(names)) or "none"

@@ -1,0 +1,39 @@
+"""Errors a client can see, split by what the caller does about them."""
+
+
+class GenqError(Exception):
+    """Base class for every genq error."""
+
+
+class InvalidJob(GenqError, ValueError):
+    """The request cannot run as given (bad field, over a limit, unknown label): fix it and resubmit."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class ModelNotFound(GenqError, KeyError):
+    """No model, version or alias of that name is published."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; say it plainly
+        return str(self.args[0]) if self.args else "model not found"
+
+
+class JobNotFound(GenqError, KeyError):
+    """No job with that id (never existed, or its record expired)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "job not found"
+
+
+class IdempotencyConflict(GenqError):
+    """The idempotency key was already used for a different request body."""
+
+
+class JobTimeout(GenqError, TimeoutError):
+    """A job did not reach a terminal status within the time the caller was prepared to wait."""
+
+
+class ConfigurationError(GenqError):
+    """Settings are missing or unsafe (a placeholder secret outside dev, no bucket for S3 mode)."""

@@ -1,0 +1,90 @@
+"""Turning a caller's :class:`GenerateRequest` into the :class:`GenerateJob` a worker runs.
+
+Pure: the model catalogue and the limits come in as arguments, so the Python client (catalogue in Redis) and the
+embedded mode (catalogue from local model folders) share every check. Every refusal names the field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime
+
+from producer.contract import GenerateJob, GenerateRequest, LabelCount, ModelEntry, ModelRef, ModelVersionInfo
+from producer.errors import InvalidJob
+from producer.seeds import new_job_seed
+from producer.settings import Limits
+
+
+def resolve_request(
+    request: GenerateRequest,
+    catalog: Mapping[str, ModelEntry],
+    limits: Limits,
+    *,
+    job_id: str,
+    now: datetime,
+) -> GenerateJob:
+    """Validate ``request`` against the catalogue and limits and pin model version, labels and seed.
+
+    Raises:
+        InvalidJob: with ``field`` set to the offending field (``model``, ``label``, ``counts.<key>``, ``count``,
+            ``metadata``).
+    """
+    check_limits(request, limits)
+    ref = ModelRef.parse(request.model)
+    entry = catalog.get(ref.name)
+    if entry is None:
+        known = ", ".join(sorted(catalog)) or "none published; is a worker running?"
+        raise InvalidJob(f"unknown model {ref.name!r} (known: {known})", field="model")
+    try:
+        version = entry.resolve(ref)
+    except KeyError as exc:
+        raise InvalidJob(str(exc.args[0]), field="model") from exc
+    info = entry.versions[version]
+    field = "label" if request.counts is None else "counts"
+    items: list[LabelCount] = []
+    for key, count in request.label_counts():
+        index = _label_index(key, info, ref.name, field if field == "label" else f"counts.{key}")
+        items.append(LabelCount(index=index, name=info.class_names[index], count=count))
+    return GenerateJob(
+        job_id=job_id,
+        model=request.model,
+        model_name=ref.name,
+        model_version=version,
+        items=items,
+        seed=request.seed if request.seed is not None else new_job_seed(),
+        format=request.format,
+        callback=request.callback,
+        metadata=request.metadata,
+        created_at=now,
+    )
+
+
+def check_limits(request: GenerateRequest, limits: Limits) -> None:
+    """Refuse a request over the deployment's limits, naming the field and the setting that sets the limit."""
+    total = request.total_images
+    if total > limits.max_images_per_job:
+        field = "count" if request.counts is None else "counts"
+        raise InvalidJob(
+            f"{total} images requested, the limit is {limits.max_images_per_job} per job "
+            "(GENQ_LIMITS__MAX_IMAGES_PER_JOB); split the request",
+            field=field,
+        )
+    size = len(json.dumps(request.metadata, separators=(",", ":")).encode())
+    if size > limits.max_metadata_bytes:
+        raise InvalidJob(
+            f"metadata is {size} bytes as JSON, the limit is {limits.max_metadata_bytes} "
+            "(GENQ_LIMITS__MAX_METADATA_BYTES)",
+            field="metadata",
+        )
+
+
+def _label_index(key: str | int, info: ModelVersionInfo, model: str, field: str) -> int:
+    names = info.class_names
+    if isinstance(key, int):
+        if not 0 <= key < len(names):
+            raise InvalidJob(f"label index {key} out of range 0..{len(names) - 1} for model {model!r}", field=field)
+        return key
+    if key not in names:
+        raise InvalidJob(f"unknown label {key!r} for model {model!r} (known: {', '.join(names)})", field=field)
+    return names.index(key)

@@ -1,0 +1,159 @@
+"""Job records in Redis: one hash per job, written by clients (create) and workers (transitions, progress).
+
+Status changes go through one Lua script that checks the current status, so a terminal status is never
+overwritten: a job redelivered after it succeeded cannot be dragged back to ``running``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+from producer import constants
+from producer.contract import (
+    GenerateJob,
+    JobError,
+    JobStatus,
+    JobView,
+    OutputRef,
+    Progress,
+)
+from producer.errors import JobNotFound
+
+# KEYS[1] job hash. ARGV: new status, allowed current statuses (comma-separated), ttl, then field/value pairs.
+# Returns 1 when applied, 0 when the current status forbids it, -1 when the job does not exist.
+_TRANSITION = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return -1 end
+local allowed = false
+for s in string.gmatch(ARGV[2], '[^,]+') do
+  if s == current then allowed = true end
+end
+if not allowed then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1])
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+_ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobStore:
+    """Read and write job records. Thread-safe (redis-py pools its connections)."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self.redis = client
+        self.ttl_s = ttl_s
+        self._transition = client.register_script(_TRANSITION)
+
+    @staticmethod
+    def key(job_id: str) -> str:
+        return constants.JOB_KEY.format(job_id=job_id)
+
+    def create(self, job: GenerateJob) -> JobView:
+        """Record a new job as ``queued``. Raises ValueError if the id is taken."""
+        key = self.key(job.job_id)
+        if not self.redis.hsetnx(key, "spec", job.model_dump_json()):
+            raise ValueError(f"job id {job.job_id} already exists")
+        fields = {
+            "status": JobStatus.QUEUED.value,
+            "done": 0,
+            "total": job.total_images,
+            "created_at": job.created_at.isoformat(),
+        }
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, self.ttl_s)
+        pipe.execute()
+        return self.get(job.job_id)
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self.key(job_id)))
+
+    def get(self, job_id: str) -> JobView:
+        """The job's current view. Raises JobNotFound."""
+        raw = self.redis.hgetall(self.key(job_id))
+        if not raw or b"spec" not in raw:
+            raise JobNotFound(f"no job {job_id!r} (unknown id, or its record expired)")
+        return _view(job_id, {k.decode(): v.decode() for k, v in raw.items()})
+
+    def spec(self, job_id: str) -> GenerateJob:
+        raw = self.redis.hget(self.key(job_id), "spec")
+        if raw is None:
+            raise JobNotFound(f"no job {job_id!r}")
+        return GenerateJob.model_validate_json(raw)
+
+    def transition(self, job_id: str, status: JobStatus, allowed_from: tuple[JobStatus, ...], **fields: Any) -> bool:
+        """Set ``status`` (and ``fields``) only if the current status is in ``allowed_from``; True if applied."""
+        args: list[Any] = [status.value, ",".join(s.value for s in allowed_from), self.ttl_s]
+        for name, value in fields.items():
+            args += [name, value if isinstance(value, str | int) else json.dumps(value)]
+        result = self._transition(keys=[self.key(job_id)], args=args)
+        if result == -1:
+            raise JobNotFound(f"no job {job_id!r}")
+        return bool(result == 1)
+
+    def mark_running(self, job_id: str) -> bool:
+        """queued/running -> running (a redelivered job re-enters running); False if the job already ended."""
+        return self.transition(job_id, JobStatus.RUNNING, _ACTIVE, started_at=utcnow().isoformat())
+
+    def set_progress(self, job_id: str, done: int) -> None:
+        self.redis.hset(self.key(job_id), "done", done)
+
+    def mark_succeeded(self, job_id: str, outputs: list[OutputRef], manifest_key: str) -> bool:
+        return self.transition(
+            job_id,
+            JobStatus.SUCCEEDED,
+            _ACTIVE,
+            outputs=json.dumps([o.model_dump(mode="json") for o in outputs]),
+            manifest_key=manifest_key,
+            done=len(outputs),
+            finished_at=utcnow().isoformat(),
+        )
+
+    def mark_failed(self, job_id: str, error: JobError, outputs: list[OutputRef] | None = None) -> bool:
+        return self.transition(
+            job_id,
+            JobStatus.FAILED,
+            _ACTIVE,
+            error_type=error.type,
+            error_message=error.message,
+            outputs=json.dumps([o.model_dump(mode="json") for o in outputs or []]),
+            finished_at=utcnow().isoformat(),
+        )
+
+    def count_delivery(self, job_id: str) -> int:
+        """Count one more delivery of the job's task; the worker dead-letters a job delivered too often."""
+        return int(self.redis.hincrby(self.key(job_id), "deliveries", 1))
+
+    def next_event_seq(self, job_id: str) -> int:
+        """A per-job sequence number for callback events (stable message ids)."""
+        return int(self.redis.hincrby(self.key(job_id), "event_seq", 1))
+
+
+def _view(job_id: str, h: dict[str, str]) -> JobView:
+    spec = GenerateJob.model_validate_json(h["spec"])
+    error = JobError(type=h["error_type"], message=h.get("error_message", "")) if "error_type" in h else None
+    return JobView(
+        id=job_id,
+        status=JobStatus(h["status"]),
+        model=spec.model,
+        model_version=f"{spec.model_name}@{spec.model_version}",
+        seed=spec.seed,
+        progress=Progress(done=int(h.get("done", 0)), total=int(h.get("total", spec.total_images))),
+        outputs=[OutputRef.model_validate(o) for o in json.loads(h.get("outputs", "[]"))],
+        manifest_key=h.get("manifest_key"),
+        error=error,
+        metadata=spec.metadata,
+        created_at=datetime.fromisoformat(h["created_at"]),
+        started_at=datetime.fromisoformat(h["started_at"]) if "started_at" in h else None,
+        finished_at=datetime.fromisoformat(h["finished_at"]) if "finished_at" in h else None,
+    )

@@ -1,0 +1,59 @@
+"""The Celery application: Redis broker, JSON only, late acks, one message at a time per process.
+
+``celery -A worker.app:app worker`` and ``genq worker`` both use the module-level ``app``; tests and the CLI
+build their own with :func:`create_app`.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from producer import constants
+from producer.errors import ConfigurationError
+from worker.settings import WorkerSettings
+
+
+def create_app(settings: WorkerSettings) -> Celery:
+    """A Celery app configured from ``settings`` with genq's tasks registered."""
+    broker = settings.redis.url or "redis://127.0.0.1:6379/0"
+    app = Celery("genq", broker=broker, include=["worker.tasks"])
+    app.conf.update(
+        # Security: never accept pickle (Celery's security guide).
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        # Job state lives in genq's own job records; Celery's result backend would duplicate it.
+        task_ignore_result=True,
+        # A message is acknowledged only after its job has ended; a killed process puts it back on the queue.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # Must exceed the longest job, or Redis redelivers a job while it still runs (see CelerySettings).
+            "visibility_timeout": settings.celery.visibility_timeout_s,
+            # Restore unacked messages of a dead worker promptly once the visibility timeout has passed
+            # (kombu's defaults sweep only every 10 s x 10 = ~100 s).
+            "unacked_restore_interval": settings.celery.unacked_restore_interval_s,
+            "unacked_restore_throttle": 1,  # scan on every interval: the interval alone sets the period
+        },
+        task_routes={
+            constants.GENERATE_TASK: {"queue": constants.GENERATE_QUEUE},
+            constants.CALLBACK_TASK: {"queue": constants.CALLBACK_QUEUE},
+        },
+        task_default_queue=constants.GENERATE_QUEUE,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,  # lets Flower watch the same broker
+    )
+    app.conf.genq_settings = settings
+    return app
+
+
+def settings_of(app: Celery) -> WorkerSettings:
+    settings = app.conf.get("genq_settings")
+    if not isinstance(settings, WorkerSettings):
+        raise ConfigurationError("this Celery app was not built by worker.app.create_app")
+    return settings
+
+
+app = create_app(WorkerSettings())

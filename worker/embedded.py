@@ -1,0 +1,57 @@
+"""Embedded mode: the same pipeline, in this process, writing into a local folder. No Redis, no S3, no Celery."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from producer.contract import GenerateJob, GenerateRequest, OutputRef
+from producer.resolve import resolve_request
+from producer.status import utcnow
+from worker.pipeline import GenerateResult, run_generate
+from worker.registry import ModelRegistry
+from worker.runtime import model_roots
+from worker.settings import WorkerSettings
+from worker.storage import LocalStorage
+
+
+class LocalReporter:
+    """Reports to a callback instead of Redis; the CLI draws a progress bar with it."""
+
+    def __init__(self, on_progress: Callable[[int, int], None] | None = None) -> None:
+        self.on_progress = on_progress
+
+    def started(self, job: GenerateJob) -> bool:
+        self.progress(job, 0)
+        return True
+
+    def progress(self, job: GenerateJob, done: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(done, job.total_images)
+
+    def succeeded(self, job: GenerateJob, outputs: list[OutputRef], manifest_key: str) -> None:
+        self.progress(job, len(outputs))
+
+
+def run_embedded(
+    request: GenerateRequest,
+    out: Path,
+    settings: WorkerSettings,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[GenerateJob, GenerateResult]:
+    """Resolve ``request`` against the local models and write its images and manifest.json into ``out``.
+
+    Raises InvalidJob for a bad request (before anything is written) and whatever the pipeline raises.
+    """
+    registry = ModelRegistry(model_roots(settings), settings.device)
+    job = resolve_request(request, registry.catalog(), settings.limits, job_id=uuid.uuid4().hex, now=utcnow())
+    result = run_generate(
+        job,
+        storage=LocalStorage(out),
+        load_model=registry.load,
+        reporter=LocalReporter(on_progress),
+        batch_size=settings.batching.batch_size,
+        prefix="",
+    )
+    return job, result

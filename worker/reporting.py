@@ -1,0 +1,58 @@
+"""Reporting job progress from a worker: status transitions in Redis, and callback events for each change."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from producer.contract import EventType, GenerateJob, JobError, OutputRef
+from producer.events import CallbackMessage, callback_message
+from producer.status import JobStore
+
+SendCallback = Callable[[CallbackMessage], None]
+
+
+class RedisReporter:
+    """The pipeline's :class:`~worker.pipeline.Reporter` for Celery workers.
+
+    A callback event is sent only for a transition that actually happened, so a late redelivery of a finished
+    job announces nothing. Progress events are throttled: receivers want news, not a storm.
+    """
+
+    def __init__(self, store: JobStore, send: SendCallback, progress_interval_s: float = 0.5) -> None:
+        self.store = store
+        self.send = send
+        self.progress_interval_s = progress_interval_s
+        self._last_progress: dict[str, float] = {}
+
+    def started(self, job: GenerateJob) -> bool:
+        if not self.store.mark_running(job.job_id):
+            return False
+        self._emit(job, EventType.RUNNING)
+        return True
+
+    def progress(self, job: GenerateJob, done: int) -> None:
+        self.store.set_progress(job.job_id, done)
+        now = time.monotonic()
+        if now - self._last_progress.get(job.job_id, 0.0) >= self.progress_interval_s:
+            self._last_progress[job.job_id] = now
+            self._emit(job, EventType.PROGRESS)
+
+    def succeeded(self, job: GenerateJob, outputs: list[OutputRef], manifest_key: str) -> None:
+        self._last_progress.pop(job.job_id, None)
+        if self.store.mark_succeeded(job.job_id, outputs, manifest_key):
+            self._emit(job, EventType.SUCCEEDED)
+
+    def failed(self, job: GenerateJob, error: JobError, outputs: list[OutputRef]) -> None:
+        self._last_progress.pop(job.job_id, None)
+        if self.store.mark_failed(job.job_id, error, outputs):
+            self._emit(job, EventType.FAILED)
+
+    def _emit(self, job: GenerateJob, event: EventType) -> None:
+        if job.callback is None or event not in job.callback.events:
+            return
+        message = callback_message(
+            job.callback, event, self.store.get(job.job_id), self.store.next_event_seq(job.job_id)
+        )
+        if message is not None:
+            self.send(message)

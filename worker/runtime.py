@@ -1,0 +1,66 @@
+"""Per-process dependencies of a worker (storage, model registry, job store), built once and shared by tasks."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from producer.errors import ConfigurationError
+from producer.status import JobStore
+from worker.registry import ZOO_DIR, ModelRegistry
+from worker.settings import WorkerSettings
+from worker.storage import Storage, make_storage
+
+
+@dataclass
+class Runtime:
+    """What tasks need, built from one :class:`WorkerSettings`."""
+
+    settings: WorkerSettings
+    redis: redis.Redis
+    store: JobStore
+    storage: Storage
+    registry: ModelRegistry
+
+
+def build_runtime(settings: WorkerSettings) -> Runtime:
+    if settings.redis.url is None:
+        raise ConfigurationError("a worker needs Redis: set GENQ_REDIS__URL (e.g. redis://127.0.0.1:6379/0)")
+    client = redis.Redis.from_url(settings.redis.url)
+    return Runtime(
+        settings=settings,
+        redis=client,
+        store=JobStore(client, settings.job_ttl_s),
+        storage=make_storage(
+            settings.storage, bucket=settings.s3.bucket, local_dir=settings.local_dir, retry=settings.storage_retry
+        ),
+        registry=ModelRegistry(model_roots(settings), settings.device),
+    )
+
+
+def model_roots(settings: WorkerSettings) -> list[Path]:
+    """The shipped zoo first, then the deployment's own model folders."""
+    return [ZOO_DIR, *settings.model_dirs]
+
+
+_runtime: Runtime | None = None
+_lock = threading.Lock()
+
+
+def get_runtime(settings: WorkerSettings) -> Runtime:
+    """The process's runtime, built on first use (thread-safe)."""
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            _runtime = build_runtime(settings)
+        return _runtime
+
+
+def reset_runtime() -> None:
+    """Forget the runtime (a forked child must build its own connections)."""
+    global _runtime
+    with _lock:
+        _runtime = None

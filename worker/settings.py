@@ -1,0 +1,64 @@
+"""Settings of a worker process, from ``GENQ_*`` variables; built once at start-up and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from producer.errors import ConfigurationError
+from producer.settings import DEV_WEBHOOK_SECRET, Limits, RedisSettings, S3Settings, WebhookSettings
+
+
+class BatchingSettings(BaseModel):
+    """How images of one job are grouped into forward passes."""
+
+    batch_size: int = Field(default=64, ge=1, description="Images per forward pass.")
+
+
+class StorageRetrySettings(BaseModel):
+    """Retries of transient object-store faults: exponential backoff with jitter inside a time window."""
+
+    window_s: float = Field(default=60.0, ge=0, description="Give up (job fails) after this long.")
+    initial_s: float = Field(default=0.5, gt=0)
+    max_s: float = Field(default=8.0, gt=0)
+
+
+class CelerySettings(BaseModel):
+    """Broker options. The visibility timeout must exceed the longest job, or Redis redelivers it while it runs."""
+
+    # Longest generate job: max_images_per_job (10,000) at ~300 images/s on a CPU is ~35 s; one hour leaves a
+    # wide margin. A whole-worker crash delays redelivery by this much, so lower it only with shorter jobs.
+    visibility_timeout_s: int = Field(default=3600, ge=1)
+    max_deliveries: int = Field(default=5, ge=1, description="Dead-letter a job redelivered more often.")
+    unacked_restore_interval_s: int = Field(
+        default=10, ge=1, description="How often kombu looks for unacked messages of dead workers."
+    )
+
+
+class WorkerSettings(BaseSettings):
+    """Everything a worker process needs."""
+
+    model_config = SettingsConfigDict(env_prefix="GENQ_", env_nested_delimiter="__", extra="ignore")
+
+    env: Literal["dev", "prod"] = "dev"
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    s3: S3Settings = Field(default_factory=S3Settings)
+    limits: Limits = Field(default_factory=Limits)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    storage_retry: StorageRetrySettings = Field(default_factory=StorageRetrySettings)
+    celery: CelerySettings = Field(default_factory=CelerySettings)
+    storage: Literal["s3", "local"] = "s3"
+    local_dir: Path = Path("./genq-data")
+    model_dirs: list[Path] = Field(default_factory=list, description="Extra model folders beside the shipped zoo.")
+    device: str = "cpu"
+    job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+
+    @model_validator(mode="after")
+    def _no_placeholder_secrets(self) -> WorkerSettings:
+        if self.env != "dev" and self.webhook.secret == DEV_WEBHOOK_SECRET:
+            raise ConfigurationError("GENQ_WEBHOOK__SECRET is the dev placeholder; set a real whsec_ secret")
+        return self

@@ -1,0 +1,94 @@
+"""Celery tasks: thin adapters that decode the payload and call plain functions."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from celery import signals
+from pydantic import ValidationError
+
+from producer import constants
+from producer.contract import GenerateJob
+from producer.events import CallbackMessage
+from producer.status import utcnow
+from worker.app import app, settings_of
+from worker.callbacks import deliver
+from worker.jobs import execute_generate
+from worker.reporting import RedisReporter
+from worker.runtime import Runtime, get_runtime, reset_runtime
+
+log = logging.getLogger("genq.tasks")
+
+
+def _runtime() -> Runtime:
+    return get_runtime(settings_of(app))
+
+
+def send_callback(message: CallbackMessage) -> None:
+    app.send_task(constants.CALLBACK_TASK, args=[message.model_dump(mode="json")], queue=constants.CALLBACK_QUEUE)
+
+
+@app.task(name=constants.GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def generate(payload: dict[str, Any]) -> None:
+    """Run a generate job (payload: :class:`GenerateJob` as JSON)."""
+    try:
+        job = GenerateJob.model_validate(payload)
+    except ValidationError as exc:
+        # Acked and dropped: retrying a message that cannot be decoded can never succeed.
+        log.error("dropping malformed generate payload: %s", exc)
+        return
+    runtime = _runtime()
+    execute_generate(job, runtime, RedisReporter(runtime.store, send_callback))
+
+
+@app.task(name=constants.CALLBACK_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def deliver_callback(payload: dict[str, Any]) -> None:
+    """POST one signed callback event and record the attempt beside the job."""
+    try:
+        message = CallbackMessage.model_validate(payload)
+    except ValidationError as exc:
+        log.error("dropping malformed callback payload: %s", exc)
+        return
+    runtime = _runtime()
+    settings = runtime.settings.webhook
+    result = deliver(
+        message.url, message.event, secret=settings.secret, msg_id=message.msg_id, timeout_s=settings.timeout_s
+    )
+    attempt = {
+        "msg_id": message.msg_id,
+        "type": message.event.type.value,
+        "url": message.url,
+        "ok": result.ok,
+        "status_code": result.status_code,
+        "error": result.error,
+        "duration_ms": round(result.duration_ms, 1),
+        "at": utcnow().isoformat(),
+    }
+    key = constants.JOB_EVENTS_KEY.format(job_id=message.job_id)
+    pipe = runtime.redis.pipeline()
+    pipe.rpush(key, json.dumps(attempt))
+    pipe.expire(key, runtime.settings.job_ttl_s)
+    pipe.execute()
+    if not result.ok:
+        log.warning("callback %s to %s failed: %s", message.msg_id, message.url, result.error or result.status_code)
+
+
+@signals.worker_process_init.connect
+def _init_pool_process(**_: Any) -> None:
+    # A prefork child: build its own connections and load models here, never in the parent (torch hangs in a
+    # child forked after the parent ran a forward pass).
+    reset_runtime()
+    _runtime().registry.preload()
+
+
+@signals.worker_ready.connect
+def _worker_ready(sender: Any = None, **_: Any) -> None:
+    runtime = _runtime()
+    runtime.registry.publish(runtime.redis)
+    pool = getattr(sender, "pool_cls", None)
+    pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    if "prefork" not in str(pool_name):
+        runtime.registry.preload()
+    log.info("worker ready: models %s", ", ".join(sorted(runtime.registry.catalog())) or "none")
