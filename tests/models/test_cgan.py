@@ -1,0 +1,155 @@
+"""The cGAN: deterministic sampling, exact weight round trips, training that learns and resumes exactly."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models import cgan
+from models.data import FASHION_MNIST_CLASSES, LabelledImages, read_idx
+from models.errors import DatasetError, InvalidModelConfig, WeightsError
+from models.generator import WEIGHTS_FILE, load_generator, save_generator
+from models.train import TrainConfig, load_checkpoint, train
+from tiny_model import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("zoo"))
+
+
+def test_one_image_alone_equals_the_same_image_inside_a_batch_of_64(tiny_dir: Path) -> None:
+    model = load_generator(tiny_dir)
+    labels = [i % 10 for i in range(64)]
+    seeds = [1000 + i for i in range(64)]
+    batch = model.sample(labels, seeds)  # (64, 1, 28, 28)
+    for i in (0, 17, 63):
+        alone = model.sample([labels[i]], [seeds[i]])
+        assert (alone[0].int() - batch[i].int()).abs().max() <= 1
+
+
+def test_sampling_is_repeatable_and_seed_dependent(tiny_dir: Path) -> None:
+    model = load_generator(tiny_dir)
+    a, b = model.sample([7, 7], [1, 2]), model.sample([7, 7], [1, 2])
+    assert a.dtype == torch.uint8 and a.shape == (2, 1, 28, 28)
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0], a[1])
+
+
+def test_label_changes_the_image(tiny_dir: Path) -> None:
+    model = load_generator(tiny_dir)
+    images = model.sample([0, 9], [5, 5])
+    assert not torch.equal(images[0], images[1])
+
+
+def test_sample_refuses_out_of_range_labels_and_mismatched_lengths(tiny_dir: Path) -> None:
+    model = load_generator(tiny_dir)
+    with pytest.raises(ValueError, match="out of range"):
+        model.sample([10], [1])
+    with pytest.raises(ValueError, match="2 labels but 1 seeds"):
+        model.sample([1, 2], [1])
+
+
+def test_weights_round_trip_through_safetensors_exactly(tmp_path: Path) -> None:
+    config = cgan.CGANConfig(class_names=("a", "b", "c"), resolution=32, channels=3, g_ch=4, d_ch=4)
+    net = cgan.Generator(config)
+    save_generator(tmp_path, config, net)
+    loaded = load_generator(tmp_path)
+    assert loaded.resolution == 32 and loaded.channels == 3 and loaded.class_names == ("a", "b", "c")
+    stored = load_file(str(tmp_path / WEIGHTS_FILE))
+    for key, value in net.state_dict().items():
+        assert torch.equal(stored[key], value), key
+    assert loaded.sample([2], [3]).shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("resolution", [28, 32, 64])
+def test_every_resolution_builds_matching_generator_and_discriminator(resolution: int) -> None:
+    config = cgan.CGANConfig(class_names=("a", "b"), resolution=resolution, channels=3, g_ch=4, d_ch=4)
+    z, y = torch.randn(2, config.z_dim), torch.tensor([0, 1])
+    images = cgan.Generator(config)(z, y)
+    assert images.shape == (2, 3, resolution, resolution)
+    assert cgan.Discriminator(config)(images, y).shape == (2,)
+
+
+def test_corrupt_or_mismatched_weights_are_refused(tmp_path: Path, tiny_dir: Path) -> None:
+    (tmp_path / "config.json").write_text((tiny_dir / "config.json").read_text().replace('"g_ch": 4', '"g_ch": 8'))
+    (tmp_path / WEIGHTS_FILE).write_bytes((tiny_dir / WEIGHTS_FILE).read_bytes())
+    with pytest.raises(WeightsError):
+        load_generator(tmp_path)  # shapes do not match the config
+    (tmp_path / WEIGHTS_FILE).write_bytes(b"\x00" * 100)
+    with pytest.raises(WeightsError):
+        load_generator(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"resolution": 48}, {"channels": 2}, {"class_names": ()}, {"class_names": ("a", "a")}]
+)
+def test_bad_configs_are_refused(kwargs: dict[str, object]) -> None:
+    fields: dict[str, object] = {"class_names": ("a", "b"), **kwargs}
+    with pytest.raises(InvalidModelConfig):
+        cgan.CGANConfig(**fields)  # type: ignore[arg-type]
+
+
+def _synthetic_data(n: int = 256) -> LabelledImages:
+    """Two easy classes: a bright square on the left or on the right."""
+    images = torch.zeros(n, 1, 28, 28, dtype=torch.uint8)
+    labels = torch.arange(n) % 2
+    images[labels == 0, :, 6:22, 2:12] = 255
+    images[labels == 1, :, 6:22, 16:26] = 255
+    return LabelledImages(images, labels, ("left", "right"))
+
+
+def test_short_training_lowers_the_discriminator_loss_and_exports_a_loadable_model(tmp_path: Path) -> None:
+    data = _synthetic_data()
+    losses: list[float] = []
+    cfg = TrainConfig(steps=60, batch_size=32, ema_start=0, sample_every=30, checkpoint_every=30)
+    config = cgan.CGANConfig(class_names=data.class_names, z_dim=8, g_ch=8, d_ch=8)
+    train(data, tmp_path, cfg, config, on_step=lambda s: losses.append(s.d_loss))
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    model = load_generator(tmp_path / "export")
+    assert model.sample([0, 1], [1, 1]).shape == (2, 1, 28, 28)
+    assert (tmp_path / "samples" / "step-000060.png").is_file()
+
+
+def test_resume_continues_exactly_where_training_stopped(tmp_path: Path) -> None:
+    data = _synthetic_data(128)
+    config = cgan.CGANConfig(class_names=data.class_names, z_dim=8, g_ch=4, d_ch=4)
+    half = TrainConfig(steps=4, batch_size=16, sample_every=100, checkpoint_every=2)
+    full = TrainConfig(steps=8, batch_size=16, sample_every=100, checkpoint_every=2)
+    logs: list[str] = []
+    train(data, tmp_path / "a", half, config)
+    resumed = train(data, tmp_path / "a", full, config, on_log=logs.append)
+    straight = train(data, tmp_path / "b", full, config)
+    assert logs == ["resuming from step 4: 4 of 8 steps remaining"]
+    for (key, a), b in zip(resumed.ema.state_dict().items(), straight.ema.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    state, _ = load_checkpoint(tmp_path / "a" / "checkpoint.safetensors", full)
+    assert state.step == 8
+
+
+def _write_idx(path: Path, array: np.ndarray, code: int = 0x08) -> None:
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.tobytes())
+
+
+def test_idx_reader_round_trips_and_checks_the_payload(tmp_path: Path) -> None:
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    _write_idx(tmp_path / "ok.gz", array)
+    assert np.array_equal(read_idx(tmp_path / "ok.gz"), array)
+    with gzip.open(tmp_path / "short.gz", "wb") as fh:
+        fh.write(bytes([0, 0, 8, 2]) + struct.pack(">2I", 5, 5) + b"\x00" * 3)
+    with pytest.raises(DatasetError, match="payload"):
+        read_idx(tmp_path / "short.gz")
+    with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist"):
+        read_idx(tmp_path / "missing.gz")
+
+
+def test_fashion_mnist_class_slugs() -> None:
+    assert FASHION_MNIST_CLASSES[7] == "sneaker" and len(FASHION_MNIST_CLASSES) == 10
