@@ -1,0 +1,458 @@
+"""Object storage of job outputs: S3 (the only boto3 user in genq) or a local folder (embedded mode).
+
+The pipeline sees only the :class:`Storage` protocol. :class:`S3Storage` retries transient faults (connection
+refused, timeouts, 5xx, throttling) with tenacity inside a time window and turns what is left into
+:class:`StorageUnavailable` (the job is retried later) or :class:`StorageError` (the job fails now).
+"""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, cast
+
+import boto3
+import botocore.config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
+
+from producer.errors import ConfigurationError
+from worker.errors import ObjectNotFound, StorageError, StorageUnavailable
+from worker.settings import StorageRetrySettings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.literals import BucketLocationConstraintType
+    from mypy_boto3_s3.type_defs import DeleteObjectsOutputTypeDef, ListObjectsV2OutputTypeDef
+
+log = logging.getLogger("genq.storage")
+
+T = TypeVar("T")
+
+# Faults of the network or of a busy server: the same request may well succeed a moment later.
+_TRANSIENT_EXCEPTIONS = (
+    EndpointConnectionError,
+    ConnectTimeoutError,
+    ReadTimeoutError,
+    ConnectionClosedError,
+    IncompleteReadError,
+    ResponseStreamingError,
+)
+_TRANSIENT_CODES = frozenset(
+    {
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "BandwidthLimitExceeded",
+    }
+)
+_BUCKET_MISSING_CODES = frozenset({"NoSuchBucket"})
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_DENIED_CODES = frozenset({"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"})
+_LOCAL_TEMP_PREFIX = ".genq-tmp-"
+_DELETE_BATCH = 1000  # DeleteObjects takes at most 1,000 keys per request
+
+
+class Storage(Protocol):
+    """Where a job's images and manifest go. Keys are ``/``-separated relative paths like ``jobs/<id>/00000.png``."""
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Store ``data`` under ``key``, replacing any object there.
+
+        Raises:
+            StorageUnavailable: the store did not answer within the retry window (retry the job later).
+            StorageError: the store refused the request for good (bad key, no bucket, access denied).
+        """
+        ...
+
+    def get(self, key: str) -> bytes:
+        """Return the bytes stored under ``key``.
+
+        Raises:
+            ObjectNotFound: nothing is stored under ``key``.
+            StorageUnavailable, StorageError: as for :meth:`put`.
+        """
+        ...
+
+    def exists(self, key: str) -> bool:
+        """Return whether an object is stored under ``key``.
+
+        Raises:
+            StorageUnavailable, StorageError: as for :meth:`put`.
+        """
+        ...
+
+    def list(self, prefix: str) -> builtins.list[str]:
+        """Return every key starting with ``prefix`` (a plain string prefix, as in S3), sorted.
+
+        Raises:
+            StorageUnavailable, StorageError: as for :meth:`put`.
+        """
+        ...
+
+    def url(self, key: str, expires_s: int) -> str:
+        """Return a URL that reads ``key``: presigned GET valid ``expires_s`` seconds (S3) or a ``file://`` URI.
+
+        The object is not checked for existence.
+
+        Raises:
+            StorageError: ``key`` is not a valid key.
+        """
+        ...
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object whose key starts with ``prefix`` and return how many were deleted.
+
+        Raises:
+            StorageUnavailable, StorageError: as for :meth:`put`.
+        """
+        ...
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Return whether ``exc`` is a fault worth retrying: connection errors, timeouts, 5xx and throttling."""
+    if isinstance(exc, _TRANSIENT_EXCEPTIONS):
+        return True
+    if isinstance(exc, ClientError):
+        code = _error_code(exc)
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return code in _TRANSIENT_CODES or status >= 500 or status == 429
+    return False
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def make_s3_client(*, max_pool_connections: int = 16) -> S3Client:
+    """Return a boto3 S3 client configured from the standard ``AWS_*`` variables (endpoint, credentials, region).
+
+    Args:
+        max_pool_connections: HTTP connections kept per client; at least the number of threads sharing it.
+    """
+    config = botocore.config.Config(
+        connect_timeout=5,
+        read_timeout=30,
+        max_pool_connections=max_pool_connections,
+        # Presigned URLs with SigV4 (boto3 presigns S3 with legacy SigV2 otherwise; newer regions refuse it).
+        signature_version="s3v4",
+        # One attempt per call: tenacity owns retrying, inside a window the operator sets.
+        retries={"total_max_attempts": 1, "mode": "standard"},
+    )
+    return boto3.client("s3", config=config)
+
+
+class S3Storage:
+    """:class:`Storage` on an S3 bucket, retrying transient faults with exponential backoff and jitter.
+
+    Args:
+        bucket: bucket holding every object (``GENQ_S3__BUCKET``).
+        retry: how long and how fast transient faults are retried.
+        client: a boto3 S3 client; by default one from :func:`make_s3_client`.
+        max_pool_connections: passed to :func:`make_s3_client` when no client is given.
+        page_size: keys per ListObjectsV2 request (at most 1,000; smaller in tests of pagination).
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        retry: StorageRetrySettings,
+        *,
+        client: S3Client | None = None,
+        max_pool_connections: int = 16,
+        page_size: int = 1000,
+    ) -> None:
+        self.bucket = bucket
+        self.retry = retry
+        self.client = client if client is not None else make_s3_client(max_pool_connections=max_pool_connections)
+        self.page_size = page_size
+
+    @property
+    def endpoint(self) -> str:
+        return str(self.client.meta.endpoint_url)
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        self._call(
+            "put",
+            key,
+            lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type),
+        )
+
+    def get(self, key: str) -> bytes:
+        def read() -> bytes:
+            # Read the body inside the retried call: a connection dropped mid-stream is retried too.
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+        return self._call("get", key, read, missing_ok=False)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call("head", key, lambda: self.client.head_object(Bucket=self.bucket, Key=key), missing_ok=False)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def list(self, prefix: str) -> builtins.list[str]:
+        keys: list[str] = []
+        token: str | None = None
+        while True:
+            # Each page is retried on its own: a fault on page 40 does not restart the listing.
+            page = self._call("list", prefix, functools.partial(self._list_page, prefix, token))
+            keys.extend(obj["Key"] for obj in page.get("Contents", []) if "Key" in obj)
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or token is None:
+                return sorted(keys)
+
+    def _list_page(self, prefix: str, token: str | None) -> ListObjectsV2OutputTypeDef:
+        if token is None:
+            return self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=self.page_size)
+        return self.client.list_objects_v2(
+            Bucket=self.bucket, Prefix=prefix, MaxKeys=self.page_size, ContinuationToken=token
+        )
+
+    def url(self, key: str, expires_s: int) -> str:
+        return str(
+            self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
+            )
+        )
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for start in range(0, len(keys), _DELETE_BATCH):
+            batch = keys[start : start + _DELETE_BATCH]
+            response = self._call("delete", prefix, functools.partial(self._delete_batch, batch))
+            errors = response.get("Errors", [])
+            if errors:
+                first = errors[0]
+                raise StorageError(
+                    f"could not delete {len(errors)} object(s) under {prefix!r} in bucket {self.bucket!r} at "
+                    f"{self.endpoint}, e.g. {first.get('Key')!r}: {first.get('Code')} ({first.get('Message')})"
+                )
+        return len(keys)
+
+    def _delete_batch(self, keys: builtins.list[str]) -> DeleteObjectsOutputTypeDef:
+        return self.client.delete_objects(
+            Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True}
+        )
+
+    def check(self) -> None:
+        """Check that the bucket exists and is reachable (readiness probe).
+
+        Raises:
+            StorageUnavailable: no answer within the retry window.
+            StorageError: the bucket does not exist or access is denied.
+        """
+        self._call("check", "", lambda: self.client.head_bucket(Bucket=self.bucket))
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (dev, docker-compose and tests; production buckets are made by ops).
+
+        Raises:
+            StorageUnavailable, StorageError: as for :meth:`check`, or the bucket cannot be created.
+        """
+
+        def bucket_exists() -> bool:
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if _error_code(exc) in {"404", "NoSuchBucket"}:
+                    return False
+                raise
+            return True
+
+        def create() -> None:
+            region = self.client.meta.region_name
+            try:
+                # us-east-1 is the default location, and the one S3 refuses as an explicit LocationConstraint.
+                if region and region != "us-east-1":
+                    location = cast("BucketLocationConstraintType", region)
+                    self.client.create_bucket(
+                        Bucket=self.bucket, CreateBucketConfiguration={"LocationConstraint": location}
+                    )
+                else:
+                    self.client.create_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                # Another process created it between our check and our create: that is what we wanted.
+                if _error_code(exc) != "BucketAlreadyOwnedByYou":
+                    raise
+
+        if not self._call("check", "", bucket_exists):
+            log.info("creating bucket %r at %s", self.bucket, self.endpoint)
+            self._call("create bucket", "", create)
+
+    def _call(self, op: str, key: str, fn: Callable[[], T], *, missing_ok: bool = True) -> T:
+        """Run ``fn``, retrying transient faults, and translate what is left into genq's storage errors.
+
+        ``missing_ok=False`` turns a 404 into :class:`ObjectNotFound` (the key is missing, not the bucket).
+        """
+        retrying = Retrying(
+            retry=retry_if_exception(is_transient),
+            wait=wait_random_exponential(multiplier=self.retry.initial_s, max=self.retry.max_s),
+            stop=stop_after_delay(self.retry.window_s),
+            before_sleep=lambda state: self._log_retry(op, key, state),
+            reraise=True,
+        )
+        try:
+            return retrying(fn)
+        except (BotoCoreError, ClientError) as exc:
+            if is_transient(exc):
+                stats = retrying.statistics
+                raise StorageUnavailable(
+                    f"S3 {op} of {key!r} in bucket {self.bucket!r} at {self.endpoint} still failing after "
+                    f"{stats.get('attempt_number', 1)} attempts in {stats.get('delay_since_first_attempt', 0):.1f} s "
+                    f"(window {self.retry.window_s:g} s): {exc}; check that the object store is up and reachable"
+                ) from exc
+            raise self._permanent(op, key, exc, missing_ok=missing_ok) from exc
+
+    def _log_retry(self, op: str, key: str, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        sleep = state.next_action.sleep if state.next_action is not None else 0.0
+        log.warning(
+            "S3 %s of %r in bucket %r at %s failed (attempt %d, %.1f s so far): %s; retrying in %.2f s",
+            op,
+            key,
+            self.bucket,
+            self.endpoint,
+            state.attempt_number,
+            state.seconds_since_start or 0.0,
+            exc,
+            sleep,
+        )
+
+    def _permanent(self, op: str, key: str, exc: BotoCoreError | ClientError, *, missing_ok: bool) -> Exception:
+        where = f"bucket {self.bucket!r} at {self.endpoint}"
+        if not isinstance(exc, ClientError):
+            # NoCredentialsError, ParamValidationError, bad endpoint URL...: configuration, not the network.
+            return StorageError(f"S3 {op} of {key!r} in {where} failed: {exc}")
+        code = _error_code(exc)
+        if code in _BUCKET_MISSING_CODES or (op in {"check", "create bucket"} and code in _NOT_FOUND_CODES):
+            return StorageError(
+                f"bucket {self.bucket!r} does not exist at {self.endpoint}: create it or set GENQ_S3__BUCKET"
+            )
+        if code in _NOT_FOUND_CODES and not missing_ok:
+            return ObjectNotFound(f"no object {key!r} in {where}")
+        if code in _DENIED_CODES:
+            return StorageError(
+                f"access denied ({code}) to S3 {op} of {key!r} in {where}: check AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY and the bucket policy"
+            )
+        return StorageError(f"S3 {op} of {key!r} in {where} refused: {exc}")
+
+
+class LocalStorage:
+    """:class:`Storage` in a folder (embedded mode): key ``a/b.png`` is the file ``root/a/b.png``.
+
+    Args:
+        root: folder holding every object; created on the first :meth:`put`.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).absolute()
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside the target and rename: a reader never sees half a file, a crash leaves no partial object.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_LOCAL_TEMP_PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(f"no object {key!r} in {self.root}") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> builtins.list[str]:
+        # Walk only the deepest folder the prefix names, then filter as S3 would (a plain string prefix).
+        folder, _, _ = prefix.rpartition("/")
+        start = self._path(folder) if folder else self.root
+        if not start.is_dir():
+            return []
+        keys = []
+        for path in start.rglob("*"):
+            if path.is_file() and not path.name.startswith(_LOCAL_TEMP_PREFIX):
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def url(self, key: str, expires_s: int) -> str:
+        return self._path(key).as_uri()
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+        return len(keys)
+
+    def _path(self, key: str) -> Path:
+        """The file for ``key``, refusing any key that could name something outside :attr:`root`."""
+        segments = key.split("/")
+        if (
+            not key
+            or "\\" in key
+            or "\x00" in key
+            or key.startswith("/")
+            or any(s in {"", ".", ".."} for s in segments)
+        ):
+            raise StorageError(
+                f"invalid key {key!r}: use a relative path of '/'-separated names, without '', '.', '..' or '\\'"
+            )
+        path = self.root.joinpath(*segments)
+        # A symlink inside root could still point out of it.
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise StorageError(f"key {key!r} resolves outside {self.root}")
+        return path
+
+
+def make_storage(kind: Literal["s3", "local"], *, bucket: str, local_dir: Path, retry: StorageRetrySettings) -> Storage:
+    """Return the storage a worker's settings ask for.
+
+    Args:
+        kind: ``"s3"`` (endpoint and credentials from ``AWS_*`` variables) or ``"local"``.
+        bucket: the S3 bucket (ignored for ``"local"``).
+        local_dir: the folder of ``"local"`` (ignored for ``"s3"``).
+        retry: retries of transient S3 faults.
+
+    Raises:
+        ConfigurationError: ``kind`` is neither.
+    """
+    if kind == "s3":
+        return S3Storage(bucket, retry)
+    if kind == "local":
+        return LocalStorage(local_dir)
+    raise ConfigurationError(f"unknown storage {kind!r} (known: s3, local)")
