@@ -6,6 +6,7 @@ import gzip
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,9 +28,9 @@ FASHION_MNIST_CLASSES = (
     "ankle-boot",
 )
 
-_IDX_DTYPES = {
-    0x08: np.uint8,
-    0x09: np.int8,
+_IDX_DTYPES: dict[int, np.dtype[Any]] = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),
     0x0C: np.dtype(">i4"),
     0x0D: np.dtype(">f4"),
@@ -63,7 +64,7 @@ def read_idx(path: Path) -> np.ndarray:
         raise DatasetError(f"{path} is not an IDX file")
     ndim = raw[3]
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    dtype = _IDX_DTYPES[raw[2]]
     payload = raw[4 + 4 * ndim :]
     if len(payload) != int(np.prod(dims)) * dtype.itemsize:
         raise DatasetError(f"{path}: header says {dims} but the payload has {len(payload)} bytes")

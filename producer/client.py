@@ -19,7 +19,6 @@ import redis
 from producer import constants
 from producer.contract import (
     EventType,
-    GenerateJob,
     GenerateRequest,
     JobError,
     JobStatus,
@@ -31,7 +30,7 @@ from producer.errors import IdempotencyConflict, InvalidJob, JobTimeout
 from producer.events import callback_message
 from producer.resolve import resolve_request
 from producer.settings import ClientSettings
-from producer.status import JobStore, utcnow
+from producer.status import JobStore, as_text, utcnow
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -60,7 +59,7 @@ class Client:
     def models(self) -> dict[str, ModelEntry]:
         """The model catalogue published by workers."""
         raw = self.redis.hgetall(constants.CATALOG_KEY)
-        return {k.decode(): ModelEntry.model_validate_json(v) for k, v in raw.items()}
+        return {as_text(k): ModelEntry.model_validate_json(v) for k, v in raw.items()}
 
     def submit(self, request: GenerateRequest) -> JobView:
         """Validate, record and enqueue a generate job; returns at once with the job ``queued``.
@@ -81,22 +80,19 @@ class Client:
             self._release_idempotency_key(request)
             raise
         view = self.store.create(job)
+        # The queued event is stamped and sent before the job can start, so its timestamp precedes "running".
+        message = callback_message(job.callback, EventType.QUEUED, view, self.store.next_event_seq(job_id))
         try:
-            self._enqueue(job)
+            if message is not None:
+                self._send(constants.CALLBACK_TASK, message.model_dump(mode="json"), constants.CALLBACK_QUEUE)
+            self._send(constants.GENERATE_TASK, job.model_dump(mode="json"), constants.GENERATE_QUEUE)
         except Exception as exc:
             self.store.mark_failed(job.job_id, JobError(type="EnqueueFailed", message=f"could not enqueue: {exc}"))
             raise
-        message = callback_message(job.callback, EventType.QUEUED, view, self.store.next_event_seq(job_id))
-        if message is not None:
-            self._celery_app().send_task(
-                constants.CALLBACK_TASK, args=[message.model_dump(mode="json")], queue=constants.CALLBACK_QUEUE
-            )
         return view
 
-    def _enqueue(self, job: GenerateJob) -> None:
-        self._celery_app().send_task(
-            constants.GENERATE_TASK, args=[job.model_dump(mode="json")], queue=constants.GENERATE_QUEUE
-        )
+    def _send(self, task: str, payload: dict[str, Any], queue: str) -> None:
+        self._celery_app().send_task(task, args=[payload], queue=queue)
 
     def _celery_app(self) -> Celery:
         if self._celery is None:

@@ -6,6 +6,7 @@ from pydantic import BaseModel
 
 from producer.contract import Callback, EventType, JobView, WebhookEvent
 from producer.status import utcnow
+from producer.webhooks import msg_id_for
 
 
 class CallbackMessage(BaseModel):
@@ -26,6 +27,6 @@ def callback_message(
     return CallbackMessage(
         job_id=view.id,
         url=str(callback.url),
-        msg_id=f"msg_{view.id}_{seq}",
+        msg_id=msg_id_for(view.id, event_type, seq),
         event=WebhookEvent(type=event_type, timestamp=utcnow(), data=view),
     )

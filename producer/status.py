@@ -63,14 +63,16 @@ class JobStore:
         key = self.key(job.job_id)
         if not self.redis.hsetnx(key, "spec", job.model_dump_json()):
             raise ValueError(f"job id {job.job_id} already exists")
-        fields = {
-            "status": JobStatus.QUEUED.value,
-            "done": 0,
-            "total": job.total_images,
-            "created_at": job.created_at.isoformat(),
-        }
         pipe = self.redis.pipeline()
-        pipe.hset(key, mapping=fields)
+        pipe.hset(
+            key,
+            mapping={
+                "status": JobStatus.QUEUED.value,
+                "done": 0,
+                "total": job.total_images,
+                "created_at": job.created_at.isoformat(),
+            },
+        )
         pipe.expire(key, self.ttl_s)
         pipe.execute()
         return self.get(job.job_id)
@@ -83,7 +85,7 @@ class JobStore:
         raw = self.redis.hgetall(self.key(job_id))
         if not raw or b"spec" not in raw:
             raise JobNotFound(f"no job {job_id!r} (unknown id, or its record expired)")
-        return _view(job_id, {k.decode(): v.decode() for k, v in raw.items()})
+        return _view(job_id, {as_text(k): as_text(v) for k, v in raw.items()})
 
     def spec(self, job_id: str) -> GenerateJob:
         raw = self.redis.hget(self.key(job_id), "spec")
@@ -137,6 +139,11 @@ class JobStore:
     def next_event_seq(self, job_id: str) -> int:
         """A per-job sequence number for callback events (stable message ids)."""
         return int(self.redis.hincrby(self.key(job_id), "event_seq", 1))
+
+
+def as_text(value: bytes | str) -> str:
+    """Redis answers bytes (or str with decode_responses); genq works in str."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _view(job_id: str, h: dict[str, str]) -> JobView:

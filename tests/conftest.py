@@ -9,6 +9,9 @@ from collections.abc import Iterator
 import boto3
 import pytest
 import redis
+from webhook_receiver import WebhookReceiver
+
+from producer.settings import DEV_WEBHOOK_SECRET
 
 REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 
@@ -60,3 +63,12 @@ def s3_bucket(aws_env: str) -> str:
     name = f"genq-test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=aws_env).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def webhook_receiver() -> Iterator[WebhookReceiver]:
+    """A started receiver that verifies against the dev secret and answers 200; ``script()`` changes that."""
+    receiver = WebhookReceiver(secret=DEV_WEBHOOK_SECRET)
+    receiver.start()
+    yield receiver
+    receiver.stop()

@@ -28,6 +28,8 @@ def create_app(settings: WorkerSettings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # A prefork child loads its models before it reports up; Celery's default 4 s kills slow starters.
+        worker_proc_alive_timeout=60.0,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             # Must exceed the longest job, or Redis redelivers a job while it still runs (see CelerySettings).

@@ -20,15 +20,18 @@ from producer.contract import OutputFormat
 IPTC_TRAINED_ALGORITHMIC = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 
 
-def provenance(*, generator: str, version: str, label: str, seed: int, job_id: str) -> dict[str, str]:
-    """Text fields embedded in every output."""
+def provenance(*, generator: str, version: str, label: str, seed: int) -> dict[str, str]:
+    """Text fields embedded in every output.
+
+    No job id: an image is a pure function of (model version, label, seed, format), so the same request run twice
+    stores byte-identical objects. The manifest ties images to their job.
+    """
     return {
         "Software": "genq",
         "genq:generator": generator,
         "genq:version": version,
         "genq:label": label,
         "genq:seed": str(seed),
-        "genq:job": job_id,
         "AI-generated": "true",
         "DigitalSourceType": IPTC_TRAINED_ALGORITHMIC,
     }

@@ -83,7 +83,7 @@ def run_generate(
         images = model.sample([labels[i].index for i in indices], seeds).numpy()  # (B, C, H, W) uint8
         for i, seed, image in zip(indices, seeds, images, strict=True):
             label = labels[i]
-            info = provenance(generator=job.model_name, version=version, label=label.name, seed=seed, job_id=job.job_id)
+            info = provenance(generator=job.model_name, version=version, label=label.name, seed=seed)
             data = encode_image(image, job.format, info)
             key = output_key(prefix, i, job.format.extension)
             storage.put(key, data, job.format.content_type)

@@ -87,8 +87,9 @@ def _init_pool_process(**_: Any) -> None:
 def _worker_ready(sender: Any = None, **_: Any) -> None:
     runtime = _runtime()
     runtime.registry.publish(runtime.redis)
-    pool = getattr(sender, "pool_cls", None)
-    pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
-    if "prefork" not in str(pool_name):
+    # ``sender`` is the consumer; its pool tells prefork (children load models in _init_pool_process, and the
+    # parent must not touch torch) from threads/solo (this process serves jobs: load models now).
+    pool = getattr(sender, "pool", None)
+    if not type(pool).__module__.endswith("prefork"):
         runtime.registry.preload()
     log.info("worker ready: models %s", ", ".join(sorted(runtime.registry.catalog())) or "none")

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_model import make_tiny_model
 
 from models import cgan
 from models.data import FASHION_MNIST_CLASSES, LabelledImages, read_idx
 from models.errors import DatasetError, InvalidModelConfig, WeightsError
 from models.generator import WEIGHTS_FILE, load_generator, save_generator
 from models.train import TrainConfig, load_checkpoint, train
-from tiny_model import make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -43,8 +43,10 @@ def _error_locs(exc: ValidationError) -> list[str]:
         ({"model": "fmnist-cgan", "label": "sneaker", "format": "gif"}, "format"),
         ({"model": "fmnist-cgan", "label": "sneaker", "callback": {"url": "not a url"}}, "callback.url"),
         ({"model": "fmnist-cgan", "label": "sneaker", "callback": {"url": "ftp://x.example/h"}}, "callback.url"),
-        ({"model": "fmnist-cgan", "label": "sneaker", "callback": {"url": "https://x.example", "events": ["x"]}},
-         "callback.events.0"),
+        (
+            {"model": "fmnist-cgan", "label": "sneaker", "callback": {"url": "https://x.example", "events": ["x"]}},
+            "callback.events.0",
+        ),
         ({"model": "fmnist-cgan", "label": "sneaker", "colour": "red"}, "colour"),
         ({"model": "fmnist-cgan", "counts": {"sneaker": 0}}, "counts.sneaker"),
     ],
@@ -77,8 +79,13 @@ def test_label_counts_accepts_names_and_indices() -> None:
 
 def test_request_round_trips_through_json() -> None:
     request = GenerateRequest(
-        model="fmnist-cgan@1", label="sneaker", count=8, seed=42, callback={"url": "https://hooks.example/x"},
-        metadata={"sku": "A-1", "tags": ["x"]}, idempotency_key="k1",
+        model="fmnist-cgan@1",
+        label="sneaker",
+        count=8,
+        seed=42,
+        callback={"url": "https://hooks.example/x"},
+        metadata={"sku": "A-1", "tags": ["x"]},
+        idempotency_key="k1",
     )  # type: ignore[arg-type]
     assert GenerateRequest.model_validate_json(request.model_dump_json()) == request
 

@@ -1,0 +1,93 @@
+"""Faults with real components: killed workers, an S3 outage. No job is lost; none succeeds with outputs missing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from urllib.parse import urlparse
+
+import pytest
+from stack import Stack, worker_env
+from tcp_proxy import TcpProxy
+
+from producer.contract import GenerateRequest, JobStatus, JobView
+
+pytestmark = pytest.mark.integration
+
+BIG = 400  # images: long enough to kill mid-job, short enough to rerun quickly against moto
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _assert_complete(stack: Stack, view: JobView, count: int) -> None:
+    assert view.status is JobStatus.SUCCEEDED, view.error
+    assert len(view.outputs) == count and sorted(o.index for o in view.outputs) == list(range(count))
+    keys = stack.keys(f"jobs/{view.id}/")
+    assert len(keys) == count + 1 and keys[-1].endswith("manifest.json")
+
+
+def test_whole_worker_killed_mid_job_is_redelivered_and_completes(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
+    env = worker_env(stack, GENQ_BATCHING__BATCH_SIZE="8", GENQ_CELERY__VISIBILITY_TIMEOUT_S="3")
+    first = start_worker(env, concurrency=1)
+    job = stack.client.submit(GenerateRequest(model="fmnist-cgan", label="bag", count=BIG, seed=3))
+    _wait_until(lambda: stack.client.status(job.id).progress.done >= 16, 60, "the first batches to be stored")
+    first.kill()  # parent and pool at once: the message stays unacked in Redis
+    assert stack.client.status(job.id).status is JobStatus.RUNNING
+
+    start_worker(env, concurrency=1)  # kombu restores the unacked message after the visibility timeout
+    view = stack.client.wait(job.id, timeout=120)
+    _assert_complete(stack, view, BIG)
+    assert int(stack.redis.hget(f"genq:job:{job.id}", "deliveries") or 0) >= 2
+
+
+def test_pool_process_killed_mid_job_is_redelivered_and_completes(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
+    worker = start_worker(worker_env(stack, GENQ_BATCHING__BATCH_SIZE="8"), pool="prefork", concurrency=1)
+    job = stack.client.submit(GenerateRequest(model="fmnist-cgan", label="coat", count=BIG, seed=4))
+    _wait_until(lambda: stack.client.status(job.id).progress.done >= 16, 60, "the first batches to be stored")
+    (child,) = worker.children()
+    os.kill(child, signal.SIGKILL)  # reject_on_worker_lost puts the message straight back on the queue
+
+    view = stack.client.wait(job.id, timeout=120)
+    _assert_complete(stack, view, BIG)
+    assert int(stack.redis.hget(f"genq:job:{job.id}", "deliveries") or 0) >= 2
+
+
+@pytest.fixture
+def s3_proxy(stack: Stack) -> TcpProxy:
+    target = urlparse(stack.s3_endpoint)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 80)
+    proxy.up()
+    yield proxy
+    proxy.down()
+
+
+def test_brief_s3_outage_is_retried_and_the_job_succeeds(stack: Stack, start_worker, s3_proxy: TcpProxy) -> None:  # type: ignore[no-untyped-def]
+    env = worker_env(stack, AWS_ENDPOINT_URL=s3_proxy.url, GENQ_STORAGE_RETRY__WINDOW_S="20")
+    start_worker(env, concurrency=1)
+    s3_proxy.down()
+    job = stack.client.submit(GenerateRequest(model="fmnist-cgan", label="dress", count=6, seed=5))
+    _wait_until(lambda: stack.client.status(job.id).status is JobStatus.RUNNING, 30, "the job to start")
+    time.sleep(1.5)  # the worker is now retrying its first upload
+    s3_proxy.up()
+    _assert_complete(stack, stack.client.wait(job.id, timeout=60), 6)
+
+
+def test_s3_down_past_the_retry_window_fails_the_job(stack: Stack, start_worker, s3_proxy: TcpProxy) -> None:  # type: ignore[no-untyped-def]
+    env = worker_env(stack, AWS_ENDPOINT_URL=s3_proxy.url, GENQ_STORAGE_RETRY__WINDOW_S="2")
+    start_worker(env, concurrency=1)
+    s3_proxy.down()
+    job = stack.client.submit(GenerateRequest(model="fmnist-cgan", label="shirt", count=6, seed=6))
+    view = stack.client.wait(job.id, timeout=60)
+    assert view.status is JobStatus.FAILED
+    assert view.error is not None and view.error.type == "StorageUnavailable"
+    assert "put" in view.error.message and f"jobs/{job.id}/00000.png" in view.error.message
+    assert view.outputs == []

@@ -1,0 +1,65 @@
+"""The pieces of the integration stack that tests import (fixtures live in tests/integration/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import redis
+
+from producer.client import Client
+
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def boto_kwargs() -> dict[str, str]:
+    return {
+        "aws_access_key_id": AWS_ENV["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        "region_name": AWS_ENV["AWS_DEFAULT_REGION"],
+    }
+
+
+@dataclass
+class Stack:
+    """What an integration test talks to."""
+
+    redis_url: str
+    redis: redis.Redis
+    s3_endpoint: str
+    bucket: str
+    model_root: Path
+    client: Client
+
+    def s3(self) -> Any:
+        return boto3.client("s3", endpoint_url=self.s3_endpoint, **boto_kwargs())
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+    def get(self, key: str) -> bytes:
+        return bytes(self.s3().get_object(Bucket=self.bucket, Key=key)["Body"].read())
+
+
+def worker_env(stack: Stack, **overrides: str) -> dict[str, str]:
+    """Environment of a `genq worker` subprocess wired to the stack; ``overrides`` use GENQ_* names."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GENQ_", "AWS_"))}
+    env.update(AWS_ENV)
+    env.update(
+        {
+            "AWS_ENDPOINT_URL": stack.s3_endpoint,
+            "GENQ_REDIS__URL": stack.redis_url,
+            "GENQ_S3__BUCKET": stack.bucket,
+            "GENQ_STORAGE": "s3",
+            "GENQ_MODEL_DIRS": json.dumps([str(stack.model_root)]),
+            "GENQ_STORAGE_RETRY__WINDOW_S": "5",
+            "GENQ_CELERY__UNACKED_RESTORE_INTERVAL_S": "1",
+        }
+    )
+    env.update(overrides)
+    return env

@@ -1,0 +1,60 @@
+"""The README's first command: embedded generation with no Redis and no S3."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+
+def _genq(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GENQ_", "AWS_"))}
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args], env=env, capture_output=True, text=True, timeout=180
+    )
+
+
+def test_embedded_generate_writes_pngs_and_manifest_without_redis_or_s3(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = _genq(
+        "generate", "--model", "fmnist-cgan", "--label", "sneaker", "--count", "8", "--seed", "42", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote 8 images" in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 42 and manifest["model_version"] == "fmnist-cgan@1"
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:05d}.png" for i in range(8)]
+    for entry in manifest["outputs"]:
+        data = (out / entry["key"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        assert entry["label"] == "sneaker" and Image.open(out / entry["key"]).size == (28, 28)
+
+    again = tmp_path / "again"
+    assert _genq("generate", "--label", "sneaker", "--count", "8", "--seed", "42", "--out", str(again)).returncode == 0
+    assert [(again / f"{i:05d}.png").read_bytes() for i in range(8)] == [
+        (out / f"{i:05d}.png").read_bytes() for i in range(8)
+    ]
+
+
+def test_embedded_generate_refuses_an_unknown_label_naming_the_field(tmp_path: Path) -> None:
+    result = _genq("generate", "--label", "hat", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2
+    assert "label: unknown label 'hat'" in result.stderr and "sneaker" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_count_zero_is_refused_by_the_contract(tmp_path: Path) -> None:
+    result = _genq("generate", "--label", "bag", "--count", "0", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "count" in result.stderr
+
+
+def test_models_lists_the_shipped_model_in_embedded_mode() -> None:
+    result = _genq("models")
+    assert result.returncode == 0, result.stderr
+    assert "fmnist-cgan" in result.stdout and "sneaker" in result.stdout

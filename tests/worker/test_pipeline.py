@@ -1,0 +1,120 @@
+"""The generate pipeline over injected storage and reporter: complete outputs or a loud failure."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from tiny_model import TINY_NAME, make_tiny_model
+
+from producer.contract import GenerateJob, LabelCount, Manifest, OutputFormat, OutputRef
+from worker.errors import StorageUnavailable
+from worker.pipeline import run_generate
+from worker.registry import ModelRegistry
+from worker.storage import LocalStorage
+
+
+class RecordingReporter:
+    def __init__(self, start: bool = True) -> None:
+        self.start = start
+        self.events: list[tuple[str, int]] = []
+
+    def started(self, job: GenerateJob) -> bool:
+        self.events.append(("started", 0))
+        return self.start
+
+    def progress(self, job: GenerateJob, done: int) -> None:
+        self.events.append(("progress", done))
+
+    def succeeded(self, job: GenerateJob, outputs: list[OutputRef], manifest_key: str) -> None:
+        self.events.append(("succeeded", len(outputs)))
+
+
+class FailingStorage(LocalStorage):
+    """Stores ``ok`` objects, then the object store goes away."""
+
+    def __init__(self, root: Path, ok: int) -> None:
+        super().__init__(root)
+        self.ok = ok
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        if self.ok == 0:
+            raise StorageUnavailable(f"S3 put of {key!r} still failing")
+        self.ok -= 1
+        super().put(key, data, content_type)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
+    root = tmp_path_factory.mktemp("zoo")
+    make_tiny_model(root)
+    return ModelRegistry([root])
+
+
+def _job(count: int = 10, fmt: OutputFormat = OutputFormat.PNG) -> GenerateJob:
+    return GenerateJob(
+        job_id="job-0123456789",
+        model=TINY_NAME,
+        model_name=TINY_NAME,
+        model_version="1",
+        items=[LabelCount(index=7, name="sneaker", count=count - 3), LabelCount(index=8, name="bag", count=3)],
+        seed=42,
+        format=fmt,
+        created_at=datetime(2026, 11, 29, tzinfo=UTC),
+    )
+
+
+def test_every_image_and_the_manifest_are_stored_before_success(registry: ModelRegistry, tmp_path: Path) -> None:
+    storage, reporter = LocalStorage(tmp_path), RecordingReporter()
+    result = run_generate(_job(), storage=storage, load_model=registry.load, reporter=reporter, batch_size=4)
+    assert [e for e, _ in reporter.events] == ["started", "progress", "progress", "progress", "succeeded"]
+    assert [n for e, n in reporter.events if e == "progress"] == [4, 8, 10]
+    keys = storage.list("jobs/job-0123456789/")
+    assert len(keys) == 11 and result.manifest_key == "jobs/job-0123456789/manifest.json"
+    manifest = Manifest.model_validate_json(storage.get(result.manifest_key))
+    assert [o.label for o in manifest.outputs] == ["sneaker"] * 7 + ["bag"] * 3
+    for output in manifest.outputs:
+        assert hashlib.sha256(storage.get(output.key)).hexdigest() == output.sha256
+
+
+@pytest.mark.parametrize("fmt", list(OutputFormat))
+def test_outputs_do_not_depend_on_the_batch_they_ride_in(
+    registry: ModelRegistry, tmp_path: Path, fmt: OutputFormat
+) -> None:
+    hashes = []
+    for batch_size in (1, 3, 64):
+        result = run_generate(
+            _job(fmt=fmt),
+            storage=LocalStorage(tmp_path / str(batch_size)),
+            load_model=registry.load,
+            reporter=RecordingReporter(),
+            batch_size=batch_size,
+        )
+        hashes.append([o.sha256 for o in result.outputs])
+    assert hashes[0] == hashes[1] == hashes[2]
+
+
+def test_a_failed_upload_propagates_and_reports_only_what_was_stored(registry: ModelRegistry, tmp_path: Path) -> None:
+    reporter, stored = RecordingReporter(), []
+    with pytest.raises(StorageUnavailable):
+        run_generate(
+            _job(),
+            storage=FailingStorage(tmp_path, ok=5),
+            load_model=registry.load,
+            reporter=reporter,
+            batch_size=4,
+            stored=stored,
+        )
+    assert [o.index for o in stored] == [0, 1, 2, 3, 4]
+    assert ("succeeded", 10) not in reporter.events
+    assert not (tmp_path / "jobs" / "job-0123456789" / "manifest.json").exists()
+
+
+def test_a_job_that_already_ended_is_not_run_again(registry: ModelRegistry, tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    result = run_generate(
+        _job(), storage=storage, load_model=registry.load, reporter=RecordingReporter(start=False), batch_size=4
+    )
+    assert result.skipped and storage.list("") == []
