@@ -46,6 +46,7 @@ class TrainConfig:
     seed: int = 0
     sample_every: int = 500
     checkpoint_every: int = 500
+    bn_recalibration_batches: int = 50  # of 100 samples each, at every export (see recalibrate_bn)
 
 
 @dataclass(frozen=True)
@@ -207,10 +208,10 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> tuple[TrainState, cgan.CGAN
     return state, model_cfg
 
 
-def export(state: TrainState, model_cfg: cgan.CGANConfig, directory: Path) -> None:
+def export(state: TrainState, model_cfg: cgan.CGANConfig, directory: Path, bn_batches: int = 50) -> None:
     """Save the EMA generator, with recalibrated BN statistics, as a servable model directory."""
     net = copy.deepcopy(state.ema)
-    recalibrate_bn(net)
+    recalibrate_bn(net, batches=bn_batches)
     save_generator(directory, model_cfg, net)
 
 
@@ -259,7 +260,7 @@ def train(
             save_png(class_grid(images, len(grid_seeds)), out / "samples" / f"step-{state.step:06d}.png")
         if state.step % cfg.checkpoint_every == 0 or last:
             save_checkpoint(ckpt, state, model_cfg, cfg)
-            export(state, model_cfg, out / EXPORT_DIR)
+            export(state, model_cfg, out / EXPORT_DIR, cfg.bn_recalibration_batches)
     return state
 
 

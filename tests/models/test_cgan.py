@@ -108,7 +108,9 @@ def _synthetic_data(n: int = 256) -> LabelledImages:
 def test_short_training_lowers_the_discriminator_loss_and_exports_a_loadable_model(tmp_path: Path) -> None:
     data = _synthetic_data()
     losses: list[float] = []
-    cfg = TrainConfig(steps=60, batch_size=32, ema_start=0, sample_every=30, checkpoint_every=30)
+    cfg = TrainConfig(
+        steps=60, batch_size=32, ema_start=0, sample_every=30, checkpoint_every=30, bn_recalibration_batches=2
+    )
     config = cgan.CGANConfig(class_names=data.class_names, z_dim=8, g_ch=8, d_ch=8)
     train(data, tmp_path, cfg, config, on_step=lambda s: losses.append(s.d_loss))
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
@@ -120,8 +122,8 @@ def test_short_training_lowers_the_discriminator_loss_and_exports_a_loadable_mod
 def test_resume_continues_exactly_where_training_stopped(tmp_path: Path) -> None:
     data = _synthetic_data(128)
     config = cgan.CGANConfig(class_names=data.class_names, z_dim=8, g_ch=4, d_ch=4)
-    half = TrainConfig(steps=4, batch_size=16, sample_every=100, checkpoint_every=2)
-    full = TrainConfig(steps=8, batch_size=16, sample_every=100, checkpoint_every=2)
+    half = TrainConfig(steps=4, batch_size=16, sample_every=100, checkpoint_every=2, bn_recalibration_batches=1)
+    full = TrainConfig(steps=8, batch_size=16, sample_every=100, checkpoint_every=2, bn_recalibration_batches=1)
     logs: list[str] = []
     train(data, tmp_path / "a", half, config)
     resumed = train(data, tmp_path / "a", full, config, on_log=logs.append)
