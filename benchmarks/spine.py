@@ -9,6 +9,7 @@ dedicated DB). Prints one table and then one `name=value` line per figure. Timin
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import subprocess
@@ -115,6 +116,7 @@ def main() -> None:
 
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request otherwise
     redis.Redis.from_url(args.redis).flushdb()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
