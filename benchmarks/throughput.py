@@ -1,0 +1,228 @@
+"""Throughput of genq against the ceilings of its own hardware, measured in one run.
+
+    python -m benchmarks.throughput [--quick] [--redis redis://127.0.0.1:6379/14] [--size 64]
+
+(a) ceilings: the raw generator in-process at batch 1 and at its best batch; the S3 server's own PUT/s.
+(b) 1-image jobs through Redis -> worker -> S3 with dynamic batching on, then off (max_batch=1), same worker.
+(d) submit-to-terminal latency of 1-image jobs, one at a time, on an idle worker.
+(e) N images the naive way (N one-image jobs, batch 1, one upload thread) vs the same N as one genq job.
+The model is the shipped cGAN architecture at 64x64 RGB with random weights (compute visible on a CPU); --size 28
+uses the shipped Fashion-MNIST weights instead. Starts its own moto S3 server and `genq worker` subprocesses; needs
+a Redis DB it may flush. Prints one table, then one `name=value` line per figure. Nothing here is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import boto3
+import redis
+import torch
+
+from models import cgan
+from models.data import FASHION_MNIST_CLASSES
+from models.generator import load_generator, save_generator
+from producer.client import Client
+from producer.contract import GenerateRequest, JobStatus
+from producer.settings import ClientSettings, RedisSettings, S3Settings
+from worker.registry import ZOO_DIR
+
+AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+BOTO = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench", "region_name": "us-east-1"}
+
+
+def make_model(size: int, root: Path) -> tuple[str, Path]:
+    """(model name, version folder): the 64x64 RGB configuration with random weights, or the shipped 28 px model."""
+    if size == 28:
+        return "fmnist-cgan", ZOO_DIR / "fmnist-cgan" / "1"
+    config = cgan.CGANConfig(class_names=FASHION_MNIST_CLASSES, resolution=size, channels=3, g_ch=32)
+    torch.manual_seed(0)
+    directory = root / f"bench-{size}" / "1"
+    save_generator(directory, config, cgan.Generator(config))
+    return f"bench-{size}", directory
+
+
+def raw_ceiling(model_dir: Path, batch_sizes: list[int], seconds: float) -> dict[int, float]:
+    """images/s of sample() alone at each batch size (each measured for about ``seconds``)."""
+    model = load_generator(model_dir)
+    model.sample([0] * 4, [0, 1, 2, 3])  # warm-up
+    rates: dict[int, float] = {}
+    for bs in batch_sizes:
+        n, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds or n == 0:
+            model.sample([n % 10 for n in range(bs)], list(range(n, n + bs)))
+            n += bs
+        rates[bs] = n / (time.perf_counter() - started)
+    return rates
+
+
+def put_ceiling(endpoint: str, bucket: str, size: int, n: int) -> float:
+    """PUT/s of the S3 server for objects of the output's size: 8 client threads, like a worker's uploads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, **BOTO)
+    body = os.urandom(size)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: s3.put_object(Bucket=bucket, Key=f"ceiling/{i}", Body=body), range(n)))
+    return n / (time.perf_counter() - started)
+
+
+@contextmanager
+def worker(redis_url: str, endpoint: str, bucket: str, model_root: Path, **settings: str) -> Iterator[None]:
+    """A `genq worker` subprocess (threads pool, 64 threads) with the given GENQ_* settings, ready when entered."""
+    redis.Redis.from_url(redis_url).flushdb()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GENQ_", "AWS_"))}
+    env.update(AWS, AWS_ENDPOINT_URL=endpoint, GENQ_REDIS__URL=redis_url, GENQ_S3__BUCKET=bucket)
+    env["GENQ_MODEL_DIRS"] = json.dumps([str(model_root)])
+    env.update({f"GENQ_{k.upper()}": v for k, v in settings.items()})
+    log = Path(tempfile.mkstemp(prefix="genq-bench-", suffix=".log")[1])
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "worker", "-c", "64"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "worker ready:" not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start; see {log}")
+            time.sleep(0.2)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def jobs_per_s(client: Client, model: str, jobs: int, count: int = 1) -> float:
+    """Submit ``jobs`` jobs of ``count`` images at once; jobs/s from the first submit to the last success."""
+    started = time.perf_counter()
+    ids = [client.submit(GenerateRequest(model=model, label=i % 10, count=count, seed=i)).id for i in range(jobs)]
+    for job_id in ids:
+        view = client.wait(job_id, timeout=1800, poll_s=0.02)
+        if view.status is not JobStatus.SUCCEEDED:
+            raise RuntimeError(f"job {job_id} {view.status.value}: {view.error}")
+    return jobs / (time.perf_counter() - started)
+
+
+def latencies_ms(client: Client, model: str, n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        started = time.perf_counter()
+        view = client.wait(client.submit(GenerateRequest(model=model, label=i % 10, seed=i)).id, 60, poll_s=0.002)
+        if view.status is not JobStatus.SUCCEEDED:
+            raise RuntimeError(f"latency job {view.status.value}: {view.error}")
+        out.append(1000 * (time.perf_counter() - started))
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="reduced counts: finishes in about a minute")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/14", help="a Redis DB this benchmark may flush")
+    parser.add_argument("--size", type=int, default=64, choices=[28, 32, 64])
+    args = parser.parse_args()
+    small_jobs, naive_n, latency_n, seconds = (128, 200, 20, 1.0) if args.quick else (1024, 2000, 100, 3.0)
+    max_wait_ms = 5.0
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint, bucket = f"http://{host}:{port}", "bench"
+    boto3.client("s3", endpoint_url=endpoint, **BOTO).create_bucket(Bucket=bucket)
+    os.environ.update(AWS, AWS_ENDPOINT_URL=endpoint)
+    root = Path(tempfile.mkdtemp(prefix="genq-bench-models-"))
+    model, model_dir = make_model(args.size, root)
+    client = Client(ClientSettings(redis=RedisSettings(url=args.redis), s3=S3Settings(bucket=bucket)))
+    try:
+        rates = raw_ceiling(model_dir, [1, 8, 32, 64, 128, 256], seconds)
+        best = max(rates, key=lambda bs: rates[bs])
+        sample = load_generator(model_dir).sample([7], [1])[0].numpy()
+        from producer.contract import OutputFormat
+        from worker.encode import encode_image, provenance
+
+        png_size = len(
+            encode_image(sample, OutputFormat.PNG, provenance(generator=model, version="1", label="x", seed=1))
+        )
+        puts = put_ceiling(endpoint, bucket, png_size, 300 if args.quick else 1000)
+
+        on = {"batching__max_batch": str(best), "batching__max_wait_ms": str(max_wait_ms)}
+        with worker(args.redis, endpoint, bucket, root, **on):
+            jobs_on = jobs_per_s(client, model, small_jobs)
+            lat = latencies_ms(client, model, latency_n)
+            one_job = naive_n * jobs_per_s(client, model, 1, count=naive_n)  # images/s
+        with worker(args.redis, endpoint, bucket, root, batching__max_batch="1"):
+            jobs_off = jobs_per_s(client, model, small_jobs)
+        naive_conf = {"batching__max_batch": "1", "batching__upload_workers": "1"}
+        with worker(args.redis, endpoint, bucket, root, **naive_conf):
+            naive = jobs_per_s(client, model, naive_n)  # jobs of one image = images/s
+    finally:
+        server.stop()
+
+    compute_gain = rates[best] / rates[1]
+    batching_efficiency = (jobs_on / jobs_off) / compute_gain
+    small_job_ceiling = min(rates[best], puts / 2)  # 2 PUTs per 1-image job: the image and its manifest
+    small_job_efficiency = jobs_on / small_job_ceiling
+    naive_speedup = one_job / naive
+    p50, p99 = percentile(lat, 0.5), percentile(lat, 0.99)
+
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads"
+    )
+    print(f"model: {model} ({args.size}x{args.size}), output PNG ~{png_size} B, quick={args.quick}\n")
+    print(f"{'figure':<58}{'measured':>12}{'ceiling':>12}{'ratio':>8}")
+    for bs, rate in rates.items():
+        print(f"{f'(a) raw generator, batch {bs} (images/s)':<58}{rate:>12.1f}")
+    print(f"{'(a) S3 server PUT/s (8 threads)':<58}{puts:>12.1f}")
+    table = [
+        ("(b) 1-image jobs/s, batching on", jobs_on, small_job_ceiling, small_job_efficiency),
+        ("(b) 1-image jobs/s, batching off (max_batch=1)", jobs_off, None, None),
+        ("(b) on/off vs raw best/batch-1 compute gain", jobs_on / jobs_off, compute_gain, batching_efficiency),
+        ("(d) latency p50 of 1-image jobs, idle worker (ms)", p50, max_wait_ms + 50, None),
+        ("(d) latency p99 (ms)", p99, None, None),
+        (f"(e) {naive_n} images as one job (images/s)", one_job, None, None),
+        (f"(e) {naive_n} images naively: 1-image jobs, batch 1, 1 upload thread", naive, None, None),
+        ("(e) one job vs naive", naive_speedup, 10.0, None),
+    ]
+    for name, value, ceiling, ratio in table:
+        c = f"{ceiling:>12.1f}" if ceiling is not None else f"{'':>12}"
+        r = f"{ratio:>8.2f}" if ratio is not None else ""
+        print(f"{name:<58}{value:>12.1f}{c}{r}")
+    print("(c) shard_efficiency / object_efficiency, peak_rss_mib: not measured yet (bulk shards pending)\n")
+    for name, value in [
+        ("raw_images_per_s_batch1", rates[1]),
+        ("raw_images_per_s_best", rates[best]),
+        ("raw_best_batch", best),
+        ("s3_put_per_s", puts),
+        ("jobs_per_s_batching_on", jobs_on),
+        ("jobs_per_s_batching_off", jobs_off),
+        ("batching_efficiency", batching_efficiency),
+        ("small_job_efficiency", small_job_efficiency),
+        ("latency_p50_ms", p50),
+        ("latency_p99_ms", p99),
+        ("naive_speedup", naive_speedup),
+    ]:
+        print(f"{name}={value:.3f}")
+
+
+if __name__ == "__main__":
+    main()
