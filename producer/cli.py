@@ -287,5 +287,62 @@ def worker(
     celery_app.worker_main(argv=argv)
 
 
+@app.command()
+def api(
+    host: str | None = typer.Option(None, "--host", help="Address to listen on (default GENQ_API__HOST, 127.0.0.1)."),
+    port: int | None = typer.Option(None, "--port", min=0, max=65535, help="Port (default GENQ_API__PORT, 8000)."),
+    loglevel: str = typer.Option("info", "--loglevel"),
+) -> None:
+    """Serve the HTTP API (uvicorn) on the configured Redis (GENQ_REDIS__URL)."""
+    import uvicorn  # lazily: only this command serves HTTP
+
+    from producer.api import create_app
+
+    settings = ClientSettings()
+    try:
+        application = create_app(settings)
+    except GenqError as exc:
+        console.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(2) from None
+    uvicorn.run(
+        application,
+        host=host or settings.api.host,
+        port=settings.api.port if port is None else port,
+        log_level=loglevel.lower(),
+    )
+
+
+keys_app = typer.Typer(help="API keys of the HTTP API.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: str = typer.Option(..., "--tenant", help="Tenant the key acts for: it owns the jobs made with it."),
+    name: str = typer.Option("", "--name", help="A note for humans (who or what uses the key)."),
+    max_queued: int | None = typer.Option(None, "--max-queued", min=1, help="Jobs queued or running at once."),
+    images_per_day: int | None = typer.Option(None, "--images-per-day", min=1, help="Images per UTC day."),
+) -> None:
+    """Create an API key and print it once (only its sha256 is stored)."""
+    import redis
+    from pydantic import ValidationError
+
+    from producer.auth import KeyQuotas, KeyStore
+
+    settings = ClientSettings()
+    if settings.redis.url is None:
+        console.print("[red]error[/]: API keys live in Redis: set GENQ_REDIS__URL")
+        raise typer.Exit(2)
+    try:
+        quotas = KeyQuotas(max_queued=max_queued, images_per_day=images_per_day)
+        secret, record = KeyStore(redis.Redis.from_url(settings.redis.url)).create(tenant, name, quotas)
+    except ValidationError as exc:
+        for err in exc.errors():
+            console.print(f"[red]invalid[/]: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}")
+        raise typer.Exit(2) from None
+    console.print(f"API key for tenant [bold]{record.tenant}[/]; it is shown only now, store it safely:")
+    print(secret)
+
+
 if __name__ == "__main__":
     app(prog_name="genq")

@@ -19,6 +19,7 @@ import redis
 from producer import constants
 from producer.contract import (
     EventType,
+    GenerateJob,
     GenerateRequest,
     JobError,
     JobStatus,
@@ -61,8 +62,19 @@ class Client:
         raw = self.redis.hgetall(constants.CATALOG_KEY)
         return {as_text(k): ModelEntry.model_validate_json(v) for k, v in raw.items()}
 
-    def submit(self, request: GenerateRequest) -> JobView:
+    def submit(
+        self,
+        request: GenerateRequest,
+        tenant: str | None = None,
+        *,
+        admit: Callable[[GenerateJob], None] | None = None,
+    ) -> JobView:
         """Validate, record and enqueue a generate job; returns at once with the job ``queued``.
+
+        Args:
+            tenant: the job's owner (the HTTP API passes the caller's); idempotency keys are scoped to it.
+            admit: called with the resolved job just before it is recorded (the HTTP API takes quota here);
+                whatever it raises refuses the job. Not called when an idempotency key replays an earlier job.
 
         Raises:
             InvalidJob: the request names an unknown model/label or exceeds a limit (``.field`` says which);
@@ -71,13 +83,17 @@ class Client:
         """
         job_id = uuid.uuid4().hex
         if request.idempotency_key is not None:
-            existing = self._claim_idempotency_key(request, job_id)
+            existing = self._claim_idempotency_key(request, job_id, tenant)
             if existing is not None:
                 return self.store.get(existing)
         try:
-            job = resolve_request(request, self.models(), self.settings.limits, job_id=job_id, now=utcnow())
-        except InvalidJob:
-            self._release_idempotency_key(request)
+            job = resolve_request(
+                request, self.models(), self.settings.limits, job_id=job_id, now=utcnow(), tenant=tenant
+            )
+            if admit is not None:
+                admit(job)
+        except Exception:  # refused: the key must not point at a job that was never recorded
+            self._release_idempotency_key(request, tenant)
             raise
         view = self.store.create(job)
         # The queued event is stamped and sent before the job can start, so its timestamp precedes "running".
@@ -103,16 +119,23 @@ class Client:
             self._celery = app
         return self._celery
 
-    def _claim_idempotency_key(self, request: GenerateRequest, job_id: str) -> str | None:
+    @staticmethod
+    def _idempotency_redis_key(request: GenerateRequest, tenant: str | None) -> str:
+        # Scoped per tenant: two tenants may use the same key for different jobs.
+        if tenant is not None:
+            return constants.TENANT_IDEMPOTENCY_KEY.format(tenant=tenant, key=request.idempotency_key)
+        return constants.IDEMPOTENCY_KEY.format(key=request.idempotency_key)
+
+    def _claim_idempotency_key(self, request: GenerateRequest, job_id: str, tenant: str | None) -> str | None:
         """Own the key for ``job_id``; return the earlier job's id if the same request was submitted before."""
-        key = constants.IDEMPOTENCY_KEY.format(key=request.idempotency_key)
+        key = self._idempotency_redis_key(request, tenant)
         body = hashlib.sha256(request.model_dump_json(exclude={"idempotency_key"}).encode()).hexdigest()
         record = json.dumps({"job_id": job_id, "body": body})
         if self.redis.set(key, record, nx=True, ex=self.settings.job_ttl_s):
             return None
         raw = self.redis.get(key)
         if raw is None:  # expired between the two calls: try once more
-            return self._claim_idempotency_key(request, job_id)
+            return self._claim_idempotency_key(request, job_id, tenant)
         earlier = json.loads(raw)
         if earlier["body"] != body:
             raise IdempotencyConflict(
@@ -121,9 +144,9 @@ class Client:
             )
         return str(earlier["job_id"])
 
-    def _release_idempotency_key(self, request: GenerateRequest) -> None:
+    def _release_idempotency_key(self, request: GenerateRequest, tenant: str | None) -> None:
         if request.idempotency_key is not None:
-            self.redis.delete(constants.IDEMPOTENCY_KEY.format(key=request.idempotency_key))
+            self.redis.delete(self._idempotency_redis_key(request, tenant))
 
     # -- reading ------------------------------------------------------------------------------------------
 

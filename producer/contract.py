@@ -24,6 +24,8 @@ from pydantic import (
 
 MAX_SEED = 2**63 - 1
 _NAME = r"[a-z0-9][a-z0-9._-]{0,63}"
+# A tenant name becomes part of Redis keys and S3 prefixes (tenants/<tenant>/jobs/...): no '/', no leading dot.
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MODEL_REF_PATTERN = re.compile(rf"^(?P<name>{_NAME})(?:@(?P<version>[A-Za-z0-9._-]{{1,64}})|:(?P<alias>{_NAME}))?$")
 
 
@@ -205,6 +207,7 @@ class GenerateJob(BaseModel):
     callback: Callback | None = None
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
     created_at: datetime
+    tenant: str | None = Field(default=None, pattern=TENANT_PATTERN)  # owner; None for jobs outside the HTTP API
 
     @property
     def total_images(self) -> int:
@@ -259,6 +262,7 @@ class JobView(BaseModel):
 
     id: str
     kind: Literal["generate"] = "generate"
+    tenant: str | None = None
     status: JobStatus
     model: str
     model_version: str | None = None

@@ -31,6 +31,19 @@ class IdempotencyConflict(GenqError):
     """The idempotency key was already used for a different request body."""
 
 
+class Unauthorized(GenqError, PermissionError):
+    """No API key, or one genq does not know: send ``Authorization: Bearer genq_...`` (``genq keys create``)."""
+
+
+class QuotaExceeded(GenqError):
+    """A per-key quota or the request rate limit is used up: retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, *, limit: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+
 class JobTimeout(GenqError, TimeoutError):
     """A job did not reach a terminal status within the time the caller was prepared to wait."""
 

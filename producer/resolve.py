@@ -23,8 +23,11 @@ def resolve_request(
     *,
     job_id: str,
     now: datetime,
+    tenant: str | None = None,
 ) -> GenerateJob:
     """Validate ``request`` against the catalogue and limits and pin model version, labels and seed.
+
+    ``tenant`` (the HTTP API's caller) is recorded on the job: it owns the job and its outputs' prefix.
 
     Raises:
         InvalidJob: with ``field`` set to the offending field (``model``, ``label``, ``counts.<key>``, ``count``,
@@ -57,6 +60,7 @@ def resolve_request(
         callback=request.callback,
         metadata=request.metadata,
         created_at=now,
+        tenant=tenant,
     )
 
 

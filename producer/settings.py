@@ -41,6 +41,20 @@ class WebhookSettings(BaseModel):
     timeout_s: float = Field(default=10.0, gt=0)
 
 
+class ApiSettings(BaseModel):
+    """The HTTP API (``genq api``): where it listens, what it accepts, and the per-key defaults it enforces."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, description="Larger request bodies get 413 unread.")
+    rate_per_s: float = Field(default=10.0, gt=0, description="Requests per second per key (token bucket refill).")
+    burst: int = Field(default=20, ge=1, description="Requests a key may make at once (token bucket size).")
+    max_queued: int = Field(default=100, ge=1, description="Default per-key limit of queued or running jobs.")
+    images_per_day: int = Field(default=100_000, ge=1, description="Default per-key images per UTC day.")
+    events_poll_s: float = Field(default=0.5, gt=0, description="How often an SSE stream re-reads its job.")
+    ready_timeout_s: float = Field(default=2.0, gt=0, description="Timeout of each readiness probe (Redis, S3).")
+
+
 class ClientSettings(BaseSettings):
     """What a producer process needs: where Redis and S3 are, and the limits it enforces."""
 
@@ -50,4 +64,5 @@ class ClientSettings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
     limits: Limits = Field(default_factory=Limits)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="How long job records live in Redis.")

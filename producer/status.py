@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -74,8 +74,76 @@ class JobStore:
             },
         )
         pipe.expire(key, self.ttl_s)
+        if job.tenant is not None:
+            # The tenant's index lists its jobs newest first; entries older than a job record's TTL are pruned.
+            index = constants.TENANT_JOBS_KEY.format(tenant=job.tenant)
+            created = job.created_at.timestamp()
+            pipe.zadd(index, {job.job_id: created})
+            pipe.zremrangebyscore(index, "-inf", f"({created - self.ttl_s}")
+            pipe.expire(index, self.ttl_s)
         pipe.execute()
         return self.get(job.job_id)
+
+    def page(
+        self,
+        tenant: str,
+        limit: int,
+        *,
+        after: tuple[float, str] | None = None,
+        status: JobStatus | None = None,
+        model: str | None = None,
+        scan_budget: int = 2000,
+    ) -> tuple[list[JobView], tuple[float, str] | None]:
+        """A page of the tenant's jobs, newest first, and the position to continue from (None at the end).
+
+        Args:
+            after: (created timestamp, job id) of the last job of the previous page.
+            status, model: keep only jobs in that status / of that model (its name, ``name@version``, or the
+                reference as asked).
+            scan_budget: most index entries read per call; with a selective filter the page can come back short
+                (even empty) with a position to continue from, so one call never reads a whole large index.
+        """
+        index = constants.TENANT_JOBS_KEY.format(tenant=tenant)
+        views: list[JobView] = []
+        position = after
+        scanned = 0
+        while len(views) < limit and scanned < scan_budget:
+            chunk = min(max(limit * 2, 50), scan_budget - scanned)
+            entries = self._index_after(index, position, chunk)
+            if not entries:
+                return views, None
+            pipe = self.redis.pipeline()
+            for job_id, _ in entries:
+                pipe.hgetall(self.key(job_id))
+            for (job_id, score), raw in zip(entries, pipe.execute(), strict=True):
+                scanned += 1
+                position = (score, job_id)
+                if not raw or b"spec" not in raw:  # expired record; the index entry goes at the next create
+                    continue
+                view = _view(job_id, {as_text(k): as_text(v) for k, v in raw.items()})
+                if _matches(view, status, model):
+                    views.append(view)
+                    if len(views) == limit:
+                        break
+        more = bool(position and self._index_after(index, position, 1))
+        return views, position if more else None
+
+    def _index_after(self, index: str, position: tuple[float, str] | None, count: int) -> list[tuple[str, float]]:
+        """Up to ``count`` (job id, score) entries strictly after ``position`` in (score desc, id desc) order."""
+        if position is None:
+            return self._index_range(index, "+inf", count)
+        score, job_id = position
+        # Entries sharing the position's score come first in the answer; skip those at or above its id.
+        tied = int(self.redis.zcount(index, score, score))
+        entries = self._index_range(index, score, count + tied)
+        return [(m, sc) for m, sc in entries if sc < score or m < job_id][:count]
+
+    def _index_range(self, index: str, top: float | str, count: int) -> list[tuple[str, float]]:
+        raw = cast(
+            list[tuple[bytes, float]],
+            self.redis.zrevrangebyscore(index, top, "-inf", start=0, num=count, withscores=True),
+        )
+        return [(as_text(member), float(score)) for member, score in raw]
 
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.key(job_id)))
@@ -151,6 +219,7 @@ def _view(job_id: str, h: dict[str, str]) -> JobView:
     error = JobError(type=h["error_type"], message=h.get("error_message", "")) if "error_type" in h else None
     return JobView(
         id=job_id,
+        tenant=spec.tenant,
         status=JobStatus(h["status"]),
         model=spec.model,
         model_version=f"{spec.model_name}@{spec.model_version}",
@@ -164,3 +233,12 @@ def _view(job_id: str, h: dict[str, str]) -> JobView:
         started_at=datetime.fromisoformat(h["started_at"]) if "started_at" in h else None,
         finished_at=datetime.fromisoformat(h["finished_at"]) if "finished_at" in h else None,
     )
+
+
+def _matches(view: JobView, status: JobStatus | None, model: str | None) -> bool:
+    if status is not None and view.status is not status:
+        return False
+    if model is None:
+        return True
+    name = (view.model_version or "").split("@", 1)[0]
+    return model in (view.model, view.model_version, name)

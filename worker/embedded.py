@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from producer.contract import GenerateJob, GenerateRequest, OutputRef
@@ -11,7 +12,7 @@ from producer.resolve import resolve_request
 from producer.status import utcnow
 from worker.pipeline import GenerateResult, run_generate
 from worker.registry import ModelRegistry
-from worker.runtime import model_roots
+from worker.runtime import make_engine, model_roots
 from worker.settings import WorkerSettings
 from worker.storage import LocalStorage
 
@@ -46,12 +47,18 @@ def run_embedded(
     """
     registry = ModelRegistry(model_roots(settings), settings.device)
     job = resolve_request(request, registry.catalog(), settings.limits, job_id=uuid.uuid4().hex, now=utcnow())
-    result = run_generate(
-        job,
-        storage=LocalStorage(out),
-        load_model=registry.load,
-        reporter=LocalReporter(on_progress),
-        batch_size=settings.batching.batch_size,
-        prefix="",
-    )
+    engine = make_engine(registry, settings)
+    with ThreadPoolExecutor(settings.batching.upload_workers, thread_name_prefix="genq-upload") as uploads:
+        try:
+            result = run_generate(
+                job,
+                storage=LocalStorage(out),
+                sample=engine.submit,
+                reporter=LocalReporter(on_progress),
+                chunk_size=settings.batching.max_batch,
+                uploads=uploads,
+                prefix="",
+            )
+        finally:
+            engine.close()
     return job, result

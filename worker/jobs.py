@@ -33,9 +33,10 @@ def execute_generate(job: GenerateJob, runtime: Runtime, reporter: RedisReporter
         result = run_generate(
             job,
             storage=runtime.storage,
-            load_model=runtime.registry.load,
+            sample=runtime.engine.submit,
             reporter=reporter,
-            batch_size=settings.batching.batch_size,
+            chunk_size=settings.batching.max_batch,
+            uploads=runtime.uploads,
             stored=stored,
         )
     except Exception as exc:  # every failure ends the job loudly, with the reason and partial outputs

@@ -1,4 +1,4 @@
-"""The generate pipeline: a plain function over injected storage, model loader and reporter.
+"""The generate pipeline: a plain function over injected storage, sampler, upload pool and reporter.
 
 The Celery task and the embedded CLI both call :func:`run_generate`; neither adds logic of its own. A job ends
 ``succeeded`` only after every image and the manifest are stored; any error propagates to the caller, which
@@ -8,11 +8,14 @@ marks the job failed (with the outputs stored so far).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
 from typing import Protocol
 
-from models.generator import ImageGenerator
+import numpy as np
+import torch
+
 from producer import constants
 from producer.contract import GenerateJob, Manifest, OutputRef
 from producer.seeds import image_seed
@@ -32,7 +35,7 @@ class Reporter(Protocol):
     def succeeded(self, job: GenerateJob, outputs: list[OutputRef], manifest_key: str) -> None: ...
 
 
-ModelLoader = Callable[[str, str], ImageGenerator]
+Sampler = Callable[[str, str, Sequence[int], Sequence[int]], "Future[torch.Tensor]"]
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,11 @@ class GenerateResult:
     skipped: bool = False  # the job had already ended; nothing was done
 
 
-def job_prefix(job_id: str) -> str:
-    return constants.JOB_PREFIX.format(job_id=job_id)
+def job_prefix(job: GenerateJob) -> str:
+    """Where a job's objects go: ``tenants/<tenant>/jobs/<id>/`` for a tenant's job, else ``jobs/<id>/``."""
+    if job.tenant is not None:
+        return constants.TENANT_JOB_PREFIX.format(tenant=job.tenant, job_id=job.job_id)
+    return constants.JOB_PREFIX.format(job_id=job.job_id)
 
 
 def output_key(prefix: str, index: int, extension: str) -> str:
@@ -56,48 +62,64 @@ def run_generate(
     job: GenerateJob,
     *,
     storage: Storage,
-    load_model: ModelLoader,
+    sample: Sampler,
     reporter: Reporter,
-    batch_size: int,
+    chunk_size: int,
+    uploads: Executor,
     prefix: str | None = None,
     stored: list[OutputRef] | None = None,
 ) -> GenerateResult:
     """Sample, encode and store every image of ``job``, then its manifest.
 
+    The job is sampled in chunks of ``chunk_size`` images; chunk k+1 is queued for its forward pass before chunk k
+    is encoded and uploaded (on ``uploads``), so compute and I/O overlap while at most two chunks are in memory.
+
     Args:
-        prefix: object key prefix (default ``jobs/<job-id>/``; the embedded CLI writes at the top of its folder).
+        sample: queues (model name, version, labels, seeds) for a forward pass and returns a future of uint8 images.
+        prefix: object key prefix (default :func:`job_prefix`; the embedded CLI writes at the top of its folder).
         stored: filled in as images are stored, so a caller can report partial outputs when the run fails.
 
-    Raises whatever the model loader, the model or the storage raise; nothing is swallowed.
+    Raises whatever the model, the sampler or the storage raise; nothing is swallowed.
     """
-    prefix = job_prefix(job.job_id) if prefix is None else prefix
+    prefix = job_prefix(job) if prefix is None else prefix
     outputs = stored if stored is not None else []
     if not reporter.started(job):
         return GenerateResult(outputs=[], manifest_key="", skipped=True)
-    model = load_model(job.model_name, job.model_version)
     version = f"{job.model_name}@{job.model_version}"
     labels = job.image_labels()
-    for start in range(0, len(labels), batch_size):
-        indices = range(start, min(start + batch_size, len(labels)))
+    chunks = [range(s, min(s + chunk_size, len(labels))) for s in range(0, len(labels), chunk_size)]
+
+    def queue_chunk(indices: range) -> Future[torch.Tensor]:
         seeds = [image_seed(job.seed, i) for i in indices]
-        images = model.sample([labels[i].index for i in indices], seeds).numpy()  # (B, C, H, W) uint8
-        for i, seed, image in zip(indices, seeds, images, strict=True):
-            label = labels[i]
-            info = provenance(generator=job.model_name, version=version, label=label.name, seed=seed)
-            data = encode_image(image, job.format, info)
-            key = output_key(prefix, i, job.format.extension)
-            storage.put(key, data, job.format.content_type)
-            outputs.append(
-                OutputRef(
-                    index=i,
-                    label=label.name,
-                    label_index=label.index,
-                    seed=seed,
-                    key=key,
-                    sha256=hashlib.sha256(data).hexdigest(),
-                    content_type=job.format.content_type,
-                )
-            )
+        return sample(job.model_name, job.model_version, [labels[i].index for i in indices], seeds)
+
+    def store(index: int, image: np.ndarray) -> OutputRef:
+        label, seed = labels[index], image_seed(job.seed, index)
+        info = provenance(generator=job.model_name, version=version, label=label.name, seed=seed)
+        data = encode_image(image, job.format, info)
+        key = output_key(prefix, index, job.format.extension)
+        storage.put(key, data, job.format.content_type)
+        return OutputRef(
+            index=index,
+            label=label.name,
+            label_index=label.index,
+            seed=seed,
+            key=key,
+            sha256=hashlib.sha256(data).hexdigest(),
+            content_type=job.format.content_type,
+        )
+
+    pending = queue_chunk(chunks[0])
+    for k, indices in enumerate(chunks):
+        images = pending.result().numpy()  # (B, C, H, W) uint8
+        if k + 1 < len(chunks):
+            pending = queue_chunk(chunks[k + 1])  # its forward pass runs while this chunk is stored
+        uploads_k = [uploads.submit(store, i, image) for i, image in zip(indices, images, strict=True)]
+        wait(uploads_k)
+        errors = [exc for f in uploads_k if (exc := f.exception()) is not None]
+        outputs.extend(f.result() for f in uploads_k if f.exception() is None)
+        if errors:
+            raise errors[0]
         reporter.progress(job, len(outputs))
     manifest = Manifest(
         job_id=job.job_id,
@@ -109,6 +131,6 @@ def run_generate(
         outputs=outputs,
     )
     manifest_key = prefix + constants.MANIFEST_NAME
-    storage.put(manifest_key, manifest.model_dump_json(indent=2).encode(), "application/json")
+    storage.put(manifest_key, manifest.model_dump_json(indent=2, exclude_none=True).encode(), "application/json")
     reporter.succeeded(job, outputs, manifest_key)
     return GenerateResult(outputs=list(outputs), manifest_key=manifest_key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import redis
 
 from producer.errors import ConfigurationError
 from producer.status import JobStore
+from worker.inference import InferenceEngine
 from worker.registry import ZOO_DIR, ModelRegistry
 from worker.settings import WorkerSettings
 from worker.storage import Storage, make_storage
@@ -24,20 +26,35 @@ class Runtime:
     store: JobStore
     storage: Storage
     registry: ModelRegistry
+    engine: InferenceEngine
+    uploads: ThreadPoolExecutor
 
 
 def build_runtime(settings: WorkerSettings) -> Runtime:
     if settings.redis.url is None:
         raise ConfigurationError("a worker needs Redis: set GENQ_REDIS__URL (e.g. redis://127.0.0.1:6379/0)")
     client = redis.Redis.from_url(settings.redis.url)
+    registry = ModelRegistry(model_roots(settings), settings.device)
     return Runtime(
         settings=settings,
         redis=client,
         store=JobStore(client, settings.job_ttl_s),
         storage=make_storage(
-            settings.storage, bucket=settings.s3.bucket, local_dir=settings.local_dir, retry=settings.storage_retry
+            settings.storage,
+            bucket=settings.s3.bucket,
+            local_dir=settings.local_dir,
+            retry=settings.storage_retry,
+            max_pool_connections=settings.batching.upload_workers + 4,  # uploads plus manifest/other calls
         ),
-        registry=ModelRegistry(model_roots(settings), settings.device),
+        registry=registry,
+        engine=make_engine(registry, settings),
+        uploads=ThreadPoolExecutor(settings.batching.upload_workers, thread_name_prefix="genq-upload"),
+    )
+
+
+def make_engine(registry: ModelRegistry, settings: WorkerSettings) -> InferenceEngine:
+    return InferenceEngine(
+        registry.load, max_batch=settings.batching.max_batch, max_wait_s=settings.batching.max_wait_ms / 1000
     )
 
 

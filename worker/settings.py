@@ -13,9 +13,13 @@ from producer.settings import DEV_WEBHOOK_SECRET, Limits, RedisSettings, S3Setti
 
 
 class BatchingSettings(BaseModel):
-    """How images of one job are grouped into forward passes."""
+    """Dynamic batching: samples of concurrent jobs for the same model share forward passes."""
 
-    batch_size: int = Field(default=64, ge=1, description="Images per forward pass.")
+    max_batch: int = Field(default=64, ge=1, description="Most images in one forward pass (also a job's chunk).")
+    max_wait_ms: float = Field(
+        default=5.0, ge=0, description="Longest a sample waits for others to fill its forward pass."
+    )
+    upload_workers: int = Field(default=8, ge=1, description="Threads encoding and uploading outputs per process.")
 
 
 class StorageRetrySettings(BaseModel):

@@ -439,7 +439,14 @@ class LocalStorage:
         return path
 
 
-def make_storage(kind: Literal["s3", "local"], *, bucket: str, local_dir: Path, retry: StorageRetrySettings) -> Storage:
+def make_storage(
+    kind: Literal["s3", "local"],
+    *,
+    bucket: str,
+    local_dir: Path,
+    retry: StorageRetrySettings,
+    max_pool_connections: int = 16,
+) -> Storage:
     """Return the storage a worker's settings ask for.
 
     Args:
@@ -447,12 +454,13 @@ def make_storage(kind: Literal["s3", "local"], *, bucket: str, local_dir: Path, 
         bucket: the S3 bucket (ignored for ``"local"``).
         local_dir: the folder of ``"local"`` (ignored for ``"s3"``).
         retry: retries of transient S3 faults.
+        max_pool_connections: size of boto3's connection pool; at least the number of upload threads.
 
     Raises:
         ConfigurationError: ``kind`` is neither.
     """
     if kind == "s3":
-        return S3Storage(bucket, retry)
+        return S3Storage(bucket, retry, max_pool_connections=max_pool_connections)
     if kind == "local":
         return LocalStorage(local_dir)
     raise ConfigurationError(f"unknown storage {kind!r} (known: s3, local)")

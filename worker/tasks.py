@@ -6,6 +6,7 @@ import json
 import logging
 from typing import Any
 
+import redis
 from celery import signals
 from pydantic import ValidationError
 
@@ -16,8 +17,9 @@ from producer.status import utcnow
 from worker.app import app, settings_of
 from worker.callbacks import deliver
 from worker.jobs import execute_generate
+from worker.registry import ModelRegistry
 from worker.reporting import RedisReporter
-from worker.runtime import Runtime, get_runtime, reset_runtime
+from worker.runtime import Runtime, get_runtime, model_roots, reset_runtime
 
 log = logging.getLogger("genq.tasks")
 
@@ -85,11 +87,16 @@ def _init_pool_process(**_: Any) -> None:
 
 @signals.worker_ready.connect
 def _worker_ready(sender: Any = None, **_: Any) -> None:
-    runtime = _runtime()
-    runtime.registry.publish(runtime.redis)
-    # ``sender`` is the consumer; its pool tells prefork (children load models in _init_pool_process, and the
-    # parent must not touch torch) from threads/solo (this process serves jobs: load models now).
-    pool = getattr(sender, "pool", None)
-    if not type(pool).__module__.endswith("prefork"):
-        runtime.registry.preload()
-    log.info("worker ready: models %s", ", ".join(sorted(runtime.registry.catalog())) or "none")
+    # ``sender`` is the consumer; its pool tells prefork (children build their runtime and load models in
+    # _init_pool_process; the parent only publishes the catalogue and must not touch torch) from threads/solo
+    # (this process serves jobs: build the runtime and load models now).
+    settings = settings_of(app)
+    if type(getattr(sender, "pool", None)).__module__.endswith("prefork"):
+        registry = ModelRegistry(model_roots(settings), settings.device)
+        registry.publish(redis.Redis.from_url(settings.redis.url or ""))
+    else:
+        runtime = _runtime()
+        registry = runtime.registry
+        registry.publish(runtime.redis)
+        registry.preload()
+    log.info("worker ready: models %s", ", ".join(sorted(registry.catalog())) or "none")

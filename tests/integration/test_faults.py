@@ -36,7 +36,7 @@ def _assert_complete(stack: Stack, view: JobView, count: int) -> None:
 
 
 def test_whole_worker_killed_mid_job_is_redelivered_and_completes(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
-    env = worker_env(stack, GENQ_BATCHING__BATCH_SIZE="8", GENQ_CELERY__VISIBILITY_TIMEOUT_S="3")
+    env = worker_env(stack, GENQ_BATCHING__MAX_BATCH="8", GENQ_CELERY__VISIBILITY_TIMEOUT_S="3")
     first = start_worker(env, concurrency=1)
     job = stack.client.submit(GenerateRequest(model="fmnist-cgan", label="bag", count=BIG, seed=3))
     _wait_until(lambda: stack.client.status(job.id).progress.done >= 16, 60, "the first batches to be stored")
@@ -50,7 +50,7 @@ def test_whole_worker_killed_mid_job_is_redelivered_and_completes(stack: Stack, 
 
 
 def test_pool_process_killed_mid_job_is_redelivered_and_completes(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
-    worker = start_worker(worker_env(stack, GENQ_BATCHING__BATCH_SIZE="8"), pool="prefork", concurrency=1)
+    worker = start_worker(worker_env(stack, GENQ_BATCHING__MAX_BATCH="8"), pool="prefork", concurrency=1)
     job = stack.client.submit(GenerateRequest(model="fmnist-cgan", label="coat", count=BIG, seed=4))
     _wait_until(lambda: stack.client.status(job.id).progress.done >= 16, 60, "the first batches to be stored")
     (child,) = worker.children()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,9 +14,10 @@ from tiny_model import TINY_NAME, make_tiny_model
 
 from producer.contract import GenerateJob, LabelCount, Manifest, OutputFormat, OutputRef
 from worker.errors import StorageUnavailable
-from worker.pipeline import run_generate
+from worker.inference import InferenceEngine
+from worker.pipeline import GenerateResult, run_generate
 from worker.registry import ModelRegistry
-from worker.storage import LocalStorage
+from worker.storage import LocalStorage, Storage
 
 
 class RecordingReporter:
@@ -38,11 +42,13 @@ class FailingStorage(LocalStorage):
     def __init__(self, root: Path, ok: int) -> None:
         super().__init__(root)
         self.ok = ok
+        self.lock = threading.Lock()
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
-        if self.ok == 0:
-            raise StorageUnavailable(f"S3 put of {key!r} still failing")
-        self.ok -= 1
+        with self.lock:  # uploads run on several threads
+            if self.ok == 0:
+                raise StorageUnavailable(f"S3 put of {key!r} still failing")
+            self.ok -= 1
         super().put(key, data, content_type)
 
 
@@ -51,6 +57,36 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
     root = tmp_path_factory.mktemp("zoo")
     make_tiny_model(root)
     return ModelRegistry([root])
+
+
+@pytest.fixture(scope="module")
+def uploads() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(4) as pool:
+        yield pool
+
+
+def run(
+    job: GenerateJob,
+    storage: Storage,
+    registry: ModelRegistry,
+    uploads: ThreadPoolExecutor,
+    reporter: RecordingReporter | None = None,
+    chunk_size: int = 4,
+    **kwargs: object,
+) -> GenerateResult:
+    engine = InferenceEngine(registry.load, max_batch=chunk_size, max_wait_s=0.001)
+    try:
+        return run_generate(
+            job,
+            storage=storage,
+            sample=engine.submit,
+            reporter=reporter or RecordingReporter(),
+            chunk_size=chunk_size,
+            uploads=uploads,
+            **kwargs,
+        )  # type: ignore[arg-type]
+    finally:
+        engine.close()
 
 
 def _job(count: int = 10, fmt: OutputFormat = OutputFormat.PNG) -> GenerateJob:
@@ -66,9 +102,11 @@ def _job(count: int = 10, fmt: OutputFormat = OutputFormat.PNG) -> GenerateJob:
     )
 
 
-def test_every_image_and_the_manifest_are_stored_before_success(registry: ModelRegistry, tmp_path: Path) -> None:
+def test_every_image_and_the_manifest_are_stored_before_success(
+    registry: ModelRegistry, uploads: ThreadPoolExecutor, tmp_path: Path
+) -> None:
     storage, reporter = LocalStorage(tmp_path), RecordingReporter()
-    result = run_generate(_job(), storage=storage, load_model=registry.load, reporter=reporter, batch_size=4)
+    result = run(_job(), storage, registry, uploads, reporter)
     assert [e for e, _ in reporter.events] == ["started", "progress", "progress", "progress", "succeeded"]
     assert [n for e, n in reporter.events if e == "progress"] == [4, 8, 10]
     keys = storage.list("jobs/job-0123456789/")
@@ -81,40 +119,30 @@ def test_every_image_and_the_manifest_are_stored_before_success(registry: ModelR
 
 @pytest.mark.parametrize("fmt", list(OutputFormat))
 def test_outputs_do_not_depend_on_the_batch_they_ride_in(
-    registry: ModelRegistry, tmp_path: Path, fmt: OutputFormat
+    registry: ModelRegistry, uploads: ThreadPoolExecutor, tmp_path: Path, fmt: OutputFormat
 ) -> None:
     hashes = []
     for batch_size in (1, 3, 64):
-        result = run_generate(
-            _job(fmt=fmt),
-            storage=LocalStorage(tmp_path / str(batch_size)),
-            load_model=registry.load,
-            reporter=RecordingReporter(),
-            batch_size=batch_size,
-        )
+        result = run(_job(fmt=fmt), LocalStorage(tmp_path / str(batch_size)), registry, uploads, chunk_size=batch_size)
         hashes.append([o.sha256 for o in result.outputs])
     assert hashes[0] == hashes[1] == hashes[2]
 
 
-def test_a_failed_upload_propagates_and_reports_only_what_was_stored(registry: ModelRegistry, tmp_path: Path) -> None:
+def test_a_failed_upload_propagates_and_reports_only_what_was_stored(
+    registry: ModelRegistry, uploads: ThreadPoolExecutor, tmp_path: Path
+) -> None:
     reporter, stored = RecordingReporter(), []
     with pytest.raises(StorageUnavailable):
-        run_generate(
-            _job(),
-            storage=FailingStorage(tmp_path, ok=5),
-            load_model=registry.load,
-            reporter=reporter,
-            batch_size=4,
-            stored=stored,
-        )
-    assert [o.index for o in stored] == [0, 1, 2, 3, 4]
+        run(_job(), FailingStorage(tmp_path, ok=5), registry, uploads, reporter, stored=stored)
+    indices = sorted(o.index for o in stored)  # the second chunk uploads in parallel: one of its four got through
+    assert len(indices) == 5 and indices[:4] == [0, 1, 2, 3] and indices[4] in range(4, 8)
     assert ("succeeded", 10) not in reporter.events
     assert not (tmp_path / "jobs" / "job-0123456789" / "manifest.json").exists()
 
 
-def test_a_job_that_already_ended_is_not_run_again(registry: ModelRegistry, tmp_path: Path) -> None:
+def test_a_job_that_already_ended_is_not_run_again(
+    registry: ModelRegistry, uploads: ThreadPoolExecutor, tmp_path: Path
+) -> None:
     storage = LocalStorage(tmp_path)
-    result = run_generate(
-        _job(), storage=storage, load_model=registry.load, reporter=RecordingReporter(start=False), batch_size=4
-    )
+    result = run(_job(), storage, registry, uploads, RecordingReporter(start=False))
     assert result.skipped and storage.list("") == []

@@ -1,0 +1,245 @@
+"""The HTTP API: ``genq api`` or ``uvicorn --factory producer.api:create_app``.
+
+A thin layer over the Python client: the same contract (``GenerateRequest`` in, ``JobView`` out), the same job
+store and queue; what it adds is HTTP — API keys and tenants (``producer.auth``), quotas and rate limits
+(``producer.quotas``), errors that name the field (``producer.api_errors``), health, readiness and metrics.
+Routes of ``/v1`` live in ``producer.api_routes``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from producer.api_deps import Services, ServicesDep, strict_query
+from producer.api_errors import ErrorBody, as_json, error_response, install_error_handlers
+from producer.api_routes import router
+from producer.auth import KeyStore
+from producer.client import Client
+from producer.errors import ConfigurationError
+from producer.metrics import CONTENT_TYPE, ApiMetrics
+from producer.quotas import Quotas
+from producer.settings import ClientSettings
+
+log = logging.getLogger("genq.api")
+
+API_VERSION = "1.0.0"
+_DESCRIPTION = """Asynchronous image generation. Create a job (`POST /v1/jobs`, answered 202 at once), then follow
+it with `GET /v1/jobs/{id}`, its Server-Sent Events stream, or a signed callback. Outputs are stored in S3 under
+`tenants/<tenant>/jobs/<id>/`; every job view lists their keys and sha256.
+
+Authenticate with `Authorization: Bearer genq_...` (`genq keys create --tenant T`). Every error body is
+`{"detail": [{"loc": [...], "msg": "...", "type": "..."}]}`; `loc` names the field, header or quota."""
+
+
+class Health(BaseModel):
+    """The process answers."""
+
+    status: str = "ok"
+
+
+class Readiness(BaseModel):
+    """Each dependency's state: "ok", or why it is not."""
+
+    status: str
+    checks: dict[str, str]
+
+
+def create_app(settings: ClientSettings | None = None) -> FastAPI:
+    """Build the API over ``settings`` (default: from ``GENQ_*`` variables).
+
+    Raises:
+        ConfigurationError: no Redis configured (the API has no embedded mode).
+    """
+    settings = settings or ClientSettings()
+    if settings.redis.url is None:
+        raise ConfigurationError("the HTTP API needs Redis: set GENQ_REDIS__URL (e.g. redis://127.0.0.1:6379/0)")
+    client = Client(settings)
+    services = Services(
+        settings=settings,
+        client=client,
+        keys=KeyStore(client.redis),
+        quotas=Quotas(client.redis, settings.api, settings.job_ttl_s),
+        metrics=ApiMetrics(client.redis),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        client.redis.close()
+
+    app = FastAPI(
+        title="genq",
+        version=API_VERSION,
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[{"name": "jobs"}, {"name": "operations"}],
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    app.include_router(router, tags=["jobs"])
+    operations: dict[str, Any] = {"methods": ["GET"], "tags": ["operations"], "dependencies": [Depends(strict_query())]}
+    invalid: dict[int | str, dict[str, Any]] = {
+        422: {"model": ErrorBody, "description": "An unknown or repeated query parameter."}
+    }
+    app.add_api_route("/healthz", healthz, response_model=Health, responses=invalid, **operations)
+    app.add_api_route(
+        "/readyz",
+        readyz,
+        response_model=Readiness,
+        responses={
+            503: {"model": Readiness, "description": "A dependency is unreachable; `checks` says which."},
+            **invalid,
+        },
+        **operations,
+    )
+    app.add_api_route(
+        "/metrics",
+        metrics,
+        response_class=Response,
+        responses={
+            200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}, "description": "Prometheus text"},
+            **as_json(invalid),
+        },
+        **operations,
+    )
+    # Outermost first: measure everything (413s included), then refuse big bodies before anything reads them.
+    app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
+    app.add_middleware(Observe, metrics=services.metrics)
+    return app
+
+
+def healthz() -> Health:
+    """The process is up (it checks nothing else: see `/readyz`)."""
+    return Health()
+
+
+def readyz(services: ServicesDep) -> JSONResponse:
+    """Redis answers `PING` and the S3 bucket answers `HeadBucket`; 503 naming what failed otherwise."""
+    checks = {"redis": _check_redis(services), "s3": _check_s3(services)}
+    ready = all(v == "ok" for v in checks.values())
+    body = Readiness(status="ready" if ready else "unavailable", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+def _check_redis(services: ServicesDep) -> str:
+    try:
+        services.client.redis.ping()
+        return "ok"
+    except Exception as exc:  # any failure is "not ready"; its text says why
+        return f"unreachable: {type(exc).__name__}: {exc}"
+
+
+def _check_s3(services: ServicesDep) -> str:
+    try:
+        if "client" not in services.s3:
+            import boto3  # lazily: only readiness needs boto3 in the API process
+            from botocore.config import Config
+
+            timeout = services.settings.api.ready_timeout_s
+            config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1})
+            services.s3["client"] = boto3.client("s3", config=config)
+        services.s3["client"].head_bucket(Bucket=services.settings.s3.bucket)
+        return "ok"
+    except Exception as exc:  # botocore raises many types (endpoint, credentials, 404/403): all mean not ready
+        return f"unreachable: {type(exc).__name__}: {exc}"
+
+
+async def metrics(services: ServicesDep) -> Response:
+    """Prometheus text: jobs submitted by model, requests by route and status, latency, queue depth."""
+    body = await run_in_threadpool(services.metrics.render)  # the queue depth collector asks Redis
+    return Response(body, media_type=CONTENT_TYPE)
+
+
+class Observe:
+    """ASGI middleware: count and time every request by route template (never the raw path: bounded labels)."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.observe(route, scope["method"], status, time.perf_counter() - start)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over ``max_bytes`` with 413 before the app parses them.
+
+    A declared ``Content-Length`` over the limit is refused unread; a chunked body is buffered up to the limit
+    (at most ``max_bytes`` held) and refused as soon as it passes it.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                await self._refuse(scope, receive, send, int(declared))
+                return
+            await self.app(scope, receive, send)
+            return
+        if b"chunked" not in headers.get(b"transfer-encoding", b""):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send, None)
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: int | None) -> None:
+        what = f"{size} bytes" if size is not None else "larger than that"
+        msg = f"request body is {what}; the limit is {self.max_bytes} bytes (GENQ_API__MAX_BODY_BYTES)"
+        response = error_response(413, ["body"], msg, "body_too_large", {"Connection": "close"})
+        await response(scope, receive, send)

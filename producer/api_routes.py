@@ -1,0 +1,256 @@
+"""The ``/v1`` routes: submit, read, list and follow jobs, their callback deliveries, and the model catalogue.
+
+Every route authenticates (Bearer key -> tenant) and sees only the tenant's jobs. Bodies and views are the
+contract's pydantic models (``GenerateRequest`` in, ``JobView`` out): the same ones the Python client uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Header, Query, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import BaseModel, ConfigDict, Field
+
+from producer.api_deps import OwnedJob, PrincipalDep, ServicesDep, strict_query
+from producer.api_errors import INVALID, NOT_FOUND, SUBMIT_ERRORS, UNAUTHORIZED, UNAVAILABLE, ApiError, as_json
+from producer.contract import GenerateJob, GenerateRequest, JobStatus, JobView, ModelEntry
+from producer.errors import IdempotencyConflict, JobNotFound
+from producer.quotas import Reservation
+
+router = APIRouter(prefix="/v1", responses={**UNAUTHORIZED, **UNAVAILABLE})
+_NO_QUERY = [Depends(strict_query())]
+
+MAX_PAGE = 100
+_REQUEST_EXAMPLES = {
+    "one label": {
+        "summary": "8 sneakers with a fixed seed",
+        "value": {"model": "fmnist-cgan", "label": "sneaker", "count": 8, "seed": 42, "format": "png"},
+    },
+    "several labels with a callback": {
+        "summary": "3 bags and 2 t-shirts, events POSTed to a webhook",
+        "value": {
+            "model": "fmnist-cgan@1",
+            "counts": {"bag": 3, "tshirt": 2},
+            "callback": {"url": "https://shop.example/hooks/genq", "events": ["succeeded", "failed"]},
+            "metadata": {"sku": "BAG-7"},
+        },
+    },
+}
+
+
+_JOB_EXAMPLE = {
+    "id": "3b1ba29b66c042218b3b9f594b3e15f2",
+    "kind": "generate",
+    "tenant": "acme",
+    "status": "queued",
+    "model": "fmnist-cgan",
+    "model_version": "fmnist-cgan@1",
+    "seed": 42,
+    "progress": {"done": 0, "total": 8},
+    "outputs": [],
+    "manifest_key": None,
+    "error": None,
+    "metadata": {},
+    "created_at": "2026-01-01T12:00:00Z",
+    "started_at": None,
+    "finished_at": None,
+}
+_JOB_CONTENT = {"application/json": {"example": _JOB_EXAMPLE}}
+
+
+class JobPage(BaseModel):
+    """One page of a tenant's jobs, newest first."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [], "next_cursor": None}]})
+
+    items: list[JobView]
+    next_cursor: str | None = Field(
+        default=None, description="Pass as `cursor` for the next page; null when there is none."
+    )
+
+
+class DeliveryAttempt(BaseModel):
+    """One attempt to POST a callback event (extra fields may be added by newer workers)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    msg_id: str
+    type: str
+    url: str
+    ok: bool
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: float | None = None
+    at: str
+
+
+@router.post(
+    "/jobs",
+    status_code=202,
+    response_model=JobView,
+    summary="Create a generate job",
+    dependencies=_NO_QUERY,
+    response_description="Queued: the new job (its `Location` header is the job's URL).",
+    responses={
+        202: {"content": _JOB_CONTENT},
+        200: {
+            "model": JobView,
+            "description": "Replayed: the job an earlier request with this idempotency key created.",
+            "headers": {"Idempotent-Replayed": {"description": "Always `true`.", "schema": {"type": "string"}}},
+        },
+        **SUBMIT_ERRORS,
+        **INVALID,
+    },
+)
+def create_job(
+    principal: PrincipalDep,
+    services: ServicesDep,
+    response: Response,
+    request: Annotated[GenerateRequest, Body(openapi_examples=_REQUEST_EXAMPLES)],
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=128,
+            description="Same key and body -> the same job (200, `Idempotent-Replayed: true`); "
+            "same key, other body -> 409. Or give `idempotency_key` in the body.",
+        ),
+    ] = None,
+) -> JobView:
+    """Validate the request against the model catalogue, the limits and the key's quotas, then queue it (202).
+
+    Nothing is enqueued when any check fails; the error's `loc` names the field.
+    """
+    if idempotency_key is not None:
+        if request.idempotency_key not in (None, idempotency_key):
+            raise ApiError(
+                422,
+                ["header", "Idempotency-Key"],
+                "the Idempotency-Key header and the body's idempotency_key differ; give one of them",
+                "idempotency_mismatch",
+            )
+        request = request.model_copy(update={"idempotency_key": idempotency_key})
+    taken: list[Reservation] = []
+
+    def admit(job: GenerateJob) -> None:
+        taken.append(services.quotas.reserve(principal, job.job_id, job.total_images))
+
+    try:
+        view = services.client.submit(request, principal.tenant, admit=admit)
+    except IdempotencyConflict as exc:
+        loc: list[str | int] = ["header", "Idempotency-Key"] if idempotency_key else ["body", "idempotency_key"]
+        raise ApiError(409, loc, str(exc), "idempotency_conflict") from exc
+    except BaseException:
+        for reservation in taken:  # admitted, then recording or enqueueing failed: give the quota back
+            services.quotas.refund(reservation)
+        raise
+    if not taken:  # admit never ran: the idempotency key replayed an earlier job
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        services.metrics.jobs_submitted.labels((view.model_version or view.model).split("@", 1)[0]).inc()
+    response.headers["Location"] = f"/v1/jobs/{view.id}"
+    return view
+
+
+@router.get(
+    "/jobs/{job_id}",
+    response_model=JobView,
+    summary="Get a job",
+    dependencies=_NO_QUERY,
+    responses={200: {"content": _JOB_CONTENT}, **NOT_FOUND, **INVALID},
+)
+def get_job(job: OwnedJob) -> JobView:
+    """The job's current view: status, progress, outputs (keys and sha256), error."""
+    return job
+
+
+def _encode_cursor(position: tuple[float, str]) -> str:
+    return base64.urlsafe_b64encode(f"{position[0]!r}:{position[1]}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        score, _, job_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition(":")
+        return float(score), job_id
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ApiError(422, ["query", "cursor"], "not a cursor this API returned", "invalid_cursor") from None
+
+
+@router.get(
+    "/jobs",
+    response_model=JobPage,
+    summary="List jobs",
+    dependencies=[Depends(strict_query("status", "model", "limit", "cursor"))],
+    responses=INVALID,
+)
+def list_jobs(
+    principal: PrincipalDep,
+    services: ServicesDep,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
+    model: Annotated[
+        str | None, Query(max_length=140, description="Only jobs of this model (`name` or `name@version`).")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Jobs per page.")] = 20,
+    cursor: Annotated[str | None, Query(max_length=200, description="`next_cursor` of the previous page.")] = None,
+) -> JobPage:
+    """The tenant's jobs, newest first. With a filter a page may hold fewer than `limit` jobs (even none) and
+    still have a `next_cursor`: keep going until it is null."""
+    after = _decode_cursor(cursor) if cursor else None
+    views, position = services.client.store.page(principal.tenant, limit, after=after, status=status, model=model)
+    return JobPage(items=views, next_cursor=_encode_cursor(position) if position else None)
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_class=EventSourceResponse,
+    summary="Follow a job (Server-Sent Events)",
+    dependencies=_NO_QUERY,
+    responses=as_json({**UNAUTHORIZED, **UNAVAILABLE, **NOT_FOUND, **INVALID}),
+)
+async def job_events(job: OwnedJob, services: ServicesDep) -> AsyncIterator[ServerSentEvent]:
+    """A `job` event with the job view whenever it changes (status, progress, outputs); the stream ends after
+    the event with a terminal status (`succeeded`, `failed`, `canceled`)."""
+    poll_s = services.settings.api.events_poll_s
+    view: JobView | None = job
+    last = ""
+    seq = 0
+    while view is not None:
+        current = view.model_dump_json()
+        if current != last:
+            last, seq = current, seq + 1
+            yield ServerSentEvent(raw_data=current, event="job", id=str(seq))
+        if view.status.is_terminal():
+            return
+        await asyncio.sleep(poll_s)
+        try:
+            view = await run_in_threadpool(services.client.status, job.id)
+        except JobNotFound:  # the record expired while followed: nothing more will happen
+            view = None
+
+
+@router.get(
+    "/jobs/{job_id}/deliveries",
+    response_model=list[DeliveryAttempt],
+    summary="List a job's callback deliveries",
+    dependencies=_NO_QUERY,
+    responses={**NOT_FOUND, **INVALID},
+)
+def job_deliveries(job: OwnedJob, services: ServicesDep) -> list[dict[str, Any]]:
+    """Every attempt to deliver a callback event of the job, oldest first."""
+    return services.client.deliveries(job.id)
+
+
+@router.get(
+    "/models", response_model=list[ModelEntry], summary="List models", dependencies=_NO_QUERY, responses=INVALID
+)
+def list_models(principal: PrincipalDep, services: ServicesDep) -> list[ModelEntry]:
+    """The models workers serve: versions (with their classes) and aliases (`latest`, ...)."""
+    return [entry for _, entry in sorted(services.client.models().items())]

@@ -1,0 +1,171 @@
+"""Per-key quotas and the request rate limit, kept in Redis so every API process enforces the same numbers.
+
+Three limits, each checked and taken atomically by one Lua script:
+
+- **rate**: a token bucket per key (``GENQ_API__RATE_PER_S`` refill, ``GENQ_API__BURST`` size), clocked by Redis
+  ``TIME`` so API processes with skewed clocks agree;
+- **images per day**: a counter per key and UTC day (``INCRBY`` + ``EXPIRE``), given back if the submit fails;
+- **queued jobs**: a sorted set of the key's jobs that are still queued or running. Members are pruned when their
+  job record says terminal (or is gone), so the count heals itself without workers knowing about keys.
+
+The scripts read job records by key name (``genq:job:<id>``) they are not handed in ``KEYS``: fine on one Redis,
+not on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import redis
+
+from producer import constants
+from producer.auth import Principal
+from producer.errors import QuotaExceeded
+from producer.settings import ApiSettings
+
+# KEYS[1] bucket hash. ARGV: refill per second, bucket size. Returns "0" when a token was taken, else the seconds
+# until one is available (as a string: Lua numbers returned to Redis are truncated to integers).
+_TAKE_TOKEN = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(b[1]) or burst
+local ts = tonumber(b[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+if tokens < 1 then
+  return tostring((1 - tokens) / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - 1), 'ts', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+return '0'
+"""
+
+# KEYS[1] day counter. ARGV: images, limit, ttl. Returns the new total, or -(total it would have reached) if refused.
+_TAKE_IMAGES = """
+local n = tonumber(ARGV[1])
+local total = redis.call('INCRBY', KEYS[1], n)
+if total == n then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+if total > tonumber(ARGV[2]) then
+  redis.call('DECRBY', KEYS[1], n)
+  return -total
+end
+return total
+"""
+
+# KEYS[1] the key's active-job sorted set (score = when the slot was taken). ARGV: job key prefix, limit, job id,
+# now, grace (s), ttl. A member with no job record yet is a submit in flight: kept for `grace` seconds.
+# Returns the number of active jobs before this one, or -(that number) if the limit refused it.
+_TAKE_SLOT = """
+local now = tonumber(ARGV[4])
+local active = 0
+local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+for i = 1, #members, 2 do
+  local id, since = members[i], tonumber(members[i + 1])
+  local status = redis.call('HGET', ARGV[1] .. id, 'status')
+  if status == 'queued' or status == 'running' or (not status and now - since < tonumber(ARGV[5])) then
+    active = active + 1
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+if active >= tonumber(ARGV[2]) then return -active end
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+return active
+"""
+
+_IN_FLIGHT_GRACE_S = 60  # a submit takes milliseconds; a slot with no job record after this was abandoned
+_QUEUED_RETRY_AFTER_S = 5  # when a slot frees depends on the workers; ask the caller to look again soon
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Quota taken for one job; hand it back with :meth:`Quotas.refund` if the job is not submitted after all."""
+
+    key_id: str
+    job_id: str
+    images: int
+    day: str
+
+
+class Quotas:
+    """Check and take per-key quotas and the request rate limit."""
+
+    def __init__(self, client: redis.Redis, settings: ApiSettings, job_ttl_s: int) -> None:
+        self.redis = client
+        self.settings = settings
+        self.job_ttl_s = job_ttl_s
+        self._take_token = client.register_script(_TAKE_TOKEN)
+        self._take_images = client.register_script(_TAKE_IMAGES)
+        self._take_slot = client.register_script(_TAKE_SLOT)
+
+    def take_request(self, principal: Principal) -> None:
+        """Count one request against the key's rate limit. Raises QuotaExceeded (limit ``rate``)."""
+        bucket = constants.API_KEY_BUCKET_KEY.format(key_id=principal.key_id)
+        wait = float(self._take_token(keys=[bucket], args=[self.settings.rate_per_s, self.settings.burst]))
+        if wait > 0:
+            raise QuotaExceeded(
+                f"rate limit: {self.settings.rate_per_s:g} requests/s with bursts of {self.settings.burst} "
+                "(GENQ_API__RATE_PER_S, GENQ_API__BURST); slow down",
+                limit="rate",
+                retry_after_s=wait,
+            )
+
+    def reserve(self, principal: Principal, job_id: str, images: int, now: datetime | None = None) -> Reservation:
+        """Take ``images`` from today's allowance and one queued-job slot for ``job_id``.
+
+        Raises:
+            QuotaExceeded: ``images_per_day`` or ``max_queued`` is used up (nothing is taken).
+        """
+        now = now or datetime.now(UTC)
+        day = now.strftime("%Y%m%d")
+        per_day = principal.key.quotas.images_per_day or self.settings.images_per_day
+        max_queued = principal.key.quotas.max_queued or self.settings.max_queued
+        counter = constants.API_KEY_IMAGES_KEY.format(key_id=principal.key_id, day=day)
+        total = int(self._take_images(keys=[counter], args=[images, per_day, 2 * 24 * 3600]))
+        if total < 0:
+            used = -total - images
+            midnight = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
+            raise QuotaExceeded(
+                f"images per day: this job needs {images} images and {max(0, per_day - used)} of the key's "
+                f"{per_day} are left today (UTC); the allowance resets at midnight UTC",
+                limit="images_per_day",
+                retry_after_s=(midnight - now).total_seconds(),
+            )
+        active = constants.API_KEY_ACTIVE_KEY.format(key_id=principal.key_id)
+        prefix = constants.JOB_KEY.format(job_id="")  # the script reads genq:job:<id> of each active job
+        args: list[str | int | float] = [
+            prefix,
+            max_queued,
+            job_id,
+            now.timestamp(),
+            _IN_FLIGHT_GRACE_S,
+            self.job_ttl_s,
+        ]
+        queued = int(self._take_slot(keys=[active], args=args))
+        if queued < 0:
+            self.redis.decrby(counter, images)
+            raise QuotaExceeded(
+                f"max queued jobs: the key has {-queued} jobs queued or running, its limit is {max_queued}; "
+                "wait for some to finish",
+                limit="max_queued",
+                retry_after_s=_QUEUED_RETRY_AFTER_S,
+            )
+        return Reservation(key_id=principal.key_id, job_id=job_id, images=images, day=day)
+
+    def refund(self, reservation: Reservation) -> None:
+        """Give back what :meth:`reserve` took (the job was not submitted)."""
+        counter = constants.API_KEY_IMAGES_KEY.format(key_id=reservation.key_id, day=reservation.day)
+        pipe = self.redis.pipeline()
+        pipe.decrby(counter, reservation.images)
+        pipe.zrem(constants.API_KEY_ACTIVE_KEY.format(key_id=reservation.key_id), reservation.job_id)
+        pipe.execute()
+
+
+def retry_after_header(seconds: float) -> str:
+    """``Retry-After`` in whole seconds, at least 1 (0 would invite an immediate, equally refused retry)."""
+    return str(max(1, math.ceil(seconds)))
