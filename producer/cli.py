@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from producer import cli_models
 from producer.contract import GenerateRequest, JobStatus, JobView, OutputFormat
 from producer.errors import GenqError, InvalidJob
 from producer.settings import ClientSettings
@@ -28,52 +29,8 @@ def main() -> None:
     """genq: asynchronous image generation on Celery + Redis + S3."""
 
 
-@app.command()
-def train(
-    out: Path = typer.Option(..., "--out", help="Run folder: checkpoint, sample grids, export/."),
-    arch: str = typer.Option("cgan", "--arch", help="Architecture (cgan)."),
-    data: str = typer.Option("fashion-mnist", "--data", help="Data set: fashion-mnist."),
-    steps: int = typer.Option(8000, "--steps", min=1, help="Total optimisation steps (resume counts toward it)."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
-    g_ch: int = typer.Option(32, "--g-ch", min=4, help="Generator width at the output resolution."),
-    d_ch: int = typer.Option(32, "--d-ch", min=4, help="Discriminator width at the input resolution."),
-    seed: int = typer.Option(0, "--seed"),
-    sample_every: int = typer.Option(500, "--sample-every", min=1),
-    checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from out/checkpoint.safetensors."),
-) -> None:
-    """Train a generator; progress shows step, losses, it/s and ETA."""
-    from rich.progress import TimeRemainingColumn
-
-    from models import cgan
-    from models import train as training
-    from models.data import load_fashion_mnist
-
-    if arch != cgan.ARCH:
-        raise typer.BadParameter(f"unknown architecture {arch!r} (known: {cgan.ARCH})", param_hint="--arch")
-    if data != "fashion-mnist":
-        raise typer.BadParameter(f"unknown data set {data!r} (known: fashion-mnist)", param_hint="--data")
-    dataset = load_fashion_mnist("train")
-    model_cfg = cgan.CGANConfig(class_names=dataset.class_names, g_ch=g_ch, d_ch=d_ch)
-    cfg = training.TrainConfig(
-        steps=steps, batch_size=batch_size, seed=seed, sample_every=sample_every, checkpoint_every=checkpoint_every
-    )
-    columns = (
-        TextColumn("[bold]train[/]"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("d={task.fields[d]:.3f} g={task.fields[g]:.3f} {task.fields[rate]:.2f} it/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("train", total=steps, d=0.0, g=0.0, rate=0.0)
-
-        def on_step(s: training.StepStats) -> None:
-            progress.update(task, completed=s.step, d=s.d_loss, g=s.g_loss, rate=s.steps_per_s)
-
-        training.train(dataset, out, cfg, model_cfg, resume=resume, on_step=on_step, on_log=progress.console.print)
-    console.print(f"exported generator to {out / training.EXPORT_DIR}")
+app.command("train")(cli_models.train)
+app.command("eval")(cli_models.evaluate)
 
 
 def _parse_counts(spec: str) -> dict[str, int]:

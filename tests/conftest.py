@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
-import uuid
-from collections.abc import Iterator
 
-import boto3
-import pytest
-import redis
-from webhook_receiver import WebhookReceiver
+# Two cores run the test process and worker subprocesses at once: torch's default of one thread per core in each
+# oversubscribes them and OpenMP spin-waits make everything several times slower. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from producer.settings import DEV_WEBHOOK_SECRET
+import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+import boto3  # noqa: E402
+import pytest  # noqa: E402
+import redis  # noqa: E402
+from webhook_receiver import WebhookReceiver  # noqa: E402
+
+from producer.settings import DEV_WEBHOOK_SECRET  # noqa: E402
 
 REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 

@@ -58,3 +58,19 @@ def test_models_lists_the_shipped_model_in_embedded_mode() -> None:
     result = _genq("models")
     assert result.returncode == 0, result.stderr
     assert "fmnist-cgan" in result.stdout and "sneaker" in result.stdout
+
+
+def test_eval_quick_prints_every_score_beside_its_reference_and_writes_json(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    result = _genq("eval", "fmnist-cgan", "--quick", "--json", str(report))
+    assert result.returncode == 0, result.stderr
+    for score in ("FID", "KID", "precision (k=5)", "recall (k=5)", "label consistency", "CAS", "per-class FID"):
+        assert score in result.stdout
+    data = json.loads(report.read_text())
+    assert data["model"] == "fmnist-cgan@1"
+    assert 0.0 <= data["label_consistency"] <= 1.0 and data["classifier_test_accuracy"] > 0.9
+
+
+def test_eval_refuses_an_unknown_model() -> None:
+    result = _genq("eval", "shoe-gan", "--quick")
+    assert result.returncode == 2 and "unknown model 'shoe-gan'" in result.stderr

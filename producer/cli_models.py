@@ -1,0 +1,132 @@
+"""``genq train`` and ``genq eval``: the model side of the command line. torch is imported inside each command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+
+
+def train(
+    out: Path = typer.Option(..., "--out", help="Run folder: checkpoint, sample grids, export/."),
+    arch: str = typer.Option("cgan", "--arch", help="Architecture (cgan)."),
+    data: str = typer.Option("fashion-mnist", "--data", help="Data set: fashion-mnist."),
+    steps: int = typer.Option(8000, "--steps", min=1, help="Total optimisation steps (resume counts toward it)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    g_ch: int = typer.Option(32, "--g-ch", min=4, help="Generator width at the output resolution."),
+    d_ch: int = typer.Option(32, "--d-ch", min=4, help="Discriminator width at the input resolution."),
+    seed: int = typer.Option(0, "--seed"),
+    sample_every: int = typer.Option(500, "--sample-every", min=1),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from out/checkpoint.safetensors."),
+) -> None:
+    """Train a generator; progress shows step, losses, it/s and ETA."""
+    from rich.progress import TimeRemainingColumn
+
+    from models import cgan
+    from models import train as training
+    from models.data import load_fashion_mnist
+
+    if arch != cgan.ARCH:
+        raise typer.BadParameter(f"unknown architecture {arch!r} (known: {cgan.ARCH})", param_hint="--arch")
+    if data != "fashion-mnist":
+        raise typer.BadParameter(f"unknown data set {data!r} (known: fashion-mnist)", param_hint="--data")
+    dataset = load_fashion_mnist("train")
+    model_cfg = cgan.CGANConfig(class_names=dataset.class_names, g_ch=g_ch, d_ch=d_ch)
+    cfg = training.TrainConfig(
+        steps=steps, batch_size=batch_size, seed=seed, sample_every=sample_every, checkpoint_every=checkpoint_every
+    )
+    columns = (
+        TextColumn("[bold]train[/]"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("d={task.fields[d]:.3f} g={task.fields[g]:.3f} {task.fields[rate]:.2f} it/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("train", total=steps, d=0.0, g=0.0, rate=0.0)
+
+        def on_step(s: training.StepStats) -> None:
+            progress.update(task, completed=s.step, d=s.d_loss, g=s.g_loss, rate=s.steps_per_s)
+
+        training.train(dataset, out, cfg, model_cfg, resume=resume, on_step=on_step, on_log=progress.console.print)
+    console.print(f"exported generator to {out / training.EXPORT_DIR}")
+
+
+
+def evaluate(
+    model: str = typer.Argument(..., help="name, name@version or name:alias of a local model, or a model folder"),
+    json_file: Path | None = typer.Option(None, "--json", help="Also write the report as JSON here."),
+    n_per_class: int = typer.Option(1000, "--n-per-class", min=10, help="Generated images per class."),
+    cas_epochs: int = typer.Option(10, "--cas-epochs", min=1, help="Epochs of the classifier trained for CAS."),
+    seed: int = typer.Option(0, "--seed"),
+    quick: bool = typer.Option(False, "--quick", help="Tiny counts: checks the wiring in seconds, not quality."),
+) -> None:
+    """Score a generator offline: label consistency, FID/KID, precision/recall/density/coverage, CAS, per-class FID.
+
+    Features come from the in-domain Fashion-MNIST classifier shipped in models/zoo/_metrics (no downloads);
+    each score is printed beside its real-vs-real reference.
+    """
+    from models.classifier import load_classifier
+    from models.data import load_fashion_mnist
+    from models.evaluate import QUICK_CAS_EPOCHS, QUICK_N_PER_CLASS, format_report
+    from models.evaluate import evaluate as run_evaluation
+    from models.generator import load_generator
+
+    directory, name = _model_dir(model)
+    generator = load_generator(directory)
+    classifier, card = load_classifier()
+    columns = (TextColumn("[bold]{task.description:<14}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("eval", total=None)
+        report = run_evaluation(
+            generator,
+            classifier=classifier,
+            real_train=load_fashion_mnist("train"),
+            real_test=load_fashion_mnist("test"),
+            n_per_class=QUICK_N_PER_CLASS if quick else n_per_class,
+            seed=seed,
+            cas_epochs=QUICK_CAS_EPOCHS if quick else cas_epochs,
+            model_name=name,
+            extractor_name=card.name,
+            on_progress=lambda stage, done, total: progress.update(
+                task, description=stage, completed=done, total=total
+            ),
+        )
+    print(format_report(report))
+    if json_file is not None:
+        json_file.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        console.print(f"wrote {json_file}")
+
+
+def _model_dir(model: str) -> tuple[Path, str]:
+    """A model folder and a display name, from a folder path or a reference resolved in the local model roots."""
+    path = Path(model)
+    if path.is_dir():
+        return path, str(path)
+    from producer.contract import ModelRef
+    from worker.registry import ModelRegistry
+    from worker.runtime import model_roots
+    from worker.settings import WorkerSettings
+
+    try:
+        ref = ModelRef.parse(model)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="MODEL") from None
+    settings = WorkerSettings()
+    registry = ModelRegistry(model_roots(settings), settings.device)
+    entry = registry.catalog().get(ref.name)
+    if entry is None:
+        known = ", ".join(sorted(registry.catalog())) or "none"
+        raise typer.BadParameter(f"unknown model {ref.name!r} (known: {known})", param_hint="MODEL")
+    try:
+        version = entry.resolve(ref)
+    except KeyError as exc:
+        raise typer.BadParameter(str(exc.args[0]), param_hint="MODEL") from None
+    return registry.path(ref.name, version), f"{ref.name}@{version}"
