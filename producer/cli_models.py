@@ -59,7 +59,6 @@ def train(
     console.print(f"exported generator to {out / training.EXPORT_DIR}")
 
 
-
 def evaluate(
     model: str = typer.Argument(..., help="name, name@version or name:alias of a local model, or a model folder"),
     json_file: Path | None = typer.Option(None, "--json", help="Also write the report as JSON here."),

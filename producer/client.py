@@ -26,6 +26,7 @@ from producer.contract import (
     JobView,
     ModelEntry,
     OutputRef,
+    plan_shards,
 )
 from producer.errors import IdempotencyConflict, InvalidJob, JobTimeout
 from producer.events import callback_message
@@ -95,20 +96,23 @@ class Client:
         except Exception:  # refused: the key must not point at a job that was never recorded
             self._release_idempotency_key(request, tenant)
             raise
-        view = self.store.create(job)
+        shards = plan_shards(job.total_images, self.settings.shard_size)
+        view = self.store.create(job, shards=len(shards))
         # The queued event is stamped and sent before the job can start, so its timestamp precedes "running".
         message = callback_message(job.callback, EventType.QUEUED, view, self.store.next_event_seq(job_id))
         try:
             if message is not None:
                 self._send(constants.CALLBACK_TASK, message.model_dump(mode="json"), constants.CALLBACK_QUEUE)
-            self._send(constants.GENERATE_TASK, job.model_dump(mode="json"), constants.GENERATE_QUEUE)
+            payload = job.model_dump(mode="json")
+            for shard in shards:  # several workers share a bulk job, one shard each
+                self._send(constants.GENERATE_TASK, payload, constants.GENERATE_QUEUE, shard.model_dump())
         except Exception as exc:
             self.store.mark_failed(job.job_id, JobError(type="EnqueueFailed", message=f"could not enqueue: {exc}"))
             raise
         return view
 
-    def _send(self, task: str, payload: dict[str, Any], queue: str) -> None:
-        self._celery_app().send_task(task, args=[payload], queue=queue)
+    def _send(self, task: str, payload: dict[str, Any], queue: str, *extra: dict[str, Any]) -> None:
+        self._celery_app().send_task(task, args=[payload, *extra], queue=queue)
 
     def _celery_app(self) -> Celery:
         if self._celery is None:

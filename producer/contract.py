@@ -218,6 +218,29 @@ class GenerateJob(BaseModel):
         return [item for item in self.items for _ in range(item.count)]
 
 
+class Shard(BaseModel):
+    """Images ``[start, stop)`` of a job: one task of a bulk job that several workers share."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int = Field(ge=0)
+    start: int = Field(ge=0)
+    stop: int = Field(ge=1)
+    count: int = Field(ge=1, description="How many shards the job has.")
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def plan_shards(total: int, shard_size: int) -> list[Shard]:
+    """Split ``total`` images into shards of at most ``shard_size``, in index order."""
+    if total < 1 or shard_size < 1:
+        raise ValueError(f"need total >= 1 and shard_size >= 1, got {total} and {shard_size}")
+    starts = range(0, total, shard_size)
+    return [Shard(index=k, start=s, stop=min(s + shard_size, total), count=len(starts)) for k, s in enumerate(starts)]
+
+
 class Progress(BaseModel):
     """Images stored so far out of the total."""
 
@@ -268,7 +291,11 @@ class JobView(BaseModel):
     model_version: str | None = None
     seed: int | None = None
     progress: Progress = Field(default_factory=Progress)
+    shards: int = Field(default=1, description="Tasks the job was split into; several workers share a bulk job.")
     outputs: list[OutputRef] = Field(default_factory=list)
+    outputs_truncated: bool = Field(
+        default=False, description="True when only the first outputs are listed here; the manifest lists all."
+    )
     manifest_key: str | None = None
     error: JobError | None = None
     metadata: dict[str, JsonValue] = Field(default_factory=dict)

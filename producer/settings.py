@@ -66,3 +66,6 @@ class ClientSettings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     api: ApiSettings = Field(default_factory=ApiSettings)
     job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="How long job records live in Redis.")
+    shard_size: int = Field(
+        default=1000, ge=1, description="Bulk jobs are split into tasks of this many images, shared by workers."
+    )

@@ -39,7 +39,17 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
+# KEYS[1] job hash. ARGV: the shard's field ("shard:<k>"), its outputs as JSON. Records a finished shard once;
+# returns how many shards are now finished, or -1 if this shard was already recorded (a redelivery).
+_COMPLETE_SHARD = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return -1 end
+return redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
+"""
+
 _ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+# A job view lists at most this many outputs (a 100,000-image job's view would be megabytes); the manifest has all.
+VIEW_OUTPUTS_MAX = 1000
 
 
 def utcnow() -> datetime:
@@ -53,13 +63,14 @@ class JobStore:
         self.redis = client
         self.ttl_s = ttl_s
         self._transition = client.register_script(_TRANSITION)
+        self._complete_shard = client.register_script(_COMPLETE_SHARD)
 
     @staticmethod
     def key(job_id: str) -> str:
         return constants.JOB_KEY.format(job_id=job_id)
 
-    def create(self, job: GenerateJob) -> JobView:
-        """Record a new job as ``queued``. Raises ValueError if the id is taken."""
+    def create(self, job: GenerateJob, shards: int = 1) -> JobView:
+        """Record a new job as ``queued``, to be run as ``shards`` tasks. Raises ValueError if the id is taken."""
         key = self.key(job.job_id)
         if not self.redis.hsetnx(key, "spec", job.model_dump_json()):
             raise ValueError(f"job id {job.job_id} already exists")
@@ -68,7 +79,7 @@ class JobStore:
             key,
             mapping={
                 "status": JobStatus.QUEUED.value,
-                "done": 0,
+                "shards": shards,
                 "total": job.total_images,
                 "created_at": job.created_at.isoformat(),
             },
@@ -175,19 +186,48 @@ class JobStore:
         """queued/running -> running (a redelivered job re-enters running); False if the job already ended."""
         return self.transition(job_id, JobStatus.RUNNING, _ACTIVE, started_at=utcnow().isoformat())
 
-    def set_progress(self, job_id: str, done: int) -> None:
-        self.redis.hset(self.key(job_id), "done", done)
+    def set_progress(self, job_id: str, shard: int, done: int) -> None:
+        """Images of ``shard`` stored so far (a redelivered shard restarts its own count, never the job's)."""
+        self.redis.hset(self.key(job_id), f"progress:{shard}", done)
+
+    def is_active(self, job_id: str) -> bool:
+        """Still queued or running: a shard stops early once its job failed or was canceled."""
+        status = self.redis.hget(self.key(job_id), "status")
+        return status is not None and JobStatus(as_text(status)) in _ACTIVE
+
+    def shard_recorded(self, job_id: str, shard: int) -> bool:
+        return bool(self.redis.hexists(self.key(job_id), f"shard:{shard}"))
+
+    def complete_shard(self, job_id: str, shard: int, shards: int, outputs: list[OutputRef]) -> list[OutputRef] | None:
+        """Record a stored shard. Returns every output of the job, by index, when this was the last shard."""
+        payload = json.dumps([o.model_dump(mode="json") for o in outputs])
+        finished = int(self._complete_shard(keys=[self.key(job_id)], args=[f"shard:{shard}", payload]))
+        if finished != shards:
+            return None
+        raw = self.redis.hgetall(self.key(job_id))
+        merged = [
+            OutputRef.model_validate(o)
+            for field, value in raw.items()
+            if as_text(field).startswith("shard:")
+            for o in json.loads(value)
+        ]
+        return sorted(merged, key=lambda o: o.index)
 
     def mark_succeeded(self, job_id: str, outputs: list[OutputRef], manifest_key: str) -> bool:
-        return self.transition(
+        applied = self.transition(
             job_id,
             JobStatus.SUCCEEDED,
             _ACTIVE,
-            outputs=json.dumps([o.model_dump(mode="json") for o in outputs]),
+            outputs=json.dumps([o.model_dump(mode="json") for o in outputs[:VIEW_OUTPUTS_MAX]]),
+            outputs_truncated=int(len(outputs) > VIEW_OUTPUTS_MAX),
             manifest_key=manifest_key,
-            done=len(outputs),
             finished_at=utcnow().isoformat(),
         )
+        if applied:  # the per-shard lists served their purpose; the manifest and the view hold the outputs now
+            shard_fields = [f for f in self.redis.hkeys(self.key(job_id)) if as_text(f).startswith("shard:")]
+            if shard_fields:
+                self.redis.hdel(self.key(job_id), *shard_fields)
+        return applied
 
     def mark_failed(self, job_id: str, error: JobError, outputs: list[OutputRef] | None = None) -> bool:
         return self.transition(
@@ -200,9 +240,9 @@ class JobStore:
             finished_at=utcnow().isoformat(),
         )
 
-    def count_delivery(self, job_id: str) -> int:
-        """Count one more delivery of the job's task; the worker dead-letters a job delivered too often."""
-        return int(self.redis.hincrby(self.key(job_id), "deliveries", 1))
+    def count_delivery(self, job_id: str, shard: int = 0) -> int:
+        """Count one more delivery of a shard's task; the worker dead-letters a shard delivered too often."""
+        return int(self.redis.hincrby(self.key(job_id), f"deliveries:{shard}", 1))
 
     def next_event_seq(self, job_id: str) -> int:
         """A per-job sequence number for callback events (stable message ids)."""
@@ -224,7 +264,12 @@ def _view(job_id: str, h: dict[str, str]) -> JobView:
         model=spec.model,
         model_version=f"{spec.model_name}@{spec.model_version}",
         seed=spec.seed,
-        progress=Progress(done=int(h.get("done", 0)), total=int(h.get("total", spec.total_images))),
+        progress=Progress(
+            done=sum(int(v) for k, v in h.items() if k.startswith("progress:")),
+            total=int(h.get("total", spec.total_images)),
+        ),
+        shards=int(h.get("shards", 1)),
+        outputs_truncated=h.get("outputs_truncated") == "1",
         outputs=[OutputRef.model_validate(o) for o in json.loads(h.get("outputs", "[]"))],
         manifest_key=h.get("manifest_key"),
         error=error,

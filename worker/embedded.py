@@ -7,7 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from producer.contract import GenerateJob, GenerateRequest, OutputRef
+from producer.contract import GenerateJob, GenerateRequest, OutputRef, Shard
 from producer.resolve import resolve_request
 from producer.status import utcnow
 from worker.pipeline import GenerateResult, run_generate
@@ -23,16 +23,22 @@ class LocalReporter:
     def __init__(self, on_progress: Callable[[int, int], None] | None = None) -> None:
         self.on_progress = on_progress
 
-    def started(self, job: GenerateJob) -> bool:
-        self.progress(job, 0)
+    def started(self, job: GenerateJob, shard: Shard) -> bool:
+        self.progress(job, shard, 0)
         return True
 
-    def progress(self, job: GenerateJob, done: int) -> None:
+    def progress(self, job: GenerateJob, shard: Shard, done: int) -> None:
         if self.on_progress is not None:
             self.on_progress(done, job.total_images)
 
+    def active(self, job: GenerateJob) -> bool:
+        return True
+
+    def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> list[OutputRef] | None:
+        return outputs  # one process, one shard: it completes the job
+
     def succeeded(self, job: GenerateJob, outputs: list[OutputRef], manifest_key: str) -> None:
-        self.progress(job, len(outputs))
+        pass
 
 
 def run_embedded(

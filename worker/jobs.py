@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from producer.contract import GenerateJob, JobError, OutputRef
+from producer.contract import GenerateJob, JobError, OutputRef, Shard
 from worker.pipeline import run_generate
 from worker.reporting import RedisReporter
 from worker.runtime import Runtime
@@ -12,14 +12,14 @@ from worker.runtime import Runtime
 log = logging.getLogger("genq.jobs")
 
 
-def execute_generate(job: GenerateJob, runtime: Runtime, reporter: RedisReporter) -> None:
-    """Run ``job`` to a terminal status. Never raises for a job-level failure: the job record carries it.
+def execute_generate(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard: Shard | None = None) -> None:
+    """Run one shard of ``job`` (default: all of it). Never raises for a job-level failure: the record carries it.
 
-    A job whose deliveries exceed ``max_deliveries`` crashed its worker every time (the only way a message comes
-    back): it is failed instead of run again, so one poison job cannot take workers down forever.
+    A shard whose deliveries exceed ``max_deliveries`` crashed its worker every time (the only way a message comes
+    back): the job is failed instead of run again, so one poison job cannot take workers down forever.
     """
     settings = runtime.settings
-    deliveries = runtime.store.count_delivery(job.job_id)
+    deliveries = runtime.store.count_delivery(job.job_id, shard.index if shard else 0)
     if deliveries > settings.celery.max_deliveries:
         message = (
             f"delivered {deliveries} times without finishing (the worker died each time); "
@@ -37,13 +37,17 @@ def execute_generate(job: GenerateJob, runtime: Runtime, reporter: RedisReporter
             reporter=reporter,
             chunk_size=settings.batching.max_batch,
             uploads=runtime.uploads,
+            shard=shard,
             stored=stored,
         )
     except Exception as exc:  # every failure ends the job loudly, with the reason and partial outputs
         log.exception("job %s failed", job.job_id)
         reporter.failed(job, JobError(type=type(exc).__name__, message=str(exc)), stored)
         return
+    where = f"job {job.job_id} shard {shard.index + 1}/{shard.count}" if shard else f"job {job.job_id}"
     if result.skipped:
-        log.info("job %s had already ended; delivery %d ignored", job.job_id, deliveries)
+        log.info("%s had already ended or been stored; delivery %d ignored", where, deliveries)
+    elif result.stopped:
+        log.info("%s stopped after %d outputs: the job ended elsewhere", where, len(result.outputs))
     else:
-        log.info("job %s succeeded: %d outputs", job.job_id, len(result.outputs))
+        log.info("%s stored %d outputs%s", where, len(result.outputs), "; job succeeded" if result.manifest_key else "")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from producer import constants
-from producer.contract import GenerateJob, Manifest, OutputRef
+from producer.contract import GenerateJob, Manifest, OutputRef, Shard, plan_shards
 from producer.seeds import image_seed
 from worker.encode import encode_image, provenance
 from worker.storage import Storage
@@ -26,11 +26,21 @@ from worker.storage import Storage
 class Reporter(Protocol):
     """Where the pipeline reports what it does: Redis + callbacks in a worker, a progress bar in the CLI."""
 
-    def started(self, job: GenerateJob) -> bool:
-        """Mark the job running; False means it already ended (a late redelivery) and must not run."""
+    def started(self, job: GenerateJob, shard: Shard) -> bool:
+        """Mark the job running; False means the job ended or this shard is already stored: do not run it."""
         ...
 
-    def progress(self, job: GenerateJob, done: int) -> None: ...
+    def progress(self, job: GenerateJob, shard: Shard, done: int) -> None:
+        """``done`` images of ``shard`` are stored."""
+        ...
+
+    def active(self, job: GenerateJob) -> bool:
+        """Whether the job still wants outputs (False once it failed elsewhere or was canceled)."""
+        ...
+
+    def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> list[OutputRef] | None:
+        """Record a stored shard; every output of the job (by index) if it was the last one, else None."""
+        ...
 
     def succeeded(self, job: GenerateJob, outputs: list[OutputRef], manifest_key: str) -> None: ...
 
@@ -40,11 +50,12 @@ Sampler = Callable[[str, str, Sequence[int], Sequence[int]], "Future[torch.Tenso
 
 @dataclass(frozen=True)
 class GenerateResult:
-    """What a finished run stored."""
+    """What a run stored: this shard's outputs, and the manifest key if it completed the job."""
 
     outputs: list[OutputRef]
-    manifest_key: str
-    skipped: bool = False  # the job had already ended; nothing was done
+    manifest_key: str | None
+    skipped: bool = False  # the job had ended (or this shard was stored) before: nothing was done
+    stopped: bool = False  # the job ended elsewhere while this shard ran: it stopped after its current chunk
 
 
 def job_prefix(job: GenerateJob) -> str:
@@ -66,15 +77,18 @@ def run_generate(
     reporter: Reporter,
     chunk_size: int,
     uploads: Executor,
+    shard: Shard | None = None,
     prefix: str | None = None,
     stored: list[OutputRef] | None = None,
 ) -> GenerateResult:
-    """Sample, encode and store every image of ``job``, then its manifest.
+    """Sample, encode and store the images of one shard of ``job`` (default: all of it); the last shard of the job
+    to finish writes the manifest and marks the job succeeded.
 
     The job is sampled in chunks of ``chunk_size`` images; chunk k+1 is queued for its forward pass before chunk k
     is encoded and uploaded (on ``uploads``), so compute and I/O overlap while at most two chunks are in memory.
 
     Args:
+        shard: the images this run stores; a retried shard rewrites identical objects.
         sample: queues (model name, version, labels, seeds) for a forward pass and returns a future of uint8 images.
         prefix: object key prefix (default :func:`job_prefix`; the embedded CLI writes at the top of its folder).
         stored: filled in as images are stored, so a caller can report partial outputs when the run fails.
@@ -83,11 +97,12 @@ def run_generate(
     """
     prefix = job_prefix(job) if prefix is None else prefix
     outputs = stored if stored is not None else []
-    if not reporter.started(job):
-        return GenerateResult(outputs=[], manifest_key="", skipped=True)
-    version = f"{job.model_name}@{job.model_version}"
     labels = job.image_labels()
-    chunks = [range(s, min(s + chunk_size, len(labels))) for s in range(0, len(labels), chunk_size)]
+    shard = shard or plan_shards(len(labels), len(labels))[0]
+    if not reporter.started(job, shard):
+        return GenerateResult(outputs=[], manifest_key=None, skipped=True)
+    version = f"{job.model_name}@{job.model_version}"
+    chunks = [range(s, min(s + chunk_size, shard.stop)) for s in range(shard.start, shard.stop, chunk_size)]
 
     def queue_chunk(indices: range) -> Future[torch.Tensor]:
         seeds = [image_seed(job.seed, i) for i in indices]
@@ -111,6 +126,8 @@ def run_generate(
 
     pending = queue_chunk(chunks[0])
     for k, indices in enumerate(chunks):
+        if k > 0 and not reporter.active(job):
+            return GenerateResult(outputs=list(outputs), manifest_key=None, stopped=True)
         images = pending.result().numpy()  # (B, C, H, W) uint8
         if k + 1 < len(chunks):
             pending = queue_chunk(chunks[k + 1])  # its forward pass runs while this chunk is stored
@@ -120,7 +137,10 @@ def run_generate(
         outputs.extend(f.result() for f in uploads_k if f.exception() is None)
         if errors:
             raise errors[0]
-        reporter.progress(job, len(outputs))
+        reporter.progress(job, shard, len(outputs))
+    every_output = reporter.shard_stored(job, shard, list(outputs))
+    if every_output is None:  # other shards are still running; the last one writes the manifest
+        return GenerateResult(outputs=list(outputs), manifest_key=None)
     manifest = Manifest(
         job_id=job.job_id,
         model=job.model,
@@ -128,9 +148,9 @@ def run_generate(
         seed=job.seed,
         format=job.format,
         created_at=job.created_at,
-        outputs=outputs,
+        outputs=every_output,
     )
     manifest_key = prefix + constants.MANIFEST_NAME
     storage.put(manifest_key, manifest.model_dump_json(indent=2, exclude_none=True).encode(), "application/json")
-    reporter.succeeded(job, outputs, manifest_key)
+    reporter.succeeded(job, every_output, manifest_key)
     return GenerateResult(outputs=list(outputs), manifest_key=manifest_key)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from producer.contract import EventType, GenerateJob, JobError, OutputRef
+from producer.contract import EventType, GenerateJob, JobError, JobStatus, OutputRef, Shard
 from producer.events import CallbackMessage, callback_message
 from producer.status import JobStore
 
@@ -25,14 +25,24 @@ class RedisReporter:
         self.progress_interval_s = progress_interval_s
         self._last_progress: dict[str, float] = {}
 
-    def started(self, job: GenerateJob) -> bool:
+    def started(self, job: GenerateJob, shard: Shard) -> bool:
+        if self.store.shard_recorded(job.job_id, shard.index):
+            return False  # a redelivered shard that was already stored
+        running = self.store.get(job.job_id).status is JobStatus.RUNNING
         if not self.store.mark_running(job.job_id):
             return False
-        self._emit(job, EventType.RUNNING)
+        if not running:  # the first shard to start announces the job
+            self._emit(job, EventType.RUNNING)
         return True
 
-    def progress(self, job: GenerateJob, done: int) -> None:
-        self.store.set_progress(job.job_id, done)
+    def active(self, job: GenerateJob) -> bool:
+        return self.store.is_active(job.job_id)
+
+    def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> list[OutputRef] | None:
+        return self.store.complete_shard(job.job_id, shard.index, shard.count, outputs)
+
+    def progress(self, job: GenerateJob, shard: Shard, done: int) -> None:
+        self.store.set_progress(job.job_id, shard.index, done)
         now = time.monotonic()
         if now - self._last_progress.get(job.job_id, 0.0) >= self.progress_interval_s:
             self._last_progress[job.job_id] = now

@@ -11,7 +11,7 @@ from celery import signals
 from pydantic import ValidationError
 
 from producer import constants
-from producer.contract import GenerateJob
+from producer.contract import GenerateJob, Shard
 from producer.events import CallbackMessage
 from producer.status import utcnow
 from worker.app import app, settings_of
@@ -33,16 +33,17 @@ def send_callback(message: CallbackMessage) -> None:
 
 
 @app.task(name=constants.GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def generate(payload: dict[str, Any]) -> None:
-    """Run a generate job (payload: :class:`GenerateJob` as JSON)."""
+def generate(payload: dict[str, Any], shard: dict[str, Any] | None = None) -> None:
+    """Run a generate job, or one shard of it (payloads: :class:`GenerateJob` and :class:`Shard` as JSON)."""
     try:
         job = GenerateJob.model_validate(payload)
+        part = Shard.model_validate(shard) if shard is not None else None
     except ValidationError as exc:
         # Acked and dropped: retrying a message that cannot be decoded can never succeed.
         log.error("dropping malformed generate payload: %s", exc)
         return
     runtime = _runtime()
-    execute_generate(job, runtime, RedisReporter(runtime.store, send_callback))
+    execute_generate(job, runtime, RedisReporter(runtime.store, send_callback), part)
 
 
 @app.task(name=constants.CALLBACK_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)

@@ -12,7 +12,8 @@ import pytest
 from stack import Stack, worker_env
 from tcp_proxy import TcpProxy
 
-from producer.contract import GenerateRequest, JobStatus, JobView
+from producer.client import Client
+from producer.contract import GenerateRequest, JobStatus, JobView, Manifest
 
 pytestmark = pytest.mark.integration
 
@@ -91,3 +92,21 @@ def test_s3_down_past_the_retry_window_fails_the_job(stack: Stack, start_worker,
     assert view.error is not None and view.error.type == "StorageUnavailable"
     assert "put" in view.error.message and f"jobs/{job.id}/00000.png" in view.error.message
     assert view.outputs == []
+
+
+def test_sharded_job_run_by_two_workers_stores_exactly_the_count_once(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
+    env = worker_env(stack, GENQ_BATCHING__MAX_BATCH="16")
+    workers = [start_worker(env, concurrency=2), start_worker(env, concurrency=2)]
+    client = Client(stack.client.settings.model_copy(update={"shard_size": 50}))
+    view = client.wait(client.submit(GenerateRequest(model="fmnist-cgan", label="bag", count=230, seed=8)).id, 120)
+    _assert_complete(stack, view, 230)
+    assert view.shards == 5 and view.progress.done == 230
+    manifest = Manifest.model_validate_json(stack.get(f"jobs/{view.id}/manifest.json"))
+    assert [o.index for o in manifest.outputs] == list(range(230)) and len({o.key for o in manifest.outputs}) == 230
+    stored = [line for w in workers for line in w.log().splitlines() if f"job {view.id} shard" in line]
+    assert sorted(line.split(" shard ")[1].split()[0] for line in stored) == [f"{k}/5" for k in range(1, 6)]
+    unsharded = client.wait(
+        stack.client.submit(GenerateRequest(model="fmnist-cgan", label="bag", count=230, seed=8)).id, 120
+    )
+    assert unsharded.shards == 1
+    assert [o.sha256 for o in manifest.outputs] == [o.sha256 for o in unsharded.outputs]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from producer.contract import MAX_SEED
+from producer.contract import MAX_SEED, plan_shards
 from producer.seeds import image_seed, new_job_seed
 
 
@@ -36,3 +36,23 @@ def test_negative_index_is_refused() -> None:
 
 def test_new_job_seed_is_json_safe() -> None:
     assert all(0 <= new_job_seed() < 2**31 for _ in range(100))
+
+
+@pytest.mark.parametrize(
+    ("total", "size", "expected"),
+    [
+        (1, 1000, [(0, 1)]),
+        (1000, 1000, [(0, 1000)]),
+        (1001, 1000, [(0, 1000), (1000, 1001)]),
+        (7, 3, [(0, 3), (3, 6), (6, 7)]),
+    ],
+)
+def test_plan_shards_covers_every_index_once(total: int, size: int, expected: list[tuple[int, int]]) -> None:
+    shards = plan_shards(total, size)
+    assert [(s.start, s.stop) for s in shards] == expected
+    assert [s.index for s in shards] == list(range(len(expected))) and {s.count for s in shards} == {len(expected)}
+
+
+def test_plan_shards_refuses_empty_jobs() -> None:
+    with pytest.raises(ValueError):
+        plan_shards(0, 10)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from tiny_model import TINY_NAME, make_tiny_model
 
-from producer.contract import GenerateJob, LabelCount, Manifest, OutputFormat, OutputRef
+from producer.contract import GenerateJob, LabelCount, Manifest, OutputFormat, OutputRef, Shard, plan_shards
 from worker.errors import StorageUnavailable
 from worker.inference import InferenceEngine
 from worker.pipeline import GenerateResult, run_generate
@@ -24,13 +24,23 @@ class RecordingReporter:
     def __init__(self, start: bool = True) -> None:
         self.start = start
         self.events: list[tuple[str, int]] = []
+        self.shards: dict[int, list[OutputRef]] = {}
 
-    def started(self, job: GenerateJob) -> bool:
+    def started(self, job: GenerateJob, shard: Shard) -> bool:
         self.events.append(("started", 0))
         return self.start
 
-    def progress(self, job: GenerateJob, done: int) -> None:
+    def progress(self, job: GenerateJob, shard: Shard, done: int) -> None:
         self.events.append(("progress", done))
+
+    def active(self, job: GenerateJob) -> bool:
+        return True
+
+    def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> list[OutputRef] | None:
+        self.shards[shard.index] = outputs
+        if len(self.shards) < shard.count:
+            return None
+        return sorted((o for part in self.shards.values() for o in part), key=lambda o: o.index)
 
     def succeeded(self, job: GenerateJob, outputs: list[OutputRef], manifest_key: str) -> None:
         self.events.append(("succeeded", len(outputs)))
@@ -146,3 +156,17 @@ def test_a_job_that_already_ended_is_not_run_again(
     storage = LocalStorage(tmp_path)
     result = run(_job(), storage, registry, uploads, RecordingReporter(start=False))
     assert result.skipped and storage.list("") == []
+
+
+def test_shards_store_disjoint_images_and_the_last_one_writes_the_manifest(
+    registry: ModelRegistry, uploads: ThreadPoolExecutor, tmp_path: Path
+) -> None:
+    storage, reporter = LocalStorage(tmp_path), RecordingReporter()
+    shards = plan_shards(10, 4)
+    results = [run(_job(), storage, registry, uploads, reporter, shard=shard) for shard in reversed(shards)]
+    assert [r.manifest_key for r in results] == [None, None, "jobs/job-0123456789/manifest.json"]
+    assert [sorted(o.index for o in r.outputs) for r in results] == [[8, 9], [4, 5, 6, 7], [0, 1, 2, 3]]
+    manifest = Manifest.model_validate_json(storage.get("jobs/job-0123456789/manifest.json"))
+    assert [o.index for o in manifest.outputs] == list(range(10))
+    whole = run(_job(), LocalStorage(tmp_path / "whole"), registry, uploads)
+    assert [o.sha256 for o in manifest.outputs] == [o.sha256 for o in whole.outputs]  # sharding changes no byte
