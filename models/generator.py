@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from models import cgan
+from models import cgan, cvae
 from models.errors import InvalidModelConfig, WeightsError
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -76,7 +76,37 @@ class CGANSampler:
         return to_uint8(self.net(z, y)).cpu()
 
 
-def save_generator(directory: Path, config: cgan.CGANConfig, net: nn.Module) -> None:
+class CVAESampler:
+    """Serving wrapper around a trained cVAE decoder: decodes N(0, I) latents, one per seed, to the mean image."""
+
+    def __init__(self, config: cvae.CVAEConfig, net: cvae.Decoder, device: str | torch.device = "cpu") -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.config.class_names
+
+    @property
+    def resolution(self) -> int:
+        return self.config.resolution
+
+    @property
+    def channels(self) -> int:
+        return self.config.channels
+
+    def sample(self, labels: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+        """labels (B,) class indices and seeds (B,) ints -> uint8 images (B, C, H, W) on the CPU."""
+        if len(labels) != len(seeds):
+            raise ValueError(f"got {len(labels)} labels but {len(seeds)} seeds")
+        bad = [label for label in labels if not 0 <= label < self.config.num_classes]
+        if bad:
+            raise ValueError(f"label index {bad[0]} out of range 0..{self.config.num_classes - 1}")
+        return to_uint8(cvae.sample_images(self.net, list(labels), list(seeds)))
+
+
+def save_generator(directory: Path, config: cgan.CGANConfig | cvae.CVAEConfig, net: nn.Module) -> None:
     """Write ``weights.safetensors`` and ``config.json`` for a generator into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     save_model(net, str(directory / WEIGHTS_FILE), metadata={"arch": config.arch})
@@ -108,12 +138,23 @@ def load_generator(directory: Path, device: str | torch.device = "cpu") -> Image
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise WeightsError(f"no {WEIGHTS_FILE} in {directory}")
+    if data["arch"] == cvae.ARCH:
+        cvae_config = cvae.CVAEConfig.from_json(data)
+        decoder = cvae.Decoder(cvae_config)
+        _load_strict(decoder, weights)
+        return CVAESampler(cvae_config, decoder, device)
     if data["arch"] != cgan.ARCH:
-        raise InvalidModelConfig(f"unknown architecture {data['arch']!r} in {directory / CONFIG_FILE}")
+        raise InvalidModelConfig(
+            f"unknown architecture {data['arch']!r} in {directory / CONFIG_FILE} (known: {cgan.ARCH}, {cvae.ARCH})"
+        )
     config = cgan.CGANConfig.from_json(data)
     net = cgan.Generator(config)
+    _load_strict(net, weights)
+    return CGANSampler(config, net, device)
+
+
+def _load_strict(net: nn.Module, weights: Path) -> None:
     try:
         load_model(net, str(weights), strict=True)
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise WeightsError(f"cannot load {weights}: {exc}") from exc
-    return CGANSampler(config, net, device)

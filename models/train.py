@@ -154,13 +154,14 @@ def recalibrate_bn(net: cgan.Generator, batches: int = 50, batch_size: int = 100
         m.momentum = momentum
 
 
-def _flatten(prefix: str, sd: dict[str, Any], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def flatten_state(prefix: str, sd: dict[str, Any], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Flatten a nested state dict: tensors into ``tensors``, other values into ``meta``, keys ``prefix.a.b``."""
     for key, value in sd.items():
         name = f"{prefix}.{key}"
         if isinstance(value, torch.Tensor):
             tensors[name] = value.detach().contiguous().clone()
         elif isinstance(value, dict):
-            _flatten(name, value, tensors, meta)
+            flatten_state(name, value, tensors, meta)
         else:
             meta[name] = value
 
@@ -170,10 +171,10 @@ def save_checkpoint(path: Path, state: TrainState, model_cfg: cgan.CGANConfig, c
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
     for name, module in (("g", state.g), ("d", state.d), ("ema", state.ema)):
-        _flatten(name, module.state_dict(), tensors, meta)
+        flatten_state(name, module.state_dict(), tensors, meta)
     for name, opt in (("opt_g", state.opt_g), ("opt_d", state.opt_d)):
         sd = opt.state_dict()
-        _flatten(f"{name}.state", {str(k): v for k, v in sd["state"].items()}, tensors, meta)
+        flatten_state(f"{name}.state", {str(k): v for k, v in sd["state"].items()}, tensors, meta)
         meta[f"{name}.param_groups"] = sd["param_groups"]
     tensors["rng"] = state.rng.get_state()
     header = {"step": state.step, "model": model_cfg.to_json(), "train": asdict(cfg), "extra": meta}

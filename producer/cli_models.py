@@ -14,38 +14,48 @@ console = Console(stderr=True)
 
 def train(
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoint, sample grids, export/."),
-    arch: str = typer.Option("cgan", "--arch", help="Architecture (cgan)."),
+    arch: str = typer.Option("cgan", "--arch", help="Architecture: cgan or cvae."),
     data: str = typer.Option("fashion-mnist", "--data", help="Data set: fashion-mnist."),
     steps: int = typer.Option(8000, "--steps", min=1, help="Total optimisation steps (resume counts toward it)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
-    g_ch: int = typer.Option(32, "--g-ch", min=4, help="Generator width at the output resolution."),
-    d_ch: int = typer.Option(32, "--d-ch", min=4, help="Discriminator width at the input resolution."),
+    g_ch: int = typer.Option(32, "--g-ch", min=4, help="cgan: generator width at the output resolution."),
+    d_ch: int = typer.Option(32, "--d-ch", min=4, help="cgan: discriminator width at the input resolution."),
+    width: int = typer.Option(16, "--width", min=1, help="cvae: conv width at full resolution."),
+    z_dim: int = typer.Option(16, "--z-dim", min=1, help="cvae: latent size."),
+    kl_beta: float = typer.Option(1.0, "--kl-beta", min=0.0, help="cvae: weight of the KL term."),
+    kl_warmup_steps: int = typer.Option(500, "--kl-warmup-steps", min=0, help="cvae: steps of linear KL warm-up."),
     seed: int = typer.Option(0, "--seed"),
     sample_every: int = typer.Option(500, "--sample-every", min=1),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (1 is fastest on a busy CPU)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from out/checkpoint.safetensors."),
 ) -> None:
-    """Train a generator; progress shows step, losses, it/s and ETA."""
+    """Train a generator; progress shows step, losses, it/s and ETA; grids, checkpoints and export/ land in --out."""
+    import torch
     from rich.progress import TimeRemainingColumn
 
-    from models import cgan
+    from models import cgan, cvae
     from models import train as training
+    from models import train_cvae as training_cvae
     from models.data import load_fashion_mnist
 
-    if arch != cgan.ARCH:
-        raise typer.BadParameter(f"unknown architecture {arch!r} (known: {cgan.ARCH})", param_hint="--arch")
+    if arch not in (cgan.ARCH, cvae.ARCH):
+        raise typer.BadParameter(f"unknown architecture {arch!r} (known: cgan, cvae)", param_hint="--arch")
     if data != "fashion-mnist":
         raise typer.BadParameter(f"unknown data set {data!r} (known: fashion-mnist)", param_hint="--data")
+    if threads is not None:
+        torch.set_num_threads(threads)
     dataset = load_fashion_mnist("train")
-    model_cfg = cgan.CGANConfig(class_names=dataset.class_names, g_ch=g_ch, d_ch=d_ch)
-    cfg = training.TrainConfig(
-        steps=steps, batch_size=batch_size, seed=seed, sample_every=sample_every, checkpoint_every=checkpoint_every
+    losses = (
+        "d={task.fields[d]:.3f} g={task.fields[g]:.3f}"
+        if arch == cgan.ARCH
+        else "loss={task.fields[g]:.1f} kl={task.fields[d]:.1f}"
     )
     columns = (
-        TextColumn("[bold]train[/]"),
+        TextColumn(f"[bold]train {arch}[/]"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
-        TextColumn("d={task.fields[d]:.3f} g={task.fields[g]:.3f} {task.fields[rate]:.2f} it/s"),
+        TextColumn(losses + " {task.fields[rate]:.2f} it/s"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
@@ -55,7 +65,29 @@ def train(
         def on_step(s: training.StepStats) -> None:
             progress.update(task, completed=s.step, d=s.d_loss, g=s.g_loss, rate=s.steps_per_s)
 
-        training.train(dataset, out, cfg, model_cfg, resume=resume, on_step=on_step, on_log=progress.console.print)
+        log = progress.console.print
+        if arch == cgan.ARCH:
+            model_cfg = cgan.CGANConfig(class_names=dataset.class_names, g_ch=g_ch, d_ch=d_ch)
+            cfg = training.TrainConfig(
+                steps=steps,
+                batch_size=batch_size,
+                seed=seed,
+                sample_every=sample_every,
+                checkpoint_every=checkpoint_every,
+            )
+            training.train(dataset, out, cfg, model_cfg, resume=resume, on_step=on_step, on_log=log)
+        else:
+            vae_cfg = cvae.CVAEConfig(class_names=dataset.class_names, width=width, z_dim=z_dim)
+            vae_train = training_cvae.CVAETrainConfig(
+                steps=steps,
+                batch_size=batch_size,
+                kl_beta=kl_beta,
+                kl_warmup_steps=kl_warmup_steps,
+                seed=seed,
+                sample_every=sample_every,
+                checkpoint_every=checkpoint_every,
+            )
+            training_cvae.train_cvae(dataset, out, vae_train, vae_cfg, resume=resume, on_step=on_step, on_log=log)
     console.print(f"exported generator to {out / training.EXPORT_DIR}")
 
 

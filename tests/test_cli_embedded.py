@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 
@@ -74,3 +75,25 @@ def test_eval_quick_prints_every_score_beside_its_reference_and_writes_json(tmp_
 def test_eval_refuses_an_unknown_model() -> None:
     result = _genq("eval", "shoe-gan", "--quick")
     assert result.returncode == 2 and "unknown model 'shoe-gan'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("arch", "widths"), [("cgan", ["--g-ch", "4", "--d-ch", "4"]), ("cvae", ["--width", "4", "--z-dim", "4"])]
+)
+def test_train_writes_grids_a_checkpoint_and_a_servable_export(tmp_path: Path, arch: str, widths: list[str]) -> None:
+    out = tmp_path / arch
+    args = ["train", "--arch", arch, "--out", str(out), "--steps", "2", "--batch-size", "8", "--threads", "1"]
+    result = _genq(*args, *widths, "--sample-every", "2", "--checkpoint-every", "2")
+    assert result.returncode == 0, result.stderr
+    assert (out / "checkpoint.safetensors").is_file() and (out / "samples" / "step-000002.png").is_file()
+    from models.generator import load_generator
+
+    model = load_generator(out / "export")
+    assert model.sample([7], [1]).shape == (1, 1, 28, 28)
+    again = _genq(*args[:-4], "--steps", "3", "--threads", "1", *widths)  # resumes: 1 step left
+    assert again.returncode == 0 and "resuming from step 2" in again.stderr
+
+
+def test_train_refuses_an_unknown_architecture(tmp_path: Path) -> None:
+    result = _genq("train", "--arch", "diffusion", "--out", str(tmp_path))
+    assert result.returncode == 2 and "unknown architecture 'diffusion'" in result.stderr
