@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from producer.errors import IdempotencyConflict, InvalidJob, JobNotFound, QuotaExceeded, Unauthorized
+from producer.errors import IdempotencyConflict, InvalidJob, JobEnded, JobNotFound, QuotaExceeded, Unauthorized
 from producer.quotas import retry_after_header
 
 log = logging.getLogger("genq.api")
@@ -96,6 +96,9 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorBody, "description": "Redis or the broker is unreachable.", "headers": _RETRY_AFTER},
 }
+ENDED: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorBody, "description": "The job already ended; `msg` names its status."},
+}
 SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "The body is not UTF-8 text."},
     409: {"model": ErrorBody, "description": "The idempotency key was used for a different request."},
@@ -154,6 +157,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobNotFound)
     async def _not_found(request: Request, exc: JobNotFound) -> JSONResponse:
         return error_response(404, ["path", "job_id"], str(exc), "not_found")
+
+    @app.exception_handler(JobEnded)
+    async def _ended(request: Request, exc: JobEnded) -> JSONResponse:
+        return error_response(409, ["path", "job_id"], str(exc), "job_ended")
 
     @app.exception_handler(IdempotencyConflict)
     async def _conflict(request: Request, exc: IdempotencyConflict) -> JSONResponse:

@@ -1,4 +1,4 @@
-"""The ``/v1`` routes: submit, read, list and follow jobs, their callback deliveries, and the model catalogue.
+"""The ``/v1`` routes: submit, read, list, follow and cancel jobs, their callback deliveries, and the model catalogue.
 
 Every route authenticates (Bearer key -> tenant) and sees only the tenant's jobs. Bodies and views are the
 contract's pydantic models (``GenerateRequest`` in, ``JobView`` out): the same ones the Python client uses.
@@ -18,7 +18,16 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, ConfigDict, Field
 
 from producer.api_deps import OwnedJob, PrincipalDep, ServicesDep, strict_query
-from producer.api_errors import INVALID, NOT_FOUND, SUBMIT_ERRORS, UNAUTHORIZED, UNAVAILABLE, ApiError, as_json
+from producer.api_errors import (
+    ENDED,
+    INVALID,
+    NOT_FOUND,
+    SUBMIT_ERRORS,
+    UNAUTHORIZED,
+    UNAVAILABLE,
+    ApiError,
+    as_json,
+)
 from producer.contract import GenerateJob, GenerateRequest, JobStatus, JobView, ModelEntry
 from producer.errors import IdempotencyConflict, JobNotFound
 from producer.quotas import Reservation
@@ -49,6 +58,7 @@ _JOB_EXAMPLE = {
     "kind": "generate",
     "tenant": "acme",
     "status": "queued",
+    "priority": "normal",
     "model": "fmnist-cgan",
     "model_version": "fmnist-cgan@1",
     "seed": 42,
@@ -170,6 +180,25 @@ def create_job(
 def get_job(job: OwnedJob) -> JobView:
     """The job's current view: status, progress, outputs (keys and sha256), error."""
     return job
+
+
+_CANCELED_CONTENT = {"application/json": {"example": {**_JOB_EXAMPLE, "status": "canceled"}}}
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=JobView,
+    summary="Cancel a job",
+    dependencies=_NO_QUERY,
+    responses={200: {"content": _CANCELED_CONTENT}, **NOT_FOUND, **ENDED, **INVALID},
+)
+def cancel_job(job: OwnedJob, principal: PrincipalDep, services: ServicesDep) -> JobView:
+    """Cancel a queued or running job: a queued job never starts, a running one stops after its current batch.
+
+    Answers the canceled job; its `outputs` list what was stored so far (the batch in flight is added when it
+    lands). A `canceled` callback event is sent. 409 if the job already ended (the message names its status).
+    """
+    return services.client.cancel(job.id, principal.tenant)
 
 
 def _encode_cursor(position: tuple[float, str]) -> str:

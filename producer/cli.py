@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from producer import cli_models
+from producer import cli_models, constants
 from producer.contract import GenerateRequest, JobStatus, JobView, OutputFormat
 from producer.errors import GenqError, InvalidJob
 from producer.settings import ClientSettings
@@ -77,6 +77,7 @@ def generate(
     callback: str | None = typer.Option(None, "--callback", help="URL receiving signed webhook events."),
     metadata: str | None = typer.Option(None, "--metadata", help="JSON object echoed back in the job."),
     idempotency_key: str | None = typer.Option(None, "--idempotency-key"),
+    priority: str = typer.Option("normal", "--priority", help="high, normal or low: which queue the job waits in."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Embedded mode: write images here, no Redis/S3."),
     embedded: bool = typer.Option(False, "--embedded", help="Run in-process even if GENQ_REDIS__URL is set."),
     wait: bool = typer.Option(False, "--wait", help="Queue mode: follow the job to its end with a progress bar."),
@@ -100,6 +101,7 @@ def generate(
         callback={"url": callback} if callback else None,
         metadata=meta,
         idempotency_key=idempotency_key,
+        priority=priority,
     )
     settings = ClientSettings()
     try:
@@ -193,6 +195,18 @@ def wait_cmd(job_id: str, timeout: float = typer.Option(600.0, "--timeout")) -> 
     raise typer.Exit(0 if view.status is JobStatus.SUCCEEDED else 1)
 
 
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a queued or running job and print its view as JSON (exit 1 if it is unknown or already ended)."""
+    from producer.client import Client
+
+    try:
+        print(Client().cancel(job_id).model_dump_json(indent=2))
+    except GenqError as exc:
+        console.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(1) from None
+
+
 @app.command("models")
 def models_cmd() -> None:
     """List models, versions, aliases and classes (from Redis, or the local model folders in embedded mode)."""
@@ -219,7 +233,12 @@ def models_cmd() -> None:
 
 @app.command()
 def worker(
-    queues: str = typer.Option("generate,callbacks", "--queues", "-Q", help="Comma-separated queues to consume."),
+    queues: str = typer.Option(
+        ",".join(constants.WORKER_QUEUES),
+        "--queues",
+        "-Q",
+        help="Comma-separated queues to consume, served strictly in this order (first non-empty queue first).",
+    ),
     concurrency: int = typer.Option(4, "--concurrency", "-c", min=1),
     pool: str = typer.Option(
         "threads", "--pool", help="threads (default: one process, models loaded once), prefork or solo."

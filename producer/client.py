@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from producer.contract import (
     OutputRef,
     plan_shards,
 )
-from producer.errors import IdempotencyConflict, InvalidJob, JobTimeout
+from producer.errors import IdempotencyConflict, InvalidJob, JobEnded, JobNotFound, JobTimeout
 from producer.events import callback_message
 from producer.resolve import resolve_request
 from producer.settings import ClientSettings
@@ -36,6 +37,8 @@ from producer.status import JobStore, as_text, utcnow
 
 if TYPE_CHECKING:
     from celery import Celery
+
+log = logging.getLogger("genq.client")
 
 
 class Client:
@@ -89,7 +92,13 @@ class Client:
                 return self.store.get(existing)
         try:
             job = resolve_request(
-                request, self.models(), self.settings.limits, job_id=job_id, now=utcnow(), tenant=tenant
+                request,
+                self.models(),
+                self.settings.limits,
+                job_id=job_id,
+                now=utcnow(),
+                tenant=tenant,
+                allow_hosts=self.settings.webhook.allow_hosts,
             )
             if admit is not None:
                 admit(job)
@@ -104,11 +113,43 @@ class Client:
             if message is not None:
                 self._send(constants.CALLBACK_TASK, message.model_dump(mode="json"), constants.CALLBACK_QUEUE)
             payload = job.model_dump(mode="json")
+            queue = constants.GENERATE_QUEUES[job.priority]
             for shard in shards:  # several workers share a bulk job, one shard each
-                self._send(constants.GENERATE_TASK, payload, constants.GENERATE_QUEUE, shard.model_dump())
+                self._send(constants.GENERATE_TASK, payload, queue, shard.model_dump())
         except Exception as exc:
             self.store.mark_failed(job.job_id, JobError(type="EnqueueFailed", message=f"could not enqueue: {exc}"))
             raise
+        return view
+
+    def cancel(self, job_id: str, tenant: str | None = None) -> JobView:
+        """Cancel a queued or running job and announce it (a ``canceled`` callback event); returns its view.
+
+        A queued job never starts; a running one stops after its current chunk (``GENQ_BATCHING__MAX_BATCH``
+        images). The view lists the outputs stored so far; those of the chunk in flight are added when it lands.
+
+        Args:
+            tenant: the caller's tenant (the HTTP API passes it): another tenant's job is not found. None skips
+                the check (an operator's client).
+
+        Raises:
+            JobNotFound: no such job (or it belongs to another tenant).
+            JobEnded: the job already succeeded, failed or was canceled (``.status`` says which).
+        """
+        view = self.store.get(job_id)
+        if tenant is not None and view.tenant != tenant:
+            raise JobNotFound(f"no job {job_id!r} (unknown id, or its record expired)")
+        if not self.store.mark_canceled(job_id):
+            status = self.store.get(job_id).status.value
+            message = f"job {job_id} already {status}; only a queued or running job can be canceled"
+            raise JobEnded(message, status=status)
+        view = self.store.get(job_id)
+        job = self.store.spec(job_id)
+        event = callback_message(job.callback, EventType.CANCELED, view, self.store.next_event_seq(job_id))
+        if event is not None:
+            try:
+                self._send(constants.CALLBACK_TASK, event.model_dump(mode="json"), constants.CALLBACK_QUEUE)
+            except Exception:  # the cancel stands; failing the call would make a retry answer "already canceled"
+                log.exception("job %s canceled, but its canceled event could not be enqueued", job_id)
         return view
 
     def _send(self, task: str, payload: dict[str, Any], queue: str, *extra: dict[str, Any]) -> None:

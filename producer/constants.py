@@ -4,7 +4,9 @@ KEY_PREFIX = "genq"
 
 # Redis keys
 JOB_KEY = KEY_PREFIX + ":job:{job_id}"  # hash: one per job, see producer.status
-JOB_EVENTS_KEY = KEY_PREFIX + ":job:{job_id}:events"  # list: callback deliveries for the job
+JOB_EVENTS_KEY = KEY_PREFIX + ":job:{job_id}:events"  # list: callback delivery attempts for the job (DeliveryRecord)
+JOB_CALLBACK_GONE_KEY = KEY_PREFIX + ":job:{job_id}:callback_gone"  # string: URL that answered 410; no more events
+CALLBACK_DEAD_KEY = KEY_PREFIX + ":callbacks:dead"  # list: CallbackDeadLetter JSON, newest first, capped
 IDEMPOTENCY_KEY = KEY_PREFIX + ":idem:{key}"  # string: job id owning an idempotency key
 CATALOG_KEY = KEY_PREFIX + ":catalog"  # hash: model name -> ModelEntry JSON, published by workers
 DELIVERIES_KEY = KEY_PREFIX + ":job:{job_id}:deliveries"  # hash: redelivery counter per job
@@ -14,10 +16,19 @@ API_KEY = KEY_PREFIX + ":apikey:{key_id}"  # string: ApiKey JSON; key_id is the 
 API_KEY_ACTIVE_KEY = KEY_PREFIX + ":apikey:{key_id}:active"  # sorted set: the key's non-terminal job ids
 API_KEY_IMAGES_KEY = KEY_PREFIX + ":apikey:{key_id}:images:{day}"  # counter: images submitted on a UTC day
 API_KEY_BUCKET_KEY = KEY_PREFIX + ":apikey:{key_id}:bucket"  # hash: request rate token bucket
+DEADLETTER_KEY = KEY_PREFIX + ":deadletter"  # list: messages workers could not run, newest first (worker.deadletter)
 
-# Celery queues
-GENERATE_QUEUE = "generate"
+# Celery queues: one per priority (Redis priorities inside one queue are approximate; separate queues served in a
+# fixed order are predictable), and callback deliveries on their own.
+GENERATE_HIGH_QUEUE = "generate.high"
+GENERATE_QUEUE = "generate"  # normal priority
+GENERATE_LOW_QUEUE = "generate.low"
+GENERATE_QUEUES = {"high": GENERATE_HIGH_QUEUE, "normal": GENERATE_QUEUE, "low": GENERATE_LOW_QUEUE}
 CALLBACK_QUEUE = "callbacks"
+# What `genq worker` consumes by default, in the order it serves them. Callbacks come first: with strict order and a
+# backlog of generate jobs, a worker serving callbacks last would announce nothing until the backlog drained, while
+# callback deliveries are short and only as many as the jobs' events.
+WORKER_QUEUES = (CALLBACK_QUEUE, GENERATE_HIGH_QUEUE, GENERATE_QUEUE, GENERATE_LOW_QUEUE)
 
 # Celery task names: the client enqueues by name, so it never imports the worker.
 GENERATE_TASK = "genq.generate"

@@ -114,6 +114,9 @@ class Callback(BaseModel):
         return url
 
 
+Priority = Literal["high", "normal", "low"]
+"""Which queue a job waits in: workers serve ``high`` before ``normal`` before ``low`` (separate queues)."""
+
 LabelKey = Annotated[str | int, Field(description="A class name ('sneaker') or its index (7).")]
 
 
@@ -140,6 +143,9 @@ class GenerateRequest(BaseModel):
     callback: Callback | None = None
     metadata: dict[str, JsonValue] = Field(default_factory=dict, description="Echoed back in the job view.")
     idempotency_key: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    priority: Priority = Field(
+        default="normal", description="Queue to wait in: workers take every high job before normal, normal before low."
+    )
 
     @field_validator("model")
     @classmethod
@@ -208,6 +214,7 @@ class GenerateJob(BaseModel):
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
     created_at: datetime
     tenant: str | None = Field(default=None, pattern=TENANT_PATTERN)  # owner; None for jobs outside the HTTP API
+    priority: Priority = "normal"
 
     @property
     def total_images(self) -> int:
@@ -287,6 +294,7 @@ class JobView(BaseModel):
     kind: Literal["generate"] = "generate"
     tenant: str | None = None
     status: JobStatus
+    priority: Priority = "normal"
     model: str
     model_version: str | None = None
     seed: int | None = None

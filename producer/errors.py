@@ -27,6 +27,14 @@ class JobNotFound(GenqError, KeyError):
         return str(self.args[0]) if self.args else "job not found"
 
 
+class JobEnded(GenqError):
+    """The job already ended (succeeded, failed or canceled): only a queued or running job can be canceled."""
+
+    def __init__(self, message: str, *, status: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class IdempotencyConflict(GenqError):
     """The idempotency key was already used for a different request body."""
 
@@ -50,3 +58,17 @@ class JobTimeout(GenqError, TimeoutError):
 
 class ConfigurationError(GenqError):
     """Settings are missing or unsafe (a placeholder secret outside dev, no bucket for S3 mode)."""
+
+
+class CallbackUrlRefused(InvalidJob):
+    """The callback URL reaches an address genq will not call (loopback, private, metadata...): permanent."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field="callback.url")
+
+
+class CallbackHostUnresolved(InvalidJob):
+    """The callback URL's host does not resolve: a submit is refused; a delivery attempt fails and is retried."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field="callback.url")

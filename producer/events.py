@@ -1,8 +1,12 @@
-"""Callback messages: what goes on the ``callbacks`` queue for the delivery task to sign and POST."""
+"""Callback messages (what goes on the ``callbacks`` queue for the delivery task to sign and POST) and the records
+a delivery leaves behind: one :class:`DeliveryRecord` per attempt, a :class:`CallbackDeadLetter` per event given up.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from datetime import datetime
+
+from pydantic import BaseModel, Field
 
 from producer.contract import Callback, EventType, JobView, WebhookEvent
 from producer.status import utcnow
@@ -10,12 +14,45 @@ from producer.webhooks import msg_id_for
 
 
 class CallbackMessage(BaseModel):
-    """One event to deliver to one URL; ``msg_id`` stays the same across retries of this event."""
+    """One event to deliver to one URL; ``msg_id`` stays the same across retries of this event.
+
+    A retry is the same message sent again with ``attempt`` counted up and ``due_at`` set: a worker that receives
+    it before ``due_at`` puts it back to wait (see ``worker.delivery``).
+    """
 
     job_id: str
     url: str
     msg_id: str
     event: WebhookEvent
+    attempt: int = Field(default=1, ge=1, description="1 for the first attempt, counted up on each retry.")
+    due_at: datetime | None = Field(default=None, description="Not to be attempted before this time (a retry).")
+
+
+class DeliveryRecord(BaseModel):
+    """One attempt to deliver a callback event, kept beside the job (``genq:job:<id>:events``) for the API to list."""
+
+    msg_id: str = Field(description="The `webhook-id`: the same on every attempt of one event.")
+    type: str = Field(description="The event type (queued, running, progress, succeeded, failed, canceled).")
+    url: str
+    attempt: int = Field(default=1, description="1 for the first attempt of this event.")
+    ok: bool = Field(description="The receiver answered 2xx.")
+    sent: bool = Field(default=True, description="False when genq refused to send (410 earlier, unsafe address).")
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: float = 0.0
+    at: datetime
+    next_retry_at: datetime | None = Field(default=None, description="When the next attempt is due; null if none.")
+    dead_lettered: bool = Field(default=False, description="The retry window is used up: this event is given up.")
+
+
+class CallbackDeadLetter(BaseModel):
+    """An event whose every attempt failed (``genq:callbacks:dead``): enough to inspect it and send it again."""
+
+    message: CallbackMessage
+    attempts: int
+    last_error: str | None
+    last_status_code: int | None
+    at: datetime
 
 
 def callback_message(

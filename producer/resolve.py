@@ -1,19 +1,21 @@
 """Turning a caller's :class:`GenerateRequest` into the :class:`GenerateJob` a worker runs.
 
-Pure: the model catalogue and the limits come in as arguments, so the Python client (catalogue in Redis) and the
-embedded mode (catalogue from local model folders) share every check. Every refusal names the field.
+Pure but for one DNS lookup: the model catalogue and the limits come in as arguments, so the Python client
+(catalogue in Redis) and the embedded mode (catalogue from local model folders) share every check; a callback URL's
+host is resolved to refuse internal addresses (``producer.ssrf``). Every refusal names the field.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from producer.contract import GenerateJob, GenerateRequest, LabelCount, ModelEntry, ModelRef, ModelVersionInfo
 from producer.errors import InvalidJob
 from producer.seeds import new_job_seed
 from producer.settings import Limits
+from producer.ssrf import check_callback_url
 
 
 def resolve_request(
@@ -24,14 +26,16 @@ def resolve_request(
     job_id: str,
     now: datetime,
     tenant: str | None = None,
+    allow_hosts: Sequence[str] = (),
 ) -> GenerateJob:
     """Validate ``request`` against the catalogue and limits and pin model version, labels and seed.
 
     ``tenant`` (the HTTP API's caller) is recorded on the job: it owns the job and its outputs' prefix.
+    ``allow_hosts`` (``GENQ_WEBHOOK__ALLOW_HOSTS``) lists the non-public hosts a callback may reach.
 
     Raises:
         InvalidJob: with ``field`` set to the offending field (``model``, ``label``, ``counts.<key>``, ``count``,
-            ``metadata``).
+            ``metadata``, ``callback.url``: an address genq will not call, or a host that does not resolve).
     """
     check_limits(request, limits)
     ref = ModelRef.parse(request.model)
@@ -49,6 +53,8 @@ def resolve_request(
     for key, count in request.label_counts():
         index = _label_index(key, info, ref.name, field if field == "label" else f"counts.{key}")
         items.append(LabelCount(index=index, name=info.class_names[index], count=count))
+    if request.callback is not None:  # last: the only check that may wait on DNS
+        check_callback_url(str(request.callback.url), allow_hosts)
     return GenerateJob(
         job_id=job_id,
         model=request.model,
@@ -61,6 +67,7 @@ def resolve_request(
         metadata=request.metadata,
         created_at=now,
         tenant=tenant,
+        priority=request.priority,
     )
 
 

@@ -205,13 +205,13 @@ class JobStore:
         if finished != shards:
             return None
         raw = self.redis.hgetall(self.key(job_id))
-        merged = [
-            OutputRef.model_validate(o)
-            for field, value in raw.items()
-            if as_text(field).startswith("shard:")
-            for o in json.loads(value)
-        ]
-        return sorted(merged, key=lambda o: o.index)
+        return _stored_outputs({as_text(k): as_text(v) for k, v in raw.items()}, ("shard:",))
+
+    def record_stopped_shard(self, job_id: str, shard: int, outputs: list[OutputRef]) -> None:
+        """Record what a shard stored before it stopped because its job ended (canceled, or failed elsewhere): the
+        view of a canceled job lists these beside the outputs of the shards that finished."""
+        payload = json.dumps([o.model_dump(mode="json") for o in outputs])
+        self.redis.hset(self.key(job_id), f"partial:{shard}", payload)
 
     def mark_succeeded(self, job_id: str, outputs: list[OutputRef], manifest_key: str) -> bool:
         applied = self.transition(
@@ -240,6 +240,15 @@ class JobStore:
             finished_at=utcnow().isoformat(),
         )
 
+    def mark_canceled(self, job_id: str) -> bool:
+        """queued/running -> canceled; False if the job already ended (the Lua transition refuses to leave a
+        terminal status, so a canceled job is never marked succeeded by a shard that finishes later).
+
+        The view lists the outputs stored so far: those of finished shards, and those of running shards once
+        they stop after their current chunk (:meth:`record_stopped_shard`).
+        """
+        return self.transition(job_id, JobStatus.CANCELED, _ACTIVE, finished_at=utcnow().isoformat())
+
     def count_delivery(self, job_id: str, shard: int = 0) -> int:
         """Count one more delivery of a shard's task; the worker dead-letters a shard delivered too often."""
         return int(self.redis.hincrby(self.key(job_id), f"deliveries:{shard}", 1))
@@ -254,13 +263,27 @@ def as_text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _stored_outputs(h: dict[str, str], prefixes: tuple[str, ...]) -> list[OutputRef]:
+    """Outputs recorded per shard in fields starting with ``prefixes``, by index, each index once."""
+    merged = {o["index"]: o for field, value in h.items() if field.startswith(prefixes) for o in json.loads(value)}
+    return [OutputRef.model_validate(merged[i]) for i in sorted(merged)]
+
+
 def _view(job_id: str, h: dict[str, str]) -> JobView:
     spec = GenerateJob.model_validate_json(h["spec"])
     error = JobError(type=h["error_type"], message=h.get("error_message", "")) if "error_type" in h else None
+    status = JobStatus(h["status"])
+    if status is JobStatus.CANCELED:  # what finished shards and stopped shards stored before the cancel
+        stored = _stored_outputs(h, ("shard:", "partial:"))
+        outputs, truncated = stored[:VIEW_OUTPUTS_MAX], len(stored) > VIEW_OUTPUTS_MAX
+    else:
+        outputs = [OutputRef.model_validate(o) for o in json.loads(h.get("outputs", "[]"))]
+        truncated = h.get("outputs_truncated") == "1"
     return JobView(
         id=job_id,
         tenant=spec.tenant,
-        status=JobStatus(h["status"]),
+        status=status,
+        priority=spec.priority,
         model=spec.model,
         model_version=f"{spec.model_name}@{spec.model_version}",
         seed=spec.seed,
@@ -269,8 +292,8 @@ def _view(job_id: str, h: dict[str, str]) -> JobView:
             total=int(h.get("total", spec.total_images)),
         ),
         shards=int(h.get("shards", 1)),
-        outputs_truncated=h.get("outputs_truncated") == "1",
-        outputs=[OutputRef.model_validate(o) for o in json.loads(h.get("outputs", "[]"))],
+        outputs_truncated=truncated,
+        outputs=outputs,
         manifest_key=h.get("manifest_key"),
         error=error,
         metadata=spec.metadata,

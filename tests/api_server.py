@@ -17,11 +17,12 @@ import httpx
 import redis
 import uvicorn
 from fastapi import FastAPI
+from stack import LOOPBACK_ALLOWED
 
 from producer import constants
 from producer.auth import KeyQuotas, KeyStore
 from producer.contract import ModelEntry, ModelVersionInfo
-from producer.settings import ApiSettings, ClientSettings, RedisSettings, S3Settings
+from producer.settings import ApiSettings, ClientSettings, RedisSettings, S3Settings, WebhookSettings
 
 
 class ApiServer:
@@ -77,7 +78,10 @@ def publish_catalog(client: redis.Redis) -> None:
 
 def api_settings(redis_url: str, bucket: str = "genq", **api: Any) -> ClientSettings:
     return ClientSettings(
-        redis=RedisSettings(url=redis_url), s3=S3Settings(bucket=bucket), api=ApiSettings(**{**TEST_API, **api})
+        redis=RedisSettings(url=redis_url),
+        s3=S3Settings(bucket=bucket),
+        api=ApiSettings(**{**TEST_API, **api}),
+        webhook=WebhookSettings(allow_hosts=LOOPBACK_ALLOWED),
     )
 
 

@@ -13,6 +13,8 @@ import redis
 
 from producer.client import Client
 
+# The tests' webhook receivers listen on 127.0.0.1, which the SSRF guard refuses unless it is allow-listed.
+LOOPBACK_ALLOWED = ["127.0.0.1"]
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -59,6 +61,7 @@ def worker_env(stack: Stack, **overrides: str) -> dict[str, str]:
             "GENQ_MODEL_DIRS": json.dumps([str(stack.model_root)]),
             "GENQ_STORAGE_RETRY__WINDOW_S": "5",
             "GENQ_CELERY__UNACKED_RESTORE_INTERVAL_S": "1",
+            "GENQ_WEBHOOK__ALLOW_HOSTS": json.dumps(LOOPBACK_ALLOWED),
         }
     )
     env.update(overrides)

@@ -12,12 +12,13 @@ from pathlib import Path
 import boto3
 import pytest
 import redis
-from stack import AWS_ENV, Stack, boto_kwargs, worker_env
+from stack import AWS_ENV, LOOPBACK_ALLOWED, Stack, boto_kwargs, worker_env
 from tiny_model import make_tiny_model
 from worker_process import WorkerProcess
 
+from producer import constants
 from producer.client import Client
-from producer.settings import ClientSettings, RedisSettings, S3Settings
+from producer.settings import ClientSettings, RedisSettings, S3Settings, WebhookSettings
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +41,18 @@ def stack(redis_url: str, s3_endpoint: str, model_root: Path) -> Iterator[Stack]
         mp.setenv("AWS_ENDPOINT_URL", s3_endpoint)
         for name, value in AWS_ENV.items():
             mp.setenv(name, value)
-        settings = ClientSettings(redis=RedisSettings(url=redis_url), s3=S3Settings(bucket=bucket))
+        settings = ClientSettings(
+            redis=RedisSettings(url=redis_url),
+            s3=S3Settings(bucket=bucket),
+            webhook=WebhookSettings(allow_hosts=LOOPBACK_ALLOWED),
+        )
         yield Stack(redis_url, client, s3_endpoint, bucket, model_root, Client(settings))
     client.flushdb()
     client.close()
 
 
 WorkerFactory = Callable[..., WorkerProcess]
+WORKER_QUEUES = ",".join(constants.WORKER_QUEUES)  # what `genq worker` consumes by default
 
 
 @pytest.fixture
@@ -55,7 +61,7 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
     started: list[WorkerProcess] = []
 
     def start(
-        env: dict[str, str], *, queues: str = "generate,callbacks", pool: str = "threads", concurrency: int = 2
+        env: dict[str, str], *, queues: str = WORKER_QUEUES, pool: str = "threads", concurrency: int = 2
     ) -> WorkerProcess:
         log = tmp_path / f"worker-{len(started)}.log"
         worker = WorkerProcess(env, log, queues=queues, pool=pool, concurrency=concurrency)
@@ -71,7 +77,7 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
 def module_worker(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     """One worker shared by the tests of a module that need nothing special."""
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    worker = WorkerProcess(worker_env(stack), log, queues="generate,callbacks", pool="threads", concurrency=3)
+    worker = WorkerProcess(worker_env(stack), log, queues=WORKER_QUEUES, pool="threads", concurrency=3)
     try:
         yield worker.wait_ready()
     finally:

@@ -240,11 +240,14 @@ def test_project_image_services_run_a_real_command(service: str) -> None:
 
 
 @pytest.mark.parametrize("service", WORKERS)
-def test_workers_consume_the_generate_and_callback_queues(service: str) -> None:
+def test_workers_consume_every_queue_in_the_order_genq_worker_does(service: str) -> None:
     command = argv(SERVICES[service].get("command"))
     assert "-Q" in command, f"{service}: name the queues with -Q"
-    queues = set(command[command.index("-Q") + 1].split(","))
-    assert queues == {constants.GENERATE_QUEUE, constants.CALLBACK_QUEUE}
+    queues = command[command.index("-Q") + 1].split(",")
+    # Served strictly in this order: callbacks, then generate.high, generate, generate.low.
+    assert queues == list(constants.WORKER_QUEUES)
+    default = next(p.default for p in genq_commands()["worker"].params if p.name == "queues")
+    assert default.split(",") == queues, "the compose workers and `genq worker` should consume alike"
 
 
 def test_compose_build_args_are_declared_in_the_dockerfile() -> None:

@@ -1,7 +1,7 @@
 """A real HTTP webhook receiver for tests: a loopback server that records, verifies and answers as scripted::
 
-    with WebhookReceiver(secret=DEV_WEBHOOK_SECRET, statuses=[500, 500]) as receiver:
-        ...  # deliver to receiver.url: the first two POSTs get 500, the rest 200
+    with WebhookReceiver(secret=DEV_WEBHOOK_SECRET, statuses=[500, 500], reject_unverified=True) as receiver:
+        ...  # deliver to receiver.url: the first two POSTs get 500, the rest 200 if they verify (else 401)
         [first, second, third] = receiver.wait_for(3, timeout=5)
         assert third.verified
 
@@ -49,6 +49,8 @@ class WebhookReceiver:
         default_status: the answer after the script (200).
         delay_s: how long to wait before answering each request (to make a client time out).
         tolerance_s: timestamp tolerance for verification.
+        reject_unverified: answer 401, as a real receiver would, to a request that fails verification once the
+            scripted statuses are used up (by default every request is recorded and answered as scripted).
 
     A 3xx answer carries ``location: <url>/redirected``, so a client that follows redirects shows up as a second
     request.
@@ -62,11 +64,13 @@ class WebhookReceiver:
         default_status: int = 200,
         delay_s: float = 0.0,
         tolerance_s: int = DEFAULT_TOLERANCE_S,
+        reject_unverified: bool = False,
     ) -> None:
         self.secret = secret
         self.default_status = default_status
         self.delay_s = delay_s
         self.tolerance_s = tolerance_s
+        self.reject_unverified = reject_unverified
         self._script: deque[int] = deque(statuses)
         self._received: list[Received] = []
         self._cond = threading.Condition()
@@ -118,12 +122,23 @@ class WebhookReceiver:
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}/hook"
 
-    def script(self, statuses: Iterable[int], *, delay_s: float | None = None) -> None:
-        """Answer the next requests with ``statuses`` (then ``default_status``); optionally change the delay."""
+    def script(
+        self,
+        statuses: Iterable[int],
+        *,
+        delay_s: float | None = None,
+        default_status: int | None = None,
+        reject_unverified: bool | None = None,
+    ) -> None:
+        """Answer the next requests with ``statuses`` (then ``default_status``); optionally change the other options."""
         with self._cond:
             self._script = deque(statuses)
             if delay_s is not None:
                 self.delay_s = delay_s
+            if default_status is not None:
+                self.default_status = default_status
+            if reject_unverified is not None:
+                self.reject_unverified = reject_unverified
 
     @property
     def received(self) -> list[Received]:
@@ -150,7 +165,10 @@ class WebhookReceiver:
         except (WebhookVerificationError, ValueError) as exc:
             verified, error = False, str(exc)
         with self._cond:
-            status = self._script.popleft() if self._script else self.default_status
+            if self._script:
+                status = self._script.popleft()
+            else:
+                status = 401 if self.reject_unverified and not verified else self.default_status
             delay = self.delay_s
             self._received.append(Received(method, path, headers, body, time.time(), verified, error, status))
             self._cond.notify_all()

@@ -1,10 +1,13 @@
-"""The Celery application: Redis broker, JSON only, late acks, one message at a time per process.
+"""The Celery application: Redis broker, JSON only, late acks, one message at a time per process, queues served
+in the order given, poison messages dead-lettered.
 
 ``celery -A worker.app:app worker`` and ``genq worker`` both use the module-level ``app``; tests and the CLI
 build their own with :func:`create_app`.
 """
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit
 
 from celery import Celery
 
@@ -17,6 +20,10 @@ def create_app(settings: WorkerSettings) -> Celery:
     """A Celery app configured from ``settings`` with genq's tasks registered."""
     broker = settings.redis.url or "redis://127.0.0.1:6379/0"
     app = Celery("genq", broker=broker, include=["worker.tasks"])
+    if urlsplit(broker).scheme == "redis":
+        # kombu's Redis transport, except that a list element that is not a kombu message is dead-lettered
+        # instead of stopping the worker (worker.deadletter). Other schemes (rediss, sentinel) keep kombu's own.
+        app.conf.broker_transport = "worker.deadletter:Transport"
     app.conf.update(
         # Security: never accept pickle (Celery's security guide).
         task_serializer="json",
@@ -38,9 +45,15 @@ def create_app(settings: WorkerSettings) -> Celery:
             # (kombu's defaults sweep only every 10 s x 10 = ~100 s).
             "unacked_restore_interval": settings.celery.unacked_restore_interval_s,
             "unacked_restore_throttle": 1,  # scan on every interval: the interval alone sets the period
+            # Serve a worker's queues strictly in the order given (-Q): BRPOP over several keys pops from the first
+            # non-empty one. kombu's default, round_robin, moves the queue just served to the back, so a high job
+            # would alternate with low ones instead of going first.
+            "queue_order_strategy": "priority",
         },
+        # Celery's consumer, recording the messages it refuses (bad content, unknown task) as dead letters.
+        worker_consumer="worker.deadletter:Consumer",
         task_routes={
-            constants.GENERATE_TASK: {"queue": constants.GENERATE_QUEUE},
+            constants.GENERATE_TASK: {"queue": constants.GENERATE_QUEUE},  # the client picks a queue per priority
             constants.CALLBACK_TASK: {"queue": constants.CALLBACK_QUEUE},
         },
         task_default_queue=constants.GENERATE_QUEUE,

@@ -52,7 +52,14 @@ def run_embedded(
     Raises InvalidJob for a bad request (before anything is written) and whatever the pipeline raises.
     """
     registry = ModelRegistry(model_roots(settings), settings.device)
-    job = resolve_request(request, registry.catalog(), settings.limits, job_id=uuid.uuid4().hex, now=utcnow())
+    job = resolve_request(
+        request,
+        registry.catalog(),
+        settings.limits,
+        job_id=uuid.uuid4().hex,
+        now=utcnow(),
+        allow_hosts=settings.webhook.allow_hosts,
+    )
     engine = make_engine(registry, settings)
     with ThreadPoolExecutor(settings.batching.upload_workers, thread_name_prefix="genq-upload") as uploads:
         try:

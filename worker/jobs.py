@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
-from producer.contract import GenerateJob, JobError, OutputRef, Shard
+from producer.constants import GENERATE_TASK
+from producer.contract import GenerateJob, JobError, OutputRef, Shard, plan_shards
+from worker.deadletter import record
 from worker.pipeline import run_generate
 from worker.reporting import RedisReporter
 from worker.runtime import Runtime
@@ -25,7 +28,8 @@ def execute_generate(job: GenerateJob, runtime: Runtime, reporter: RedisReporter
             f"delivered {deliveries} times without finishing (the worker died each time); "
             f"dead-lettered after GENQ_CELERY__MAX_DELIVERIES={settings.celery.max_deliveries}"
         )
-        log.error("job %s: %s", job.job_id, message)
+        body = json.dumps([job.model_dump(mode="json"), shard.model_dump() if shard else None])
+        record(runtime.redis, message, body, stage="task", task=GENERATE_TASK, job_id=job.job_id)
         reporter.failed(job, JobError(type="DeadLettered", message=message), [])
         return
     stored: list[OutputRef] = []
@@ -48,6 +52,7 @@ def execute_generate(job: GenerateJob, runtime: Runtime, reporter: RedisReporter
     if result.skipped:
         log.info("%s had already ended or been stored; delivery %d ignored", where, deliveries)
     elif result.stopped:
+        reporter.stopped(job, shard or plan_shards(job.total_images, job.total_images)[0], result.outputs)
         log.info("%s stopped after %d outputs: the job ended elsewhere", where, len(result.outputs))
     else:
         log.info("%s stored %d outputs%s", where, len(result.outputs), "; job succeeded" if result.manifest_key else "")

@@ -53,6 +53,11 @@ class RedisReporter:
         if self.store.mark_succeeded(job.job_id, outputs, manifest_key):
             self._emit(job, EventType.SUCCEEDED)
 
+    def stopped(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> None:
+        """The shard stopped early because its job ended (canceled): keep what it stored listed in the view."""
+        self._last_progress.pop(job.job_id, None)
+        self.store.record_stopped_shard(job.job_id, shard.index, outputs)
+
     def failed(self, job: GenerateJob, error: JobError, outputs: list[OutputRef]) -> None:
         self._last_progress.pop(job.job_id, None)
         if self.store.mark_failed(job.job_id, error, outputs):
@@ -61,8 +66,9 @@ class RedisReporter:
     def _emit(self, job: GenerateJob, event: EventType) -> None:
         if job.callback is None or event not in job.callback.events:
             return
-        message = callback_message(
-            job.callback, event, self.store.get(job.job_id), self.store.next_event_seq(job.job_id)
-        )
+        view = self.store.get(job.job_id)
+        if event is EventType.PROGRESS and view.status.is_terminal():
+            return  # the chunk that landed after a cancel: receivers already heard the job's last word
+        message = callback_message(job.callback, event, view, self.store.next_event_seq(job.job_id))
         if message is not None:
             self.send(message)

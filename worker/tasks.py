@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -13,9 +12,9 @@ from pydantic import ValidationError
 from producer import constants
 from producer.contract import GenerateJob, Shard
 from producer.events import CallbackMessage
-from producer.status import utcnow
 from worker.app import app, settings_of
-from worker.callbacks import deliver
+from worker.deadletter import record_task
+from worker.delivery import CallbackLedger, run_delivery
 from worker.jobs import execute_generate
 from worker.registry import ModelRegistry
 from worker.reporting import RedisReporter
@@ -28,8 +27,14 @@ def _runtime() -> Runtime:
     return get_runtime(settings_of(app))
 
 
-def send_callback(message: CallbackMessage) -> None:
-    app.send_task(constants.CALLBACK_TASK, args=[message.model_dump(mode="json")], queue=constants.CALLBACK_QUEUE)
+def send_callback(message: CallbackMessage, countdown: float = 0.0) -> None:
+    """Enqueue a callback delivery, to run at once or (a retry) after ``countdown`` seconds."""
+    app.send_task(
+        constants.CALLBACK_TASK,
+        args=[message.model_dump(mode="json")],
+        queue=constants.CALLBACK_QUEUE,
+        countdown=countdown or None,
+    )
 
 
 @app.task(name=constants.GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -39,43 +44,58 @@ def generate(payload: dict[str, Any], shard: dict[str, Any] | None = None) -> No
         job = GenerateJob.model_validate(payload)
         part = Shard.model_validate(shard) if shard is not None else None
     except ValidationError as exc:
-        # Acked and dropped: retrying a message that cannot be decoded can never succeed.
-        log.error("dropping malformed generate payload: %s", exc)
+        # Acked and dead-lettered: retrying a payload that does not validate can never succeed.
+        record_task(generate, f"not a generate job: {_errors(exc)}", [payload, shard])
         return
     runtime = _runtime()
-    execute_generate(job, runtime, RedisReporter(runtime.store, send_callback), part)
+    if not runtime.store.exists(job.job_id):  # clients record a job before they enqueue it: this one is stale
+        reason = f"no record of job {job.job_id} (never created, or expired after GENQ_JOB_TTL_S)"
+        record_task(generate, reason, [payload, shard], job_id=job.job_id)
+        return
+    reporter = RedisReporter(runtime.store, send_callback, runtime.settings.webhook.progress_interval_s)
+    execute_generate(job, runtime, reporter, part)
+
+
+def _errors(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in exc.errors())
+
+
+@signals.task_failure.connect
+@signals.task_internal_error.connect
+def _generate_raised(
+    sender: Any = None,
+    exception: BaseException | None = None,
+    args: Any = None,
+    kwargs: Any = None,
+    request: Any = None,
+    **_: Any,
+) -> None:
+    # generate never raises for a job (execute_generate fails the job instead); what raises is a message whose
+    # arguments do not fit the task (wrong count, kwargs not a mapping) or a worker that cannot build its runtime.
+    # Celery acks such a message anyway: keep it as a dead letter rather than lose it.
+    if getattr(sender, "name", None) == constants.GENERATE_TASK:
+        reason = f"the task raised {type(exception).__name__}: {exception}"
+        record_task(sender, reason, [args, kwargs], request=request)
 
 
 @app.task(name=constants.CALLBACK_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def deliver_callback(payload: dict[str, Any]) -> None:
-    """POST one signed callback event and record the attempt beside the job."""
+    """Deliver one signed callback event (one attempt), record it, and enqueue its retry if it failed."""
     try:
         message = CallbackMessage.model_validate(payload)
     except ValidationError as exc:
         log.error("dropping malformed callback payload: %s", exc)
         return
     runtime = _runtime()
-    settings = runtime.settings.webhook
-    result = deliver(
-        message.url, message.event, secret=settings.secret, msg_id=message.msg_id, timeout_s=settings.timeout_s
+    settings = runtime.settings
+    run_delivery(
+        message,
+        webhook=settings.webhook,
+        ledger=CallbackLedger(runtime.redis, settings.job_ttl_s),
+        requeue=send_callback,
+        # Retries wait on the broker in hops well inside the visibility timeout (see worker.delivery).
+        max_hop_s=settings.celery.visibility_timeout_s / 2,
     )
-    attempt = {
-        "msg_id": message.msg_id,
-        "type": message.event.type.value,
-        "url": message.url,
-        "ok": result.ok,
-        "status_code": result.status_code,
-        "error": result.error,
-        "duration_ms": round(result.duration_ms, 1),
-        "at": utcnow().isoformat(),
-    }
-    key = constants.JOB_EVENTS_KEY.format(job_id=message.job_id)
-    pipe = runtime.redis.pipeline()
-    pipe.rpush(key, json.dumps(attempt))
-    pipe.expire(key, runtime.settings.job_ttl_s)
-    pipe.execute()
-    if not result.ok:
-        log.warning("callback %s to %s failed: %s", message.msg_id, message.url, result.error or result.status_code)
 
 
 @signals.worker_process_init.connect

@@ -18,7 +18,8 @@ SNEAKERS = {"model": "fmnist-cgan", "label": "sneaker", "count": 2, "seed": 42}
 
 
 def _nothing_enqueued(db: redis.Redis) -> bool:
-    return db.llen(constants.GENERATE_QUEUE) == 0 and not db.keys("genq:job:*")
+    queued = sum(db.llen(queue) for queue in constants.GENERATE_QUEUES.values())
+    return queued == 0 and not db.keys("genq:job:*")
 
 
 def test_create_answers_202_with_the_queued_job_and_get_returns_it(acme: httpx.Client, catalog: redis.Redis) -> None:

@@ -123,7 +123,7 @@ def test_bad_requests_are_refused_before_anything_is_enqueued(
     with pytest.raises(InvalidJob) as info:
         stack.client.submit(GenerateRequest.model_validate(fields))
     assert info.value.field == field
-    assert stack.redis.llen(constants.GENERATE_QUEUE) == 0
+    assert sum(stack.redis.llen(queue) for queue in constants.GENERATE_QUEUES.values()) == 0
     assert len(stack.redis.keys("genq:job:*")) == jobs_before
 
 

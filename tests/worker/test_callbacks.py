@@ -155,3 +155,23 @@ def test_delivery_result_is_frozen() -> None:
     result = DeliveryResult(ok=True, status_code=200, error=None, duration_ms=1.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.ok = False  # type: ignore[misc]
+
+
+def test_connect_to_pins_the_address_and_keeps_the_host_header(webhook_receiver: WebhookReceiver) -> None:
+    port = webhook_receiver.url.split(":")[2].split("/")[0]
+    # The name does not resolve anywhere: only the given address can have carried the request.
+    result = _deliver(f"http://hooks.shop.invalid:{port}/hook", connect_to=["127.0.0.1"])
+
+    assert result.ok, result.error
+    [received] = webhook_receiver.wait_for(1)
+    assert received.headers["host"] == f"hooks.shop.invalid:{port}" and received.path == "/hook"
+    assert received.verified
+
+
+def test_connect_to_moves_on_to_the_next_address_when_connecting_fails(webhook_receiver: WebhookReceiver) -> None:
+    port = webhook_receiver.url.split(":")[2].split("/")[0]
+    # 127.0.0.2 is loopback too, but the receiver listens on 127.0.0.1 only: refused, nothing sent.
+    result = _deliver(f"http://hooks.shop.invalid:{port}/hook", connect_to=["127.0.0.2", "127.0.0.1"])
+
+    assert result.ok, result.error
+    assert len(webhook_receiver.wait_for(1)) == 1

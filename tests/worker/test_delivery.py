@@ -1,0 +1,291 @@
+"""The retry policy (pure) and one delivery run against real Redis and a real loopback receiver, without Celery."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+from webhook_receiver import WebhookReceiver
+
+from producer import constants
+from producer.contract import Callback, EventType, JobStatus, JobView, Progress
+from producer.events import CallbackMessage, DeliveryRecord, callback_message
+from producer.settings import STANDARD_RETRY_SCHEDULE_S, WebhookSettings
+from worker.callbacks import hop_countdown, next_delay
+from worker.delivery import CallbackLedger, Outcome, run_delivery
+
+SHORT = [0.0, 0.2, 0.2, 0.2]
+STANDARD = list(STANDARD_RETRY_SCHEDULE_S)
+
+
+class Fixed(random.Random):
+    """An rng whose uniform(a, b) always lands at the same fraction of the interval."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__(0)
+        self.fraction = fraction
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.fraction
+
+
+@pytest.mark.parametrize(
+    ("attempt", "schedule", "expected"),
+    [
+        (1, STANDARD, 5.0),
+        (2, STANDARD, 300.0),
+        (3, STANDARD, 1800.0),
+        (4, STANDARD, 7200.0),
+        (9, STANDARD, 86400.0),
+        (10, STANDARD, None),  # ten attempts in all: the window is used up
+        (11, STANDARD, None),
+        (1, SHORT, 0.2),
+        (3, SHORT, 0.2),
+        (4, SHORT, None),
+        (1, [0.0], None),  # a single attempt, no retries
+    ],
+)
+def test_next_delay_follows_the_schedule_without_jitter(
+    attempt: int, schedule: list[float], expected: float | None
+) -> None:
+    assert next_delay(attempt, schedule, 0.0, random.Random(1)) == expected
+
+
+@pytest.mark.parametrize(
+    ("fraction", "jitter", "expected"),
+    [(0.0, 0.1, 270.0), (0.5, 0.1, 300.0), (1.0, 0.1, 330.0), (0.0, 1.0, 0.0), (1.0, 1.0, 600.0), (0.25, 0.2, 270.0)],
+)
+def test_jitter_scales_the_delay_within_one_plus_or_minus_the_fraction(
+    fraction: float, jitter: float, expected: float
+) -> None:
+    assert next_delay(2, STANDARD, jitter, Fixed(fraction)) == pytest.approx(expected)
+
+
+def test_jittered_delays_spread_and_stay_in_bounds() -> None:
+    rng = random.Random(42)
+    delays = [next_delay(3, STANDARD, 0.1, rng) for _ in range(500)]
+    assert all(d is not None and 1620.0 <= d <= 1980.0 for d in delays)
+    assert len({round(d or 0, 3) for d in delays}) > 400  # not one value: retries of an outage spread out
+
+
+def test_the_standard_window_is_about_three_days() -> None:
+    window_h = sum(next_delay(a, STANDARD, 0.0, random.Random()) or 0 for a in range(1, 10)) / 3600
+    assert window_h == pytest.approx(75.6, abs=0.1)
+
+
+@pytest.mark.parametrize(("attempt", "jitter"), [(0, 0.1), (-1, 0.1), (1, -0.1), (1, 1.5)])
+def test_next_delay_refuses_nonsense(attempt: int, jitter: float) -> None:
+    with pytest.raises(ValueError):
+        next_delay(attempt, STANDARD, jitter, random.Random())
+
+
+@pytest.mark.parametrize(
+    ("remaining", "max_hop", "expected"),
+    [(0.2, 1800.0, 0.2), (300.0, 1800.0, 300.0), (7200.0, 1800.0, 1800.0), (86400.0, 1800.0, 1800.0), (-3.0, 60, 0.0)],
+)
+def test_hop_countdown_never_exceeds_the_hop(remaining: float, max_hop: float, expected: float) -> None:
+    assert hop_countdown(remaining, max_hop) == expected
+
+
+def test_hop_countdown_needs_a_positive_hop() -> None:
+    with pytest.raises(ValueError):
+        hop_countdown(10.0, 0.0)
+
+
+# -- one delivery run, against real Redis and a real receiver ---------------------------------------------------
+
+JOB_ID = "job-delivery-1"
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def _message(url: str, event: EventType = EventType.SUCCEEDED, seq: int = 3, job_id: str = JOB_ID) -> CallbackMessage:
+    view = JobView(
+        id=job_id,
+        status=JobStatus.SUCCEEDED,
+        model="fmnist-cgan",
+        model_version="fmnist-cgan@1",
+        seed=1,
+        progress=Progress(done=1, total=1),
+        created_at=T0,
+    )
+    message = callback_message(Callback.model_validate({"url": url}), event, view, seq)
+    assert message is not None
+    return message
+
+
+class Harness:
+    """run_delivery with a controllable clock and the requeued messages collected instead of sent."""
+
+    def __init__(self, client: redis.Redis, webhook: WebhookSettings, max_hop_s: float = 1800.0) -> None:
+        self.ledger = CallbackLedger(client, ttl_s=3600)
+        self.webhook = webhook
+        self.max_hop_s = max_hop_s
+        self.now = T0
+        self.requeued: list[tuple[CallbackMessage, float]] = []
+
+    def run(self, message: CallbackMessage) -> Outcome:
+        clock: Callable[[], datetime] = lambda: self.now  # noqa: E731
+        return run_delivery(
+            message,
+            webhook=self.webhook,
+            ledger=self.ledger,
+            requeue=lambda m, countdown: self.requeued.append((m, countdown)),
+            max_hop_s=self.max_hop_s,
+            rng=random.Random(7),
+            now=clock,
+        )
+
+    def records(self, job_id: str = JOB_ID) -> list[DeliveryRecord]:
+        raw = self.ledger.redis.lrange(constants.JOB_EVENTS_KEY.format(job_id=job_id), 0, -1)
+        return [DeliveryRecord.model_validate_json(item) for item in raw]
+
+
+def _webhook(**fields: object) -> WebhookSettings:
+    return WebhookSettings.model_validate(
+        {"retry_schedule_s": SHORT, "jitter": 0.0, "allow_hosts": ["127.0.0.1"], "timeout_s": 5.0, **fields}
+    )
+
+
+def test_first_attempt_delivered_is_recorded_and_nothing_is_requeued(
+    redis_client: redis.Redis, webhook_receiver: WebhookReceiver
+) -> None:
+    harness = Harness(redis_client, _webhook())
+    assert harness.run(_message(webhook_receiver.url)) is Outcome.DELIVERED
+    [record] = harness.records()
+    assert record.ok and record.sent and record.attempt == 1 and record.status_code == 200
+    assert record.next_retry_at is None and not record.dead_lettered and record.at == T0
+    assert harness.requeued == []
+
+
+def test_failures_are_retried_with_the_same_webhook_id_until_delivered(
+    redis_client: redis.Redis, webhook_receiver: WebhookReceiver
+) -> None:
+    webhook_receiver.script([500, 503, 408], reject_unverified=True)
+    harness = Harness(redis_client, _webhook())
+    message = _message(webhook_receiver.url)
+    outcomes = []
+    for _ in range(4):
+        outcomes.append(harness.run(message))
+        if harness.requeued:
+            message, countdown = harness.requeued.pop()
+            assert countdown == pytest.approx(0.2)
+            assert message.due_at == harness.now + timedelta(seconds=0.2)
+            harness.now = message.due_at
+    assert outcomes == [Outcome.RETRYING] * 3 + [Outcome.DELIVERED]
+
+    received = webhook_receiver.wait_for(4)
+    assert [r.status for r in received] == [500, 503, 408, 200]
+    assert {r.headers["webhook-id"] for r in received} == {message.msg_id}
+    assert received[-1].verified, received[-1].verify_error
+    records = harness.records()
+    assert [r.attempt for r in records] == [1, 2, 3, 4]
+    assert [r.status_code for r in records] == [500, 503, 408, 200]
+    assert [r.next_retry_at for r in records] == [T0 + timedelta(seconds=0.2 * i) for i in (1, 2, 3)] + [None]
+    assert {r.msg_id for r in records} == {message.msg_id}
+
+
+def test_a_used_up_schedule_dead_letters_the_event(
+    redis_client: redis.Redis, webhook_receiver: WebhookReceiver
+) -> None:
+    webhook_receiver.script([], default_status=500)
+    harness = Harness(redis_client, _webhook(retry_schedule_s=[0, 0.2]))
+    first = _message(webhook_receiver.url)
+    assert harness.run(first) is Outcome.RETRYING
+    retry, _ = harness.requeued.pop()
+    harness.now = retry.due_at or T0
+    assert harness.run(retry) is Outcome.DEAD_LETTERED
+    assert harness.requeued == []
+
+    last = harness.records()[-1]
+    assert last.dead_lettered and last.attempt == 2 and last.next_retry_at is None and last.error == "HTTP 500"
+    [letter] = harness.ledger.dead_letters()
+    assert letter.attempts == 2 and letter.last_status_code == 500 and letter.last_error == "HTTP 500"
+    assert letter.message.msg_id == first.msg_id and letter.message.event == first.event
+
+
+def test_410_stops_this_and_every_later_event_of_the_job_only(
+    redis_client: redis.Redis, webhook_receiver: WebhookReceiver
+) -> None:
+    webhook_receiver.script([410])
+    harness = Harness(redis_client, _webhook())
+    assert harness.run(_message(webhook_receiver.url, EventType.RUNNING, seq=1)) is Outcome.GONE
+    assert harness.run(_message(webhook_receiver.url, EventType.SUCCEEDED, seq=2)) is Outcome.SKIPPED
+    assert harness.requeued == []
+    assert len(webhook_receiver.received) == 1
+
+    gone, skipped = harness.records()
+    assert gone.status_code == 410 and gone.sent and gone.next_retry_at is None and not gone.dead_lettered
+    assert not skipped.sent and skipped.status_code is None and "410" in (skipped.error or "")
+    assert redis_client.ttl(constants.JOB_CALLBACK_GONE_KEY.format(job_id=JOB_ID)) > 0
+
+    other = _message(webhook_receiver.url, job_id="job-delivery-2")
+    assert harness.run(other) is Outcome.DELIVERED  # another job's callbacks are unaffected
+
+
+def test_a_url_that_now_reaches_a_refused_address_is_recorded_and_not_retried(
+    redis_client: redis.Redis, webhook_receiver: WebhookReceiver
+) -> None:
+    harness = Harness(redis_client, _webhook(allow_hosts=[]))  # the worker's allow-list no longer has loopback
+    assert harness.run(_message(webhook_receiver.url)) is Outcome.REFUSED
+    assert harness.requeued == [] and webhook_receiver.received == []
+    [record] = harness.records()
+    assert not record.ok and not record.sent and record.attempt == 1
+    assert record.error is not None and record.error.startswith("not sent: callback host '127.0.0.1'")
+    assert "loopback" in record.error
+
+
+def test_a_host_that_stops_resolving_is_a_failed_attempt_and_retried(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_dns(host: str) -> list[str]:
+        raise OSError(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr("producer.ssrf.resolve_host", no_dns)
+    harness = Harness(redis_client, _webhook())
+    assert harness.run(_message("https://hooks.shop.test/genq")) is Outcome.RETRYING
+    [record] = harness.records()
+    assert record.sent and record.error is not None and "does not resolve" in record.error
+    [(retry, _)] = harness.requeued
+    assert retry.attempt == 2
+
+
+def test_a_long_wait_is_made_of_hops_inside_the_visibility_timeout(
+    redis_client: redis.Redis, webhook_receiver: WebhookReceiver
+) -> None:
+    webhook_receiver.script([500])
+    harness = Harness(redis_client, _webhook(retry_schedule_s=[0, 7200]), max_hop_s=1800.0)
+    assert harness.run(_message(webhook_receiver.url)) is Outcome.RETRYING
+    retry, countdown = harness.requeued.pop()
+    assert countdown == 1800.0 and retry.due_at == T0 + timedelta(hours=2) and retry.attempt == 2
+
+    for hop in range(1, 4):  # arrives after each hop: put back for the rest, nothing sent or recorded
+        harness.now = T0 + timedelta(seconds=1800 * hop)
+        assert harness.run(retry) is Outcome.WAITING
+        again, countdown = harness.requeued.pop()
+        assert again == retry and countdown == 1800.0
+    harness.now = T0 + timedelta(hours=2, seconds=-0.1)  # due within the slack: sent now
+    assert harness.run(retry) is Outcome.DELIVERED
+    assert [r.attempt for r in harness.records()] == [1, 2]
+    assert len(webhook_receiver.received) == 2
+
+
+def test_the_post_goes_to_the_vetted_address_without_a_second_lookup(
+    redis_client: redis.Redis, webhook_receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lookups: list[str] = []
+    answers = iter([["127.0.0.1"], ["10.0.0.1"]])  # a rebinding DNS: the second answer would be internal
+
+    def rebinding(host: str) -> list[str]:
+        lookups.append(host)
+        return next(answers)
+
+    monkeypatch.setattr("producer.ssrf.resolve_host", rebinding)
+    port = webhook_receiver.url.rsplit(":", 1)[1].split("/")[0]
+    harness = Harness(redis_client, _webhook())
+    assert harness.run(_message(f"http://hooks.shop.test:{port}/hook")) is Outcome.DELIVERED
+    assert lookups == ["hooks.shop.test"]  # one lookup: checked and connected to the same answer
+    [received] = webhook_receiver.wait_for(1)
+    assert received.headers["host"] == f"hooks.shop.test:{port}" and received.verified
