@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.generator import ImageGenerator
+from worker import metrics
 from worker.batcher import Batch, BatchKey, Collector, Request
 
 log = logging.getLogger("genq.inference")
@@ -123,6 +124,7 @@ class InferenceEngine:
         except Exception as exc:  # the model itself is broken: every request for it fails with the reason
             self._fail(batch, exc)
             return
+        started = time.perf_counter()
         try:
             images = model.sample(list(batch.labels), list(batch.seeds))  # (B, C, H, W) uint8
         except Exception as exc:
@@ -138,6 +140,8 @@ class InferenceEngine:
                 self._fail(batch, exc)
             return
         self.batch_sizes[batch.size] += 1
+        metrics.BATCH_SIZE.observe(batch.size)
+        metrics.FORWARD_SECONDS.labels(batch.key.model_name).observe(time.perf_counter() - started)
         self._deliver(batch, images)
 
     def _deliver(self, batch: Batch, images: torch.Tensor) -> None:

@@ -7,6 +7,7 @@ import logging
 
 from producer.constants import GENERATE_TASK
 from producer.contract import GenerateJob, JobError, OutputRef, Shard, plan_shards
+from worker import metrics
 from worker.deadletter import record
 from worker.pipeline import run_generate
 from worker.reporting import RedisReporter
@@ -31,6 +32,7 @@ def execute_generate(job: GenerateJob, runtime: Runtime, reporter: RedisReporter
         body = json.dumps([job.model_dump(mode="json"), shard.model_dump() if shard else None])
         record(runtime.redis, message, body, stage="task", task=GENERATE_TASK, job_id=job.job_id)
         reporter.failed(job, JobError(type="DeadLettered", message=message), [])
+        metrics.SHARDS.labels("dead_lettered").inc()
         return
     stored: list[OutputRef] = []
     try:
@@ -47,7 +49,12 @@ def execute_generate(job: GenerateJob, runtime: Runtime, reporter: RedisReporter
     except Exception as exc:  # every failure ends the job loudly, with the reason and partial outputs
         log.exception("job %s failed", job.job_id)
         reporter.failed(job, JobError(type=type(exc).__name__, message=str(exc)), stored)
+        metrics.SHARDS.labels("failed").inc()
+        metrics.IMAGES.labels(job.model_name).inc(len(stored))
         return
+    outcome = "skipped" if result.skipped else "stopped" if result.stopped else "stored"
+    metrics.SHARDS.labels(outcome).inc()
+    metrics.IMAGES.labels(job.model_name).inc(len(result.outputs))
     where = f"job {job.job_id} shard {shard.index + 1}/{shard.count}" if shard else f"job {job.job_id}"
     if result.skipped:
         log.info("%s had already ended or been stored; delivery %d ignored", where, deliveries)

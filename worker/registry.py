@@ -25,6 +25,7 @@ from models.generator import CONFIG_FILE, ImageGenerator, load_generator, read_c
 from producer import constants
 from producer.contract import ModelEntry, ModelVersionInfo
 from producer.errors import ModelNotFound
+from worker import metrics
 from worker.errors import ModelLoadError
 
 log = logging.getLogger("genq.registry")
@@ -110,7 +111,9 @@ class ModelRegistry:
                     self._loaded[key] = load_generator(path, self.device)
                 except ModelsError as exc:
                     raise ModelLoadError(f"model {name}@{version} failed to load: {exc}") from exc
-                log.info("loaded %s@%s from %s in %.0f ms", name, version, path, 1e3 * (time.perf_counter() - started))
+                elapsed = time.perf_counter() - started
+                metrics.MODEL_LOAD_SECONDS.observe(elapsed)
+                log.info("loaded %s@%s from %s in %.0f ms", name, version, path, 1e3 * elapsed)
             return self._loaded[key]
 
     def preload(self) -> None:

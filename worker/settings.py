@@ -60,6 +60,9 @@ class WorkerSettings(BaseSettings):
     model_dirs: list[Path] = Field(default_factory=list, description="Extra model folders beside the shipped zoo.")
     device: str = "cpu"
     job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Serve Prometheus metrics on this port (threads/solo pools)."
+    )
 
     @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> WorkerSettings:

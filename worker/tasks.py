@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from producer import constants
 from producer.contract import GenerateJob, Shard
 from producer.events import CallbackMessage
+from worker import metrics
 from worker.app import app, settings_of
 from worker.deadletter import record_task
 from worker.delivery import CallbackLedger, run_delivery
@@ -88,7 +89,7 @@ def deliver_callback(payload: dict[str, Any]) -> None:
         return
     runtime = _runtime()
     settings = runtime.settings
-    run_delivery(
+    outcome = run_delivery(
         message,
         webhook=settings.webhook,
         ledger=CallbackLedger(runtime.redis, settings.job_ttl_s),
@@ -96,6 +97,7 @@ def deliver_callback(payload: dict[str, Any]) -> None:
         # Retries wait on the broker in hops well inside the visibility timeout (see worker.delivery).
         max_hop_s=settings.celery.visibility_timeout_s / 2,
     )
+    metrics.CALLBACKS.labels(outcome.value).inc()
 
 
 @signals.worker_process_init.connect
@@ -120,4 +122,7 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
         registry = runtime.registry
         registry.publish(runtime.redis)
         registry.preload()
+        if settings.metrics_port is not None:  # one process serves every job: its registry has every metric
+            metrics.serve(settings.metrics_port)
+            log.info("metrics on :%d/metrics", settings.metrics_port)
     log.info("worker ready: models %s", ", ".join(sorted(registry.catalog())) or "none")
