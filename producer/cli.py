@@ -239,16 +239,24 @@ def worker(
         "-Q",
         help="Comma-separated queues to consume, served strictly in this order (first non-empty queue first).",
     ),
-    concurrency: int = typer.Option(4, "--concurrency", "-c", min=1),
+    concurrency: int | None = typer.Option(
+        None,
+        "--concurrency",
+        "-c",
+        min=1,
+        help="Jobs run at once (default: 16 threads, whose samples share forward passes; prefork: one per core).",
+    ),
     pool: str = typer.Option(
         "threads", "--pool", help="threads (default: one process, models loaded once), prefork or solo."
     ),
     loglevel: str = typer.Option("INFO", "--loglevel"),
+    log_json: bool = typer.Option(False, "--log-json", help="One JSON object per log line, with job_id."),
     hostname: str | None = typer.Option(None, "--hostname", "-n"),
 ) -> None:
     """Start a Celery worker on the configured Redis (GENQ_REDIS__URL)."""
-    import logging
+    import os
 
+    from producer.logs import configure_logging
     from worker.app import app as celery_app  # lazily: only this command needs the worker runtime
 
     if pool not in ("threads", "prefork", "solo"):
@@ -256,7 +264,9 @@ def worker(
     if ClientSettings().redis.url is None:
         console.print("[red]error[/]: a worker needs Redis: set GENQ_REDIS__URL (e.g. redis://127.0.0.1:6379/0)")
         raise typer.Exit(2)
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(loglevel, json_lines=log_json)
+    if concurrency is None:
+        concurrency = 16 if pool == "threads" else os.cpu_count() or 1
     argv = ["worker", f"--queues={queues}", f"--concurrency={concurrency}", f"--pool={pool}", f"--loglevel={loglevel}"]
     if hostname:
         argv.append(f"--hostname={hostname}")

@@ -7,6 +7,7 @@ import logging
 
 from producer.constants import GENERATE_TASK
 from producer.contract import GenerateJob, JobError, OutputRef, Shard, plan_shards
+from producer.logs import current_job
 from worker import metrics
 from worker.deadletter import record
 from worker.pipeline import run_generate
@@ -22,6 +23,14 @@ def execute_generate(job: GenerateJob, runtime: Runtime, reporter: RedisReporter
     A shard whose deliveries exceed ``max_deliveries`` crashed its worker every time (the only way a message comes
     back): the job is failed instead of run again, so one poison job cannot take workers down forever.
     """
+    token = current_job.set(job.job_id)  # every log line of this job carries its id
+    try:
+        _execute(job, runtime, reporter, shard)
+    finally:
+        current_job.reset(token)
+
+
+def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard: Shard | None) -> None:
     settings = runtime.settings
     deliveries = runtime.store.count_delivery(job.job_id, shard.index if shard else 0)
     if deliveries > settings.celery.max_deliveries:

@@ -85,6 +85,7 @@ def test_generate_job_stores_pngs_and_manifest_and_sends_signed_callbacks(
     assert [o.key for o in final.data.outputs] == keys[:-1]
     assert len({r.headers["webhook-id"] for r in mine}) == len(mine)  # one id per event
 
+    assert f"[{queued.id}]" in module_worker.log()  # the worker's log lines of this job carry its id
     attempts = stack.client.deliveries(queued.id)
     assert {a["type"] for a in attempts} >= {"queued", "running", "succeeded"} and all(a["ok"] for a in attempts)
 
