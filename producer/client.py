@@ -7,8 +7,10 @@ the first submit, boto3 on the first download or presigned URL.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import tarfile
 import time
 import uuid
 from collections.abc import Callable
@@ -25,6 +27,7 @@ from producer.contract import (
     JobError,
     JobStatus,
     JobView,
+    Manifest,
     ModelEntry,
     OutputRef,
     plan_shards,
@@ -249,22 +252,40 @@ class Client:
         return view.model_copy(update={"outputs": outputs})
 
     def download(self, view: JobView, dest: Path, on_file: Callable[[OutputRef], None] | None = None) -> list[Path]:
-        """Download a finished job's outputs and manifest into ``dest``, checking each sha256."""
+        """Download a finished job's outputs (images, or webdataset tars) and manifest into ``dest``.
+
+        The manifest, not the view, lists what to fetch (a view lists at most 1,000 outputs); every image's sha256
+        is checked, inside its tar for webdataset output.
+        """
         if view.status is not JobStatus.SUCCEEDED or view.manifest_key is None:
             raise InvalidJob(f"job {view.id} is {view.status.value}; only succeeded jobs have a complete output set")
         dest.mkdir(parents=True, exist_ok=True)
         s3 = self._s3_client()
         bucket = self.settings.s3.bucket
+        raw_manifest = s3.get_object(Bucket=bucket, Key=view.manifest_key)["Body"].read()
+        by_key: dict[str, list[OutputRef]] = {}
+        for output in Manifest.model_validate_json(raw_manifest).outputs:
+            by_key.setdefault(output.key, []).append(output)
         paths = []
-        for output in view.outputs:
-            data = s3.get_object(Bucket=bucket, Key=output.key)["Body"].read()
-            if hashlib.sha256(data).hexdigest() != output.sha256:
-                raise InvalidJob(f"{output.key}: sha256 does not match the manifest; the object was altered")
-            path = dest / output.key.rsplit("/", 1)[-1]
+        for key, outputs in by_key.items():
+            data = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            for output, image in zip(outputs, _images_in(data, outputs), strict=True):
+                if hashlib.sha256(image).hexdigest() != output.sha256:
+                    raise InvalidJob(f"{key} {output.member or ''}: sha256 does not match the manifest; altered")
+                if on_file is not None:
+                    on_file(output)
+            path = dest / key.rsplit("/", 1)[-1]
             path.write_bytes(data)
             paths.append(path)
-            if on_file is not None:
-                on_file(output)
         manifest = dest / constants.MANIFEST_NAME
-        manifest.write_bytes(s3.get_object(Bucket=bucket, Key=view.manifest_key)["Body"].read())
+        manifest.write_bytes(raw_manifest)
         return [*paths, manifest]
+
+
+def _images_in(data: bytes, outputs: list[OutputRef]) -> list[bytes]:
+    """The image bytes of ``outputs`` inside one downloaded object: the object itself, or members of a tar."""
+    if outputs[0].member is None:
+        return [data]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        files = {m.name: tar.extractfile(m) for m in tar.getmembers() if m.isfile()}
+        return [f.read() if (f := files.get(o.member or "")) is not None else b"" for o in outputs]

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 MAX_SEED = 2**63 - 1
+OutputLayout = Literal["objects", "webdataset"]
 _NAME = r"[a-z0-9][a-z0-9._-]{0,63}"
 # A tenant name becomes part of Redis keys and S3 prefixes (tenants/<tenant>/jobs/...): no '/', no leading dot.
 TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -143,6 +144,10 @@ class GenerateRequest(BaseModel):
     callback: Callback | None = None
     metadata: dict[str, JsonValue] = Field(default_factory=dict, description="Echoed back in the job view.")
     idempotency_key: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    output: OutputLayout = Field(
+        default="objects",
+        description="objects: one object per image; webdataset: one tar per shard of <index>.<ext> + <index>.json.",
+    )
     priority: Priority = Field(
         default="normal", description="Queue to wait in: workers take every high job before normal, normal before low."
     )
@@ -214,6 +219,7 @@ class GenerateJob(BaseModel):
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
     created_at: datetime
     tenant: str | None = Field(default=None, pattern=TENANT_PATTERN)  # owner; None for jobs outside the HTTP API
+    output: OutputLayout = "objects"
     priority: Priority = "normal"
 
     @property
@@ -272,6 +278,7 @@ class OutputRef(BaseModel):
     key: str
     sha256: str
     content_type: str
+    member: str | None = None  # file inside the tar at ``key`` (webdataset output); None for one object per image
     url: str | None = None  # presigned GET URL, filled in when a client asks for it
 
 

@@ -68,6 +68,7 @@ def resolve_request(
         created_at=now,
         tenant=tenant,
         priority=request.priority,
+        output=request.output,
     )
 
 

@@ -21,6 +21,7 @@ from producer.contract import GenerateJob, Manifest, OutputRef, Shard, plan_shar
 from producer.seeds import image_seed
 from worker.encode import encode_image, provenance
 from worker.storage import Storage
+from worker.webdataset import ShardWriter, shard_key
 
 
 class Reporter(Protocol):
@@ -108,22 +109,29 @@ def run_generate(
         seeds = [image_seed(job.seed, i) for i in indices]
         return sample(job.model_name, job.model_version, [labels[i].index for i in indices], seeds)
 
-    def store(index: int, image: np.ndarray) -> OutputRef:
+    def encode(index: int, image: np.ndarray) -> tuple[bytes, OutputRef]:
         label, seed = labels[index], image_seed(job.seed, index)
         info = provenance(generator=job.model_name, version=version, label=label.name, seed=seed)
         data = encode_image(image, job.format, info)
-        key = output_key(prefix, index, job.format.extension)
-        storage.put(key, data, job.format.content_type)
-        return OutputRef(
+        ref = OutputRef(
             index=index,
             label=label.name,
             label_index=label.index,
             seed=seed,
-            key=key,
+            key=output_key(prefix, index, job.format.extension),
             sha256=hashlib.sha256(data).hexdigest(),
             content_type=job.format.content_type,
         )
+        return data, ref
 
+    def store(index: int, image: np.ndarray) -> tuple[bytes, OutputRef]:
+        data, ref = encode(index, image)
+        storage.put(ref.key, data, ref.content_type)
+        return data, ref
+
+    tar = ShardWriter() if job.output == "webdataset" else None
+    tar_key = shard_key(prefix, shard.index)
+    in_tar: list[OutputRef] = []  # listed as outputs only once the tar is stored
     pending = queue_chunk(chunks[0])
     for k, indices in enumerate(chunks):
         if k > 0 and not reporter.active(job):
@@ -131,12 +139,25 @@ def run_generate(
         images = pending.result().numpy()  # (B, C, H, W) uint8
         if k + 1 < len(chunks):
             pending = queue_chunk(chunks[k + 1])  # its forward pass runs while this chunk is stored
-        uploads_k = [uploads.submit(store, i, image) for i, image in zip(indices, images, strict=True)]
-        wait(uploads_k)
-        errors = [exc for f in uploads_k if (exc := f.exception()) is not None]
-        outputs.extend(f.result() for f in uploads_k if f.exception() is None)
+        work = encode if tar is not None else store  # a tar shard is one PUT at the end; objects go up now
+        futures = [uploads.submit(work, i, image) for i, image in zip(indices, images, strict=True)]
+        wait(futures)
+        errors = [exc for f in futures if (exc := f.exception()) is not None]
+        done = [f.result() for f in futures if f.exception() is None]
+        if tar is None:
+            outputs.extend(ref for _, ref in done)
         if errors:
             raise errors[0]
+        if tar is not None:
+            for data, ref in done:
+                meta = {"label": ref.label, "label_index": ref.label_index, "seed": ref.seed, "model": version}
+                member = tar.add(f"{ref.index:05d}", job.format.extension, data, meta | {"sha256": ref.sha256})
+                in_tar.append(ref.model_copy(update={"key": tar_key, "member": member}))
+        else:
+            reporter.progress(job, shard, len(outputs))
+    if tar is not None:
+        storage.put(tar_key, tar.finish(), "application/x-tar")
+        outputs.extend(in_tar)
         reporter.progress(job, shard, len(outputs))
     every_output = reporter.shard_stored(job, shard, list(outputs))
     if every_output is None:  # other shards are still running; the last one writes the manifest

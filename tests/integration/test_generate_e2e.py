@@ -177,3 +177,18 @@ def test_cli_generate_waits_with_progress_and_downloads(
     view = json.loads(result.stdout)
     assert view["status"] == "succeeded" and len(view["outputs"]) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i:05d}.png" for i in range(4)] + ["manifest.json"]
+
+
+def test_webdataset_job_stores_one_tar_and_downloads_verified(
+    stack: Stack, module_worker: WorkerProcess, tmp_path: Path
+) -> None:
+    request = GenerateRequest(model="fmnist-cgan", counts={"sneaker": 20, "bag": 10}, seed=11, output="webdataset")
+    view = stack.client.wait(stack.client.submit(request).id, timeout=60)
+    assert view.status is JobStatus.SUCCEEDED, view.error
+    prefix = f"jobs/{view.id}/"
+    assert stack.keys(prefix) == [f"{prefix}manifest.json", f"{prefix}shard-00000.tar"]
+    assert {o.key for o in view.outputs} == {f"{prefix}shard-00000.tar"} and len(view.outputs) == 30
+    paths = stack.client.download(view, tmp_path)
+    assert sorted(p.name for p in paths) == ["manifest.json", "shard-00000.tar"]
+    objects = stack.client.wait(stack.client.submit(request.model_copy(update={"output": "objects"})).id, 60)
+    assert [o.sha256 for o in objects.outputs] == [o.sha256 for o in view.outputs]

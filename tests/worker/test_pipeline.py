@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import tarfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -170,3 +173,32 @@ def test_shards_store_disjoint_images_and_the_last_one_writes_the_manifest(
     assert [o.index for o in manifest.outputs] == list(range(10))
     whole = run(_job(), LocalStorage(tmp_path / "whole"), registry, uploads)
     assert [o.sha256 for o in manifest.outputs] == [o.sha256 for o in whole.outputs]  # sharding changes no byte
+
+
+def test_webdataset_output_is_one_deterministic_tar_per_shard_with_images_and_json(
+    registry: ModelRegistry, uploads: ThreadPoolExecutor, tmp_path: Path
+) -> None:
+    job = _job().model_copy(update={"output": "webdataset"})
+    reporter = RecordingReporter()
+    storage = LocalStorage(tmp_path / "a")
+    for shard in plan_shards(10, 6):
+        run(job, storage, registry, uploads, reporter, shard=shard)
+    prefix = "jobs/job-0123456789/"
+    assert storage.list(prefix) == [f"{prefix}manifest.json", f"{prefix}shard-00000.tar", f"{prefix}shard-00001.tar"]
+    manifest = Manifest.model_validate_json(storage.get(f"{prefix}manifest.json"))
+    assert [(o.key.rsplit("/", 1)[1], o.member) for o in manifest.outputs[5:7]] == [
+        ("shard-00000.tar", "00005.png"),
+        ("shard-00001.tar", "00006.png"),
+    ]
+    with tarfile.open(fileobj=io.BytesIO(storage.get(f"{prefix}shard-00001.tar"))) as tar:
+        names = tar.getnames()
+        image = tar.extractfile("00006.png").read()  # type: ignore[union-attr]
+        meta = json.loads(tar.extractfile("00006.json").read())  # type: ignore[union-attr]
+    assert names == [f"{i:05d}.{ext}" for i in range(6, 10) for ext in ("png", "json")]
+    assert hashlib.sha256(image).hexdigest() == manifest.outputs[6].sha256 == meta["sha256"]
+    assert meta["label"] == "sneaker" and meta["seed"] == manifest.outputs[6].seed
+    objects = run(_job(), LocalStorage(tmp_path / "objects"), registry, uploads)
+    assert [o.sha256 for o in objects.outputs] == [o.sha256 for o in manifest.outputs]  # same images either way
+    again = LocalStorage(tmp_path / "b")
+    run(job, again, registry, uploads, shard=plan_shards(10, 6)[1])
+    assert again.get(f"{prefix}shard-00001.tar") == storage.get(f"{prefix}shard-00001.tar")  # a retry rewrites it
