@@ -33,7 +33,7 @@ class StorageRetrySettings(BaseModel):
 class CelerySettings(BaseModel):
     """Broker options. The visibility timeout must exceed the longest job, or Redis redelivers it while it runs."""
 
-    # Longest generate job: max_images_per_job (10,000) at ~125 images/s (docs/benchmarks.md) is ~80 s; one hour leaves a
+    # Longest generate job: max_images_per_job (10,000) at ~125 images/s (docs/benchmarks.md) is ~80 s; an hour leaves a
     # wide margin. A whole-worker crash delays redelivery by this much, so lower it only with shorter jobs.
     visibility_timeout_s: int = Field(default=3600, ge=1)
     max_deliveries: int = Field(default=5, ge=1, description="Dead-letter a job redelivered more often.")
