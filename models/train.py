@@ -8,22 +8,19 @@ same random stream, and nothing is ever unpickled.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from models import cgan
+from models.checkpoint import read_checkpoint, restore, write_checkpoint
 from models.data import LabelledImages
-from models.errors import DatasetError, WeightsError
+from models.errors import DatasetError
 from models.generator import save_generator, to_uint8
 from models.grid import class_grid, save_png
 
@@ -154,57 +151,29 @@ def recalibrate_bn(net: cgan.Generator, batches: int = 50, batch_size: int = 100
         m.momentum = momentum
 
 
-def flatten_state(prefix: str, sd: dict[str, Any], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Flatten a nested state dict: tensors into ``tensors``, other values into ``meta``, keys ``prefix.a.b``."""
-    for key, value in sd.items():
-        name = f"{prefix}.{key}"
-        if isinstance(value, torch.Tensor):
-            tensors[name] = value.detach().contiguous().clone()
-        elif isinstance(value, dict):
-            flatten_state(name, value, tensors, meta)
-        else:
-            meta[name] = value
-
-
 def save_checkpoint(path: Path, state: TrainState, model_cfg: cgan.CGANConfig, cfg: TrainConfig) -> None:
     """Write the whole training state as safetensors (tensors) + JSON metadata (step, configs, param groups)."""
-    tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, Any] = {}
-    for name, module in (("g", state.g), ("d", state.d), ("ema", state.ema)):
-        flatten_state(name, module.state_dict(), tensors, meta)
-    for name, opt in (("opt_g", state.opt_g), ("opt_d", state.opt_d)):
-        sd = opt.state_dict()
-        flatten_state(f"{name}.state", {str(k): v for k, v in sd["state"].items()}, tensors, meta)
-        meta[f"{name}.param_groups"] = sd["param_groups"]
-    tensors["rng"] = state.rng.get_state()
-    header = {"step": state.step, "model": model_cfg.to_json(), "train": asdict(cfg), "extra": meta}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"genq": json.dumps(header)})
-    tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated checkpoint
+    write_checkpoint(
+        path,
+        modules={"g": state.g, "d": state.d, "ema": state.ema},
+        optimizers={"opt_g": state.opt_g, "opt_d": state.opt_d},
+        rng=state.rng,
+        header={"step": state.step, "model": model_cfg.to_json(), "train": asdict(cfg)},
+    )
 
 
 def load_checkpoint(path: Path, cfg: TrainConfig) -> tuple[TrainState, cgan.CGANConfig]:
     """Rebuild a :class:`TrainState` saved by :func:`save_checkpoint`, strictly (every key must match)."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            header = json.loads((fh.metadata() or {})["genq"])
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    except (OSError, KeyError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"cannot read checkpoint {path}: {exc}") from exc
+    header, tensors = read_checkpoint(path)
     model_cfg = cgan.CGANConfig.from_json(header["model"])
     state = new_state(model_cfg, cfg)
-    for name, module in (("g", state.g), ("d", state.d), ("ema", state.ema)):
-        sd = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        module.load_state_dict(sd, strict=True)
-    for name, opt in (("opt_g", state.opt_g), ("opt_d", state.opt_d)):
-        prefix = f"{name}.state."
-        opt_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith(prefix):
-                idx, field = key[len(prefix) :].split(".", 1)
-                opt_state.setdefault(int(idx), {})[field] = value
-        opt.load_state_dict({"state": opt_state, "param_groups": header["extra"][f"{name}.param_groups"]})
-    state.rng.set_state(tensors["rng"])
+    restore(
+        header,
+        tensors,
+        modules={"g": state.g, "d": state.d, "ema": state.ema},
+        optimizers={"opt_g": state.opt_g, "opt_d": state.opt_d},
+        rng=state.rng,
+    )
     state.step = int(header["step"])
     return state, model_cfg
 

@@ -10,23 +10,20 @@ Run it directly for a progress bar: ``python -m models.train_cvae --out runs/fmn
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from models import cvae
+from models.checkpoint import read_checkpoint, restore, write_checkpoint
 from models.data import LabelledImages
 from models.errors import DatasetError, InvalidModelConfig, WeightsError
 from models.generator import save_generator, to_uint8
 from models.grid import class_grid, save_png
-from models.train import CHECKPOINT_FILE, EXPORT_DIR, StepStats, flatten_state
+from models.train import CHECKPOINT_FILE, EXPORT_DIR, StepStats
 
 SAMPLES_FILE = "samples.png"  # the export's own grid, one row per class
 
@@ -90,18 +87,13 @@ def train_step(
 
 def save_checkpoint(path: Path, state: CVAETrainState, model_cfg: cvae.CVAEConfig, cfg: CVAETrainConfig) -> None:
     """Write the whole training state as safetensors (tensors) + JSON metadata (step, configs, param groups)."""
-    tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, Any] = {}
-    flatten_state("encoder", state.encoder.state_dict(), tensors, meta)
-    flatten_state("decoder", state.decoder.state_dict(), tensors, meta)
-    sd = state.opt.state_dict()
-    flatten_state("opt.state", {str(k): v for k, v in sd["state"].items()}, tensors, meta)
-    meta["opt.param_groups"] = sd["param_groups"]
-    tensors["rng"] = state.rng.get_state()
-    header = {"step": state.step, "model": model_cfg.to_json(), "train": asdict(cfg), "extra": meta}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"genq": json.dumps(header)})
-    tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated checkpoint
+    write_checkpoint(
+        path,
+        modules={"encoder": state.encoder, "decoder": state.decoder},
+        optimizers={"opt": state.opt},
+        rng=state.rng,
+        header={"step": state.step, "model": model_cfg.to_json(), "train": asdict(cfg)},
+    )
 
 
 def load_checkpoint(path: Path, cfg: CVAETrainConfig) -> tuple[CVAETrainState, cvae.CVAEConfig]:
@@ -110,30 +102,22 @@ def load_checkpoint(path: Path, cfg: CVAETrainConfig) -> tuple[CVAETrainState, c
     Raises:
         WeightsError: the file is unreadable, belongs to another architecture, or its tensors do not fit.
     """
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            header = json.loads((fh.metadata() or {})["genq"])
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    except (OSError, KeyError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"cannot read checkpoint {path}: {exc}") from exc
+    header, tensors = read_checkpoint(path)
     try:
         model_cfg = cvae.CVAEConfig.from_json(header["model"])
     except InvalidModelConfig as exc:
         raise WeightsError(f"{path} is not a cvae checkpoint ({exc}); train into a fresh --out folder") from exc
     state = new_state(model_cfg, cfg)
     try:
-        for name, module in (("encoder", state.encoder), ("decoder", state.decoder)):
-            sd = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
-            module.load_state_dict(sd, strict=True)
-        opt_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("opt.state."):
-                idx, field = key[len("opt.state.") :].split(".", 1)
-                opt_state.setdefault(int(idx), {})[field] = value
-        state.opt.load_state_dict({"state": opt_state, "param_groups": header["extra"]["opt.param_groups"]})
+        restore(
+            header,
+            tensors,
+            modules={"encoder": state.encoder, "decoder": state.decoder},
+            optimizers={"opt": state.opt},
+            rng=state.rng,
+        )
     except (RuntimeError, ValueError, KeyError) as exc:
         raise WeightsError(f"checkpoint {path} does not match its own config: {exc}") from exc
-    state.rng.set_state(tensors["rng"])
     state.step = int(header["step"])
     return state, model_cfg
 
