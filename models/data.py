@@ -85,3 +85,45 @@ def load_fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR) -> 
         labels=torch.from_numpy(labels.astype(np.int64)),
         class_names=FASHION_MNIST_CLASSES,
     )
+
+
+def select_classes(data: LabelledImages, classes: list[str | int], per_class: int | None = None) -> LabelledImages:
+    """Keep only ``classes`` (names or indices), relabelled 0..k-1 in the order given.
+
+    Args:
+        per_class: keep only the first ``per_class`` images of each class (a few-shot slice), in data order.
+
+    Raises:
+        DatasetError: a class is unknown, repeated, or has fewer than ``per_class`` images.
+    """
+    indices: list[int] = []
+    for cls in classes:
+        if isinstance(cls, int) or (isinstance(cls, str) and cls.isdigit()):
+            index = int(cls)
+            if not 0 <= index < len(data.class_names):
+                raise DatasetError(f"class index {index} out of range 0..{len(data.class_names) - 1}")
+        elif cls in data.class_names:
+            index = data.class_names.index(cls)
+        else:
+            raise DatasetError(f"unknown class {cls!r} (known: {', '.join(data.class_names)})")
+        if index in indices:
+            raise DatasetError(f"class {data.class_names[index]!r} given twice")
+        indices.append(index)
+    picks: list[torch.Tensor] = []
+    new_labels: list[torch.Tensor] = []
+    for new, old in enumerate(indices):
+        rows = torch.nonzero(data.labels == old).squeeze(1)
+        if per_class is not None:
+            if rows.numel() < per_class:
+                raise DatasetError(
+                    f"class {data.class_names[old]!r} has {rows.numel()} images, fewer than the {per_class} asked"
+                )
+            rows = rows[:per_class]
+        picks.append(rows)
+        new_labels.append(torch.full((rows.numel(),), new, dtype=torch.int64))
+    order = torch.cat(picks)
+    return LabelledImages(
+        images=data.images[order],
+        labels=torch.cat(new_labels),
+        class_names=tuple(data.class_names[i] for i in indices),
+    )

@@ -266,3 +266,34 @@ def format_report(report: EvalReport) -> str:
         lines.append(f"{name:<26}{r.per_class_fid[name]:>16.3f}{r.per_class_fid_real[name]:>16.3f}")
     lines.append(f"\n{r.seconds:.0f} s")
     return "\n".join(lines)
+
+
+def reference_scores(
+    generator: ImageGenerator, real: LabelledImages, classifier: Classifier, n_per_class: int = 100, seed: int = 0
+) -> dict[str, float]:
+    """Cheap scores of a generator against its own training images (a fine-tune has no other reference).
+
+    - ``fid``: Fréchet distance in ``classifier``'s feature space between ``n_per_class`` generated images per class
+      and up to as many of ``real``'s per class; only when the generator's images have the classifier's shape.
+    - ``label_consistency``: the classifier's accuracy on the generated images against the requested class; only
+      when the classifier knows every one of the generator's class names (its labels are mapped by name).
+    A score that cannot be measured is absent from the result.
+    """
+    cfg = classifier.cfg
+    scores: dict[str, float] = {}
+    if (generator.resolution, generator.channels) != (cfg.resolution, cfg.channels):
+        return scores
+    fake = sample_balanced(generator, n_per_class, seed)
+    picks = []
+    rng = torch.Generator().manual_seed(seed)
+    for c in range(len(real.class_names)):
+        idx = torch.nonzero(real.labels == c).squeeze(1)
+        picks.append(idx[torch.randperm(len(idx), generator=rng)[:n_per_class]])
+    reference = real.images[torch.cat(picks)]
+    if len(reference) >= 2:
+        scores["fid"] = metrics.fid(embed(classifier, reference).numpy(), embed(classifier, fake.images).numpy())
+    names = list(generator.class_names)
+    if all(name in cfg.class_names for name in names):
+        mapped = torch.tensor([cfg.class_names.index(names[int(y)]) for y in fake.labels])
+        scores["label_consistency"] = metrics.label_consistency(classifier, fake.images, mapped)
+    return scores

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -30,3 +31,10 @@ def save_png(image: torch.Tensor, path: Path) -> None:
     """Write a uint8 (C, H, W) image as PNG, creating parent folders."""
     path.parent.mkdir(parents=True, exist_ok=True)
     to_pil(image).save(path, format="PNG")
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """A uint8 (C, H, W) image as PNG bytes."""
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format="PNG")
+    return buffer.getvalue()

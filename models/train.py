@@ -15,9 +15,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_model
 from torch import nn
 
 from models import cgan
+from models.augment import host_to_device
 from models.checkpoint import read_checkpoint, restore, write_checkpoint
 from models.data import LabelledImages
 from models.errors import DatasetError
@@ -26,6 +28,9 @@ from models.grid import class_grid, save_png
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 EXPORT_DIR = "export"
+# Written beside an export's generator so a published model can be fine-tuned with its D (models.finetune);
+# the generator loader ignores it.
+DISCRIMINATOR_FILE = "discriminator.safetensors"
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,16 @@ class StepStats:
     d_loss: float
     g_loss: float
     steps_per_s: float
+    augment_p: float | None = None  # augmentation probability after the step; None when training without
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one D + G update measured: both losses and the mean sign of D's logits on the (augmented) reals."""
+
+    d_loss: float
+    g_loss: float
+    real_sign: float  # in [-1, 1]; ADA's overfitting heuristic r_t averages it
 
 
 @dataclass
@@ -99,23 +114,53 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
             b_ema.copy_(b)
 
 
-def train_step(state: TrainState, real: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig) -> tuple[float, float]:
-    """One D and one G update with the hinge loss; returns (d_loss, g_loss).
+def train_step(
+    state: TrainState,
+    real: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[float, float]:
+    """One D and one G update with the hinge loss; returns (d_loss, g_loss). See :func:`train_step_aug`."""
+    result = train_step_aug(state, real, labels, cfg, augment=augment)
+    return result.d_loss, result.g_loss
 
-    real: float images (B, C, H, W) in [-1, 1]; labels: (B,) class indices.
+
+def train_step_aug(
+    state: TrainState,
+    real: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> StepResult:
+    """One D and one G update with the hinge loss, optionally augmenting every batch D sees (DiffAugment).
+
+    Args:
+        real: float images (B, C, H, W) in [-1, 1] on the networks' device; labels: (B,) class indices there.
+        cfg: only ``ema_start`` and ``ema_decay`` are read.
+        augment: applied to the real and the fake batch right before each of the three D calls, a fresh random
+            draw each call; it must be differentiable (G's gradient goes through it). None: no augmentation and
+            no extra draws from ``state.rng``.
+
+    Returns:
+        The losses and the mean sign of D(real), read back from the device together (one synchronisation).
     """
+    aug = augment or (lambda x: x)
     b = real.shape[0]
     num_classes = state.g.cfg.num_classes
-    z = torch.randn(b, state.g.cfg.z_dim, generator=state.rng)  # (B, z_dim)
-    y_fake = torch.randint(0, num_classes, (b,), generator=state.rng)  # (B,)
+    z = host_to_device(torch.randn(b, state.g.cfg.z_dim, generator=state.rng), real.device)  # (B, z_dim)
+    y_fake = host_to_device(torch.randint(0, num_classes, (b,), generator=state.rng), real.device)  # (B,)
     fake = state.g(z, y_fake)  # (B, C, H, W)
 
-    d_loss = F.relu(1.0 - state.d(real, labels)).mean() + F.relu(1.0 + state.d(fake.detach(), y_fake)).mean()
+    real_logits = state.d(aug(real), labels)  # (B,)
+    d_loss = F.relu(1.0 - real_logits).mean() + F.relu(1.0 + state.d(aug(fake.detach()), y_fake)).mean()
     state.opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     state.opt_d.step()
 
-    g_loss = -state.d(fake, y_fake).mean()
+    g_loss = -state.d(aug(fake), y_fake).mean()
     state.opt_g.zero_grad(set_to_none=True)
     g_loss.backward()
     state.opt_g.step()
@@ -125,7 +170,9 @@ def train_step(state: TrainState, real: torch.Tensor, labels: torch.Tensor, cfg:
         update_ema(state.ema, state.g, 0.0)
     else:
         update_ema(state.ema, state.g, cfg.ema_decay)
-    return float(d_loss.detach()), float(g_loss.detach())
+    measured = torch.stack([d_loss.detach(), g_loss.detach(), real_logits.detach().sign().mean()])  # (3,)
+    d_value, g_value, sign = measured.tolist()
+    return StepResult(d_value, g_value, sign)
 
 
 @torch.no_grad()
@@ -141,10 +188,11 @@ def recalibrate_bn(net: cgan.Generator, batches: int = 50, batch_size: int = 100
         m.reset_running_stats()
         m.momentum = None
     rng = torch.Generator().manual_seed(seed)
+    device = net.fc.weight.device
     net.train()
     for _ in range(batches):
-        z = torch.randn(batch_size, net.cfg.z_dim, generator=rng)
-        y = torch.randint(0, net.cfg.num_classes, (batch_size,), generator=rng)
+        z = torch.randn(batch_size, net.cfg.z_dim, generator=rng).to(device)
+        y = torch.randint(0, net.cfg.num_classes, (batch_size,), generator=rng).to(device)
         net(z, y)
     net.eval()
     for m, momentum in zip(bns, saved, strict=True):
@@ -179,10 +227,15 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> tuple[TrainState, cgan.CGAN
 
 
 def export(state: TrainState, model_cfg: cgan.CGANConfig, directory: Path, bn_batches: int = 50) -> None:
-    """Save the EMA generator, with recalibrated BN statistics, as a servable model directory."""
+    """Save the EMA generator, with recalibrated BN statistics, as a servable model directory.
+
+    The discriminator goes beside it as ``discriminator.safetensors``: fine-tuning (models.finetune) resumes G
+    and D, as StyleGAN2-ADA's transfer learning does.
+    """
     net = copy.deepcopy(state.ema)
     recalibrate_bn(net, batches=bn_batches)
     save_generator(directory, model_cfg, net)
+    save_model(state.d, str(directory / DISCRIMINATOR_FILE), metadata={"arch": model_cfg.arch})
 
 
 def train(
@@ -238,9 +291,9 @@ def train(
 def sample_grid_images(net: cgan.Generator, model_cfg: cgan.CGANConfig, seeds: list[int]) -> torch.Tensor:
     """uint8 images (num_classes * len(seeds), C, H, W), class-major: one row per class in a grid."""
     labels = [c for c in range(model_cfg.num_classes) for _ in seeds]
-    z = cgan.latents_for_seeds(seeds * model_cfg.num_classes, model_cfg.z_dim)
+    z = cgan.latents_for_seeds(seeds * model_cfg.num_classes, model_cfg.z_dim).to(net.fc.weight.device)
     was_training = net.training
     net.eval()
-    images = to_uint8(net(z, torch.tensor(labels)))
+    images = to_uint8(net(z, torch.tensor(labels, device=z.device))).cpu()
     net.train(was_training)
     return images

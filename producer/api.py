@@ -22,6 +22,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from producer.api_deps import Services, ServicesDep, strict_query
 from producer.api_errors import ErrorBody, as_json, error_response, install_error_handlers
+from producer.api_finetune import DATASETS_PATH
+from producer.api_finetune import router as finetune_router
 from producer.api_routes import router
 from producer.auth import KeyStore
 from producer.client import Client
@@ -87,6 +89,7 @@ def create_app(settings: ClientSettings | None = None) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     app.include_router(router, tags=["jobs"])
+    app.include_router(finetune_router, tags=["fine-tuning"])
     operations: dict[str, Any] = {"methods": ["GET"], "tags": ["operations"], "dependencies": [Depends(strict_query())]}
     invalid: dict[int | str, dict[str, Any]] = {
         422: {"model": ErrorBody, "description": "An unknown or repeated query parameter."}
@@ -113,7 +116,11 @@ def create_app(settings: ClientSettings | None = None) -> FastAPI:
         **operations,
     )
     # Outermost first: measure everything (413s included), then refuse big bodies before anything reads them.
-    app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.api.max_body_bytes,
+        path_limits={DATASETS_PATH: (settings.api.max_dataset_bytes, "GENQ_API__MAX_DATASET_BYTES")},
+    )
     app.add_middleware(Observe, metrics=services.metrics)
     return app
 
@@ -194,13 +201,26 @@ class BodyLimit:
     (at most ``max_bytes`` held) and refused as soon as it passes it.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        setting: str = "GENQ_API__MAX_BODY_BYTES",
+        path_limits: dict[str, tuple[int, str]] | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.setting = setting
+        # path -> its own limit and setting: data set uploads are far bigger than JSON bodies
+        self.by_path = {path: BodyLimit(app, limit, name) for path, (limit, name) in (path_limits or {}).items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        special = self.by_path.get(scope.get("path", ""))
+        if special is not None:
+            await special(scope, receive, send)
             return
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
@@ -240,6 +260,6 @@ class BodyLimit:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: int | None) -> None:
         what = f"{size} bytes" if size is not None else "larger than that"
-        msg = f"request body is {what}; the limit is {self.max_bytes} bytes (GENQ_API__MAX_BODY_BYTES)"
+        msg = f"request body is {what}; the limit is {self.max_bytes} bytes ({self.setting})"
         response = error_response(413, ["body"], msg, "body_too_large", {"Connection": "close"})
         await response(scope, receive, send)

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from producer import cli_models, constants
+from producer import cli_finetune, cli_models, constants
 from producer.contract import GenerateRequest, JobStatus, JobView, OutputFormat
 from producer.errors import GenqError, InvalidJob
 from producer.settings import ClientSettings
@@ -31,6 +31,7 @@ def main() -> None:
 
 app.command("train")(cli_models.train)
 app.command("eval")(cli_models.evaluate)
+app.command("finetune")(cli_finetune.finetune)
 
 
 def _parse_counts(spec: str) -> dict[str, int]:
@@ -222,12 +223,13 @@ def models_cmd() -> None:
         from producer.client import Client
 
         catalog = Client(settings).models()
-    table = Table("model", "version", "aliases", "arch", "size", "classes")
+    table = Table("model", "version", "aliases", "arch", "size", "metrics", "classes")
     for name, entry in sorted(catalog.items()):
         for version, info in sorted(entry.versions.items()):
             aliases = ", ".join(a for a, v in sorted(entry.aliases.items()) if v == version)
             size = f"{info.resolution}px x{info.channels}"
-            table.add_row(name, version, aliases, info.arch, size, ", ".join(info.class_names))
+            scores = ", ".join(f"{k} {v:.3g}" for k, v in info.metrics.items())
+            table.add_row(name, version, aliases, info.arch, size, scores, ", ".join(info.class_names))
     Console().print(table)
 
 
@@ -237,7 +239,8 @@ def worker(
         ",".join(constants.WORKER_QUEUES),
         "--queues",
         "-Q",
-        help="Comma-separated queues to consume, served strictly in this order (first non-empty queue first).",
+        help="Comma-separated queues to consume, served strictly in this order (first non-empty queue first); "
+        "'-Q train' makes a fine-tuning worker (one job at a time).",
     ),
     concurrency: int | None = typer.Option(
         None,
@@ -266,7 +269,10 @@ def worker(
         raise typer.Exit(2)
     configure_logging(loglevel, json_lines=log_json)
     if concurrency is None:
-        concurrency = 16 if pool == "threads" else os.cpu_count() or 1
+        if {q.strip() for q in queues.split(",")} == {constants.TRAIN_QUEUE}:
+            concurrency = 1  # a training worker: one fine-tune per GPU
+        else:
+            concurrency = 16 if pool == "threads" else os.cpu_count() or 1
     argv = ["worker", f"--queues={queues}", f"--concurrency={concurrency}", f"--pool={pool}", f"--loglevel={loglevel}"]
     if hostname:
         argv.append(f"--hostname={hostname}")

@@ -16,6 +16,9 @@ def train(
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoint, sample grids, export/."),
     arch: str = typer.Option("cgan", "--arch", help="Architecture: cgan or cvae."),
     data: str = typer.Option("fashion-mnist", "--data", help="Data set: fashion-mnist."),
+    classes: str | None = typer.Option(
+        None, "--classes", help="Train on these classes only: comma-separated names or indices (e.g. 0,1,2,3,4)."
+    ),
     steps: int = typer.Option(8000, "--steps", min=1, help="Total optimisation steps (resume counts toward it)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     g_ch: int = typer.Option(32, "--g-ch", min=4, help="cgan: generator width at the output resolution."),
@@ -37,7 +40,8 @@ def train(
     from models import cgan, cvae
     from models import train as training
     from models import train_cvae as training_cvae
-    from models.data import load_fashion_mnist
+    from models.data import load_fashion_mnist, select_classes
+    from models.errors import DatasetError
 
     if arch not in (cgan.ARCH, cvae.ARCH):
         raise typer.BadParameter(f"unknown architecture {arch!r} (known: cgan, cvae)", param_hint="--arch")
@@ -46,6 +50,11 @@ def train(
     if threads is not None:
         torch.set_num_threads(threads)
     dataset = load_fashion_mnist("train")
+    if classes is not None:
+        try:
+            dataset = select_classes(dataset, [c.strip() for c in classes.split(",") if c.strip()])
+        except DatasetError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--classes") from None
     losses = (
         "d={task.fields[d]:.3f} g={task.fields[g]:.3f}"
         if arch == cgan.ARCH

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import redis
 
@@ -34,9 +34,11 @@ from producer.contract import (
 )
 from producer.errors import IdempotencyConflict, InvalidJob, JobEnded, JobNotFound, JobTimeout
 from producer.events import callback_message
+from producer.finetune import FineTuneJob, FineTuneRequest, dataset_prefix, resolve_finetune
 from producer.resolve import resolve_request
 from producer.settings import ClientSettings
 from producer.status import JobStore, as_text, utcnow
+from producer.uploads import ProgressFn, Upload, archive_reference, upload_dataset
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -124,11 +126,82 @@ class Client:
             raise
         return view
 
+    def upload_dataset(self, path: Path, tenant: str | None = None, on_progress: ProgressFn | None = None) -> Upload:
+        """Upload a fine-tune data set (a folder with one sub-folder per class, or one .zip/.tar.gz/.npz) to S3.
+
+        Returns the :class:`~producer.uploads.Upload` whose ``dataset`` goes into :class:`FineTuneRequest`.
+        Raises InvalidJob (field ``dataset``) for a path that is not a folder or archive.
+        """
+        bucket = self.settings.s3.bucket
+        s3 = self._s3_client()
+        return upload_dataset(
+            path,
+            lambda key, data: s3.put_object(Bucket=bucket, Key=key, Body=data),
+            tenant=tenant,
+            on_progress=on_progress,
+        )
+
+    def upload_dataset_file(self, fileobj: BinaryIO, filename: str, tenant: str | None = None) -> Upload:
+        """Upload one archive from an open file (the HTTP API's ``POST /v1/datasets``); returns its reference.
+
+        Raises InvalidJob (field ``filename``) for a name that is not a .zip/.tar/.tar.gz/.tgz/.npz file name.
+        """
+        reference = archive_reference(filename)
+        size = fileobj.seek(0, io.SEEK_END)
+        fileobj.seek(0)
+        self._s3_client().upload_fileobj(fileobj, self.settings.s3.bucket, dataset_prefix(tenant) + reference)
+        return Upload(dataset=reference, files=1, bytes=size)
+
+    def submit_finetune(
+        self,
+        request: FineTuneRequest,
+        tenant: str | None = None,
+        *,
+        admit: Callable[[FineTuneJob], None] | None = None,
+    ) -> JobView:
+        """Validate, record and enqueue a fine-tune on the ``train`` queue; returns at once with the job ``queued``.
+
+        Raises:
+            InvalidJob: unknown or non-cGAN base, a name taken by another architecture, a refused callback URL
+                (``.field`` says which); nothing is enqueued.
+            IdempotencyConflict: the idempotency key was used before with a different request.
+        """
+        job_id = uuid.uuid4().hex
+        if request.idempotency_key is not None:
+            existing = self._claim_idempotency_key(request, job_id, tenant)
+            if existing is not None:
+                return self.store.get(existing)
+        try:
+            job = resolve_finetune(
+                request,
+                self.models(),
+                job_id=job_id,
+                now=utcnow(),
+                tenant=tenant,
+                allow_hosts=self.settings.webhook.allow_hosts,
+            )
+            if admit is not None:
+                admit(job)
+        except Exception:
+            self._release_idempotency_key(request, tenant)
+            raise
+        view = self.store.create(job)
+        message = callback_message(job.callback, EventType.QUEUED, view, self.store.next_event_seq(job_id))
+        try:
+            if message is not None:
+                self._send(constants.CALLBACK_TASK, message.model_dump(mode="json"), constants.CALLBACK_QUEUE)
+            self._send(constants.FINETUNE_TASK, job.model_dump(mode="json"), constants.TRAIN_QUEUE)
+        except Exception as exc:
+            self.store.mark_failed(job.job_id, JobError(type="EnqueueFailed", message=f"could not enqueue: {exc}"))
+            raise
+        return view
+
     def cancel(self, job_id: str, tenant: str | None = None) -> JobView:
         """Cancel a queued or running job and announce it (a ``canceled`` callback event); returns its view.
 
-        A queued job never starts; a running one stops after its current chunk (``GENQ_BATCHING__MAX_BATCH``
-        images). The view lists the outputs stored so far; those of the chunk in flight are added when it lands.
+        A queued job never starts; a running generate job stops after its current chunk
+        (``GENQ_BATCHING__MAX_BATCH`` images), a fine-tune before its next step. The view lists the outputs
+        stored so far; those of the chunk in flight are added when it lands.
 
         Args:
             tenant: the caller's tenant (the HTTP API passes it): another tenant's job is not found. None skips
@@ -168,13 +241,15 @@ class Client:
         return self._celery
 
     @staticmethod
-    def _idempotency_redis_key(request: GenerateRequest, tenant: str | None) -> str:
+    def _idempotency_redis_key(request: GenerateRequest | FineTuneRequest, tenant: str | None) -> str:
         # Scoped per tenant: two tenants may use the same key for different jobs.
         if tenant is not None:
             return constants.TENANT_IDEMPOTENCY_KEY.format(tenant=tenant, key=request.idempotency_key)
         return constants.IDEMPOTENCY_KEY.format(key=request.idempotency_key)
 
-    def _claim_idempotency_key(self, request: GenerateRequest, job_id: str, tenant: str | None) -> str | None:
+    def _claim_idempotency_key(
+        self, request: GenerateRequest | FineTuneRequest, job_id: str, tenant: str | None
+    ) -> str | None:
         """Own the key for ``job_id``; return the earlier job's id if the same request was submitted before."""
         key = self._idempotency_redis_key(request, tenant)
         body = hashlib.sha256(request.model_dump_json(exclude={"idempotency_key"}).encode()).hexdigest()
@@ -192,7 +267,7 @@ class Client:
             )
         return str(earlier["job_id"])
 
-    def _release_idempotency_key(self, request: GenerateRequest, tenant: str | None) -> None:
+    def _release_idempotency_key(self, request: GenerateRequest | FineTuneRequest, tenant: str | None) -> None:
         if request.idempotency_key is not None:
             self.redis.delete(self._idempotency_redis_key(request, tenant))
 

@@ -16,6 +16,8 @@ API_KEY = KEY_PREFIX + ":apikey:{key_id}"  # string: ApiKey JSON; key_id is the 
 API_KEY_ACTIVE_KEY = KEY_PREFIX + ":apikey:{key_id}:active"  # sorted set: the key's non-terminal job ids
 API_KEY_IMAGES_KEY = KEY_PREFIX + ":apikey:{key_id}:images:{day}"  # counter: images submitted on a UTC day
 API_KEY_BUCKET_KEY = KEY_PREFIX + ":apikey:{key_id}:bucket"  # hash: request rate token bucket
+TRAIN_LEASE_KEY = KEY_PREFIX + ":job:{job_id}:lease"  # string: token of the worker training the job (expires)
+MODEL_VERSION_COUNTER_KEY = KEY_PREFIX + ":model:{name}:versions"  # counter: last version number given out
 DEADLETTER_KEY = KEY_PREFIX + ":deadletter"  # list: messages workers could not run, newest first (worker.deadletter)
 
 # Celery queues: one per priority (Redis priorities inside one queue are approximate; separate queues served in a
@@ -25,6 +27,7 @@ GENERATE_QUEUE = "generate"  # normal priority
 GENERATE_LOW_QUEUE = "generate.low"
 GENERATE_QUEUES = {"high": GENERATE_HIGH_QUEUE, "normal": GENERATE_QUEUE, "low": GENERATE_LOW_QUEUE}
 CALLBACK_QUEUE = "callbacks"
+TRAIN_QUEUE = "train"  # fine-tuning: long jobs, one per GPU, on workers of their own (`genq worker -Q train`)
 # What `genq worker` consumes by default, in the order it serves them. Callbacks come first: with strict order and a
 # backlog of generate jobs, a worker serving callbacks last would announce nothing until the backlog drained, while
 # callback deliveries are short and only as many as the jobs' events.
@@ -33,8 +36,15 @@ WORKER_QUEUES = (CALLBACK_QUEUE, GENERATE_HIGH_QUEUE, GENERATE_QUEUE, GENERATE_L
 # Celery task names: the client enqueues by name, so it never imports the worker.
 GENERATE_TASK = "genq.generate"
 CALLBACK_TASK = "genq.deliver_callback"
+FINETUNE_TASK = "genq.finetune"
 
 # Object keys
 JOB_PREFIX = "jobs/{job_id}/"
 TENANT_JOB_PREFIX = "tenants/{tenant}/jobs/{job_id}/"
 MANIFEST_NAME = "manifest.json"
+MODELS_PREFIX = "models/"  # published model versions: models/<name>/<version>/ (see worker.model_store)
+MODEL_VERSION_PREFIX = MODELS_PREFIX + "{name}/{version}/"
+MODEL_ALIASES_OBJECT = MODELS_PREFIX + "{name}/aliases.json"
+TRAINING_PREFIX = "training/{job_id}/"  # a fine-tune job's checkpoint and sample grids
+DATASETS_PREFIX = "datasets/"  # data sets uploaded by clients for fine-tuning: datasets/<upload id>/...
+TENANT_DATASETS_PREFIX = "tenants/{tenant}/datasets/"  # the same under the HTTP API, per tenant

@@ -294,11 +294,33 @@ class Manifest(BaseModel):
     outputs: list[OutputRef]
 
 
+class TrainingView(BaseModel):
+    """Where a fine-tune stands: its step and losses, latest sample grid, and once done, the published version."""
+
+    step: int = 0
+    total_steps: int
+    d_loss: float | None = None
+    g_loss: float | None = None
+    steps_per_s: float | None = None
+    eta_s: float | None = Field(default=None, description="Seconds to the last step at the current rate.")
+    augment_p: float | None = Field(default=None, description="Probability of each augmentation (ADA adapts it).")
+    resumed_from: int | None = Field(default=None, description="Checkpoint step this delivery resumed from.")
+    checkpoint_step: int | None = Field(default=None, description="Step of the latest stored checkpoint.")
+    samples_key: str | None = Field(default=None, description="Latest sample grid (one row per class).")
+    samples_url: str | None = None
+    dataset: dict[str, int] = Field(default_factory=dict, description="Usable training images per class.")
+    skipped: list[str] = Field(default_factory=list, description="Data set files skipped, with the reason.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Latest evaluation of the EMA generator.")
+    model: str | None = Field(default=None, description="The published version, name@version, once succeeded.")
+    aliases: list[str] = Field(default_factory=list, description="Aliases moved to the published version.")
+    gate_passed: bool | None = Field(default=None, description="Whether the promotion gate passed (None: no gate).")
+
+
 class JobView(BaseModel):
     """What clients see of a job."""
 
     id: str
-    kind: Literal["generate"] = "generate"
+    kind: Literal["generate", "finetune"] = "generate"
     tenant: str | None = None
     status: JobStatus
     priority: Priority = "normal"
@@ -314,6 +336,7 @@ class JobView(BaseModel):
     manifest_key: str | None = None
     error: JobError | None = None
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    training: TrainingView | None = Field(default=None, description="Fine-tune jobs: step, losses, result.")
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -334,6 +357,7 @@ class ModelVersionInfo(BaseModel):
     class_names: list[str]
     resolution: int
     channels: int
+    metrics: dict[str, float] = Field(default_factory=dict, description="Headline scores from its metrics.json.")
 
 
 class ModelEntry(BaseModel):
@@ -353,6 +377,16 @@ class ModelEntry(BaseModel):
         if alias not in self.aliases:
             raise KeyError(f"model {ref.name!r} has no alias {alias!r} (known: {_known(self.aliases)})")
         return self.aliases[alias]
+
+
+HEADLINE_METRICS = ("label_consistency", "fid", "precision", "recall", "cas")
+
+
+def headline_metrics(report: Any) -> dict[str, float]:
+    """The scores worth a column in ``genq models``, from a model's ``metrics.json`` (absent ones left out)."""
+    if not isinstance(report, dict):
+        return {}
+    return {k: float(report[k]) for k in HEADLINE_METRICS if isinstance(report.get(k), int | float)}
 
 
 def _known(names: dict[str, Any]) -> str:

@@ -81,6 +81,9 @@ class ApiSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, description="Larger request bodies get 413 unread.")
+    max_dataset_bytes: int = Field(
+        default=256 * 2**20, ge=1024, description="Largest data set archive `POST /v1/datasets` accepts."
+    )
     rate_per_s: float = Field(default=10.0, gt=0, description="Requests per second per key (token bucket refill).")
     burst: int = Field(default=20, ge=1, description="Requests a key may make at once (token bucket size).")
     max_queued: int = Field(default=100, ge=1, description="Default per-key limit of queued or running jobs.")

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
 import redis
+from pydantic import Field, TypeAdapter
 
 from producer import constants
 from producer.contract import (
@@ -20,8 +21,14 @@ from producer.contract import (
     JobView,
     OutputRef,
     Progress,
+    TrainingView,
 )
 from producer.errors import JobNotFound
+from producer.finetune import FineTuneJob
+
+AnyJob = Annotated[GenerateJob | FineTuneJob, Field(discriminator="kind")]
+"""Any job a worker runs; the record's ``spec`` holds one, told apart by ``kind``."""
+JOB_SPEC: TypeAdapter[GenerateJob | FineTuneJob] = TypeAdapter(AnyJob)
 
 # KEYS[1] job hash. ARGV: new status, allowed current statuses (comma-separated), ttl, then field/value pairs.
 # Returns 1 when applied, 0 when the current status forbids it, -1 when the job does not exist.
@@ -69,7 +76,7 @@ class JobStore:
     def key(job_id: str) -> str:
         return constants.JOB_KEY.format(job_id=job_id)
 
-    def create(self, job: GenerateJob, shards: int = 1) -> JobView:
+    def create(self, job: GenerateJob | FineTuneJob, shards: int = 1) -> JobView:
         """Record a new job as ``queued``, to be run as ``shards`` tasks. Raises ValueError if the id is taken."""
         key = self.key(job.job_id)
         if not self.redis.hsetnx(key, "spec", job.model_dump_json()):
@@ -166,11 +173,11 @@ class JobStore:
             raise JobNotFound(f"no job {job_id!r} (unknown id, or its record expired)")
         return _view(job_id, {as_text(k): as_text(v) for k, v in raw.items()})
 
-    def spec(self, job_id: str) -> GenerateJob:
+    def spec(self, job_id: str) -> GenerateJob | FineTuneJob:
         raw = self.redis.hget(self.key(job_id), "spec")
         if raw is None:
             raise JobNotFound(f"no job {job_id!r}")
-        return GenerateJob.model_validate_json(raw)
+        return JOB_SPEC.validate_json(raw)
 
     def transition(self, job_id: str, status: JobStatus, allowed_from: tuple[JobStatus, ...], **fields: Any) -> bool:
         """Set ``status`` (and ``fields``) only if the current status is in ``allowed_from``; True if applied."""
@@ -249,6 +256,20 @@ class JobStore:
         """
         return self.transition(job_id, JobStatus.CANCELED, _ACTIVE, finished_at=utcnow().isoformat())
 
+    def set_training(self, job_id: str, training: TrainingView) -> None:
+        """A fine-tune's latest state (step, losses, grid, result); its progress counts steps."""
+        self.redis.hset(self.key(job_id), mapping={"training": training.model_dump_json(), "progress:0": training.step})
+
+    def mark_trained(self, job_id: str, training: TrainingView) -> bool:
+        """running -> succeeded for a fine-tune that published its version; False if the job already ended."""
+        return self.transition(
+            job_id,
+            JobStatus.SUCCEEDED,
+            _ACTIVE,
+            training=training.model_dump_json(),
+            finished_at=utcnow().isoformat(),
+        )
+
     def count_delivery(self, job_id: str, shard: int = 0) -> int:
         """Count one more delivery of a shard's task; the worker dead-letters a shard delivered too often."""
         return int(self.redis.hincrby(self.key(job_id), f"deliveries:{shard}", 1))
@@ -270,7 +291,7 @@ def _stored_outputs(h: dict[str, str], prefixes: tuple[str, ...]) -> list[Output
 
 
 def _view(job_id: str, h: dict[str, str]) -> JobView:
-    spec = GenerateJob.model_validate_json(h["spec"])
+    spec = JOB_SPEC.validate_json(h["spec"])
     error = JobError(type=h["error_type"], message=h.get("error_message", "")) if "error_type" in h else None
     status = JobStatus(h["status"])
     if status is JobStatus.CANCELED:  # what finished shards and stopped shards stored before the cancel
@@ -279,14 +300,21 @@ def _view(job_id: str, h: dict[str, str]) -> JobView:
     else:
         outputs = [OutputRef.model_validate(o) for o in json.loads(h.get("outputs", "[]"))]
         truncated = h.get("outputs_truncated") == "1"
+    if isinstance(spec, FineTuneJob):
+        model, version = spec.base, f"{spec.base_name}@{spec.base_version}"
+        training = TrainingView.model_validate_json(h["training"]) if "training" in h else None
+    else:
+        model, version, training = spec.model, f"{spec.model_name}@{spec.model_version}", None
     return JobView(
         id=job_id,
+        kind=spec.kind,
         tenant=spec.tenant,
         status=status,
         priority=spec.priority,
-        model=spec.model,
-        model_version=f"{spec.model_name}@{spec.model_version}",
+        model=model,
+        model_version=version,
         seed=spec.seed,
+        training=training,
         progress=Progress(
             done=sum(int(v) for k, v in h.items() if k.startswith("progress:")),
             total=int(h.get("total", spec.total_images)),

@@ -31,3 +31,15 @@ def make_tiny_model(root: Path, name: str = TINY_NAME, version: str = "1", seed:
     save_generator(directory, config, net)
     (root / name / "aliases.json").write_text(json.dumps({"latest": version}))
     return directory
+
+
+def make_tiny_base(root: Path, name: str = "tiny-base", version: str = "1", seed: int = 0) -> Path:
+    """A tiny cGAN exported as training does (EMA G + discriminator.safetensors): a base to fine-tune from."""
+    from models import train
+
+    config = cgan.CGANConfig(class_names=FASHION_MNIST_CLASSES, z_dim=8, g_ch=4, d_ch=4)
+    state = train.new_state(config, train.TrainConfig(seed=seed))
+    directory = root / name / version
+    train.export(state, config, directory, bn_batches=2)
+    (root / name / "aliases.json").write_text(json.dumps({"latest": version}))
+    return directory

@@ -55,6 +55,7 @@ def create_app(settings: WorkerSettings) -> Celery:
         task_routes={
             constants.GENERATE_TASK: {"queue": constants.GENERATE_QUEUE},  # the client picks a queue per priority
             constants.CALLBACK_TASK: {"queue": constants.CALLBACK_QUEUE},
+            constants.FINETUNE_TASK: {"queue": constants.TRAIN_QUEUE},  # long jobs on workers of their own
         },
         task_default_queue=constants.GENERATE_QUEUE,
         worker_hijack_root_logger=False,

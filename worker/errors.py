@@ -36,3 +36,11 @@ class ModelLoadError(Permanent):
 
 class JobCanceled(WorkerError):
     """The job was canceled while it ran; the pipeline stops after the current batch."""
+
+
+class UnsafeUpload(Permanent, ValueError):
+    """An uploaded data set is hostile: a path escapes its folder, or it passes a size, count or ratio limit."""
+
+
+class InvalidArchive(Permanent, ValueError):
+    """An uploaded archive is corrupt, truncated or of an unsupported kind."""

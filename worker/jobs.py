@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
 
-from producer.constants import GENERATE_TASK
+from producer.constants import FINETUNE_TASK, GENERATE_TASK
 from producer.contract import GenerateJob, JobError, OutputRef, Shard, plan_shards
+from producer.finetune import FineTuneJob
 from producer.logs import current_job
 from worker import metrics
 from worker.deadletter import record
+from worker.ingest import ArchiveLimits
+from worker.lease import Lease
 from worker.pipeline import run_generate
-from worker.reporting import RedisReporter
+from worker.reporting import RedisReporter, TrainingReporter
 from worker.runtime import Runtime
+from worker.training import run_finetune
 
 log = logging.getLogger("genq.jobs")
 
@@ -72,3 +80,62 @@ def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard:
         log.info("%s stopped after %d outputs: the job ended elsewhere", where, len(result.outputs))
     else:
         log.info("%s stored %d outputs%s", where, len(result.outputs), "; job succeeded" if result.manifest_key else "")
+
+
+def execute_finetune(job: FineTuneJob, runtime: Runtime, reporter: TrainingReporter) -> None:
+    """Run or resume a fine-tune under its lease. Never raises for a job-level failure: the record carries it.
+
+    A delivery that finds the job leased (the broker redelivered a job that outlived its visibility timeout, while
+    the first worker still trains) waits: it acks once the job ends, or takes over when the holder stops renewing
+    its lease (that worker died) and resumes from the last checkpoint. Two workers never train one job at once.
+    """
+    token = current_job.set(job.job_id)
+    try:
+        lease = Lease(runtime.redis, job.job_id, runtime.settings.train.lease_ttl_s)
+        while not lease.acquire():
+            if not runtime.store.is_active(job.job_id):
+                log.info("job %s ended while this delivery waited for its lease; nothing to do", job.job_id)
+                return
+            time.sleep(runtime.settings.train.lease_ttl_s / 3)
+        with lease.heartbeat():
+            _execute_finetune(job, runtime, reporter, lease)
+    finally:
+        current_job.reset(token)
+
+
+def _execute_finetune(job: FineTuneJob, runtime: Runtime, reporter: TrainingReporter, lease: Lease) -> None:
+    settings = runtime.settings
+    deliveries = runtime.store.count_delivery(job.job_id)
+    if deliveries > settings.celery.max_deliveries:
+        message = (
+            f"started {deliveries} times without finishing (the worker died each time); "
+            f"dead-lettered after GENQ_CELERY__MAX_DELIVERIES={settings.celery.max_deliveries}"
+        )
+        record(runtime.redis, message, job.model_dump_json(), stage="task", task=FINETUNE_TASK, job_id=job.job_id)
+        reporter.failed(job, JobError(type="DeadLettered", message=message), [])
+        return
+    workdir = Path(tempfile.mkdtemp(prefix=f"genq-finetune-{job.job_id}-", dir=settings.train.work_dir))
+    try:
+        base_dir = runtime.registry.path(job.base_name, job.base_version)
+        result = run_finetune(
+            job,
+            storage=runtime.storage,
+            models=runtime.model_store,
+            base_dir=base_dir,
+            workdir=workdir,
+            reporter=reporter,
+            allocate_version=lambda name: runtime.model_store.allocate_version(runtime.redis, name),
+            on_published=lambda _name, _version: runtime.registry.refresh(runtime.redis),
+            keep_going=lambda: not lease.lost.is_set(),
+            limits=ArchiveLimits(max_total_bytes=settings.train.max_dataset_bytes),
+        )
+    except Exception as exc:  # every failure ends the job loudly, with the reason
+        log.exception("fine-tune %s failed", job.job_id)
+        reporter.failed(job, JobError(type=type(exc).__name__, message=str(exc)), [])
+        metrics.FINETUNES.labels("failed").inc()
+        return
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    outcome = "skipped" if result.skipped else "stopped" if result.stopped else "published"
+    metrics.FINETUNES.labels(outcome).inc()
+    log.info("fine-tune %s %s%s", job.job_id, outcome, f" {result.published}" if result.published else "")

@@ -1,21 +1,25 @@
 """Model registry: which models and versions this worker can serve, and a per-process cache of loaded ones.
 
-Layout of every model root (the shipped ``models/zoo`` first, then ``GENQ_MODEL_DIRS``)::
+Versions come from local model roots (the shipped ``models/zoo`` first, then ``GENQ_MODEL_DIRS``) and, when the
+registry has a :class:`~worker.model_store.ModelStore`, from versions published into object storage by training
+workers. Layout of every model root::
 
     <root>/<name>/<version>/config.json + weights.safetensors
     <root>/<name>/aliases.json              optional {"latest": "<version>", ...}
 
-Without ``aliases.json`` the alias ``latest`` names the highest version.
+Local roots win over the store for the same (name, version), and a local ``aliases.json`` wins over the store's for
+the aliases it sets. Without either, the alias ``latest`` names the highest version. A version published after
+start-up is found by :meth:`ModelRegistry.path`, which rescans on a miss: no restart needed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -26,82 +30,137 @@ from producer import constants
 from producer.contract import ModelEntry, ModelVersionInfo
 from producer.errors import ModelNotFound
 from worker import metrics
-from worker.errors import ModelLoadError
+from worker.errors import ModelLoadError, StorageError, StorageUnavailable
+from worker.model_store import METRICS_FILE, ModelStore, version_info, version_key
 
 log = logging.getLogger("genq.registry")
 
 ZOO_DIR = Path(models.__file__).parent / "zoo"
 
-
-def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
-    """Natural order: "10" after "9", "1.10" after "1.9"."""
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[._-]", version))
+_Paths = dict[tuple[str, str], Path]
 
 
 class ModelRegistry:
-    """Finds model folders, describes them for clients, and loads each (name, version) once per process."""
+    """Finds model versions, describes them for clients, and loads each (name, version) once per process.
 
-    def __init__(self, roots: list[Path], device: str = "cpu") -> None:
+    Args:
+        roots: local model roots, earlier ones winning on the same (name, version).
+        device: torch device the generators are loaded on.
+        store: published versions in object storage, downloaded on first use; none by default.
+    """
+
+    def __init__(self, roots: list[Path], device: str = "cpu", store: ModelStore | None = None) -> None:
         self.roots = roots
         self.device = device
-        self._paths: dict[tuple[str, str], Path] = {}
+        self.store = store
+        self._paths: _Paths = {}  # local versions
+        self._published: set[tuple[str, str]] = set()  # versions served from the store (none of them local)
+        self._store_entries: dict[str, ModelEntry] = {}  # the store's last good listing, kept while it is down
         self._entries: dict[str, ModelEntry] = {}
         self._loaded: dict[tuple[str, str], ImageGenerator] = {}
         self._lock = threading.Lock()
+        self._scan_lock = threading.Lock()
         self.scan()
 
     def scan(self) -> dict[str, ModelEntry]:
-        """Re-read every root. Earlier roots win when two define the same (name, version)."""
-        paths: dict[tuple[str, str], Path] = {}
-        entries: dict[str, ModelEntry] = {}
+        """Re-read every root and the store, and return the merged catalogue.
+
+        A store that cannot be listed (S3 down) is logged and its last good listing kept: the worker goes on
+        serving what it knew.
+        """
+        with self._scan_lock:  # one listing at a time; a thread arriving meanwhile rescans after it
+            paths, local, local_aliases = self._scan_roots()
+            if self.store is not None:
+                try:
+                    self._store_entries = self.store.entries(default_latest=False)
+                except (StorageUnavailable, StorageError) as exc:
+                    known = len(self._store_entries)
+                    log.warning("cannot list published models (serving the %d known): %s", known, exc)
+            entries: dict[str, ModelEntry] = {}
+            published: set[tuple[str, str]] = set()
+            for name in sorted(local.keys() | self._store_entries.keys()):
+                stored = self._store_entries.get(name)
+                entry = ModelEntry(name=name, versions=dict(local.get(name, {})))
+                if stored is not None:
+                    for version, info in stored.versions.items():
+                        if version not in entry.versions:
+                            entry.versions[version] = info
+                            published.add((name, version))
+                    entry.aliases.update(stored.aliases)
+                own = local_aliases.get(name, {})
+                if stored is not None:  # versions were published since: "latest" is the newest of all
+                    own = {a: v for a, v in own.items() if a != "latest"}
+                entry.aliases.update(own)
+                dangling = {a: v for a, v in entry.aliases.items() if v not in entry.versions}
+                if dangling:
+                    log.warning("model %s: ignoring aliases of unknown versions %s", name, dangling)
+                    entry.aliases = {a: v for a, v in entry.aliases.items() if a not in dangling}
+                if "latest" not in entry.aliases:
+                    entry.aliases["latest"] = max(entry.versions, key=version_key)
+                entries[name] = entry
+            self._paths = paths
+            self._published = published
+            self._entries = entries
+            return self._entries
+
+    def _scan_roots(self) -> tuple[_Paths, dict[str, dict[str, ModelVersionInfo]], dict[str, dict[str, str]]]:
+        """Local versions: (folder per (name, version), name -> version -> info, name -> aliases from aliases.json)."""
+        paths: _Paths = {}
+        versions: dict[str, dict[str, ModelVersionInfo]] = {}
+        aliases: dict[str, dict[str, str]] = {}
         for root in self.roots:
             if not root.is_dir():
                 log.warning("model root %s does not exist; skipped", root)
                 continue
             for name_dir in sorted(p for p in root.iterdir() if p.is_dir()):
                 name = name_dir.name
-                entry = entries.setdefault(name, ModelEntry(name=name, versions={}))
                 for version_dir in sorted(p for p in name_dir.iterdir() if (p / CONFIG_FILE).is_file()):
                     key = (name, version_dir.name)
                     if key in paths:
                         continue
                     try:
-                        cfg = read_config(version_dir)
-                        info = ModelVersionInfo(
-                            arch=cfg["arch"],
-                            class_names=list(cfg["class_names"]),
-                            resolution=int(cfg["resolution"]),
-                            channels=int(cfg["channels"]),
-                        )
+                        info = version_info(read_config(version_dir), _read_metrics(version_dir))
                     except (ModelsError, KeyError, TypeError, ValueError) as exc:
                         log.warning("skipping %s: %s", version_dir, exc)
                         continue
                     paths[key] = version_dir
-                    entry.versions[version_dir.name] = info
+                    versions.setdefault(name, {})[version_dir.name] = info
                 aliases_file = name_dir / "aliases.json"
                 if aliases_file.is_file():
-                    entry.aliases.update(json.loads(aliases_file.read_text()))
-                if entry.versions and "latest" not in entry.aliases:
-                    entry.aliases["latest"] = max(entry.versions, key=_version_key)
-        self._paths = paths
-        self._entries = {name: e for name, e in entries.items() if e.versions}
-        return self._entries
+                    try:
+                        aliases.setdefault(name, {}).update(json.loads(aliases_file.read_text()))
+                    except (TypeError, ValueError) as exc:  # not JSON, or not an object
+                        log.warning("ignoring %s: %s", aliases_file, exc)
+        return paths, versions, aliases
 
     def catalog(self) -> dict[str, ModelEntry]:
         return dict(self._entries)
 
     def path(self, name: str, version: str) -> Path:
-        """Folder of a model version. Raises ModelNotFound."""
-        if (name, version) not in self._paths:
+        """Folder of a model version, downloading a published one on first use.
+
+        Raises:
+            ModelNotFound: no root and no store has that version.
+            StorageUnavailable, StorageError: a published version could not be downloaded.
+        """
+        key = (name, version)
+        if key not in self._paths and key not in self._published:
             self.scan()  # a version published after start-up
-        try:
-            return self._paths[(name, version)]
-        except KeyError:
-            known = ", ".join(f"{n}@{v}" for n, v in sorted(self._paths)) or "none"
-            raise ModelNotFound(f"unknown model {name}@{version} (known: {known})") from None
+        if key in self._paths:
+            return self._paths[key]
+        if key in self._published and self.store is not None:
+            return self.store.fetch(name, version)  # downloads once; later calls find the cached folder
+        known = ", ".join(f"{n}@{v}" for n, v in sorted(self._paths.keys() | self._published)) or "none"
+        raise ModelNotFound(f"unknown model {name}@{version} (known: {known})")
 
     def load(self, name: str, version: str) -> ImageGenerator:
-        """The loaded generator for (name, version), loading it on first use. Raises ModelNotFound/ModelLoadError."""
+        """The loaded generator for (name, version), loading (and for a published version, downloading) it on first use.
+
+        Raises:
+            ModelNotFound: no root and no store has that version.
+            ModelLoadError: its files do not load.
+            StorageUnavailable, StorageError: a published version could not be downloaded.
+        """
         key = (name, version)
         with self._lock:  # one load per model even when several threads ask at once
             if key not in self._loaded:
@@ -117,14 +176,32 @@ class ModelRegistry:
             return self._loaded[key]
 
     def preload(self) -> None:
-        """Load the ``latest`` version of every model (at worker start, before any job arrives)."""
+        """Load the ``latest`` version of every local model (at worker start, before any job arrives).
+
+        A version that fails to load or download is logged and left for the first job that needs it.
+        """
         for entry in self._entries.values():
+            if (entry.name, entry.aliases["latest"]) not in self._paths:
+                continue  # a published (fine-tuned) version: loaded by the first job that asks for it
             try:
                 self.load(entry.name, entry.aliases["latest"])
-            except ModelLoadError as exc:
+            except (ModelLoadError, ModelNotFound, StorageUnavailable, StorageError) as exc:
                 log.error("%s", exc)
 
     def publish(self, client: redis.Redis) -> None:
-        """Write the catalogue to Redis, where clients validate requests against it."""
+        """Write the catalogue (local and published models) to Redis, where clients validate requests against it."""
         if self._entries:
             client.hset(constants.CATALOG_KEY, mapping={n: e.model_dump_json() for n, e in self._entries.items()})
+
+    def refresh(self, client: redis.Redis) -> None:
+        """Rescan roots and store, then publish the catalogue: call after publishing a version, or periodically."""
+        self.scan()
+        self.publish(client)
+
+
+def _read_metrics(version_dir: Path) -> Any:
+    """A local version's ``metrics.json``, or None when it has none (or it is not JSON)."""
+    try:
+        return json.loads((version_dir / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return None

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from producer.contract import EventType, GenerateJob, JobError, JobStatus, OutputRef, Shard
+from producer.contract import EventType, GenerateJob, JobError, JobStatus, OutputRef, Shard, TrainingView
 from producer.events import CallbackMessage, callback_message
+from producer.finetune import FineTuneJob
 from producer.status import JobStore
 
 SendCallback = Callable[[CallbackMessage], None]
@@ -35,7 +36,7 @@ class RedisReporter:
             self._emit(job, EventType.RUNNING)
         return True
 
-    def active(self, job: GenerateJob) -> bool:
+    def active(self, job: GenerateJob | FineTuneJob) -> bool:
         return self.store.is_active(job.job_id)
 
     def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> list[OutputRef] | None:
@@ -58,12 +59,12 @@ class RedisReporter:
         self._last_progress.pop(job.job_id, None)
         self.store.record_stopped_shard(job.job_id, shard.index, outputs)
 
-    def failed(self, job: GenerateJob, error: JobError, outputs: list[OutputRef]) -> None:
+    def failed(self, job: GenerateJob | FineTuneJob, error: JobError, outputs: list[OutputRef]) -> None:
         self._last_progress.pop(job.job_id, None)
         if self.store.mark_failed(job.job_id, error, outputs):
             self._emit(job, EventType.FAILED)
 
-    def _emit(self, job: GenerateJob, event: EventType) -> None:
+    def _emit(self, job: GenerateJob | FineTuneJob, event: EventType) -> None:
         if job.callback is None or event not in job.callback.events:
             return
         view = self.store.get(job.job_id)
@@ -72,3 +73,33 @@ class RedisReporter:
         message = callback_message(job.callback, event, view, self.store.next_event_seq(job.job_id))
         if message is not None:
             self.send(message)
+
+
+class TrainingReporter(RedisReporter):
+    """Reporting for fine-tunes: the job's :class:`TrainingView` (step, losses, grid, result) instead of outputs."""
+
+    def begin(self, job: FineTuneJob) -> bool:
+        """queued/running -> running, announcing ``running`` once; False when the job already ended."""
+        running = self.store.get(job.job_id).status is JobStatus.RUNNING
+        if not self.store.mark_running(job.job_id):
+            return False
+        if not running:
+            self._emit(job, EventType.RUNNING)
+        return True
+
+    def current(self, job: FineTuneJob) -> TrainingView | None:
+        """What an earlier delivery recorded (a resumed job continues its view)."""
+        return self.store.get(job.job_id).training
+
+    def training(self, job: FineTuneJob, view: TrainingView, *, announce: bool = False) -> None:
+        """Record ``view``; send a (throttled) ``progress`` event, or one now with ``announce`` (a new grid)."""
+        self.store.set_training(job.job_id, view)
+        now = time.monotonic()
+        if announce or now - self._last_progress.get(job.job_id, 0.0) >= self.progress_interval_s:
+            self._last_progress[job.job_id] = now
+            self._emit(job, EventType.PROGRESS)
+
+    def trained(self, job: FineTuneJob, view: TrainingView) -> None:
+        self._last_progress.pop(job.job_id, None)
+        if self.store.mark_trained(job.job_id, view):
+            self._emit(job, EventType.SUCCEEDED)

@@ -12,6 +12,7 @@ import redis
 from producer.errors import ConfigurationError
 from producer.status import JobStore
 from worker.inference import InferenceEngine
+from worker.model_store import ModelStore
 from worker.registry import ZOO_DIR, ModelRegistry
 from worker.settings import WorkerSettings
 from worker.storage import Storage, make_storage
@@ -25,6 +26,7 @@ class Runtime:
     redis: redis.Redis
     store: JobStore
     storage: Storage
+    model_store: ModelStore
     registry: ModelRegistry
     engine: InferenceEngine
     uploads: ThreadPoolExecutor
@@ -34,22 +36,35 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
     if settings.redis.url is None:
         raise ConfigurationError("a worker needs Redis: set GENQ_REDIS__URL (e.g. redis://127.0.0.1:6379/0)")
     client = redis.Redis.from_url(settings.redis.url)
-    registry = ModelRegistry(model_roots(settings), settings.device)
+    storage, model_store, registry = make_registry(settings)
     return Runtime(
         settings=settings,
         redis=client,
         store=JobStore(client, settings.job_ttl_s),
-        storage=make_storage(
-            settings.storage,
-            bucket=settings.s3.bucket,
-            local_dir=settings.local_dir,
-            retry=settings.storage_retry,
-            max_pool_connections=settings.batching.upload_workers + 4,  # uploads plus manifest/other calls
-        ),
+        storage=storage,
+        model_store=model_store,
         registry=registry,
         engine=make_engine(registry, settings),
         uploads=ThreadPoolExecutor(settings.batching.upload_workers, thread_name_prefix="genq-upload"),
     )
+
+
+def make_registry(settings: WorkerSettings) -> tuple[Storage, ModelStore, ModelRegistry]:
+    """Storage, the model store in it, and the registry over local roots and that store (no torch involved)."""
+    storage = make_storage(
+        settings.storage,
+        bucket=settings.s3.bucket,
+        local_dir=settings.local_dir,
+        retry=settings.storage_retry,
+        max_pool_connections=settings.batching.upload_workers + 4,  # uploads plus manifest/other calls
+    )
+    model_store = make_model_store(settings, storage)
+    return storage, model_store, ModelRegistry(model_roots(settings), settings.device, store=model_store)
+
+
+def make_model_store(settings: WorkerSettings, storage: Storage) -> ModelStore:
+    """Model versions published into ``storage``, downloaded into the settings' cache folder."""
+    return ModelStore(storage, settings.model_cache_dir, local_roots=model_roots(settings))
 
 
 def make_engine(registry: ModelRegistry, settings: WorkerSettings) -> InferenceEngine:

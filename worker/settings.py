@@ -42,6 +42,20 @@ class CelerySettings(BaseModel):
     )
 
 
+class TrainSettings(BaseModel):
+    """Fine-tuning workers (``genq worker -Q train``)."""
+
+    lease_ttl_s: float = Field(
+        default=30.0, gt=0, description="A training worker's lease on its job; renewed every third of it."
+    )
+    work_dir: Path | None = Field(
+        default=None, description="Scratch space for data sets, checkpoints and exports (default: the temp dir)."
+    )
+    max_dataset_bytes: int = Field(
+        default=2**30, ge=1, description="Largest data set (archive unpacked, or folder) a fine-tune reads."
+    )
+
+
 class WorkerSettings(BaseSettings):
     """Everything a worker process needs."""
 
@@ -55,9 +69,14 @@ class WorkerSettings(BaseSettings):
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     storage_retry: StorageRetrySettings = Field(default_factory=StorageRetrySettings)
     celery: CelerySettings = Field(default_factory=CelerySettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
     storage: Literal["s3", "local"] = "s3"
     local_dir: Path = Path("./genq-data")
     model_dirs: list[Path] = Field(default_factory=list, description="Extra model folders beside the shipped zoo.")
+    model_cache_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "genq" / "models",
+        description="Where published model versions are downloaded to (once per version, shared by processes).",
+    )
     device: str = "cpu"
     job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     metrics_port: int | None = Field(

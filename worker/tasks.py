@@ -12,14 +12,14 @@ from pydantic import ValidationError
 from producer import constants
 from producer.contract import GenerateJob, Shard
 from producer.events import CallbackMessage
+from producer.finetune import FineTuneJob
 from worker import metrics
 from worker.app import app, settings_of
 from worker.deadletter import record_task
 from worker.delivery import CallbackLedger, run_delivery
-from worker.jobs import execute_generate
-from worker.registry import ModelRegistry
-from worker.reporting import RedisReporter
-from worker.runtime import Runtime, get_runtime, model_roots, reset_runtime
+from worker.jobs import execute_finetune, execute_generate
+from worker.reporting import RedisReporter, TrainingReporter
+from worker.runtime import Runtime, get_runtime, make_registry, reset_runtime
 
 log = logging.getLogger("genq.tasks")
 
@@ -57,6 +57,23 @@ def generate(payload: dict[str, Any], shard: dict[str, Any] | None = None) -> No
     execute_generate(job, runtime, reporter, part)
 
 
+@app.task(name=constants.FINETUNE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def finetune(payload: dict[str, Any]) -> None:
+    """Run or resume a fine-tune job (payload: :class:`FineTuneJob` as JSON) and publish its model version."""
+    try:
+        job = FineTuneJob.model_validate(payload)
+    except ValidationError as exc:
+        record_task(finetune, f"not a fine-tune job: {_errors(exc)}", [payload])
+        return
+    runtime = _runtime()
+    if not runtime.store.exists(job.job_id):
+        reason = f"no record of job {job.job_id} (never created, or expired after GENQ_JOB_TTL_S)"
+        record_task(finetune, reason, [payload], job_id=job.job_id)
+        return
+    reporter = TrainingReporter(runtime.store, send_callback, runtime.settings.webhook.progress_interval_s)
+    execute_finetune(job, runtime, reporter)
+
+
 def _errors(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in exc.errors())
 
@@ -74,7 +91,7 @@ def _generate_raised(
     # generate never raises for a job (execute_generate fails the job instead); what raises is a message whose
     # arguments do not fit the task (wrong count, kwargs not a mapping) or a worker that cannot build its runtime.
     # Celery acks such a message anyway: keep it as a dead letter rather than lose it.
-    if getattr(sender, "name", None) == constants.GENERATE_TASK:
+    if getattr(sender, "name", None) in (constants.GENERATE_TASK, constants.FINETUNE_TASK):
         reason = f"the task raised {type(exception).__name__}: {exception}"
         record_task(sender, reason, [args, kwargs], request=request)
 
@@ -115,7 +132,7 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
     # (this process serves jobs: build the runtime and load models now).
     settings = settings_of(app)
     if type(getattr(sender, "pool", None)).__module__.endswith("prefork"):
-        registry = ModelRegistry(model_roots(settings), settings.device)
+        _storage, _store, registry = make_registry(settings)
         registry.publish(redis.Redis.from_url(settings.redis.url or ""))
     else:
         runtime = _runtime()

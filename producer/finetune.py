@@ -1,0 +1,248 @@
+"""The fine-tuning part of the wire contract: what a caller asks (:class:`FineTuneRequest`), what a training worker
+runs (:class:`FineTuneJob`), and how a caller's request is resolved against the model catalogue.
+
+A fine-tune adapts a published cGAN to a customer's own images (StyleGAN2-ADA's transfer learning: resume G and
+D, augment the few real images, optionally freeze D's first layers) and publishes the result as a new version of a
+model that generation workers serve as soon as it lands.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+
+from producer import constants
+from producer.contract import MAX_SEED, TENANT_PATTERN, Callback, ModelEntry, ModelRef, Priority
+from producer.errors import InvalidJob
+from producer.seeds import new_job_seed
+from producer.ssrf import check_callback_url
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".npz")
+_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+_CLASS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$"
+# A dataset reference: an upload's folder ("<id>/", ImageFolder layout) or one archive object in it.
+_DATASET_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9 ._-]{0,127})*/?$")
+
+FINETUNE_EXAMPLE: dict[str, JsonValue] = {
+    "base": "fmnist-cgan",
+    "dataset": "3f2a9c0e1b/",
+    "name": "brand-x",
+    "steps": 1000,
+    "augment": {"policy": ["translation", "cutout", "color"]},
+    "gate": {"min_label_consistency": 0.8},
+}
+
+AugmentOp = Literal["translation", "cutout", "color"]
+
+
+class AugmentSpec(BaseModel):
+    """Augmentation of real *and* generated images before the discriminator (DiffAugment), fixed or adaptive."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: list[AugmentOp] = Field(
+        default_factory=lambda: list[AugmentOp](["translation", "cutout"]),
+        description="DiffAugment operations; add 'color' with only a few hundred images. Empty: no augmentation.",
+    )
+    ada_target: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        default=None,
+        description="ADA: adapt the probability of each operation so that E[sign(D(real))] approaches this value "
+        "(StyleGAN2-ADA uses 0.6). Absent: every operation on every image (classic DiffAugment).",
+    )
+
+
+class PromotionGate(BaseModel):
+    """Metric thresholds a new version must meet before ``alias`` (default ``production``) moves to it.
+
+    ``latest`` always moves. A threshold left out is not checked; a gate whose metric cannot be measured for this
+    model (label consistency needs class names the in-domain classifier knows) fails closed.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_label_consistency: Annotated[float, Field(ge=0, le=1)] | None = None
+    max_fid: Annotated[float, Field(gt=0)] | None = None
+    alias: Annotated[str, Field(pattern=_NAME_PATTERN)] = "production"
+
+
+class FineTuneRequest(BaseModel):
+    """A caller's request to adapt a cGAN to its own images and publish the result as ``name``'s next version."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [FINETUNE_EXAMPLE]},
+    )
+
+    base: Annotated[str, Field(max_length=140, description="The cGAN to start from: name, name@version, name:alias")]
+    dataset: Annotated[
+        str,
+        Field(
+            max_length=512,
+            description="An uploaded data set (genq upload / POST /v1/datasets): its folder '<id>/' in ImageFolder "
+            "layout (one sub-folder per class), or one .zip, .tar, .tar.gz, .tgz or .npz object in it.",
+        ),
+    ]
+    name: Annotated[str, Field(pattern=_NAME_PATTERN, description="Model to publish the new version under.")]
+    classes: list[Annotated[str, Field(pattern=_CLASS_PATTERN)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1000,
+        description="Class names in label order; default: the data set's class folders, sorted. A name the base "
+        "knows keeps its learnt embedding; a new one starts from the base's average class.",
+    )
+    steps: Annotated[int, Field(ge=1, le=200_000)] = 1000
+    batch_size: Annotated[int, Field(ge=2, le=512)] = 32
+    lr_g: Annotated[float, Field(gt=0, le=0.01)] = 2e-4
+    lr_d: Annotated[float, Field(gt=0, le=0.01)] = 2e-4
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    freeze_d: Annotated[int, Field(ge=0, le=8)] = Field(
+        default=0, description="FreezeD: how many of the discriminator's first blocks keep the base's weights."
+    )
+    eval_every: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="Steps between evaluations (label consistency, FID); always once at the end."
+    )
+    sample_every: Annotated[int, Field(ge=1)] = Field(default=200, description="Steps between sample grids.")
+    checkpoint_every: Annotated[int, Field(ge=1)] = Field(
+        default=200, description="Steps between checkpoints; a redelivered job resumes from the last one."
+    )
+    gate: PromotionGate | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    callback: Callback | None = None
+    metadata: dict[str, JsonValue] = Field(default_factory=dict, description="Echoed back in the job view.")
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+    @field_validator("base")
+    @classmethod
+    def _valid_base(cls, value: str) -> str:
+        ModelRef.parse(value)
+        return value
+
+    @field_validator("dataset")
+    @classmethod
+    def _valid_dataset(cls, value: str) -> str:
+        if not _DATASET_PATTERN.match(value) or ".." in value.split("/"):
+            raise ValueError(
+                "dataset must be an upload's folder like '3f2a9c0e1b/' or an archive in it like '3f2a9c0e1b/data.zip'"
+            )
+        if not value.endswith("/") and not value.lower().endswith(ARCHIVE_SUFFIXES):
+            raise ValueError(
+                f"dataset {value!r} is neither a folder (ends with '/') nor an archive ({', '.join(ARCHIVE_SUFFIXES)})"
+            )
+        return value
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("class names must be unique")
+        return value
+
+
+class FineTuneJob(BaseModel):
+    """The resolved payload a training worker runs: base version pinned, data set key absolute, seed fixed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["finetune"] = "finetune"
+    job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
+    base: str  # the reference as asked
+    base_name: str
+    base_version: str
+    dataset_key: str  # storage key of the folder (ends with '/') or archive object
+    name: str
+    classes: list[str] | None = None
+    steps: int
+    batch_size: int
+    lr_g: float
+    lr_d: float
+    augment: AugmentSpec
+    freeze_d: int
+    eval_every: int | None = None
+    sample_every: int
+    checkpoint_every: int
+    gate: PromotionGate | None = None
+    seed: int = Field(ge=0, le=MAX_SEED)
+    callback: Callback | None = None
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    created_at: datetime
+    tenant: str | None = Field(default=None, pattern=TENANT_PATTERN)
+    priority: Priority = "normal"  # fine-tunes share one queue; kept for a uniform job view
+
+    @property
+    def model_name(self) -> str:
+        return self.base_name
+
+    @property
+    def total_images(self) -> int:  # progress of a fine-tune counts steps
+        return self.steps
+
+
+def dataset_prefix(tenant: str | None) -> str:
+    """Where a caller's uploaded data sets live: per tenant under the HTTP API, so none reads another's."""
+    if tenant is None:
+        return constants.DATASETS_PREFIX
+    return constants.TENANT_DATASETS_PREFIX.format(tenant=tenant)
+
+
+def resolve_finetune(
+    request: FineTuneRequest,
+    catalog: Mapping[str, ModelEntry],
+    *,
+    job_id: str,
+    now: datetime,
+    tenant: str | None = None,
+    allow_hosts: Sequence[str] = (),
+) -> FineTuneJob:
+    """Check ``request`` against the catalogue and pin the base version, the data set's key and the seed.
+
+    Raises:
+        InvalidJob: with ``field`` naming the offending field (``base``: unknown, or not a cGAN; ``name``: the name
+            of a model of another architecture; ``freeze_d``; ``callback.url``).
+    """
+    ref = ModelRef.parse(request.base)
+    entry = catalog.get(ref.name)
+    if entry is None:
+        known = ", ".join(sorted(catalog)) or "none published; is a worker running?"
+        raise InvalidJob(f"unknown base model {ref.name!r} (known: {known})", field="base")
+    try:
+        version = entry.resolve(ref)
+    except KeyError as exc:
+        raise InvalidJob(str(exc.args[0]), field="base") from exc
+    info = entry.versions[version]
+    if info.arch != "cgan":
+        raise InvalidJob(
+            f"fine-tuning needs a cgan base; {ref.name}@{version} is a {info.arch} (try fmnist-cgan)", field="base"
+        )
+    target = catalog.get(request.name)
+    if target is not None and any(v.arch != "cgan" for v in target.versions.values()):
+        raise InvalidJob(f"model {request.name!r} exists and is not a cgan: choose another name", field="name")
+    if request.callback is not None:
+        check_callback_url(str(request.callback.url), allow_hosts)
+    return FineTuneJob(
+        job_id=job_id,
+        base=request.base,
+        base_name=ref.name,
+        base_version=version,
+        dataset_key=dataset_prefix(tenant) + request.dataset,
+        name=request.name,
+        classes=request.classes,
+        steps=request.steps,
+        batch_size=request.batch_size,
+        lr_g=request.lr_g,
+        lr_d=request.lr_d,
+        augment=request.augment,
+        freeze_d=request.freeze_d,
+        eval_every=request.eval_every,
+        sample_every=request.sample_every,
+        checkpoint_every=request.checkpoint_every,
+        gate=request.gate,
+        seed=request.seed if request.seed is not None else new_job_seed(),
+        callback=request.callback,
+        metadata=request.metadata,
+        created_at=now,
+        tenant=tenant,
+    )

@@ -1,0 +1,330 @@
+"""Published model versions in object storage, and a local cache of the ones this process serves.
+
+Training workers publish fine-tuned versions here; generation workers find them by listing (see
+:class:`worker.registry.ModelRegistry`) and download a version once, on first use. Layout under the
+:class:`~worker.storage.Storage` (S3 in production, a local folder in embedded mode)::
+
+    models/<name>/<version>/config.json, weights.safetensors, metrics.json, samples.png, MODEL_CARD.md, ...
+    models/<name>/aliases.json              {"latest": "3", "production": "2"}
+
+A version exists once its ``config.json`` does: :meth:`ModelStore.publish` writes it last, so a reader never sees
+half a version. Published versions are immutable, which is what lets readers cache them (parsed config in memory,
+files on disk) without ever checking again. Versions are integers as strings, handed out by
+:meth:`ModelStore.allocate_version`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from models.generator import CONFIG_FILE
+from producer import constants
+from producer.contract import ModelEntry, ModelVersionInfo, headline_metrics
+from producer.errors import ModelNotFound
+from worker.errors import ObjectNotFound, Permanent
+from worker.storage import Storage
+
+__all__ = ["ModelStore", "ModelVersionExists", "version_info", "version_key"]
+
+log = logging.getLogger("genq.model_store")
+
+ALIASES_FILE = "aliases.json"
+METRICS_FILE = "metrics.json"  # a version's scores, written beside its weights (headline ones go in the catalogue)
+# Names of models, versions, aliases and files: one path segment that cannot climb out of its folder.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_TEMP_PREFIX = ".genq-tmp-"
+_CONTENT_TYPES = {
+    ".json": "application/json",
+    ".md": "text/markdown; charset=utf-8",
+    ".png": "image/png",
+    ".safetensors": "application/octet-stream",
+}
+# Raise the counter to the highest version already published (the floor) before incrementing, in one atomic step:
+# two publishers starting at once on a counter Redis lost (or never had) still get distinct numbers above the floor.
+_ALLOCATE_SCRIPT = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local floor = tonumber(ARGV[1])
+if current < floor then
+    redis.call('SET', KEYS[1], floor)
+end
+return redis.call('INCR', KEYS[1])
+"""
+
+
+class ModelVersionExists(Permanent, FileExistsError):
+    """That model version is already published; versions are immutable: publish under a new version number."""
+
+
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Natural order: "10" after "9", "1.10" after "1.9"."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[._-]", version))
+
+
+def version_info(config: Any, metrics: Any = None) -> ModelVersionInfo:
+    """What the catalogue says about a version, from its parsed ``config.json`` (and ``metrics.json``, if any).
+
+    Raises:
+        KeyError, TypeError, ValueError: the config lacks a field or has one of the wrong type.
+    """
+    return ModelVersionInfo(
+        arch=config["arch"],
+        class_names=list(config["class_names"]),
+        resolution=int(config["resolution"]),
+        channels=int(config["channels"]),
+        metrics=headline_metrics(metrics),
+    )
+
+
+def is_valid_name(value: str) -> bool:
+    """Whether ``value`` can name a model, version, alias or file: one path segment, no ``/``, not ``.``/``..``."""
+    return _NAME_RE.fullmatch(value) is not None
+
+
+def _check_name(kind: str, value: str) -> None:
+    if not is_valid_name(value):
+        raise ValueError(
+            f"invalid {kind} {value!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+
+
+class ModelStore:
+    """Publishes model versions into a :class:`Storage` and fetches them into a local cache folder.
+
+    Args:
+        storage: where versions are published (``models/`` keys).
+        cache_dir: local folder of downloaded versions, ``cache_dir/<name>/<version>/``; several processes may
+            share it.
+        local_roots: model roots served beside the store (the zoo, ``GENQ_MODEL_DIRS``): their versions are
+            taken, so :meth:`allocate_version` never hands them out (a local version would shadow a published one).
+    """
+
+    def __init__(self, storage: Storage, cache_dir: Path, local_roots: Iterable[Path] = ()) -> None:
+        self.storage = storage
+        self.cache_dir = Path(cache_dir)
+        self.local_roots = list(local_roots)
+        # Parsed config.json per published version (None: unreadable); immutable, so never read twice.
+        self._infos: dict[tuple[str, str], ModelVersionInfo | None] = {}
+        self._lock = threading.Lock()
+
+    def entries(self, *, default_latest: bool = True) -> dict[str, ModelEntry]:
+        """Every published model with its versions and aliases.
+
+        A version whose ``config.json`` is missing (still being published) is left out; one whose config cannot be
+        parsed is logged and left out. Aliases naming a version that is not published are dropped.
+
+        Args:
+            default_latest: add the alias ``latest`` (the highest version) where ``aliases.json`` sets none; the
+                registry turns it off to compute ``latest`` over local and published versions together.
+
+        Raises:
+            StorageUnavailable, StorageError: the store could not be listed or read.
+        """
+        versions: dict[str, set[str]] = {}
+        with_aliases: set[str] = set()
+        for key in self.storage.list(constants.MODELS_PREFIX):
+            parts = key[len(constants.MODELS_PREFIX) :].split("/")
+            if len(parts) == 2 and parts[1] == ALIASES_FILE and is_valid_name(parts[0]):
+                with_aliases.add(parts[0])
+            elif len(parts) == 3 and parts[2] == CONFIG_FILE and is_valid_name(parts[0]) and is_valid_name(parts[1]):
+                versions.setdefault(parts[0], set()).add(parts[1])
+        entries: dict[str, ModelEntry] = {}
+        for name in sorted(versions):
+            infos: dict[str, ModelVersionInfo] = {}
+            for version in sorted(versions[name], key=version_key):
+                info = self._info(name, version)
+                if info is not None:
+                    infos[version] = info
+            if not infos:
+                continue
+            entry = ModelEntry(name=name, versions=infos)
+            if name in with_aliases:
+                entry.aliases.update(self._published_aliases(name, infos))
+            if default_latest and "latest" not in entry.aliases:
+                entry.aliases["latest"] = max(infos, key=version_key)
+            entries[name] = entry
+        return entries
+
+    def has_version(self, name: str, version: str) -> bool:
+        """Whether ``name@version`` is published (its ``config.json`` is stored).
+
+        Raises:
+            StorageUnavailable, StorageError: the store could not be read.
+        """
+        if not (is_valid_name(name) and is_valid_name(version)):
+            return False
+        return self.storage.exists(constants.MODEL_VERSION_PREFIX.format(name=name, version=version) + CONFIG_FILE)
+
+    def fetch(self, name: str, version: str) -> Path:
+        """Download a published version into ``cache_dir/<name>/<version>/`` (once) and return that folder.
+
+        The files land in a temporary folder first, renamed into place when complete: a concurrent fetch in another
+        thread or process either wins the rename or finds the complete folder, and a crash leaves no half version.
+
+        Raises:
+            ModelNotFound: the name or version is invalid, or no such version is published.
+            StorageUnavailable, StorageError: the store could not be read.
+        """
+        if not (is_valid_name(name) and is_valid_name(version)):
+            raise ModelNotFound(f"invalid model reference {name!r}@{version!r}: names are single path segments")
+        final = self.cache_dir / name / version
+        if final.is_dir():
+            return final  # published versions are immutable: what was downloaded once is still right
+        prefix = constants.MODEL_VERSION_PREFIX.format(name=name, version=version)
+        files = [k[len(prefix) :] for k in self.storage.list(prefix)]
+        files = [f for f in files if is_valid_name(f)]  # nothing nested, nothing that could leave the folder
+        if CONFIG_FILE not in files:
+            raise ModelNotFound(f"model {name}@{version} is not published (no {prefix}{CONFIG_FILE} in the store)")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=final.parent))
+        try:
+            for file in files:
+                (tmp / file).write_bytes(self.storage.get(prefix + file))
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not final.is_dir():
+                    raise
+                # Another thread or process finished the same download first; its copy is as good as ours.
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                log.info("fetched %s@%s (%d files) into %s", name, version, len(files), final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def publish(self, name: str, version: str, files: Mapping[str, bytes]) -> None:
+        """Store a new version's files under ``models/<name>/<version>/``, ``config.json`` last.
+
+        Until ``config.json`` is stored the version is invisible to readers, so a publisher that dies midway leaves
+        nothing anyone serves (and publishing the same version again completes it). Two publishers of one version
+        are not detected atomically: take version numbers from :meth:`allocate_version`.
+
+        Args:
+            name: the model's name.
+            version: the new version (from :meth:`allocate_version`).
+            files: file name -> contents; must hold ``config.json`` and ``weights.safetensors``.
+
+        Raises:
+            ValueError: a name is invalid or a required file is missing.
+            ModelVersionExists: the version is already published.
+            StorageUnavailable, StorageError: the store refused or did not answer.
+        """
+        _check_name("model name", name)
+        _check_name("version", version)
+        for file in files:
+            _check_name("file name", file)
+        missing = {CONFIG_FILE, "weights.safetensors"} - set(files)
+        if missing:
+            raise ValueError(f"cannot publish {name}@{version} without {', '.join(sorted(missing))}")
+        prefix = constants.MODEL_VERSION_PREFIX.format(name=name, version=version)
+        if self.storage.exists(prefix + CONFIG_FILE):
+            raise ModelVersionExists(
+                f"model {name}@{version} is already published and versions are immutable; publish a new version"
+            )
+        for file in sorted(files, key=lambda f: f == CONFIG_FILE):  # config.json last: it makes the version visible
+            self.storage.put(prefix + file, files[file], _content_type(file))
+        log.info("published %s@%s (%d files)", name, version, len(files))
+
+    def set_aliases(self, name: str, aliases: Mapping[str, str]) -> dict[str, str]:
+        """Merge ``aliases`` (alias -> version) into the model's ``aliases.json`` and return the merged aliases.
+
+        This is a read-modify-write of one object: two concurrent updates of the same model's aliases race and the
+        last writer wins (updates come from one training job or one operator at a time).
+
+        Raises:
+            ValueError: a name is invalid.
+            ModelNotFound: an alias names a version that is not published.
+            StorageUnavailable, StorageError: the store refused or did not answer.
+        """
+        _check_name("model name", name)
+        for alias, version in aliases.items():
+            _check_name("alias", alias)
+            _check_name("version", version)
+        for version in sorted(set(aliases.values()), key=version_key):
+            if not self.storage.exists(constants.MODEL_VERSION_PREFIX.format(name=name, version=version) + CONFIG_FILE):
+                raise ModelNotFound(f"cannot point an alias at {name}@{version}: that version is not published")
+        key = constants.MODEL_ALIASES_OBJECT.format(name=name)
+        merged = {**self._read_aliases(name), **aliases}
+        self.storage.put(key, (json.dumps(merged, indent=2, sort_keys=True) + "\n").encode(), "application/json")
+        return merged
+
+    def allocate_version(self, client: redis.Redis, name: str, local_roots: Iterable[Path] | None = None) -> str:
+        """Hand out the model's next version number, unique across concurrent callers.
+
+        The Redis counter is first raised to the highest integer version already in the store (published or half
+        published) or in the local roots (``<root>/<name>/<version>/``; by default the store's ``local_roots``), so
+        a counter lost with Redis, or a model that started in the zoo, never hands out a version that exists.
+
+        Raises:
+            ValueError: the name is invalid.
+            StorageUnavailable, StorageError: the store could not be listed.
+        """
+        _check_name("model name", name)
+        prefix = f"{constants.MODELS_PREFIX}{name}/"
+        present = [key[len(prefix) :].split("/", 1)[0] for key in self.storage.list(prefix)]
+        for root in self.local_roots if local_roots is None else local_roots:
+            folder = Path(root) / name
+            if folder.is_dir():
+                present.extend(p.name for p in folder.iterdir() if p.is_dir())
+        floor = max((int(v) for v in present if v.isdigit()), default=0)
+        counter = constants.MODEL_VERSION_COUNTER_KEY.format(name=name)
+        return str(int(client.eval(_ALLOCATE_SCRIPT, 1, counter, floor)))
+
+    def _info(self, name: str, version: str) -> ModelVersionInfo | None:
+        with self._lock:
+            if (name, version) in self._infos:
+                return self._infos[(name, version)]
+        prefix = constants.MODEL_VERSION_PREFIX.format(name=name, version=version)
+        key = prefix + CONFIG_FILE
+        try:
+            config = json.loads(self.storage.get(key))
+            try:
+                metrics = json.loads(self.storage.get(prefix + METRICS_FILE))
+            except (ObjectNotFound, ValueError):
+                metrics = None
+            info: ModelVersionInfo | None = version_info(config, metrics)
+        except ObjectNotFound:
+            return None  # deleted since the listing; not cached, it may be published again
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("skipping published model %s@%s: bad %s: %s", name, version, key, exc)
+            info = None
+        with self._lock:
+            self._infos[(name, version)] = info
+        return info
+
+    def _read_aliases(self, name: str) -> dict[str, str]:
+        key = constants.MODEL_ALIASES_OBJECT.format(name=name)
+        try:
+            data = json.loads(self.storage.get(key))
+        except ObjectNotFound:
+            return {}
+        except ValueError as exc:
+            log.warning("ignoring %s: not valid JSON: %s", key, exc)
+            return {}
+        if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+            log.warning("ignoring %s: not a JSON object of alias -> version strings", key)
+            return {}
+        return data
+
+    def _published_aliases(self, name: str, versions: Mapping[str, ModelVersionInfo]) -> dict[str, str]:
+        aliases = self._read_aliases(name)
+        dangling = {a: v for a, v in aliases.items() if v not in versions}
+        if dangling:
+            log.warning("model %s: ignoring aliases of unpublished versions %s", name, dangling)
+        return {a: v for a, v in aliases.items() if a not in dangling}
+
+
+def _content_type(file: str) -> str:
+    return _CONTENT_TYPES.get(Path(file).suffix, "application/octet-stream")
