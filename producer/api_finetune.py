@@ -17,9 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from producer.api_deps import PrincipalDep, ServicesDep, strict_query
 from producer.api_errors import INVALID, SUBMIT_ERRORS, UNAUTHORIZED, UNAVAILABLE, ApiError
 from producer.contract import JobView
-from producer.errors import IdempotencyConflict
+from producer.errors import IdempotencyConflict, InvalidJob
 from producer.finetune import FINETUNE_EXAMPLE, FineTuneJob, FineTuneRequest
 from producer.quotas import Reservation
+from producer.uploads import check_archive_name
 
 router = APIRouter(prefix="/v1", responses={**UNAUTHORIZED, **UNAVAILABLE})
 DATASETS_PATH = "/v1/datasets"
@@ -72,6 +73,10 @@ async def upload_dataset(
     The archive is checked when a job uses it (paths escaping the folder, links, bombs and corrupt images are
     refused or skipped with reasons in the job's view); this call only stores it under the tenant's prefix.
     """
+    try:
+        check_archive_name(filename)
+    except InvalidJob as exc:  # before reading a byte of the body
+        raise ApiError(422, ["query", "filename"], str(exc), "invalid_filename") from exc
     with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as spool:
         async for chunk in request.stream():
             spool.write(chunk)

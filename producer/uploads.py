@@ -88,12 +88,18 @@ def upload_dataset(
     return Upload(dataset=reference, files=len(files), bytes=total)
 
 
-def archive_reference(filename: str) -> str:
-    """A fresh upload's reference for one archive called ``filename``; InvalidJob (field ``filename``) if unusable."""
-    name = filename.strip()
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name) or not name.lower().endswith(ARCHIVE_SUFFIXES):
+def check_archive_name(filename: str) -> str:
+    """``filename`` if it is a plain archive file name genq reads; InvalidJob (field ``filename``) otherwise."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", filename) or not filename.lower().endswith(
+        ARCHIVE_SUFFIXES
+    ):
         raise InvalidJob(
             f"filename {filename!r} must be a plain file name ending in {', '.join(ARCHIVE_SUFFIXES)}",
             field="filename",
         )
-    return f"{uuid.uuid4().hex}/{name}"
+    return filename
+
+
+def archive_reference(filename: str) -> str:
+    """A fresh upload's reference for one archive called ``filename``; InvalidJob (field ``filename``) if unusable."""
+    return f"{uuid.uuid4().hex}/{check_archive_name(filename)}"

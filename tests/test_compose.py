@@ -364,6 +364,17 @@ def test_gpu_is_reserved_for_worker_and_not_for_worker_cpu() -> None:
     assert SERVICES["worker-cpu"].get("profiles") == ["cpu"]
 
 
+def test_training_worker_takes_only_the_train_queue_one_job_at_a_time_on_a_gpu() -> None:
+    svc = SERVICES["worker-train"]
+    command = argv(svc.get("command"))
+    assert command[command.index("-Q") + 1] == constants.TRAIN_QUEUE
+    assert command[command.index("-c") + 1] == "1"
+    assert environment("worker-train")["GENQ_REDIS__URL"] == environment("worker")["GENQ_REDIS__URL"]
+    assert environment("worker-train")["GENQ_S3__BUCKET"] == environment("worker")["GENQ_S3__BUCKET"]
+    devices = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]} in devices
+
+
 def test_flower_watches_the_workers_broker() -> None:
     flower = SERVICES["flower"]
     assert flower.get("profiles") == ["monitoring"]
