@@ -19,7 +19,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from models import cgan
-from models.augment import host_to_device
+from models.augment import AugmentConfig, diff_augment, host_to_device
 from models.checkpoint import read_checkpoint, restore, write_checkpoint
 from models.data import LabelledImages
 from models.errors import DatasetError
@@ -48,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     sample_every: int = 500
     checkpoint_every: int = 500
+    augment: tuple[str, ...] = ()  # DiffAugment policy (translation, cutout, color) on every batch D sees; p = 1
     bn_recalibration_batches: int = 50  # of 100 samples each, at every export (see recalibrate_bn)
 
 
@@ -270,10 +271,11 @@ def train(
     state.d.train()
     grid_seeds = list(range(10))
     started, started_step = time.perf_counter(), state.step
+    augment = _augmenter(cfg.augment, state.rng)
     while state.step < cfg.steps:
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=state.rng)
         real = data.images[idx].float() / 127.5 - 1.0  # (B, C, H, W) in [-1, 1]
-        d_loss, g_loss = train_step(state, real, data.labels[idx], cfg)
+        d_loss, g_loss = train_step(state, real, data.labels[idx], cfg, augment=augment)
         if on_step is not None:
             rate = (state.step - started_step) / max(time.perf_counter() - started, 1e-9)
             on_step(StepStats(state.step, cfg.steps, d_loss, g_loss, rate))
@@ -297,3 +299,11 @@ def sample_grid_images(net: cgan.Generator, model_cfg: cgan.CGANConfig, seeds: l
     images = to_uint8(net(z, torch.tensor(labels, device=z.device))).cpu()
     net.train(was_training)
     return images
+
+
+def _augmenter(policy: tuple[str, ...], rng: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """DiffAugment with every op on every image (p = 1), drawing from the training RNG (exact resume); None if off."""
+    if not policy:
+        return None
+    AugmentConfig(policy=tuple(policy))  # refuses unknown operations, naming them
+    return lambda x: diff_augment(x, tuple(policy), 1.0, rng)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -15,7 +16,16 @@ console = Console(stderr=True)
 def train(
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoint, sample grids, export/."),
     arch: str = typer.Option("cgan", "--arch", help="Architecture: cgan or cvae."),
-    data: str = typer.Option("fashion-mnist", "--data", help="Data set: fashion-mnist."),
+    data: str = typer.Option(
+        "fashion-mnist",
+        "--data",
+        help="fashion-mnist, a folder with one sub-folder of images per class (ImageFolder), or an .npz file.",
+    ),
+    resolution: int = typer.Option(28, "--resolution", help="Folder/.npz data: side in pixels (28, 32 or 64)."),
+    channels: int = typer.Option(1, "--channels", help="Folder/.npz data: 1 (grey) or 3 (RGB)."),
+    augment: str = typer.Option(
+        "", "--augment", help="cgan: DiffAugment policy for small data sets, e.g. translation,cutout,color."
+    ),
     classes: str | None = typer.Option(
         None, "--classes", help="Train on these classes only: comma-separated names or indices (e.g. 0,1,2,3,4)."
     ),
@@ -40,16 +50,20 @@ def train(
     from models import cgan, cvae
     from models import train as training
     from models import train_cvae as training_cvae
-    from models.data import load_fashion_mnist, select_classes
-    from models.errors import DatasetError
+    from models.augment import AugmentConfig
+    from models.data import select_classes
+    from models.errors import DatasetError, InvalidModelConfig
 
     if arch not in (cgan.ARCH, cvae.ARCH):
         raise typer.BadParameter(f"unknown architecture {arch!r} (known: cgan, cvae)", param_hint="--arch")
-    if data != "fashion-mnist":
-        raise typer.BadParameter(f"unknown data set {data!r} (known: fashion-mnist)", param_hint="--data")
     if threads is not None:
         torch.set_num_threads(threads)
-    dataset = load_fashion_mnist("train")
+    dataset = _load_training_data(data, resolution, channels)
+    policy = tuple(a.strip() for a in augment.split(",") if a.strip())
+    try:
+        AugmentConfig(policy=policy)
+    except InvalidModelConfig as exc:
+        raise typer.BadParameter(str(exc), param_hint="--augment") from None
     if classes is not None:
         try:
             dataset = select_classes(dataset, [c.strip() for c in classes.split(",") if c.strip()])
@@ -76,8 +90,15 @@ def train(
 
         log = progress.console.print
         if arch == cgan.ARCH:
-            model_cfg = cgan.CGANConfig(class_names=dataset.class_names, g_ch=g_ch, d_ch=d_ch)
+            model_cfg = cgan.CGANConfig(
+                class_names=dataset.class_names,
+                resolution=int(dataset.images.shape[-1]),
+                channels=int(dataset.images.shape[1]),
+                g_ch=g_ch,
+                d_ch=d_ch,
+            )
             cfg = training.TrainConfig(
+                augment=policy,
                 steps=steps,
                 batch_size=batch_size,
                 seed=seed,
@@ -86,7 +107,13 @@ def train(
             )
             training.train(dataset, out, cfg, model_cfg, resume=resume, on_step=on_step, on_log=log)
         else:
-            vae_cfg = cvae.CVAEConfig(class_names=dataset.class_names, width=width, z_dim=z_dim)
+            vae_cfg = cvae.CVAEConfig(
+                class_names=dataset.class_names,
+                resolution=int(dataset.images.shape[-1]),
+                channels=int(dataset.images.shape[1]),
+                width=width,
+                z_dim=z_dim,
+            )
             vae_train = training_cvae.CVAETrainConfig(
                 steps=steps,
                 batch_size=batch_size,
@@ -98,6 +125,28 @@ def train(
             )
             training_cvae.train_cvae(dataset, out, vae_train, vae_cfg, resume=resume, on_step=on_step, on_log=log)
     console.print(f"exported generator to {out / training.EXPORT_DIR}")
+
+
+def _load_training_data(data: str, resolution: int, channels: int) -> Any:
+    """Fashion-MNIST by name, or a folder / .npz read at ``resolution`` x ``channels`` (skipped files reported)."""
+    from models.data import load_fashion_mnist
+    from models.datasets import load_image_folder, load_npz
+    from models.errors import DatasetError
+
+    if data == "fashion-mnist":
+        return load_fashion_mnist("train")
+    path = Path(data)
+    try:
+        if path.is_dir():
+            dataset, report = load_image_folder(path, resolution=resolution, channels=channels)
+        elif path.suffix == ".npz" and path.is_file():
+            dataset, report = load_npz(path, resolution=resolution, channels=channels)
+        else:
+            raise DatasetError(f"{data} is not fashion-mnist, a folder or an .npz file")
+    except DatasetError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--data") from None
+    console.print(report.summary())
+    return dataset
 
 
 def evaluate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,11 @@ def _genq(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.Com
     return subprocess.run(
         [sys.executable, "-m", "producer.cli", *args], env=env, capture_output=True, text=True, timeout=180
     )
+
+
+def _text(output: str) -> str:
+    """Console output without rich's line wrapping and panel borders, for matching messages."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", output).split())
 
 
 def test_embedded_generate_writes_pngs_and_manifest_without_redis_or_s3(tmp_path: Path) -> None:
@@ -92,6 +98,41 @@ def test_train_writes_grids_a_checkpoint_and_a_servable_export(tmp_path: Path, a
     assert model.sample([7], [1]).shape == (1, 1, 28, 28)
     again = _genq(*args[:-4], "--steps", "3", "--threads", "1", *widths)  # resumes: 1 step left
     assert again.returncode == 0 and "resuming from step 2" in again.stderr
+
+
+def test_train_reads_an_image_folder_at_the_asked_size_with_diffaugment(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    for c, name in enumerate(("bag", "shoe")):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(8):
+            pixels = np.full((40, 50, 3), 40 * (c + 1) + i, dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
+    (tmp_path / "data" / "bag" / "notes.txt").write_text("not an image")
+    out = tmp_path / "run"
+    args = ["train", "--data", str(tmp_path / "data"), "--resolution", "32", "--channels", "3", "--out", str(out)]
+    flags = ["--steps", "2", "--batch-size", "8", "--g-ch", "4", "--d-ch", "4", "--threads", "1"]
+    result = _genq(*args, *flags, "--augment", "translation,cutout,color", "--sample-every", "2")
+    assert result.returncode == 0, result.stderr
+    said = _text(result.stderr)
+    assert "16 images in 2 classes" in said and "'bag/notes.txt': not an image" in said
+    from models.generator import load_generator
+
+    model = load_generator(out / "export")
+    assert model.class_names == ("bag", "shoe") and model.sample([1], [3]).shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--data", "no/such/place"], "is not fashion-mnist, a folder or an .npz file"),
+        (["--augment", "rotate"], "unknown augmentation 'rotate'"),
+    ],
+)
+def test_train_refuses_bad_data_and_augmentation_naming_them(tmp_path: Path, args: list[str], words: str) -> None:
+    result = _genq("train", "--out", str(tmp_path), "--steps", "1", *args)
+    assert result.returncode == 2 and words in _text(result.stderr), result.stderr
 
 
 def test_train_refuses_an_unknown_architecture(tmp_path: Path) -> None:
