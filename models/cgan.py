@@ -34,6 +34,7 @@ class CGANConfig:
     z_dim: int = 64
     g_ch: int = 64  # generator width at the output; doubles per resolution level going down
     d_ch: int = 32  # discriminator width at the input
+    attention: int = 0  # side of the feature maps that get a self-attention block in G and D (SAGAN); 0: none
     arch: str = field(default=ARCH)
 
     def __post_init__(self) -> None:
@@ -45,6 +46,12 @@ class CGANConfig:
             raise InvalidModelConfig("a conditional model needs at least one class name")
         if len(set(self.class_names)) != len(self.class_names):
             raise InvalidModelConfig(f"class names must be unique, got {list(self.class_names)}")
+        sides = attention_sides(self.resolution)
+        if self.attention and self.attention not in sides:
+            raise InvalidModelConfig(
+                f"attention at {self.attention} px is not possible at resolution {self.resolution} "
+                f"(feature map sides: {', '.join(map(str, sides))}; 0 for none)"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -60,6 +67,37 @@ class CGANConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["class_names"] = tuple(known.get("class_names", ()))
         return cls(**known)
+
+
+def attention_sides(resolution: int) -> list[int]:
+    """Sides of the inner feature maps both networks share at ``resolution``: where attention may go."""
+    base, n_up = _LAYOUTS[resolution]
+    return [base * 2**i for i in range(1, n_up)]
+
+
+class SelfAttention(nn.Module):
+    """SAGAN's self-attention over all positions of a feature map; starts as the identity (gamma = 0).
+
+    Keys and queries are 1x1 convs to C/8 channels, values to C/2, max-pooled 2x as in BigGAN to cut the cost.
+    """
+
+    def __init__(self, channels: int, sn: bool) -> None:
+        super().__init__()
+        wrap = spectral_norm if sn else (lambda m: m)
+        self.query = wrap(nn.Conv2d(channels, max(channels // 8, 1), 1, bias=False))
+        self.key = wrap(nn.Conv2d(channels, max(channels // 8, 1), 1, bias=False))
+        self.value = wrap(nn.Conv2d(channels, max(channels // 2, 1), 1, bias=False))
+        self.out = wrap(nn.Conv2d(max(channels // 2, 1), channels, 1, bias=False))
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q = self.query(x).flatten(2)  # (B, C/8, HW)
+        k = F.max_pool2d(self.key(x), 2).flatten(2)  # (B, C/8, HW/4)
+        v = F.max_pool2d(self.value(x), 2).flatten(2)  # (B, C/2, HW/4)
+        attn = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # (B, HW, HW/4)
+        o = (v @ attn.transpose(1, 2)).view(b, -1, h, w)  # (B, C/2, H, W)
+        return x + self.gamma * self.out(o)
 
 
 class ConditionalBatchNorm2d(nn.Module):
@@ -102,13 +140,18 @@ class Generator(nn.Module):
         self.base = base
         self.fc = nn.Linear(cfg.z_dim, widths[0] * base * base)
         self.blocks = nn.ModuleList(GBlock(widths[i], widths[i + 1], cfg.num_classes) for i in range(n_up))
+        # after the block whose output has side cfg.attention (index i: side base * 2 ** (i + 1))
+        self.attn_after = next((i for i in range(n_up) if base * 2 ** (i + 1) == cfg.attention), -1)
+        self.attn = SelfAttention(widths[self.attn_after + 1], sn=False) if self.attn_after >= 0 else None
         self.out_bn = nn.BatchNorm2d(widths[-1])
         self.out_conv = nn.Conv2d(widths[-1], cfg.channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.fc(z).view(z.shape[0], -1, self.base, self.base)  # (B, C0, base, base)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             h = block(h, y)
+            if i == self.attn_after and self.attn is not None:
+                h = self.attn(h)  # (B, C_i, side, side)
         return torch.tanh(self.out_conv(F.relu(self.out_bn(h))))  # (B, channels, R, R)
 
 
@@ -133,12 +176,20 @@ class Discriminator(nn.Module):
         _, n_down = _LAYOUTS[cfg.resolution]
         widths = [cfg.channels] + [cfg.d_ch * 2 ** min(i, 3) for i in range(n_down)]
         self.blocks = nn.Sequential(*(DBlock(widths[i], widths[i + 1]) for i in range(n_down)))
+        # after the block whose output has side cfg.attention (index i: side resolution / 2 ** (i + 1))
+        self.attn_after = next((i for i in range(n_down) if cfg.resolution // 2 ** (i + 1) == cfg.attention), -1)
+        self.attn = SelfAttention(widths[self.attn_after + 1], sn=True) if self.attn_after >= 0 else None
         self.final = spectral_norm(nn.Conv2d(widths[-1], 2 * widths[-1], 3, padding=1))
         self.linear = spectral_norm(nn.Linear(2 * widths[-1], 1))
         self.embed = spectral_norm(nn.Embedding(cfg.num_classes, 2 * widths[-1]))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = F.leaky_relu(self.final(self.blocks(x)), 0.1)  # (B, C_last, base, base)
+        h = x
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i == self.attn_after and self.attn is not None:
+                h = self.attn(h)  # (B, C_i, side, side)
+        h = F.leaky_relu(self.final(h), 0.1)  # (B, C_last, base, base)
         h = h.sum(dim=(2, 3))  # (B, C_last): global sum pooling
         return self.linear(h).squeeze(1) + (self.embed(y) * h).sum(dim=1)  # (B,)
 

@@ -33,6 +33,9 @@ def train(
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     g_ch: int = typer.Option(32, "--g-ch", min=4, help="cgan: generator width at the output resolution."),
     d_ch: int = typer.Option(32, "--d-ch", min=4, help="cgan: discriminator width at the input resolution."),
+    attention: int = typer.Option(
+        0, "--attention", min=0, help="cgan: side (px) of the feature maps given a self-attention block; 0: none."
+    ),
     width: int = typer.Option(16, "--width", min=1, help="cvae: conv width at full resolution."),
     z_dim: int = typer.Option(16, "--z-dim", min=1, help="cvae: latent size."),
     kl_beta: float = typer.Option(1.0, "--kl-beta", min=0.0, help="cvae: weight of the KL term."),
@@ -64,6 +67,12 @@ def train(
         AugmentConfig(policy=policy)
     except InvalidModelConfig as exc:
         raise typer.BadParameter(str(exc), param_hint="--augment") from None
+    side = int(dataset.images.shape[-1])
+    if attention and attention not in cgan.attention_sides(side):
+        sides = ", ".join(map(str, cgan.attention_sides(side)))
+        raise typer.BadParameter(
+            f"no {attention} px feature maps at {side} px (choose {sides})", param_hint="--attention"
+        )
     if classes is not None:
         try:
             dataset = select_classes(dataset, [c.strip() for c in classes.split(",") if c.strip()])
@@ -96,6 +105,7 @@ def train(
                 channels=int(dataset.images.shape[1]),
                 g_ch=g_ch,
                 d_ch=d_ch,
+                attention=attention,
             )
             cfg = training.TrainConfig(
                 augment=policy,

@@ -88,7 +88,15 @@ def test_corrupt_or_mismatched_weights_are_refused(tmp_path: Path, tiny_dir: Pat
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"resolution": 48}, {"channels": 2}, {"class_names": ()}, {"class_names": ("a", "a")}]
+    "kwargs",
+    [
+        {"resolution": 48},
+        {"channels": 2},
+        {"class_names": ()},
+        {"class_names": ("a", "a")},
+        {"attention": 28},
+        {"attention": 7},
+    ],
 )
 def test_bad_configs_are_refused(kwargs: dict[str, object]) -> None:
     fields: dict[str, object] = {"class_names": ("a", "b"), **kwargs}
@@ -155,3 +163,32 @@ def test_idx_reader_round_trips_and_checks_the_payload(tmp_path: Path) -> None:
 
 def test_fashion_mnist_class_slugs() -> None:
     assert FASHION_MNIST_CLASSES[7] == "sneaker" and len(FASHION_MNIST_CLASSES) == 10
+
+
+@pytest.mark.parametrize(("resolution", "side"), [(28, 14), (32, 16), (64, 32), (64, 8)])
+def test_self_attention_starts_as_the_identity_and_keeps_images_independent_of_their_batch(
+    resolution: int, side: int
+) -> None:
+    torch.manual_seed(0)
+    cfg = cgan.CGANConfig(class_names=("a", "b"), resolution=resolution, attention=side, z_dim=8, g_ch=4, d_ch=4)
+    g, d = cgan.Generator(cfg).eval(), cgan.Discriminator(cfg)
+    assert g.attn is not None and d.attn is not None
+    x = torch.randn(2, g.attn.out.in_channels * 2, side, side)
+    assert torch.equal(g.attn(x), x)  # gamma = 0: the block adds nothing until it learns to
+    with torch.no_grad():
+        g.attn.gamma.fill_(0.5)
+    z, y = torch.randn(5, 8), torch.tensor([0, 1, 0, 1, 1])
+    batch = g(z, y)  # (5, 1, R, R)
+    assert batch.shape == (5, 1, resolution, resolution) and d(batch, y).shape == (5,)
+    assert torch.allclose(g(z[3:4], y[3:4]), batch[3:4], atol=1e-5)  # attention mixes positions, never samples
+
+
+def test_self_attention_learns_through_a_training_step() -> None:
+    from models.train import new_state, train_step
+
+    cfg = cgan.CGANConfig(class_names=("left", "right"), attention=14, z_dim=8, g_ch=4, d_ch=4)
+    state = new_state(cfg, TrainConfig(seed=0))
+    data = _synthetic_data(16)
+    train_step(state, data.images.float() / 127.5 - 1.0, data.labels, TrainConfig())
+    assert state.g.attn is not None and state.d.attn is not None
+    assert state.g.attn.gamma.item() != 0.0 and state.d.attn.gamma.item() != 0.0
