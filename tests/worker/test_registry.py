@@ -101,8 +101,9 @@ def test_local_root_wins_over_the_store_for_the_same_version(s3_store: ModelStor
     assert not (tmp_path / "cache" / TINY_NAME / "1").exists()  # the shadowed version is never downloaded
     entry = registry.catalog()[TINY_NAME]
     assert set(entry.versions) == {"1", "2"}
-    # make_tiny_model wrote aliases.json {"latest": "1"}: the local file wins for the aliases it sets.
-    assert entry.aliases == {"latest": "1", "production": "2"}
+    # make_tiny_model wrote aliases.json {"latest": "1"}; once versions are published for the name, "latest" is the
+    # store's (the newest of all), while other local aliases would still win.
+    assert entry.aliases == {"latest": "2", "production": "2"}
 
 
 def test_merged_latest_is_the_highest_version_when_no_aliases_file_sets_it(
