@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from producer import cli_finetune, cli_models, constants
+from producer import cli_finetune, cli_keys, cli_models, constants
 from producer.contract import GenerateRequest, JobStatus, JobView, OutputFormat
 from producer.errors import GenqError, InvalidJob
 from producer.settings import ClientSettings
@@ -32,6 +32,7 @@ def main() -> None:
 app.command("train")(cli_models.train)
 app.command("eval")(cli_models.evaluate)
 app.command("finetune")(cli_finetune.finetune)
+app.add_typer(cli_keys.app, name="keys")
 
 
 def _parse_counts(spec: str) -> dict[str, int]:
@@ -73,6 +74,9 @@ def generate(
     label: str | None = typer.Option(None, "--label", "-l", help="Class name or index."),
     count: int | None = typer.Option(None, "--count", "-n", help="Images of --label (default 1)."),
     counts: str | None = typer.Option(None, "--counts", help="Per-label counts: sneaker=3,bag=2"),
+    per_class: int | None = typer.Option(
+        None, "--per-class", help="This many images of every class (a balanced data set); instead of --label."
+    ),
     seed: int | None = typer.Option(None, "--seed", help="Job seed (random and recorded when absent)."),
     fmt: OutputFormat = typer.Option(OutputFormat.PNG, "--format", help="Output image format."),
     callback: str | None = typer.Option(None, "--callback", help="URL receiving signed webhook events."),
@@ -97,6 +101,7 @@ def generate(
         label=int(label) if label is not None and label.isdecimal() else label,
         count=count,
         counts=_parse_counts(counts) if counts else None,
+        per_class=per_class,
         seed=seed,
         format=fmt,
         callback={"url": callback} if callback else None,
@@ -127,7 +132,10 @@ def _generate_embedded(request: GenerateRequest, out: Path) -> None:
     with _progress() as progress:
         task = progress.add_task("generate", total=request.total_images)
         job, result = run_embedded(
-            request, out, WorkerSettings(), on_progress=lambda done, total: progress.update(task, completed=done)
+            request,
+            out,
+            WorkerSettings(),
+            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     console.print(
         f"[green]wrote {len(result.outputs)} images[/] of {job.model_name}@{job.model_version} "
@@ -302,38 +310,6 @@ def api(
         port=settings.api.port if port is None else port,
         log_level=loglevel.lower(),
     )
-
-
-keys_app = typer.Typer(help="API keys of the HTTP API.", no_args_is_help=True)
-app.add_typer(keys_app, name="keys")
-
-
-@keys_app.command("create")
-def keys_create(
-    tenant: str = typer.Option(..., "--tenant", help="Tenant the key acts for: it owns the jobs made with it."),
-    name: str = typer.Option("", "--name", help="A note for humans (who or what uses the key)."),
-    max_queued: int | None = typer.Option(None, "--max-queued", min=1, help="Jobs queued or running at once."),
-    images_per_day: int | None = typer.Option(None, "--images-per-day", min=1, help="Images per UTC day."),
-) -> None:
-    """Create an API key and print it once (only its sha256 is stored)."""
-    import redis
-    from pydantic import ValidationError
-
-    from producer.auth import KeyQuotas, KeyStore
-
-    settings = ClientSettings()
-    if settings.redis.url is None:
-        console.print("[red]error[/]: API keys live in Redis: set GENQ_REDIS__URL")
-        raise typer.Exit(2)
-    try:
-        quotas = KeyQuotas(max_queued=max_queued, images_per_day=images_per_day)
-        secret, record = KeyStore(redis.Redis.from_url(settings.redis.url)).create(tenant, name, quotas)
-    except ValidationError as exc:
-        for err in exc.errors():
-            console.print(f"[red]invalid[/]: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}")
-        raise typer.Exit(2) from None
-    console.print(f"API key for tenant [bold]{record.tenant}[/]; it is shown only now, store it safely:")
-    print(secret)
 
 
 if __name__ == "__main__":

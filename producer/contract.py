@@ -137,6 +137,10 @@ class GenerateRequest(BaseModel):
     counts: dict[str, Annotated[int, Field(ge=1)]] | None = Field(
         default=None, description="Per-label counts, keyed by class name or index; instead of label/count."
     )
+    per_class: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="This many images of every class of the model (a balanced data set); instead of label/counts.",
+    )
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = Field(
         default=None, description="Job seed; chosen and recorded when absent. Image i's seed derives from it."
     )
@@ -166,7 +170,10 @@ class GenerateRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_way_to_ask(self) -> GenerateRequest:
-        if self.counts is not None:
+        if self.per_class is not None:
+            if self.label is not None or self.count is not None or self.counts is not None:
+                raise ValueError("give per_class alone, or label (with count), or counts")
+        elif self.counts is not None:
             if self.label is not None or self.count is not None:
                 raise ValueError("give either label (with count) or counts, not both")
             if not self.counts:
@@ -175,8 +182,10 @@ class GenerateRequest(BaseModel):
             raise ValueError("give a label (with count) or counts")
         return self
 
-    def label_counts(self) -> list[tuple[str | int, int]]:
-        """The requested (label key, count) pairs, in request order."""
+    def label_counts(self, num_classes: int | None = None) -> list[tuple[str | int, int]]:
+        """The requested (label key, count) pairs, in request order; ``per_class`` needs the model's class count."""
+        if self.per_class is not None:
+            return [(index, self.per_class) for index in range(num_classes or 0)]
         if self.counts is not None:
             return [(_as_label_key(k), v) for k, v in self.counts.items()]
         assert self.label is not None  # guaranteed by _one_way_to_ask
@@ -185,7 +194,8 @@ class GenerateRequest(BaseModel):
 
     @property
     def total_images(self) -> int:
-        return sum(count for _, count in self.label_counts())
+        """Images asked for; for ``per_class``, per class (the model's class count multiplies it)."""
+        return self.per_class if self.per_class is not None else sum(count for _, count in self.label_counts())
 
 
 def _as_label_key(key: str) -> str | int:

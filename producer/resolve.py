@@ -50,9 +50,18 @@ def resolve_request(
     info = entry.versions[version]
     field = "label" if request.counts is None else "counts"
     items: list[LabelCount] = []
-    for key, count in request.label_counts():
+    for key, count in request.label_counts(len(info.class_names)):
         index = _label_index(key, info, ref.name, field if field == "label" else f"counts.{key}")
         items.append(LabelCount(index=index, name=info.class_names[index], count=count))
+    total = sum(item.count for item in items)
+    if (
+        request.per_class is not None and total > limits.max_images_per_job
+    ):  # per_class: known only now, with the model's class count
+        raise InvalidJob(
+            f"{total} images requested ({request.per_class} for each of {len(items)} classes), the limit is "
+            f"{limits.max_images_per_job} per job (GENQ_LIMITS__MAX_IMAGES_PER_JOB); split the request",
+            field="per_class",
+        )
     if request.callback is not None:  # last: the only check that may wait on DNS
         check_callback_url(str(request.callback.url), allow_hosts)
     return GenerateJob(
@@ -76,7 +85,7 @@ def check_limits(request: GenerateRequest, limits: Limits) -> None:
     """Refuse a request over the deployment's limits, naming the field and the setting that sets the limit."""
     total = request.total_images
     if total > limits.max_images_per_job:
-        field = "count" if request.counts is None else "counts"
+        field = "per_class" if request.per_class else "count" if request.counts is None else "counts"
         raise InvalidJob(
             f"{total} images requested, the limit is {limits.max_images_per_job} per job "
             "(GENQ_LIMITS__MAX_IMAGES_PER_JOB); split the request",

@@ -80,3 +80,25 @@ def test_oversized_metadata_names_metadata() -> None:
     with pytest.raises(InvalidJob) as info:
         resolve(Limits(max_metadata_bytes=32), model="fmnist-cgan", label=1, metadata={"note": "x" * 40})
     assert info.value.field == "metadata"
+
+
+def test_per_class_asks_for_every_class_of_the_model_in_label_order() -> None:
+    job = resolve(model="fmnist-cgan", per_class=3, seed=1)
+    assert [(i.index, i.name, i.count) for i in job.items] == [(k, name, 3) for k, name in enumerate(CLASSES)]
+    assert job.total_images == 30
+
+
+def test_per_class_is_checked_against_the_limit_once_the_class_count_is_known() -> None:
+    with pytest.raises(InvalidJob) as exc:
+        resolve(Limits(max_images_per_job=25), model="fmnist-cgan", per_class=3)
+    assert exc.value.field == "per_class" and "3 for each of 10 classes" in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "fields", [{"per_class": 2, "label": "bag"}, {"per_class": 2, "counts": {"bag": 1}}, {"per_class": 0}]
+)
+def test_per_class_is_the_only_way_asked(fields: dict[str, object]) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        GenerateRequest.model_validate({"model": "fmnist-cgan", **fields})
