@@ -7,6 +7,8 @@
 (d) submit-to-terminal latency of 1-image jobs, one at a time, on an idle worker.
 (c) one bulk job (20,000 images) as webdataset tar shards vs the compute ceiling, and as objects vs the PUT ceiling.
 (e) N images the naive way (N one-image jobs, batch 1, one upload thread) vs the same N as one genq job.
+(f) the worker's peak RSS over one 10,000-image and one 100,000-image webdataset job (2,000/20,000 with --quick),
+    each on a fresh worker: flat in job size when shards and the bounded pipeline do their work.
 The model is the shipped cGAN architecture at 64x64 RGB with random weights (compute visible on a CPU); --size 28
 uses the shipped Fashion-MNIST weights instead. Starts its own moto S3 server and `genq worker` subprocesses; needs
 a Redis DB it may flush. Prints one table, then one `name=value` line per figure. Nothing here is asserted.
@@ -36,7 +38,7 @@ from models.data import FASHION_MNIST_CLASSES
 from models.generator import load_generator, save_generator
 from producer.client import Client
 from producer.contract import GenerateRequest, JobStatus
-from producer.settings import ClientSettings, RedisSettings, S3Settings
+from producer.settings import ClientSettings, Limits, RedisSettings, S3Settings
 from worker.registry import ZOO_DIR
 
 AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -81,7 +83,9 @@ def put_ceiling(endpoint: str, bucket: str, size: int, n: int) -> float:
 
 
 @contextmanager
-def worker(redis_url: str, endpoint: str, bucket: str, model_root: Path, **settings: str) -> Iterator[None]:
+def worker(
+    redis_url: str, endpoint: str, bucket: str, model_root: Path, **settings: str
+) -> Iterator[subprocess.Popen[bytes]]:
     """A `genq worker` subprocess (threads pool, 64 threads) with the given GENQ_* settings, ready when entered."""
     redis.Redis.from_url(redis_url).flushdb()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GENQ_", "AWS_"))}
@@ -99,10 +103,18 @@ def worker(redis_url: str, endpoint: str, bucket: str, model_root: Path, **setti
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker did not start; see {log}")
             time.sleep(0.2)
-        yield
+        yield proc
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident set size so far (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
 
 
 def jobs_per_s(client: Client, model: str, jobs: int, count: int = 1) -> float:
@@ -150,6 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     small_jobs, naive_n, latency_n, seconds = (128, 200, 20, 1.0) if args.quick else (1024, 2000, 100, 3.0)
     bulk_n = 2000 if args.quick else 20_000
+    rss_sizes = (2_000, 20_000) if args.quick else (10_000, 100_000)
     max_wait_ms = 5.0
 
     from moto.server import ThreadedMotoServer
@@ -163,7 +176,13 @@ def main() -> None:
     os.environ.update(AWS, AWS_ENDPOINT_URL=endpoint)
     root = Path(tempfile.mkdtemp(prefix="genq-bench-models-"))
     model, model_dir = make_model(args.size, root)
-    client = Client(ClientSettings(redis=RedisSettings(url=args.redis), s3=S3Settings(bucket=bucket)))
+    client = Client(
+        ClientSettings(
+            redis=RedisSettings(url=args.redis),
+            s3=S3Settings(bucket=bucket),
+            limits=Limits(max_images_per_job=max(rss_sizes)),
+        )
+    )
     try:
         rates = raw_ceiling(model_dir, [1, 8, 32, 64, 128, 256], seconds)
         best = max(rates, key=lambda bs: rates[bs])
@@ -188,6 +207,11 @@ def main() -> None:
         naive_conf = {"batching__max_batch": "1", "batching__upload_workers": "1"}
         with worker(args.redis, endpoint, bucket, root, **naive_conf):
             naive = jobs_per_s(client, model, naive_n)  # jobs of one image = images/s
+        rss: dict[int, float] = {}
+        for n in rss_sizes:  # a fresh worker per size: VmHWM is the peak since the process started
+            with worker(args.redis, endpoint, bucket, root, **on) as proc:
+                bulk_images_per_s(client, model, n, "webdataset")
+                rss[n] = peak_rss_mib(proc.pid)
     finally:
         server.stop()
 
@@ -225,7 +249,10 @@ def main() -> None:
         c = f"{ceiling:>12.1f}" if ceiling is not None else f"{'':>12}"
         r = f"{ratio:>8.2f}" if ratio is not None else ""
         print(f"{name:<58}{value:>12.1f}{c}{r}")
-    print("peak_rss_mib: not measured yet\n")
+    small, large = rss_sizes
+    print(f"{f'(f) worker peak RSS, one {large}-image webdataset job (MiB)':<58}{rss[large]:>12.1f}")
+    print(f"{f'(f) worker peak RSS, one {small}-image webdataset job (MiB)':<58}{rss[small]:>12.1f}")
+    print(f"{'(f) peak RSS ratio, large / small job':<58}{rss[large] / rss[small]:>12.2f}\n")
     for name, value in [
         ("raw_images_per_s_batch1", rates[1]),
         ("raw_images_per_s_best", rates[best]),
@@ -237,6 +264,8 @@ def main() -> None:
         ("small_job_efficiency", small_job_efficiency),
         ("latency_p50_ms", p50),
         ("latency_p99_ms", p99),
+        ("peak_rss_mib", rss[large]),
+        (f"peak_rss_mib_{small}", rss[small]),
         ("naive_speedup", naive_speedup),
         ("shard_efficiency", shard_efficiency),
         ("object_efficiency", object_efficiency),
