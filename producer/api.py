@@ -71,7 +71,7 @@ def create_app(settings: ClientSettings | None = None) -> FastAPI:
         client=client,
         keys=KeyStore(client.redis),
         quotas=Quotas(client.redis, settings.api, settings.job_ttl_s),
-        metrics=ApiMetrics(client.redis),
+        metrics=ApiMetrics(client.redis, client.store),
     )
 
     @asynccontextmanager
@@ -162,8 +162,9 @@ def _check_s3(services: ServicesDep) -> str:
 
 
 async def metrics(services: ServicesDep) -> Response:
-    """Prometheus text: jobs submitted by model, requests by route and status, latency, queue depth."""
-    body = await run_in_threadpool(services.metrics.render)  # the queue depth collector asks Redis
+    """Prometheus text: jobs submitted by model and jobs by status, requests by route and status, latency, queue
+    depth."""
+    body = await run_in_threadpool(services.metrics.render)  # the queue depth and jobs collectors ask Redis
     return Response(body, media_type=CONTENT_TYPE)
 
 

@@ -13,12 +13,16 @@ DELIVERIES_KEY = KEY_PREFIX + ":job:{job_id}:deliveries"  # hash: redelivery cou
 TENANT_JOBS_KEY = KEY_PREFIX + ":tenant:{tenant}:jobs"  # sorted set: a tenant's job ids, score = created (Unix s)
 TENANT_IDEMPOTENCY_KEY = KEY_PREFIX + ":tenant:{tenant}:idem:{key}"  # string: IDEMPOTENCY_KEY, scoped to a tenant
 API_KEY = KEY_PREFIX + ":apikey:{key_id}"  # string: ApiKey JSON; key_id is the sha256 of the secret key
+API_KEYS_INDEX_KEY = KEY_PREFIX + ":apikeys"  # set: every key_id issued, so listing keys never scans the keyspace
 API_KEY_ACTIVE_KEY = KEY_PREFIX + ":apikey:{key_id}:active"  # sorted set: the key's non-terminal job ids
 API_KEY_IMAGES_KEY = KEY_PREFIX + ":apikey:{key_id}:images:{day}"  # counter: images submitted on a UTC day
 API_KEY_BUCKET_KEY = KEY_PREFIX + ":apikey:{key_id}:bucket"  # hash: request rate token bucket
 TRAIN_LEASE_KEY = KEY_PREFIX + ":job:{job_id}:lease"  # string: token of the worker training the job (expires)
 MODEL_VERSION_COUNTER_KEY = KEY_PREFIX + ":model:{name}:versions"  # counter: last version number given out
 DEADLETTER_KEY = KEY_PREFIX + ":deadletter"  # list: messages workers could not run, newest first (worker.deadletter)
+# hash: status -> jobs in it, kept by JobStore.create and the transition script; never expires (queued and running
+# are current counts, the terminal ones cumulative)
+JOBS_BY_STATUS_KEY = KEY_PREFIX + ":stats:jobs_by_status"
 
 # Celery queues: one per priority (Redis priorities inside one queue are approximate; separate queues served in a
 # fixed order are predictable), and callback deliveries on their own.

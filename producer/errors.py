@@ -43,6 +43,13 @@ class Unauthorized(GenqError, PermissionError):
     """No API key, or one genq does not know: send ``Authorization: Bearer genq_...`` (``genq keys create``)."""
 
 
+class KeyNotFound(GenqError, KeyError):
+    """No API key, or more than one, matches the id prefix given (``genq keys revoke``): give more of the id."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "API key not found"
+
+
 class QuotaExceeded(GenqError):
     """A per-key quota or the request rate limit is used up: retry after ``retry_after_s`` seconds."""
 

@@ -11,6 +11,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from producer import constants
+from producer.status import JobStore
 
 log = logging.getLogger("genq.api")
 
@@ -33,10 +34,36 @@ class _QueueDepth(Collector):
         yield family
 
 
-class ApiMetrics:
-    """The API's counters and histograms."""
+class _JobsByStatus(Collector):
+    """``genq_jobs{status}``: jobs per status from the counters the job store keeps in Redis, read at scrape time.
 
-    def __init__(self, client: redis.Redis) -> None:
+    queued and running are current counts; succeeded, failed and canceled are cumulative since the Redis DB was
+    created (job records expire, the counters do not), so ``rate()`` over them gives jobs ending per second.
+    """
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "genq_jobs",
+            "Jobs per status: queued/running now; succeeded/failed/canceled since the Redis DB was created.",
+            labels=["status"],
+        )
+        try:
+            counts = self.store.counts_by_status()
+        except redis.RedisError as exc:  # as for the queue depth: an empty family, not a failed scrape
+            log.warning("jobs by status unavailable: %s", exc)
+            counts = {}
+        for status, count in counts.items():
+            family.add_metric([status.value], float(count))
+        yield family
+
+
+class ApiMetrics:
+    """The API's counters and histograms, and the gauges read from Redis at scrape time."""
+
+    def __init__(self, client: redis.Redis, store: JobStore) -> None:
         self.registry = CollectorRegistry()
         self.jobs_submitted = Counter(
             "genq_jobs_submitted", "Jobs accepted through the API, by model name.", ["model"], registry=self.registry
@@ -55,6 +82,7 @@ class ApiMetrics:
             registry=self.registry,
         )
         self.registry.register(_QueueDepth(client))
+        self.registry.register(_JobsByStatus(store))
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

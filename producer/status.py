@@ -30,8 +30,9 @@ AnyJob = Annotated[GenerateJob | FineTuneJob, Field(discriminator="kind")]
 """Any job a worker runs; the record's ``spec`` holds one, told apart by ``kind``."""
 JOB_SPEC: TypeAdapter[GenerateJob | FineTuneJob] = TypeAdapter(AnyJob)
 
-# KEYS[1] job hash. ARGV: new status, allowed current statuses (comma-separated), ttl, then field/value pairs.
-# Returns 1 when applied, 0 when the current status forbids it, -1 when the job does not exist.
+# KEYS[1] job hash, KEYS[2] the jobs-by-status counters. ARGV: new status, allowed current statuses
+# (comma-separated), ttl, then field/value pairs. Returns 1 when applied, 0 when the current status forbids it, -1
+# when the job does not exist. The counters move in the same script, so they move exactly when the status does.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return -1 end
@@ -41,6 +42,10 @@ for s in string.gmatch(ARGV[2], '[^,]+') do
 end
 if not allowed then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
+if current ~= ARGV[1] then
+  redis.call('HINCRBY', KEYS[2], current, -1)
+  redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+end
 for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
@@ -92,6 +97,7 @@ class JobStore:
             },
         )
         pipe.expire(key, self.ttl_s)
+        pipe.hincrby(constants.JOBS_BY_STATUS_KEY, JobStatus.QUEUED.value, 1)  # MULTI/EXEC: with the status
         if job.tenant is not None:
             # The tenant's index lists its jobs newest first; entries older than a job record's TTL are pruned.
             index = constants.TENANT_JOBS_KEY.format(tenant=job.tenant)
@@ -184,7 +190,7 @@ class JobStore:
         args: list[Any] = [status.value, ",".join(s.value for s in allowed_from), self.ttl_s]
         for name, value in fields.items():
             args += [name, value if isinstance(value, str | int) else json.dumps(value)]
-        result = self._transition(keys=[self.key(job_id)], args=args)
+        result = self._transition(keys=[self.key(job_id), constants.JOBS_BY_STATUS_KEY], args=args)
         if result == -1:
             raise JobNotFound(f"no job {job_id!r}")
         return bool(result == 1)
@@ -273,6 +279,13 @@ class JobStore:
     def count_delivery(self, job_id: str, shard: int = 0) -> int:
         """Count one more delivery of a shard's task; the worker dead-letters a shard delivered too often."""
         return int(self.redis.hincrby(self.key(job_id), f"deliveries:{shard}", 1))
+
+    def counts_by_status(self) -> dict[JobStatus, int]:
+        """Jobs per status: queued and running are current counts; succeeded, failed and canceled count every job
+        that ended that way since the Redis DB was created (job records expire, the counters do not)."""
+        raw = self.redis.hgetall(constants.JOBS_BY_STATUS_KEY)
+        counts = {as_text(k): int(v) for k, v in raw.items()}
+        return {status: counts.get(status.value, 0) for status in JobStatus}
 
     def next_event_seq(self, job_id: str) -> int:
         """A per-job sequence number for callback events (stable message ids)."""

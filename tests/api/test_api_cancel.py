@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import redis
 from api_server import ApiServer, make_key, session_for
 
 from producer import constants
+from producer.status import JobStore
 
 SNEAKERS = {"model": "fmnist-cgan", "label": "sneaker", "count": 2, "seed": 42}
 
@@ -62,3 +65,22 @@ def test_priority_picks_the_queue_and_shows_in_the_view(acme: httpx.Client, cata
     refused = acme.post("/v1/jobs", json={**SNEAKERS, "priority": "urgent"})
     assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "priority"]
     assert sum(catalog.llen(queue) for queue in constants.GENERATE_QUEUES.values()) == 4
+
+
+def _jobs_gauge(metrics_text: str) -> dict[str, float]:
+    return {m[1]: float(m[2]) for m in re.finditer(r'^genq_jobs\{status="(\w+)"\} (\S+)$', metrics_text, re.M)}
+
+
+def test_metrics_count_jobs_by_status_through_submit_start_and_cancel(
+    api: ApiServer, acme: httpx.Client, catalog: redis.Redis
+) -> None:
+    before = httpx.get(f"{api.url}/metrics").text
+    assert "# TYPE genq_jobs gauge" in before
+    assert _jobs_gauge(before) == {"queued": 0, "running": 0, "succeeded": 0, "failed": 0, "canceled": 0}
+
+    first, second, _ = (acme.post("/v1/jobs", json=SNEAKERS).json()["id"] for _ in range(3))
+    assert acme.post(f"/v1/jobs/{first}/cancel").status_code == 200
+    assert acme.post(f"/v1/jobs/{first}/cancel").status_code == 409  # refused: counts nothing
+    JobStore(catalog, 3600).mark_running(second)  # as a worker would
+    after = _jobs_gauge(httpx.get(f"{api.url}/metrics").text)
+    assert after == {"queued": 1, "running": 1, "succeeded": 0, "failed": 0, "canceled": 1}

@@ -1,16 +1,19 @@
 """Canceling jobs run by a real worker: a queued job never starts; a running one stops after its current batch and
-lists exactly what it stored."""
+lists exactly what it stored; the cancel reaches a real receiver as a signed ``canceled`` event."""
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Callable
 
 import pytest
 from api_server import publish_catalog
 from stack import Stack, worker_env
+from webhook_receiver import WebhookReceiver
 
-from producer.contract import GenerateRequest, JobStatus
+from producer.contract import Callback, EventType, GenerateRequest, JobStatus
 
 pytestmark = pytest.mark.integration
 
@@ -57,3 +60,36 @@ def test_a_running_job_stops_after_its_current_batch_and_lists_what_it_stored(st
     assert view.status is JobStatus.CANCELED and view.manifest_key is None and view.error is None
     assert stack.keys(f"jobs/{job.id}/") == [o.key for o in view.outputs]  # every listed object, and no manifest
     assert [stack.get(o.key)[:8] for o in view.outputs[:1]] == [b"\x89PNG\r\n\x1a\n"]
+
+
+def test_a_canceled_job_is_announced_by_a_signed_canceled_event_with_one_webhook_id(  # type: ignore[no-untyped-def]
+    stack: Stack, start_worker, webhook_receiver: WebhookReceiver
+) -> None:
+    publish_catalog(stack.redis)  # no worker yet: the job stays queued until it is canceled
+    webhook_receiver.script([500], reject_unverified=True)  # the first attempt fails; then 200 if signed and fresh
+    callback = Callback(url=webhook_receiver.url, events={EventType.CANCELED})  # type: ignore[arg-type]
+    job = stack.client.submit(GenerateRequest(model="fmnist-cgan", label="bag", count=4, seed=1, callback=callback))
+    canceled = stack.client.cancel(job.id)
+    start_worker(worker_env(stack, GENQ_WEBHOOK__RETRY_SCHEDULE_S="[0, 0.2]", GENQ_WEBHOOK__JITTER="0"), concurrency=1)
+
+    first, retried = webhook_receiver.wait_for(2, timeout=60)
+    assert [first.status, retried.status] == [500, 200]
+    assert first.verified and retried.verified, [first.verify_error, retried.verify_error]
+    webhook_id = first.headers["webhook-id"]
+    assert re.fullmatch(r"msg_[0-9a-f]{32}", webhook_id) and retried.headers["webhook-id"] == webhook_id
+    assert retried.body == first.body  # the same event, byte for byte; only timestamp and signature are fresh
+    event = retried.json()
+    assert event["type"] == "canceled"
+    assert event["data"]["id"] == job.id and event["data"]["status"] == "canceled"
+    assert event["data"]["finished_at"] == json.loads(canceled.model_dump_json())["finished_at"]
+    assert event["data"]["started_at"] is None and event["data"]["outputs"] == []
+
+    _wait_until(lambda: len(stack.client.deliveries(job.id)) >= 2, 10, "the second attempt to be recorded")
+    records = stack.client.deliveries(job.id)
+    assert [(r["type"], r["attempt"], r["status_code"], r["ok"]) for r in records] == [
+        ("canceled", 1, 500, False),
+        ("canceled", 2, 200, True),
+    ]
+    assert {r["msg_id"] for r in records} == {webhook_id}
+    time.sleep(0.5)  # a further attempt or another event (the filter asks for "canceled" only) would be here by now
+    assert len(webhook_receiver.received) == 2

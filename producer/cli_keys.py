@@ -1,0 +1,108 @@
+"""``genq keys``: create, list and revoke the HTTP API's keys (``producer.auth``), in the configured Redis."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from producer.settings import ClientSettings
+
+if TYPE_CHECKING:
+    from producer.auth import KeyStore
+
+console = Console(stderr=True)
+
+app = typer.Typer(help="API keys of the HTTP API.", no_args_is_help=True)
+
+
+@app.command("create")
+def keys_create(
+    tenant: str = typer.Option(..., "--tenant", help="Tenant the key acts for: it owns the jobs made with it."),
+    name: str = typer.Option("", "--name", help="A note for humans (who or what uses the key)."),
+    max_queued: int | None = typer.Option(None, "--max-queued", min=1, help="Jobs queued or running at once."),
+    images_per_day: int | None = typer.Option(None, "--images-per-day", min=1, help="Images per UTC day."),
+) -> None:
+    """Create an API key and print it once (only its sha256 is stored)."""
+    from pydantic import ValidationError
+
+    from producer.auth import KeyQuotas
+
+    store = _key_store()
+    try:
+        quotas = KeyQuotas(max_queued=max_queued, images_per_day=images_per_day)
+        secret, record = store.create(tenant, name, quotas)
+    except ValidationError as exc:
+        for err in exc.errors():
+            console.print(f"[red]invalid[/]: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}")
+        raise typer.Exit(2) from None
+    console.print(f"API key for tenant [bold]{record.tenant}[/]; it is shown only now, store it safely:")
+    print(secret)
+
+
+@app.command("list")
+def keys_list(
+    tenant: str | None = typer.Option(None, "--tenant", help="Only this tenant's keys."),
+) -> None:
+    """List API keys, revoked ones too: id prefix, tenant, name, created, quotas (never a secret)."""
+    keys = _key_store().list(tenant)
+    if not keys:
+        console.print(f"no API keys{f' for tenant {tenant!r}' if tenant else ''} (create one with `genq keys create`)")
+        return
+    table = Table("key id", "tenant", "name", "created (UTC)", "quotas", "revoked (UTC)")
+    for stored in keys:
+        record = stored.key
+        quotas = ", ".join(f"{name} {value}" for name, value in record.quotas.model_dump().items() if value is not None)
+        revoked = f"[red]{_utc_minute(record.revoked_at)}[/]" if record.revoked_at else ""
+        table.add_row(
+            stored.short_id,
+            record.tenant,
+            escape(record.name),  # a name is free text: "[red]" in it is not markup
+            _utc_minute(record.created_at),
+            quotas or "defaults",
+            revoked,
+        )
+    Console().print(table)
+
+
+@app.command("revoke")
+def keys_revoke(
+    key_id: str = typer.Argument(..., help="The key's id, or its first characters (at least 6; `genq keys list`)."),
+) -> None:
+    """Revoke an API key: the API refuses it (401) from its next request on; `genq keys list` still shows it."""
+    from producer.errors import KeyNotFound
+
+    try:
+        stored, revoked = _key_store().revoke(key_id)
+    except ValueError as exc:
+        console.print(f"[red]invalid[/]: {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    except KeyNotFound as exc:
+        console.print(f"[red]error[/]: {escape(str(exc))}")  # it may quote key names
+        raise typer.Exit(1) from None
+    what = f"API key {stored.short_id} (tenant {stored.key.tenant}, {escape(repr(stored.key.name))})"
+    if revoked:
+        console.print(f"{what} revoked; requests with it are refused from now on")
+    else:
+        console.print(f"{what} was already revoked at {_utc_minute(stored.key.revoked_at)} UTC")
+
+
+def _key_store() -> KeyStore:
+    """The API key store on the configured Redis; exits 2 without one."""
+    import redis
+
+    from producer.auth import KeyStore
+
+    settings = ClientSettings()
+    if settings.redis.url is None:
+        console.print("[red]error[/]: API keys live in Redis: set GENQ_REDIS__URL")
+        raise typer.Exit(2)
+    return KeyStore(redis.Redis.from_url(settings.redis.url))
+
+
+def _utc_minute(moment: datetime | None) -> str:
+    return "" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M")

@@ -1,0 +1,92 @@
+"""Jobs per status in Redis (what ``genq_jobs{status}`` reports): counted on create and in the transition script,
+exactly when a status changes, never for a refused transition."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+import redis
+
+from producer import constants
+from producer.contract import GenerateJob, JobError, JobStatus, LabelCount, OutputRef
+from producer.status import JobStore
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+NONE = {status: 0 for status in JobStatus}
+
+
+def _job(job_id: str) -> GenerateJob:
+    return GenerateJob(
+        job_id=job_id,
+        model="fmnist-cgan",
+        model_name="fmnist-cgan",
+        model_version="1",
+        items=[LabelCount(index=8, name="bag", count=1)],
+        seed=1,
+        created_at=T0,
+    )
+
+
+_OUTPUT = OutputRef(
+    index=0, label="bag", label_index=8, seed=1, key="jobs/j/00000.png", sha256="0" * 64, content_type="image/png"
+)
+
+
+@pytest.fixture
+def store(redis_client: redis.Redis) -> JobStore:
+    return JobStore(redis_client, ttl_s=3600)
+
+
+def test_counts_start_at_zero_for_every_status(store: JobStore) -> None:
+    assert store.counts_by_status() == NONE
+
+
+def test_each_job_is_counted_once_in_its_current_status_and_ended_jobs_stay_counted(store: JobStore) -> None:
+    for n in range(5):
+        store.create(_job(f"job-{n:04d}"))
+    assert store.counts_by_status() == {**NONE, JobStatus.QUEUED: 5}
+
+    store.mark_running("job-0000")
+    store.mark_running("job-0000")  # a redelivered shard re-enters running: still one running job
+    store.mark_running("job-0001")
+    assert store.counts_by_status() == {**NONE, JobStatus.QUEUED: 3, JobStatus.RUNNING: 2}
+
+    store.mark_succeeded("job-0000", [_OUTPUT], "jobs/job-0000/manifest.json")
+    store.mark_failed("job-0001", JobError(type="Boom", message="boom"))
+    store.mark_canceled("job-0002")
+    assert store.counts_by_status() == {
+        JobStatus.QUEUED: 2,
+        JobStatus.RUNNING: 0,
+        JobStatus.SUCCEEDED: 1,
+        JobStatus.FAILED: 1,
+        JobStatus.CANCELED: 1,
+    }
+
+    store.redis.delete(store.key("job-0000"))  # a record that expired: its job still counts as succeeded
+    assert store.counts_by_status()[JobStatus.SUCCEEDED] == 1
+
+
+def test_a_refused_transition_moves_no_count(store: JobStore) -> None:
+    store.create(_job("job-0001"))
+    assert store.mark_canceled("job-0001")
+    before = store.counts_by_status()
+    assert not store.mark_canceled("job-0001")
+    assert not store.mark_running("job-0001")
+    assert not store.mark_succeeded("job-0001", [_OUTPUT], "jobs/job-0001/manifest.json")
+    assert not store.mark_failed("job-0001", JobError(type="Late", message="late"))
+    assert store.counts_by_status() == before == {**NONE, JobStatus.CANCELED: 1}
+
+
+def test_a_duplicate_create_is_refused_and_not_counted(store: JobStore) -> None:
+    store.create(_job("job-0001"))
+    with pytest.raises(ValueError, match="already exists"):
+        store.create(_job("job-0001"))
+    assert store.counts_by_status() == {**NONE, JobStatus.QUEUED: 1}
+
+
+def test_the_counters_live_in_one_hash_that_never_expires(store: JobStore) -> None:
+    store.create(_job("job-0001"))
+    store.mark_canceled("job-0001")
+    assert store.redis.hgetall(constants.JOBS_BY_STATUS_KEY) == {b"queued": b"0", b"canceled": b"1"}
+    assert store.redis.ttl(constants.JOBS_BY_STATUS_KEY) == -1
