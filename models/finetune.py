@@ -32,7 +32,7 @@ from torch import nn
 
 from models import cgan, train
 from models.augment import AdaController, AugmentConfig, diff_augment, host_to_device
-from models.checkpoint import read_checkpoint, restore, write_checkpoint
+from models.checkpoint import read_checkpoint
 from models.data import LabelledImages
 from models.errors import DatasetError, InvalidModelConfig, WeightsError
 from models.generator import WEIGHTS_FILE, read_config
@@ -232,18 +232,8 @@ class FineTuner:
     def save_checkpoint(self, path: Path) -> None:
         """Write G, D, EMA G, both Adam states, the RNG, the step, both configs and the ADA state (atomically)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_checkpoint(
-            path,
-            modules={"g": self.state.g, "d": self.state.d, "ema": self.state.ema},
-            optimizers={"opt_g": self.state.opt_g, "opt_d": self.state.opt_d},
-            rng=self.state.rng,
-            header={
-                "step": self.state.step,
-                "model": self.model_cfg.to_json(),
-                "finetune": self.cfg.to_json(),
-                "ada": self.ada.state(),
-            },
-        )
+        header = {"model": self.model_cfg.to_json(), "finetune": self.cfg.to_json(), "ada": self.ada.state()}
+        train.write_state(path, self.state, header)
 
     @classmethod
     def load_checkpoint(
@@ -270,14 +260,7 @@ class FineTuner:
             raise InvalidModelConfig(f"{path} was trained with freeze_d={saved.freeze_d}, got freeze_d={cfg.freeze_d}")
         model_cfg = cgan.CGANConfig.from_json(header["model"])
         state = _new_state(cgan.Generator(model_cfg).to(device), cgan.Discriminator(model_cfg).to(device), cfg)
-        restore(
-            header,
-            tensors,
-            modules={"g": state.g, "d": state.d, "ema": state.ema},
-            optimizers={"opt_g": state.opt_g, "opt_d": state.opt_d},
-            rng=state.rng,
-        )
-        state.step = int(header["step"])
+        train.restore_state(state, header, tensors)
         tuner = cls(state, model_cfg, data, cfg)
         if saved.augment.ada_target is not None and cfg.augment.ada_target is not None:
             tuner.ada.load_state(header["ada"])

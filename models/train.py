@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -202,20 +203,22 @@ def recalibrate_bn(net: cgan.Generator, batches: int = 50, batch_size: int = 100
 
 def save_checkpoint(path: Path, state: TrainState, model_cfg: cgan.CGANConfig, cfg: TrainConfig) -> None:
     """Write the whole training state as safetensors (tensors) + JSON metadata (step, configs, param groups)."""
+    write_state(path, state, {"model": model_cfg.to_json(), "train": asdict(cfg)})
+
+
+def write_state(path: Path, state: TrainState, header: dict[str, Any]) -> None:
+    """Write G, D, EMA G, both Adam states, the RNG and the step, with ``header`` (configs) as JSON metadata."""
     write_checkpoint(
         path,
         modules={"g": state.g, "d": state.d, "ema": state.ema},
         optimizers={"opt_g": state.opt_g, "opt_d": state.opt_d},
         rng=state.rng,
-        header={"step": state.step, "model": model_cfg.to_json(), "train": asdict(cfg)},
+        header={"step": state.step, **header},
     )
 
 
-def load_checkpoint(path: Path, cfg: TrainConfig) -> tuple[TrainState, cgan.CGANConfig]:
-    """Rebuild a :class:`TrainState` saved by :func:`save_checkpoint`, strictly (every key must match)."""
-    header, tensors = read_checkpoint(path)
-    model_cfg = cgan.CGANConfig.from_json(header["model"])
-    state = new_state(model_cfg, cfg)
+def restore_state(state: TrainState, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Load a checkpoint read by :func:`models.checkpoint.read_checkpoint` into a freshly built ``state``."""
     restore(
         header,
         tensors,
@@ -224,6 +227,14 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> tuple[TrainState, cgan.CGAN
         rng=state.rng,
     )
     state.step = int(header["step"])
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig) -> tuple[TrainState, cgan.CGANConfig]:
+    """Rebuild a :class:`TrainState` saved by :func:`save_checkpoint`, strictly (every key must match)."""
+    header, tensors = read_checkpoint(path)
+    model_cfg = cgan.CGANConfig.from_json(header["model"])
+    state = new_state(model_cfg, cfg)
+    restore_state(state, header, tensors)
     return state, model_cfg
 
 

@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from producer.api_deps import PrincipalDep, ServicesDep, strict_query
 from producer.api_errors import INVALID, SUBMIT_ERRORS, UNAUTHORIZED, UNAVAILABLE, ApiError
+from producer.api_routes import submit_with_quota, with_idempotency_header
 from producer.contract import JobView
-from producer.errors import IdempotencyConflict, InvalidJob
-from producer.finetune import FINETUNE_EXAMPLE, FineTuneJob, FineTuneRequest
-from producer.quotas import Reservation
+from producer.errors import InvalidJob
+from producer.finetune import FINETUNE_EXAMPLE, FineTuneRequest
 from producer.uploads import check_archive_name
 
 router = APIRouter(prefix="/v1", responses={**UNAUTHORIZED, **UNAVAILABLE})
@@ -115,30 +115,14 @@ def create_finetune(
     Progress (step, losses, ETA, sample grids) comes through `GET /v1/jobs/{id}`, its events and callbacks; when it
     succeeds, `training.model` names the published version, servable at once by `POST /v1/jobs`.
     """
-    if idempotency_key is not None:
-        if request.idempotency_key not in (None, idempotency_key):
-            raise ApiError(
-                422,
-                ["header", "Idempotency-Key"],
-                "the Idempotency-Key header and the body's idempotency_key differ; give one of them",
-                "idempotency_mismatch",
-            )
-        request = request.model_copy(update={"idempotency_key": idempotency_key})
-    taken: list[Reservation] = []
-
-    def admit(job: FineTuneJob) -> None:  # a fine-tune takes a queued-job slot and no images
-        taken.append(services.quotas.reserve(principal, job.job_id, 0))
-
-    try:
-        view = services.client.submit_finetune(request, principal.tenant, admit=admit)
-    except IdempotencyConflict as exc:
-        loc: list[str | int] = ["header", "Idempotency-Key"] if idempotency_key else ["body", "idempotency_key"]
-        raise ApiError(409, loc, str(exc), "idempotency_conflict") from exc
-    except BaseException:
-        for reservation in taken:
-            services.quotas.refund(reservation)
-        raise
-    if not taken:
+    request = with_idempotency_header(request, idempotency_key)
+    view, replayed = submit_with_quota(
+        lambda admit: services.client.submit_finetune(request, principal.tenant, admit=admit),
+        lambda job: services.quotas.reserve(principal, job.job_id, 0),  # a queued-job slot, no images
+        services,
+        idempotency_key,
+    )
+    if replayed:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{view.id}"

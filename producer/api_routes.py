@@ -9,15 +9,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.api_deps import OwnedJob, PrincipalDep, ServicesDep, strict_query
+from producer.api_deps import OwnedJob, PrincipalDep, Services, ServicesDep, strict_query
 from producer.api_errors import (
     ENDED,
     INVALID,
@@ -28,8 +28,9 @@ from producer.api_errors import (
     ApiError,
     as_json,
 )
-from producer.contract import GenerateJob, GenerateRequest, JobStatus, JobView, ModelEntry
+from producer.contract import GenerateRequest, JobStatus, JobView, ModelEntry
 from producer.errors import IdempotencyConflict, JobNotFound
+from producer.finetune import FineTuneRequest
 from producer.quotas import Reservation
 
 router = APIRouter(prefix="/v1", responses={**UNAUTHORIZED, **UNAVAILABLE})
@@ -138,22 +139,53 @@ def create_job(
 
     Nothing is enqueued when any check fails; the error's `loc` names the field.
     """
-    if idempotency_key is not None:
-        if request.idempotency_key not in (None, idempotency_key):
-            raise ApiError(
-                422,
-                ["header", "Idempotency-Key"],
-                "the Idempotency-Key header and the body's idempotency_key differ; give one of them",
-                "idempotency_mismatch",
-            )
-        request = request.model_copy(update={"idempotency_key": idempotency_key})
+    request = with_idempotency_header(request, idempotency_key)
+    view, replayed = submit_with_quota(
+        lambda admit: services.client.submit(request, principal.tenant, admit=admit),
+        lambda job: services.quotas.reserve(principal, job.job_id, job.total_images),
+        services,
+        idempotency_key,
+    )
+    if replayed:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        services.metrics.jobs_submitted.labels((view.model_version or view.model).split("@", 1)[0]).inc()
+    response.headers["Location"] = f"/v1/jobs/{view.id}"
+    return view
+
+
+Body_ = TypeVar("Body_", GenerateRequest, FineTuneRequest)
+
+
+def with_idempotency_header(request: Body_, header: str | None) -> Body_:
+    """The request with the ``Idempotency-Key`` header as its key; 422 when the body names another one."""
+    if header is None:
+        return request
+    if request.idempotency_key not in (None, header):
+        raise ApiError(
+            422,
+            ["header", "Idempotency-Key"],
+            "the Idempotency-Key header and the body's idempotency_key differ; give one of them",
+            "idempotency_mismatch",
+        )
+    return request.model_copy(update={"idempotency_key": header})
+
+
+def submit_with_quota(
+    submit: Callable[[Callable[[Any], None]], JobView],
+    reserve: Callable[[Any], Reservation],
+    services: Services,
+    idempotency_key: str | None,
+) -> tuple[JobView, bool]:
+    """Submit, taking quota at admission (``reserve(job)``) and giving it back if recording or enqueueing fails.
+
+    Returns (view, replayed): ``replayed`` is True when an idempotency key answered an earlier job (admission
+    never ran). A key reused with another body is 409, located at the header or the body field that carried it.
+    """
     taken: list[Reservation] = []
-
-    def admit(job: GenerateJob) -> None:
-        taken.append(services.quotas.reserve(principal, job.job_id, job.total_images))
-
     try:
-        view = services.client.submit(request, principal.tenant, admit=admit)
+        view = submit(lambda job: taken.append(reserve(job)))
     except IdempotencyConflict as exc:
         loc: list[str | int] = ["header", "Idempotency-Key"] if idempotency_key else ["body", "idempotency_key"]
         raise ApiError(409, loc, str(exc), "idempotency_conflict") from exc
@@ -161,13 +193,7 @@ def create_job(
         for reservation in taken:  # admitted, then recording or enqueueing failed: give the quota back
             services.quotas.refund(reservation)
         raise
-    if not taken:  # admit never ran: the idempotency key replayed an earlier job
-        response.status_code = 200
-        response.headers["Idempotent-Replayed"] = "true"
-    else:
-        services.metrics.jobs_submitted.labels((view.model_version or view.model).split("@", 1)[0]).inc()
-    response.headers["Location"] = f"/v1/jobs/{view.id}"
-    return view
+    return view, not taken
 
 
 @router.get(

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import redis
 
@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     from celery import Celery
 
 log = logging.getLogger("genq.client")
+
+Request = TypeVar("Request", GenerateRequest, FineTuneRequest)
+Job = TypeVar("Job", GenerateJob, FineTuneJob)
 
 
 class Client:
@@ -90,13 +93,9 @@ class Client:
                 nothing is enqueued.
             IdempotencyConflict: the idempotency key was used before with a different request.
         """
-        job_id = uuid.uuid4().hex
-        if request.idempotency_key is not None:
-            existing = self._claim_idempotency_key(request, job_id, tenant)
-            if existing is not None:
-                return self.store.get(existing)
-        try:
-            job = resolve_request(
+
+        def resolve(job_id: str) -> GenerateJob:
+            return resolve_request(
                 request,
                 self.models(),
                 self.settings.limits,
@@ -105,26 +104,15 @@ class Client:
                 tenant=tenant,
                 allow_hosts=self.settings.webhook.allow_hosts,
             )
-            if admit is not None:
-                admit(job)
-        except Exception:  # refused: the key must not point at a job that was never recorded
-            self._release_idempotency_key(request, tenant)
-            raise
-        shards = plan_shards(job.total_images, self.settings.shard_size)
-        view = self.store.create(job, shards=len(shards))
-        # The queued event is stamped and sent before the job can start, so its timestamp precedes "running".
-        message = callback_message(job.callback, EventType.QUEUED, view, self.store.next_event_seq(job_id))
-        try:
-            if message is not None:
-                self._send(constants.CALLBACK_TASK, message.model_dump(mode="json"), constants.CALLBACK_QUEUE)
-            payload = job.model_dump(mode="json")
-            queue = constants.GENERATE_QUEUES[job.priority]
-            for shard in shards:  # several workers share a bulk job, one shard each
-                self._send(constants.GENERATE_TASK, payload, queue, shard.model_dump())
-        except Exception as exc:
-            self.store.mark_failed(job.job_id, JobError(type="EnqueueFailed", message=f"could not enqueue: {exc}"))
-            raise
-        return view
+
+        def enqueue(job: GenerateJob) -> JobView:
+            shards = plan_shards(job.total_images, self.settings.shard_size)
+            payload, queue = job.model_dump(mode="json"), constants.GENERATE_QUEUES[job.priority]
+            # several workers share a bulk job, one shard each
+            messages = [(constants.GENERATE_TASK, queue, [payload, shard.model_dump()]) for shard in shards]
+            return self._record_and_send(job, len(shards), messages)
+
+        return self._submit(request, tenant, resolve, admit, enqueue)
 
     def upload_dataset(self, path: Path, tenant: str | None = None, on_progress: ProgressFn | None = None) -> Upload:
         """Upload a fine-tune data set (a folder with one sub-folder per class, or one .zip/.tar.gz/.npz) to S3.
@@ -166,13 +154,9 @@ class Client:
                 (``.field`` says which); nothing is enqueued.
             IdempotencyConflict: the idempotency key was used before with a different request.
         """
-        job_id = uuid.uuid4().hex
-        if request.idempotency_key is not None:
-            existing = self._claim_idempotency_key(request, job_id, tenant)
-            if existing is not None:
-                return self.store.get(existing)
-        try:
-            job = resolve_finetune(
+
+        def resolve(job_id: str) -> FineTuneJob:
+            return resolve_finetune(
                 request,
                 self.models(),
                 job_id=job_id,
@@ -180,17 +164,52 @@ class Client:
                 tenant=tenant,
                 allow_hosts=self.settings.webhook.allow_hosts,
             )
+
+        def enqueue(job: FineTuneJob) -> JobView:
+            message = (constants.FINETUNE_TASK, constants.TRAIN_QUEUE, [job.model_dump(mode="json")])
+            return self._record_and_send(job, 1, [message])
+
+        return self._submit(request, tenant, resolve, admit, enqueue)
+
+    def _submit(
+        self,
+        request: Request,
+        tenant: str | None,
+        resolve: Callable[[str], Job],
+        admit: Callable[[Job], None] | None,
+        enqueue: Callable[[Job], JobView],
+    ) -> JobView:
+        """Claim the idempotency key, resolve, admit, then record and enqueue; a replayed key answers its job."""
+        job_id = uuid.uuid4().hex
+        if request.idempotency_key is not None:
+            existing = self._claim_idempotency_key(request, job_id, tenant)
+            if existing is not None:
+                return self.store.get(existing)
+        try:
+            job = resolve(job_id)
             if admit is not None:
                 admit(job)
-        except Exception:
+        except Exception:  # refused: the key must not point at a job that was never recorded
             self._release_idempotency_key(request, tenant)
             raise
-        view = self.store.create(job)
-        message = callback_message(job.callback, EventType.QUEUED, view, self.store.next_event_seq(job_id))
+        return enqueue(job)
+
+    def _record_and_send(
+        self, job: GenerateJob | FineTuneJob, tasks: int, messages: list[tuple[str, str, list[dict[str, Any]]]]
+    ) -> JobView:
+        """Record ``job`` as queued, announce it, then send its (task name, queue, args) messages.
+
+        A job that cannot be enqueued is failed (``EnqueueFailed``) and the error raised: never a queued record with
+        no message behind it.
+        """
+        view = self.store.create(job, shards=tasks)
+        # The queued event is stamped and sent before the job can start, so its timestamp precedes "running".
+        message = callback_message(job.callback, EventType.QUEUED, view, self.store.next_event_seq(job.job_id))
         try:
             if message is not None:
                 self._send(constants.CALLBACK_TASK, message.model_dump(mode="json"), constants.CALLBACK_QUEUE)
-            self._send(constants.FINETUNE_TASK, job.model_dump(mode="json"), constants.TRAIN_QUEUE)
+            for task, queue, args in messages:
+                self._send(task, args[0], queue, *args[1:])
         except Exception as exc:
             self.store.mark_failed(job.job_id, JobError(type="EnqueueFailed", message=f"could not enqueue: {exc}"))
             raise

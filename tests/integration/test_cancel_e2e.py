@@ -6,25 +6,15 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
 
 import pytest
 from api_server import publish_catalog
-from stack import Stack, worker_env
+from stack import Stack, wait_until, worker_env
 from webhook_receiver import WebhookReceiver
 
 from producer.contract import Callback, EventType, GenerateRequest, JobStatus
 
 pytestmark = pytest.mark.integration
-
-
-def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_a_canceled_queued_job_never_starts(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
@@ -47,10 +37,10 @@ def test_a_running_job_stops_after_its_current_batch_and_lists_what_it_stored(st
     batch = 8
     worker = start_worker(worker_env(stack, GENQ_BATCHING__MAX_BATCH=str(batch)), concurrency=1)
     job = stack.client.submit(GenerateRequest(model="fmnist-cgan", label="coat", count=400, seed=3))
-    _wait_until(lambda: stack.client.status(job.id).progress.done >= 2 * batch, 60, "the first batches to be stored")
+    wait_until(lambda: stack.client.status(job.id).progress.done >= 2 * batch, 60, "the first batches to be stored")
     canceled = stack.client.cancel(job.id)
     assert canceled.status is JobStatus.CANCELED and canceled.finished_at is not None
-    _wait_until(lambda: f"job {job.id} shard 1/1 stopped after" in worker.log(), 30, "the worker to stop the job")
+    wait_until(lambda: f"job {job.id} shard 1/1 stopped after" in worker.log(), 30, "the worker to stop the job")
 
     view = stack.client.status(job.id)
     stored = len(view.outputs)
@@ -84,7 +74,7 @@ def test_a_canceled_job_is_announced_by_a_signed_canceled_event_with_one_webhook
     assert event["data"]["finished_at"] == json.loads(canceled.model_dump_json())["finished_at"]
     assert event["data"]["started_at"] is None and event["data"]["outputs"] == []
 
-    _wait_until(lambda: len(stack.client.deliveries(job.id)) >= 2, 10, "the second attempt to be recorded")
+    wait_until(lambda: len(stack.client.deliveries(job.id)) >= 2, 10, "the second attempt to be recorded")
     records = stack.client.deliveries(job.id)
     assert [(r["type"], r["attempt"], r["status_code"], r["ok"]) for r in records] == [
         ("canceled", 1, 500, False),

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
 from urllib.parse import urlparse
 
 import pytest
-from stack import Stack, worker_env
+from stack import Stack, wait_until, worker_env
 from tcp_proxy import TcpProxy
 
 from producer.client import Client
@@ -18,15 +17,6 @@ from producer.contract import GenerateRequest, JobStatus, JobView, Manifest
 pytestmark = pytest.mark.integration
 
 BIG = 400  # images: long enough to kill mid-job, short enough to rerun quickly against moto
-
-
-def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _assert_complete(stack: Stack, view: JobView, count: int) -> None:
@@ -40,7 +30,7 @@ def test_whole_worker_killed_mid_job_is_redelivered_and_completes(stack: Stack, 
     env = worker_env(stack, GENQ_BATCHING__MAX_BATCH="8", GENQ_CELERY__VISIBILITY_TIMEOUT_S="3")
     first = start_worker(env, concurrency=1)
     job = stack.client.submit(GenerateRequest(model="fmnist-cgan", label="bag", count=BIG, seed=3))
-    _wait_until(lambda: stack.client.status(job.id).progress.done >= 16, 60, "the first batches to be stored")
+    wait_until(lambda: stack.client.status(job.id).progress.done >= 16, 60, "the first batches to be stored")
     first.kill()  # parent and pool at once: the message stays unacked in Redis
     assert stack.client.status(job.id).status is JobStatus.RUNNING
 
@@ -53,7 +43,7 @@ def test_whole_worker_killed_mid_job_is_redelivered_and_completes(stack: Stack, 
 def test_pool_process_killed_mid_job_is_redelivered_and_completes(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
     worker = start_worker(worker_env(stack, GENQ_BATCHING__MAX_BATCH="8"), pool="prefork", concurrency=1)
     job = stack.client.submit(GenerateRequest(model="fmnist-cgan", label="coat", count=BIG, seed=4))
-    _wait_until(lambda: stack.client.status(job.id).progress.done >= 16, 60, "the first batches to be stored")
+    wait_until(lambda: stack.client.status(job.id).progress.done >= 16, 60, "the first batches to be stored")
     (child,) = worker.children()
     os.kill(child, signal.SIGKILL)  # reject_on_worker_lost puts the message straight back on the queue
 
@@ -76,7 +66,7 @@ def test_brief_s3_outage_is_retried_and_the_job_succeeds(stack: Stack, start_wor
     start_worker(env, concurrency=1)
     s3_proxy.down()
     job = stack.client.submit(GenerateRequest(model="fmnist-cgan", label="dress", count=6, seed=5))
-    _wait_until(lambda: stack.client.status(job.id).status is JobStatus.RUNNING, 30, "the job to start")
+    wait_until(lambda: stack.client.status(job.id).status is JobStatus.RUNNING, 30, "the job to start")
     time.sleep(1.5)  # the worker is now retrying its first upload
     s3_proxy.up()
     _assert_complete(stack, stack.client.wait(job.id, timeout=60), 6)

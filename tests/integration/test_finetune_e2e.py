@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from safetensors import safe_open
-from stack import Stack, worker_env
+from stack import Stack, wait_until, worker_env
 from tiny_model import make_tiny_base
 
 from producer.contract import GenerateRequest, JobStatus, JobView, TrainingView
@@ -23,15 +21,6 @@ from producer.finetune import FineTuneRequest, PromotionGate
 pytestmark = pytest.mark.integration
 
 CLASSES = ("logo", "sneaker")  # "sneaker" is one of the base's classes, "logo" is new
-
-
-def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
 def make_folder(root: Path, per_class: int = 10) -> Path:
@@ -109,7 +98,7 @@ def test_a_training_worker_killed_mid_job_is_resumed_from_its_checkpoint(  # typ
     first = start_worker(env, queues="train", concurrency=1)
     upload = stack.client.upload_dataset(make_folder(tmp_path / "data"))
     job = submit(stack, upload.dataset, "tiny-resumed", steps=3000, checkpoint_every=100, sample_every=1000)
-    _wait_until(lambda: (training(stack, job.id).checkpoint_step or 0) >= 200, 120, "two checkpoints")
+    wait_until(lambda: (training(stack, job.id).checkpoint_step or 0) >= 200, 120, "two checkpoints")
     first.kill()
     checkpoint = stack.get(f"training/{job.id}/checkpoint.safetensors")
     (tmp_path / "ckpt").write_bytes(checkpoint)
@@ -138,9 +127,9 @@ def test_a_canceled_finetune_stops_at_its_next_step_and_publishes_nothing(  # ty
     worker = start_worker(worker_env(stack), queues="train", concurrency=1)
     upload = stack.client.upload_dataset(make_folder(tmp_path / "data"))
     job = submit(stack, upload.dataset, "tiny-canceled", steps=100_000, sample_every=10_000, checkpoint_every=10_000)
-    _wait_until(lambda: training(stack, job.id).step >= 20, 120, "training to run")
+    wait_until(lambda: training(stack, job.id).step >= 20, 120, "training to run")
     assert stack.client.cancel(job.id).status is JobStatus.CANCELED
-    _wait_until(lambda: f"job {job.id} stops at step" in worker.log(), 30, "the worker to stop")
+    wait_until(lambda: f"job {job.id} stops at step" in worker.log(), 30, "the worker to stop")
     view = stack.client.status(job.id)
     assert view.status is JobStatus.CANCELED and view.training is not None and view.training.step < 100_000
     assert stack.keys("models/tiny-canceled/") == []
