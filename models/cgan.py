@@ -183,14 +183,18 @@ class Discriminator(nn.Module):
         self.linear = spectral_norm(nn.Linear(2 * widths[-1], 1))
         self.embed = spectral_norm(nn.Embedding(cfg.num_classes, 2 * widths[-1]))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) -> the pooled features (B, F) that the linear and projection heads read."""
         h = x
         for i, block in enumerate(self.blocks):
             h = block(h)
             if i == self.attn_after and self.attn is not None:
                 h = self.attn(h)  # (B, C_i, side, side)
         h = F.leaky_relu(self.final(h), 0.1)  # (B, C_last, base, base)
-        h = h.sum(dim=(2, 3))  # (B, C_last): global sum pooling
+        return h.sum(dim=(2, 3))  # (B, C_last): global sum pooling
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)  # (B, F)
         return self.linear(h).squeeze(1) + (self.embed(y) * h).sum(dim=1)  # (B,)
 
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -53,6 +53,7 @@ class FineTuneConfig:
     beta2: float = 0.999
     ema_decay: float = 0.999
     ema_start: int = 0  # the base is already good: average from the start
+    ema_rampup: float | None = 0.05  # StyleGAN2-ADA's: the EMA's half-life is at most 5 % of the steps so far
     seed: int = 0
     freeze_d: int = 0  # FreezeD: how many of D's first blocks keep the base's weights
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(policy=("translation", "cutout")))
@@ -78,6 +79,7 @@ class FineTuneConfig:
             beta2=self.beta2,
             ema_decay=self.ema_decay,
             ema_start=self.ema_start,
+            ema_rampup=self.ema_rampup,
             seed=self.seed,
             bn_recalibration_batches=self.bn_recalibration_batches,
         )
@@ -100,7 +102,8 @@ class ClassMapping:
     """How the fine-tuned classes were initialised, for reporting."""
 
     reused: dict[str, int]  # class name -> its row in the base model
-    new: tuple[str, ...]  # classes the base never saw, started from the mean of its rows
+    new: tuple[str, ...]  # classes the base never saw: a blend of its rows (see init_from_base)
+    nearest: dict[str, str] = field(default_factory=dict)  # new class -> the base class it leans on most
 
 
 def init_from_base(
@@ -108,17 +111,22 @@ def init_from_base(
     class_names: Sequence[str],
     cfg: FineTuneConfig,
     device: str | torch.device = "cpu",
+    data: LabelledImages | None = None,
 ) -> tuple[train.TrainState, cgan.CGANConfig, ClassMapping]:
     """Build a fine-tuning state from a published cGAN directory (``weights.safetensors`` + ``config.json``).
 
     G's weights are copied; every class-indexed tensor (each CBN gain and bias embedding in G, D's projection
-    embedding) is rebuilt row by row: a class named in the base copies its row, a new one gets the mean of the base's
-    rows. D comes from ``discriminator.safetensors`` when the export has one, else starts fresh. The EMA G is a copy
-    of G, the optimisers are fresh, and the first ``cfg.freeze_d`` D blocks are frozen and left out of D's optimiser.
+    embedding) is rebuilt row by row: a class named in the base copies its row. A new class gets a blend of the
+    base's rows: weighted by how much the base D's projection takes the new class's images (``data``) for each base
+    class (a softmax over the standardised scores), so new classes start apart, each near the base classes it
+    resembles; without ``data`` or a base D, the mean of the base's rows. D comes from ``discriminator.safetensors``
+    when the export has one, else starts fresh. The EMA G is a copy of G, the optimisers are fresh, and the first
+    ``cfg.freeze_d`` D blocks are frozen and left out of D's optimiser.
 
     Args:
         class_names: the fine-tuning classes, in label order (need not be the base's).
         device: where the networks and optimiser states live.
+        data: the fine-tuning images (its class names must be ``class_names``), to place the new classes.
 
     Like :func:`models.train.new_state`, it seeds the global RNG with ``cfg.seed`` to build the networks.
 
@@ -130,10 +138,10 @@ def init_from_base(
             D's blocks, or ``freeze_d`` > 0 for a base without a discriminator (freezing random layers is useless).
         WeightsError: a file is missing or does not match the config.
     """
-    data = read_config(base_dir)
-    if data["arch"] != cgan.ARCH:
-        raise InvalidModelConfig(f"fine-tuning needs a {cgan.ARCH} base; {base_dir} is a {data['arch']}")
-    base_cfg = cgan.CGANConfig.from_json(data)
+    base_json = read_config(base_dir)
+    if base_json["arch"] != cgan.ARCH:
+        raise InvalidModelConfig(f"fine-tuning needs a {cgan.ARCH} base; {base_dir} is a {base_json['arch']}")
+    base_cfg = cgan.CGANConfig.from_json(base_json)
     model_cfg = dataclasses.replace(base_cfg, class_names=tuple(class_names))
     base_g = cgan.Generator(base_cfg)
     _load_strict(base_g, base_dir / WEIGHTS_FILE)
@@ -147,7 +155,10 @@ def init_from_base(
             f"{train.DISCRIMINATOR_FILE} (re-export the base with the current trainer, or set freeze_d=0)"
         )
 
-    rows = [base_cfg.class_names.index(n) if n in base_cfg.class_names else None for n in model_cfg.class_names]
+    blends = _new_class_blends(base_d, data, base_cfg.class_names) if base_d is not None and data is not None else {}
+    rows: list[int | torch.Tensor | None] = [
+        base_cfg.class_names.index(n) if n in base_cfg.class_names else blends.get(n) for n in model_cfg.class_names
+    ]
     torch.manual_seed(cfg.seed)
     g, d = cgan.Generator(model_cfg), cgan.Discriminator(model_cfg)
     g.load_state_dict(_transfer(base_g.state_dict(), g.state_dict(), _cbn_keys(g), rows), strict=True)
@@ -157,8 +168,9 @@ def init_from_base(
         d.load_state_dict(d_state, strict=True)
     state = _new_state(g.to(device), d.to(device), cfg)
     mapping = ClassMapping(
-        reused={n: r for n, r in zip(model_cfg.class_names, rows, strict=True) if r is not None},
-        new=tuple(n for n, r in zip(model_cfg.class_names, rows, strict=True) if r is None),
+        reused={n: r for n, r in zip(model_cfg.class_names, rows, strict=True) if isinstance(r, int)},
+        new=tuple(n for n, r in zip(model_cfg.class_names, rows, strict=True) if not isinstance(r, int)),
+        nearest={n: base_cfg.class_names[int(w.argmax())] for n, w in blends.items()},
     )
     return state, model_cfg, mapping
 
@@ -305,17 +317,51 @@ def _cbn_keys(g: cgan.Generator) -> set[str]:
     }
 
 
-def _class_rows(base: torch.Tensor, rows: Sequence[int | None]) -> torch.Tensor:
-    """(K_base, F) -> (K_new, F): row i is ``base[rows[i]]``, or the mean of the base's rows where None."""
+def _class_rows(base: torch.Tensor, rows: Sequence[int | torch.Tensor | None]) -> torch.Tensor:
+    """(K_base, F) -> (K_new, F): row i is ``base[rows[i]]`` for an index, ``rows[i] @ base`` for a (K_base,)
+    weight vector, or the mean of the base's rows where None."""
     mean = base.mean(dim=0)  # (F,)
-    return torch.stack([base[r] if r is not None else mean for r in rows])
+    out = []
+    for r in rows:
+        if isinstance(r, int):
+            out.append(base[r].clone())
+        elif r is None:
+            out.append(mean)
+        else:
+            out.append(r.to(base.dtype) @ base)  # (F,)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def _new_class_blends(
+    base_d: cgan.Discriminator, data: LabelledImages, base_names: Sequence[str], per_class: int = 256
+) -> dict[str, torch.Tensor]:
+    """For each class of ``data`` the base does not know: softmax weights (K_base,) over the base's classes.
+
+    The score of base class k is the base D's projection term for the class's mean image features, <e_k, h>;
+    standardised across k, then a softmax: the new class starts nearest the classes D takes its images for.
+    """
+    base_d.eval()
+    rows = cast(torch.Tensor, base_d.embed.weight)  # (K_base, F), spectrally normalised as D uses it
+    blends: dict[str, torch.Tensor] = {}
+    for c, name in enumerate(data.class_names):
+        if name in base_names:
+            continue
+        idx = torch.nonzero(data.labels == c).squeeze(1)[:per_class]
+        if idx.numel() == 0:
+            continue
+        h = base_d.features(data.images[idx].float() / 127.5 - 1.0).mean(dim=0)  # (F,)
+        scores = rows @ h  # (K_base,)
+        z = (scores - scores.mean()) / (scores.std(unbiased=False) + 1e-8)
+        blends[name] = torch.softmax(z, dim=0)
+    return blends
 
 
 def _transfer(
     base: dict[str, torch.Tensor],
     fresh: dict[str, torch.Tensor],
     class_keys: set[str],
-    rows: Sequence[int | None],
+    rows: Sequence[int | torch.Tensor | None],
 ) -> dict[str, torch.Tensor]:
     """The fresh state dict's keys with the base's values: ``class_keys`` remapped by row, the rest copied."""
     out: dict[str, torch.Tensor] = {}

@@ -8,6 +8,7 @@ same random stream, and nothing is ever unpickled.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -46,6 +47,9 @@ class TrainConfig:
     beta2: float = 0.999
     ema_decay: float = 0.999
     ema_start: int = 500  # before this step the EMA simply copies G: early weights are not worth averaging
+    # StyleGAN2-ADA's EMA ramp-up: the EMA's half-life (in steps) is at most this fraction of the steps since
+    # ema_start, so a short run averages recent weights, not its first ones. None: the fixed ema_decay.
+    ema_rampup: float | None = None
     seed: int = 0
     sample_every: int = 500
     checkpoint_every: int = 500
@@ -102,6 +106,19 @@ def new_state(model_cfg: cgan.CGANConfig, cfg: TrainConfig) -> TrainState:
         opt_d=torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2)),
         rng=torch.Generator().manual_seed(cfg.seed),
     )
+
+
+def ema_decay_at(step: int, cfg: TrainConfig) -> float:
+    """The EMA decay after ``step`` steps: 0 (a copy) up to ``ema_start``, then ``ema_decay``, ramped if asked.
+
+    With ``ema_rampup`` r the half-life is min(h, r * (step - ema_start)) steps, h being ``ema_decay``'s.
+    """
+    if step <= cfg.ema_start:
+        return 0.0
+    if cfg.ema_rampup is None or cfg.ema_decay <= 0.0:
+        return cfg.ema_decay
+    half_life = min(math.log(0.5) / math.log(cfg.ema_decay), cfg.ema_rampup * (step - cfg.ema_start))
+    return 0.5 ** (1.0 / half_life)
 
 
 @torch.no_grad()
@@ -168,10 +185,7 @@ def train_step_aug(
     state.opt_g.step()
 
     state.step += 1
-    if state.step <= cfg.ema_start:
-        update_ema(state.ema, state.g, 0.0)
-    else:
-        update_ema(state.ema, state.g, cfg.ema_decay)
+    update_ema(state.ema, state.g, ema_decay_at(state.step, cfg))
     measured = torch.stack([d_loss.detach(), g_loss.detach(), real_logits.detach().sign().mean()])  # (3,)
     d_value, g_value, sign = measured.tolist()
     return StepResult(d_value, g_value, sign)

@@ -179,11 +179,12 @@ def run_finetune(
         resumed_from = tuner.step
         log.info("job %s resumes from its checkpoint at step %d of %d", job.job_id, tuner.step, job.steps)
     except ObjectNotFound:
-        state, model_cfg, mapping = init_from_base(base_dir, data.class_names, cfg)
+        state, model_cfg, mapping = init_from_base(base_dir, data.class_names, cfg, data=data)
         tuner = FineTuner(state, model_cfg, data, cfg)
         log.info(
-            "job %s starts from %s@%s: classes reused %s, new %s",
+            "job %s starts from %s@%s: classes reused %s, new %s (nearest base classes %s)",
             job.job_id, job.base_name, job.base_version, sorted(mapping.reused) or "none", list(mapping.new) or "none",
+            mapping.nearest or "n/a",
         )  # fmt: skip
     view = (earlier or TrainingView(total_steps=job.steps)).model_copy(
         update={

@@ -85,6 +85,33 @@ def test_known_classes_copy_their_rows_and_new_classes_start_from_the_mean(base_
         assert torch.equal(value, g[key]), key
 
 
+def test_new_classes_start_apart_near_the_base_classes_their_images_resemble(base_dir: Path) -> None:
+    # Two new classes whose images differ (dark vs bright): the base D scores them differently against its classes.
+    images = torch.cat([torch.full((6, 1, 28, 28), 10, dtype=torch.uint8), torch.full((6, 1, 28, 28), 240)])
+    data = LabelledImages(images.to(torch.uint8), torch.tensor([0] * 6 + [1] * 6), ("dark", "bright"))
+    state, _, mapping = init_from_base(base_dir, ("dark", "bright"), CFG, data=data)
+    assert mapping.new == ("dark", "bright") and set(mapping.nearest) == {"dark", "bright"}
+    assert set(mapping.nearest.values()) <= set(BASE_CLASSES)
+    base_g = _weights(base_dir / WEIGHTS_FILE)
+    g = state.g.state_dict()
+    for key in (k for k in g if k.endswith(("gain.weight", "bias.weight"))):
+        assert not torch.allclose(g[key][0], g[key][1]), key  # not both the same mean row
+        for row in g[key]:  # each row a convex blend of the base's rows: inside their per-feature range
+            assert bool((row >= base_g[key].min(dim=0).values - 1e-6).all())
+            assert bool((row <= base_g[key].max(dim=0).values + 1e-6).all())
+
+
+def test_ema_ramp_up_keeps_a_short_runs_average_recent() -> None:
+    from models.train import ema_decay_at
+
+    fixed = TrainConfig(ema_decay=0.999, ema_start=10)
+    assert ema_decay_at(10, fixed) == 0.0 and ema_decay_at(11, fixed) == 0.999
+    ramped = TrainConfig(ema_decay=0.999, ema_start=0, ema_rampup=0.05)
+    assert ema_decay_at(20, ramped) == pytest.approx(0.5)  # half-life 0.05 * 20 = 1 step
+    assert ema_decay_at(1000, ramped) == pytest.approx(0.5 ** (1 / 50))
+    assert ema_decay_at(10**6, ramped) == pytest.approx(0.999)  # capped by ema_decay's own half-life
+
+
 def test_the_remapped_projection_is_normalised_by_its_true_spectral_norm(base_dir: Path) -> None:
     state, _, _ = init_from_base(base_dir, CLASSES, CFG)
     state.d.eval()  # no power iteration: the stored vectors alone give sigma
