@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -87,6 +89,34 @@ def test_a_finetune_publishes_a_version_that_a_running_generation_worker_serves(
     assert done.status is JobStatus.SUCCEEDED, done.error
     assert done.model_version == "tiny-ft@1" and len(done.outputs) == 3
     assert "loaded tiny-ft@1" in generation.log()
+
+
+def test_cli_finetune_uploads_follows_and_names_the_published_version(  # type: ignore[no-untyped-def]
+    stack: Stack, base: str, start_worker, tmp_path: Path
+) -> None:
+    start_worker(worker_env(stack), queues="train", concurrency=1)
+    folder = make_folder(tmp_path / "brand_x")
+    (folder / "logo" / ".DS_Store").write_bytes(b"finder litter")  # hidden: never uploaded
+    env = {**worker_env(stack), "COLUMNS": "200"}
+    argv = [sys.executable, "-m", "producer.cli", "finetune", "--base", "tiny-base", "--data", str(folder)]
+    argv += ["--name", "tiny-cli", "--steps", "4", "--batch-size", "4", "--sample-every", "2", "--wait"]
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    view = JobView.model_validate_json(result.stdout)
+    assert view.status is JobStatus.SUCCEEDED and view.training is not None and view.training.model == "tiny-cli@1"
+    assert "queued fine-tune" in result.stderr and "published tiny-cli@1" in result.stderr
+    assert "samples at step 4" in result.stderr and "genq generate --model tiny-cli@1" in result.stderr
+    uploaded = [k for k in stack.keys("datasets/") if "/logo/" in k]
+    assert len(uploaded) == 10 and not any(".DS_Store" in k for k in uploaded)
+
+
+def test_cli_finetune_refuses_bad_input_before_uploading(stack: Stack, tmp_path: Path) -> None:
+    env = {**worker_env(stack), "COLUMNS": "200"}
+    before = stack.keys("datasets/")
+    argv = [sys.executable, "-m", "producer.cli", "finetune", "--data", str(tmp_path), "--name", "Bad Name"]
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "name:" in result.stderr
+    assert stack.keys("datasets/") == before
 
 
 def test_a_training_worker_killed_mid_job_is_resumed_from_its_checkpoint(  # type: ignore[no-untyped-def]
