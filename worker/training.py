@@ -236,7 +236,9 @@ def run_finetune(
     tuner.export(export_dir)
     scores = _scores(export_dir, data, job.seed)
     gate_passed = _gate(job, scores)
-    version = allocate_version(job.name)
+    claimed = earlier.model.split("@", 1) if earlier is not None and earlier.model else None
+    # A version claimed by a delivery that died before its config.json landed is finished, not claimed again.
+    version = claimed[1] if claimed is not None and claimed[0] == job.name else allocate_version(job.name)
     view = view.model_copy(update={"metrics": scores, "gate_passed": gate_passed, "model": f"{job.name}@{version}"})
     reporter.training(job, view)  # the version is claimed before any file is written (see module docstring)
     files = {name: (export_dir / name).read_bytes() for name in _MODEL_FILES if (export_dir / name).is_file()}

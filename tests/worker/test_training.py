@@ -1,0 +1,166 @@
+"""The fine-tune pipeline over injected storage, model store and reporter: publish, gate, resume, stop, finish."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_model import make_tiny_base
+
+from producer.contract import TrainingView
+from producer.finetune import AugmentSpec, FineTuneJob, PromotionGate
+from worker.local_storage import LocalStorage
+from worker.model_store import ModelStore
+from worker.training import CHECKPOINT_NAME, run_finetune, training_prefix
+
+
+class Reporter:
+    """Records what the pipeline reports; ``stop_after`` makes the job inactive after that many active() calls."""
+
+    def __init__(self, earlier: TrainingView | None = None, stop_after: int | None = None) -> None:
+        self.earlier = earlier
+        self.stop_after = stop_after
+        self.views: list[TrainingView] = []
+        self.done: TrainingView | None = None
+        self.checks = 0
+
+    def begin(self, job: FineTuneJob) -> bool:
+        return True
+
+    def active(self, job: FineTuneJob) -> bool:
+        self.checks += 1
+        return self.stop_after is None or self.checks <= self.stop_after
+
+    def current(self, job: FineTuneJob) -> TrainingView | None:
+        return self.earlier
+
+    def training(self, job: FineTuneJob, view: TrainingView, *, announce: bool = False) -> None:
+        self.views.append(view)
+
+    def trained(self, job: FineTuneJob, view: TrainingView) -> None:
+        self.done = view
+
+
+Setup = tuple[LocalStorage, ModelStore, Path, Iterator[int]]
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Setup:
+    storage = LocalStorage(tmp_path / "bucket")
+    base = make_tiny_base(tmp_path / "zoo")
+    rng = np.random.default_rng(0)
+    for name in ("logo", "sneaker"):
+        for i in range(8):
+            image = Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8), "L")
+            path = tmp_path / "upload" / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+            storage.put(f"datasets/u1/{name}/{i}.png", path.read_bytes(), "image/png")
+    return storage, ModelStore(storage, tmp_path / "cache"), base, itertools.count(5)  # the versions handed out
+
+
+def job(**fields: object) -> FineTuneJob:
+    spec: dict[str, object] = {
+        "job_id": "job-12345678",
+        "base": "tiny-base",
+        "base_name": "tiny-base",
+        "base_version": "1",
+        "dataset_key": "datasets/u1/",
+        "name": "brand",
+        "steps": 4,
+        "batch_size": 4,
+        "lr_g": 2e-4,
+        "lr_d": 2e-4,
+        "augment": AugmentSpec(),
+        "freeze_d": 0,
+        "sample_every": 2,
+        "checkpoint_every": 2,
+        "seed": 3,
+        "created_at": datetime(2026, 11, 30, tzinfo=UTC),
+    }
+    return FineTuneJob.model_validate({**spec, **fields})
+
+
+def run(setup: Setup, spec: FineTuneJob, reporter: Reporter, tmp: Path, **kw: object):  # type: ignore[no-untyped-def]
+    storage, models, base, versions = setup
+    allocated: list[str] = []
+
+    def allocate(name: str) -> str:
+        allocated.append(name)
+        return str(next(versions))
+
+    result = run_finetune(
+        spec,
+        storage=storage,
+        models=models,
+        base_dir=base,
+        workdir=tmp,
+        reporter=reporter,
+        allocate_version=allocate,
+        on_published=lambda _n, _v: None,
+        **kw,  # type: ignore[arg-type]
+    )
+    return result, allocated
+
+
+def test_a_run_publishes_every_file_and_moves_the_gate_alias_only_when_it_passes(setup: Setup, tmp_path: Path) -> None:
+    storage, models, _, _ = setup
+    passing = Reporter()
+    result, allocated = run(setup, job(gate=PromotionGate(max_fid=1e9)), passing, tmp_path / "a")
+    assert result.published == "brand@5" and allocated == ["brand"]
+    assert passing.done is not None and passing.done.aliases == ["latest", "production"]
+    assert passing.done.dataset == {"logo": 8, "sneaker": 8} and passing.done.gate_passed is True
+    assert sorted(k.rsplit("/", 1)[1] for k in storage.list("models/brand/5/")) == [
+        "MODEL_CARD.md", "config.json", "discriminator.safetensors", "metrics.json", "samples.png",
+        "weights.safetensors",
+    ]  # fmt: skip
+    grids = sorted({v.samples_key for v in passing.views if v.samples_key})
+    assert [k.rsplit("/", 1)[1] for k in grids] == ["step-000002.png", "step-000004.png"]
+
+    failing = Reporter()
+    again, _ = run(setup, job(job_id="job-87654321", gate=PromotionGate(max_fid=1e-9)), failing, tmp_path / "b")
+    assert again.published == "brand@6"
+    assert failing.done is not None and failing.done.aliases == ["latest"] and failing.done.gate_passed is False
+    assert models.entries()["brand"].aliases == {"latest": "6", "production": "5"}  # production: the one that passed
+
+
+def test_a_redelivery_resumes_from_the_stored_checkpoint(setup: Setup, tmp_path: Path) -> None:
+    storage, _, _, _ = setup
+    first = Reporter(stop_after=3)  # canceled after 3 steps: the checkpoint of step 2 is stored
+    stopped, _ = run(setup, job(), first, tmp_path / "a")
+    assert stopped.stopped and stopped.published is None
+    assert storage.exists(training_prefix(job()) + CHECKPOINT_NAME)
+    assert storage.list("models/") == []
+
+    second = Reporter()
+    done, _ = run(setup, job(), second, tmp_path / "b")
+    assert done.published is not None and second.views[0].resumed_from == 2
+
+
+def test_a_version_claimed_by_a_delivery_that_died_while_publishing_is_finished_not_claimed_again(
+    setup: Setup, tmp_path: Path
+) -> None:
+    claimed = TrainingView(total_steps=4, step=4, model="brand@9")
+    reporter = Reporter(earlier=claimed)
+    result, allocated = run(setup, job(), reporter, tmp_path / "a")
+    assert result.published == "brand@9" and allocated == []
+
+
+def test_an_already_published_version_is_finished_without_training(setup: Setup, tmp_path: Path) -> None:
+    first = Reporter()
+    published, _ = run(setup, job(), first, tmp_path / "a")
+    assert first.done is not None
+    again = Reporter(earlier=first.done)
+    result, allocated = run(setup, job(), again, tmp_path / "b")
+    assert result.published == published.published and allocated == [] and again.views == []
+
+
+def test_a_lost_lease_stops_without_publishing(setup: Setup, tmp_path: Path) -> None:
+    reporter = Reporter()
+    result, allocated = run(setup, job(), reporter, tmp_path / "a", keep_going=lambda: False)
+    assert result.stopped and allocated == [] and reporter.done is None
