@@ -26,7 +26,7 @@ class _QueueDepth(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("genq_queue_depth", "Messages waiting in a Celery queue.", labels=["queue"])
-        for queue in constants.WORKER_QUEUES:
+        for queue in (*constants.WORKER_QUEUES, constants.TRAIN_QUEUE):
             try:
                 family.add_metric([queue], float(self.redis.llen(queue)))
             except redis.RedisError as exc:  # a scrape must not fail because Redis is down; readyz says that

@@ -78,6 +78,8 @@ def test_a_finetune_is_queued_on_the_train_queue_and_read_like_any_job(
     assert catalog.llen(constants.TRAIN_QUEUE) == 1 and catalog.llen(constants.GENERATE_QUEUE) == 0
     assert acme.get(f"/v1/jobs/{view['id']}").json() == view
     assert globex.get(f"/v1/jobs/{view['id']}").status_code == 404
+    metrics = httpx.get(f"{str(acme.base_url).rstrip('/')}/metrics").text
+    assert 'genq_queue_depth{queue="train"} 1.0' in metrics
     spec = catalog.hget(f"genq:job:{view['id']}", "spec")
     assert spec is not None and b'"dataset_key":"tenants/acme/datasets/abc123/data.zip"' in spec
 
