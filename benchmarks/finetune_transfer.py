@@ -8,7 +8,7 @@
 2. Few-shot data: the first 60 training images of each of classes 5-9 (sandal, shirt, sneaker, bag, ankle boot):
    300 images, every class new to the base.
 3. Fine-tuned: :func:`models.finetune.init_from_base` (each new class starts as a blend of the base classes its
-   images resemble, scored by the base D) then ``--steps`` steps with DiffAugment. From scratch: the same
+   images resemble, scored by the base D; D's rows for them start fresh) then ``--steps`` steps with DiffAugment. From scratch: the same
    architecture, recipe, data and steps, random init.
 4. Both scored against the real *test* images of classes 5-9 with the shipped in-domain classifier: label
    consistency (labels mapped by class name) and FID in its penultimate feature space, same sample counts.

@@ -116,12 +116,12 @@ def init_from_base(
     """Build a fine-tuning state from a published cGAN directory (``weights.safetensors`` + ``config.json``).
 
     G's weights are copied; every class-indexed tensor (each CBN gain and bias embedding in G, D's projection
-    embedding) is rebuilt row by row: a class named in the base copies its row. A new class gets a blend of the
-    base's rows: weighted by how much the base D's projection takes the new class's images (``data``) for each base
-    class (a softmax over the standardised scores), so new classes start apart, each near the base classes it
-    resembles; without ``data`` or a base D, the mean of the base's rows. D comes from ``discriminator.safetensors``
-    when the export has one, else starts fresh. The EMA G is a copy of G, the optimisers are fresh, and the first
-    ``cfg.freeze_d`` D blocks are frozen and left out of D's optimiser.
+    embedding) is rebuilt row by row: a class named in the base copies its row. In G a new class gets a blend of
+    the base's rows, weighted by how much the base D's projection takes the new class's images (``data``) for each
+    base class (a softmax over the standardised scores), so it starts near the base classes it resembles; without
+    ``data`` or a base D, the mean of the base's rows. In D a new class's projection row starts fresh (random).
+    D comes from ``discriminator.safetensors`` when the export has one, else starts fresh. The EMA G is a copy of
+    G, the optimisers are fresh, and the first ``cfg.freeze_d`` D blocks are frozen and left out of D's optimiser.
 
     Args:
         class_names: the fine-tuning classes, in label order (need not be the base's).
@@ -163,7 +163,11 @@ def init_from_base(
     g, d = cgan.Generator(model_cfg), cgan.Discriminator(model_cfg)
     g.load_state_dict(_transfer(base_g.state_dict(), g.state_dict(), _cbn_keys(g), rows), strict=True)
     if base_d is not None:
-        d_state = _transfer(base_d.state_dict(), d.state_dict(), {f"{_D_EMBED}.original"}, rows)
+        # D's projection row of a new class starts fresh (random, as in a new D): rows blended like G's start nearly
+        # alike, and a projection that cannot tell the new classes apart teaches G no class (measured in
+        # docs/models.md: label consistency 0.40 with blended D rows, 0.74 with fresh ones).
+        d_rows = [r if isinstance(r, int) else None for r in rows]
+        d_state = _transfer(base_d.state_dict(), d.state_dict(), {f"{_D_EMBED}.original"}, d_rows, keep_fresh=True)
         _set_singular_vectors(d_state, _D_EMBED)
         d.load_state_dict(d_state, strict=True)
     state = _new_state(g.to(device), d.to(device), cfg)
@@ -317,16 +321,18 @@ def _cbn_keys(g: cgan.Generator) -> set[str]:
     }
 
 
-def _class_rows(base: torch.Tensor, rows: Sequence[int | torch.Tensor | None]) -> torch.Tensor:
+def _class_rows(
+    base: torch.Tensor, rows: Sequence[int | torch.Tensor | None], fresh: torch.Tensor | None = None
+) -> torch.Tensor:
     """(K_base, F) -> (K_new, F): row i is ``base[rows[i]]`` for an index, ``rows[i] @ base`` for a (K_base,)
-    weight vector, or the mean of the base's rows where None."""
+    weight vector, and where None ``fresh[i]`` if given, else the mean of the base's rows."""
     mean = base.mean(dim=0)  # (F,)
     out = []
-    for r in rows:
+    for i, r in enumerate(rows):
         if isinstance(r, int):
             out.append(base[r].clone())
         elif r is None:
-            out.append(mean)
+            out.append(fresh[i].clone() if fresh is not None else mean)
         else:
             out.append(r.to(base.dtype) @ base)  # (F,)
     return torch.stack(out)
@@ -362,12 +368,16 @@ def _transfer(
     fresh: dict[str, torch.Tensor],
     class_keys: set[str],
     rows: Sequence[int | torch.Tensor | None],
+    keep_fresh: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The fresh state dict's keys with the base's values: ``class_keys`` remapped by row, the rest copied."""
+    """The fresh state dict's keys with the base's values: ``class_keys`` remapped by row, the rest copied.
+
+    With ``keep_fresh`` a None row keeps the fresh network's row instead of the base's mean.
+    """
     out: dict[str, torch.Tensor] = {}
     for key, value in fresh.items():
         if key in class_keys:
-            out[key] = _class_rows(base[key], rows)
+            out[key] = _class_rows(base[key], rows, value if keep_fresh else None)
         elif base[key].shape == value.shape:
             out[key] = base[key].clone()
         else:  # only the spectral-norm vectors of a class-indexed weight; reset by _set_singular_vectors

@@ -64,7 +64,9 @@ def test_export_writes_the_discriminator_beside_the_generator(base_dir: Path) ->
     assert load_generator(base_dir).class_names == BASE_CLASSES
 
 
-def test_known_classes_copy_their_rows_and_new_classes_start_from_the_mean(base_dir: Path) -> None:
+def test_known_classes_copy_their_rows_and_new_classes_start_from_the_mean_in_g_and_fresh_in_d(
+    base_dir: Path,
+) -> None:
     state, model_cfg, mapping = init_from_base(base_dir, CLASSES, CFG)
     assert model_cfg.class_names == CLASSES and model_cfg.z_dim == 8
     assert mapping.reused == {"b": 1} and mapping.new == ("new1",)
@@ -78,7 +80,8 @@ def test_known_classes_copy_their_rows_and_new_classes_start_from_the_mean(base_
     for key in g.keys() - class_keys:
         assert torch.equal(g[key], base_g[key]), key
     assert torch.equal(d[EMBED][0], base_d[EMBED][1])
-    assert torch.allclose(d[EMBED][1], base_d[EMBED].mean(dim=0))
+    fresh = init_from_base(base_dir, ("new0", "new1"), CFG)[0].d.state_dict()[EMBED]  # same seed, same fresh D
+    assert torch.equal(d[EMBED][1], fresh[1]) and not torch.allclose(d[EMBED][1], base_d[EMBED].mean(dim=0))
     for key in (k for k in d if not k.startswith("embed.")):
         assert torch.equal(d[key], base_d[key]), key
     for key, value in state.ema.state_dict().items():
