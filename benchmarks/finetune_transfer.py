@@ -7,9 +7,9 @@
    is exported with its discriminator (StyleGAN2-ADA's transfer learning resumes G *and* D).
 2. Few-shot data: the first 60 training images of each of classes 5-9 (sandal, shirt, sneaker, bag, ankle boot):
    300 images, every class new to the base.
-3. Fine-tuned: :func:`models.finetune.init_from_base` (each new class starts as a blend of the base classes its
-   images resemble, scored by the base D; D's rows for them start fresh) then ``--steps`` steps with DiffAugment. From scratch: the same
-   architecture, recipe, data and steps, random init.
+3. Fine-tuned: :func:`models.finetune.init_from_base` (in G each new class starts as a blend of the base classes
+   its images resemble, scored by the base D; in D its row starts fresh) then ``--steps`` steps with DiffAugment.
+   From scratch: the same architecture, recipe, data and steps, random init.
 4. Both scored against the real *test* images of classes 5-9 with the shipped in-domain classifier: label
    consistency (labels mapped by class name) and FID in its penultimate feature space, same sample counts.
 5. Overhead: seconds per step of genq's fine-tune loop (:func:`worker.training.run_finetune`, with a real Redis
