@@ -98,6 +98,7 @@ def test_cli_finetune_uploads_follows_and_names_the_published_version(  # type: 
     folder = make_folder(tmp_path / "brand_x")
     (folder / "logo" / ".DS_Store").write_bytes(b"finder litter")  # hidden: never uploaded
     env = {**worker_env(stack), "COLUMNS": "200"}
+    before = set(stack.keys("datasets/"))  # other tests of this module upload too
     argv = [sys.executable, "-m", "producer.cli", "finetune", "--base", "tiny-base", "--data", str(folder)]
     argv += ["--name", "tiny-cli", "--steps", "4", "--batch-size", "4", "--sample-every", "2", "--wait"]
     result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
@@ -106,8 +107,9 @@ def test_cli_finetune_uploads_follows_and_names_the_published_version(  # type: 
     assert view.status is JobStatus.SUCCEEDED and view.training is not None and view.training.model == "tiny-cli@1"
     assert "queued fine-tune" in result.stderr and "published tiny-cli@1" in result.stderr
     assert "samples at step 4" in result.stderr and "genq generate --model tiny-cli@1" in result.stderr
-    uploaded = [k for k in stack.keys("datasets/") if "/logo/" in k]
-    assert len(uploaded) == 10 and not any(".DS_Store" in k for k in uploaded)
+    uploaded = set(stack.keys("datasets/")) - before
+    assert len(uploaded) == 20 and len({k.split("/")[1] for k in uploaded}) == 1  # one upload of both classes
+    assert sum("/logo/" in k for k in uploaded) == 10 and not any(".DS_Store" in k for k in uploaded)
 
 
 def test_cli_finetune_refuses_bad_input_before_uploading(stack: Stack, tmp_path: Path) -> None:
