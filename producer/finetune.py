@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 from producer import constants
 from producer.contract import MAX_SEED, TENANT_PATTERN, Callback, ModelEntry, ModelRef, Priority
 from producer.errors import InvalidJob
+from producer.resolve import resolve_model
 from producer.seeds import new_job_seed
 from producer.ssrf import check_callback_url
 
@@ -203,16 +204,7 @@ def resolve_finetune(
         InvalidJob: with ``field`` naming the offending field (``base``: unknown, or not a cGAN; ``name``: the name
             of a model of another architecture; ``freeze_d``; ``callback.url``).
     """
-    ref = ModelRef.parse(request.base)
-    entry = catalog.get(ref.name)
-    if entry is None:
-        known = ", ".join(sorted(catalog)) or "none published; is a worker running?"
-        raise InvalidJob(f"unknown base model {ref.name!r} (known: {known})", field="base")
-    try:
-        version = entry.resolve(ref)
-    except KeyError as exc:
-        raise InvalidJob(str(exc.args[0]), field="base") from exc
-    info = entry.versions[version]
+    ref, version, info = resolve_model(request.base, catalog, field="base", what="base model")
     if info.arch != "cgan":
         raise InvalidJob(
             f"fine-tuning needs a cgan base; {ref.name}@{version} is a {info.arch} (try fmnist-cgan)", field="base"

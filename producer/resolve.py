@@ -38,16 +38,7 @@ def resolve_request(
             ``metadata``, ``callback.url``: an address genq will not call, or a host that does not resolve).
     """
     check_limits(request, limits)
-    ref = ModelRef.parse(request.model)
-    entry = catalog.get(ref.name)
-    if entry is None:
-        known = ", ".join(sorted(catalog)) or "none published; is a worker running?"
-        raise InvalidJob(f"unknown model {ref.name!r} (known: {known})", field="model")
-    try:
-        version = entry.resolve(ref)
-    except KeyError as exc:
-        raise InvalidJob(str(exc.args[0]), field="model") from exc
-    info = entry.versions[version]
+    ref, version, info = resolve_model(request.model, catalog, field="model")
     field = "label" if request.counts is None else "counts"
     items: list[LabelCount] = []
     for key, count in request.label_counts(len(info.class_names)):
@@ -79,6 +70,22 @@ def resolve_request(
         priority=request.priority,
         output=request.output,
     )
+
+
+def resolve_model(
+    reference: str, catalog: Mapping[str, ModelEntry], *, field: str, what: str = "model"
+) -> tuple[ModelRef, str, ModelVersionInfo]:
+    """The parsed reference, the version it names and that version's info. Raises InvalidJob on ``field``."""
+    ref = ModelRef.parse(reference)
+    entry = catalog.get(ref.name)
+    if entry is None:
+        known = ", ".join(sorted(catalog)) or "none published; is a worker running?"
+        raise InvalidJob(f"unknown {what} {ref.name!r} (known: {known})", field=field)
+    try:
+        version = entry.resolve(ref)
+    except KeyError as exc:
+        raise InvalidJob(str(exc.args[0]), field=field) from exc
+    return ref, version, entry.versions[version]
 
 
 def check_limits(request: GenerateRequest, limits: Limits) -> None:
