@@ -8,7 +8,8 @@ workers. Layout of every model root::
     <root>/<name>/aliases.json              optional {"latest": "<version>", ...}
 
 Local roots win over the store for the same (name, version), and a local ``aliases.json`` wins over the store's for
-the aliases it sets. Without either, the alias ``latest`` names the highest version. A version published after
+the aliases it sets, except ``latest`` once versions of the name are published: then ``latest`` is the store's, or
+the highest version of all. Without either, ``latest`` names the highest version. A version published after
 start-up is found by :meth:`ModelRegistry.path`, which rescans on a miss: no restart needed.
 """
 
