@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from producer import constants
 from producer.contract import MAX_SEED, TENANT_PATTERN, Callback, ModelEntry, ModelRef, Priority
@@ -54,6 +54,14 @@ class AugmentSpec(BaseModel):
         description="ADA: adapt the probability of each operation so that E[sign(D(real))] approaches this value "
         "(StyleGAN2-ADA uses 0.6). Absent: every operation on every image (classic DiffAugment).",
     )
+
+    @model_validator(mode="after")
+    def _ada_needs_operations(self) -> AugmentSpec:
+        if self.ada_target is not None and not self.policy:
+            raise ValueError("ada_target adapts the probability of the policy's operations: give a policy too")
+        if len(set(self.policy)) != len(self.policy):
+            raise ValueError("each augmentation operation may appear once")
+        return self
 
 
 class PromotionGate(BaseModel):

@@ -50,6 +50,8 @@ def field_of(exc: pytest.ExceptionInfo[ValidationError]) -> str:
         ({"lr_g": 0.5}, "lr_g"),
         ({"augment": {"policy": ["rotate"]}}, "augment.policy.0"),
         ({"augment": {"ada_target": 1.5}}, "augment.ada_target"),
+        ({"augment": {"policy": [], "ada_target": 0.6}}, "augment"),
+        ({"augment": {"policy": ["cutout", "cutout"]}}, "augment"),
         ({"classes": ["bag", "bag"]}, "classes"),
         ({"freeze_d": 99}, "freeze_d"),
         ({"gate": {"min_label_consistency": 2}}, "gate.min_label_consistency"),
