@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
 from models.data import LabelledImages
 from models.errors import DatasetError, InvalidModelConfig, WeightsError
+from models.generator import load_weights
 
 ARCH = "cnn-classifier"
 WEIGHTS_FILE = "classifier.safetensors"
@@ -291,13 +291,7 @@ def load_classifier(directory: Path = SHIPPED_DIR) -> tuple[Classifier, Classifi
         raise InvalidModelConfig(f"unknown classifier architecture {data.get('arch')!r} in {path} (known: {ARCH})")
     card = ClassifierCard.from_json(data)
     model = Classifier(card.config)
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise WeightsError(f"no {WEIGHTS_FILE} in {directory}")
-    try:
-        load_model(model, str(weights), strict=True)
-    except (SafetensorError, RuntimeError, OSError) as exc:
-        raise WeightsError(f"cannot load {weights}: {exc}") from exc
+    load_weights(model, directory / WEIGHTS_FILE)
     return model.eval(), card
 
 

@@ -26,16 +26,13 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_model
-from torch import nn
 
 from models import cgan, train
 from models.augment import AdaController, AugmentConfig, diff_augment, host_to_device
 from models.checkpoint import read_checkpoint
 from models.data import LabelledImages
 from models.errors import DatasetError, InvalidModelConfig, WeightsError
-from models.generator import WEIGHTS_FILE, read_config
+from models.generator import WEIGHTS_FILE, load_weights, read_config
 
 # The projection embedding of D is spectrally normalised: its weight lives in the parametrization.
 _D_EMBED = "embed.parametrizations.weight"
@@ -144,11 +141,11 @@ def init_from_base(
     base_cfg = cgan.CGANConfig.from_json(base_json)
     model_cfg = dataclasses.replace(base_cfg, class_names=tuple(class_names))
     base_g = cgan.Generator(base_cfg)
-    _load_strict(base_g, base_dir / WEIGHTS_FILE)
+    load_weights(base_g, base_dir / WEIGHTS_FILE)
     base_d: cgan.Discriminator | None = None
     if (base_dir / train.DISCRIMINATOR_FILE).is_file():
         base_d = cgan.Discriminator(base_cfg)
-        _load_strict(base_d, base_dir / train.DISCRIMINATOR_FILE)
+        load_weights(base_d, base_dir / train.DISCRIMINATOR_FILE)
     elif cfg.freeze_d > 0:
         raise InvalidModelConfig(
             f"freeze_d={cfg.freeze_d} needs the base's discriminator, but {base_dir} has no "
@@ -414,12 +411,3 @@ def _check_data(data: LabelledImages, model_cfg: cgan.CGANConfig) -> None:
         )
     if data.images.dtype != torch.uint8:
         raise DatasetError(f"data images must be uint8, got {data.images.dtype}")
-
-
-def _load_strict(net: nn.Module, weights: Path) -> None:
-    if not weights.is_file():
-        raise WeightsError(f"no {weights.name} in {weights.parent}")
-    try:
-        load_model(net, str(weights), strict=True)
-    except (SafetensorError, RuntimeError, OSError) as exc:
-        raise WeightsError(f"cannot load {weights}: {exc}") from exc

@@ -141,7 +141,7 @@ def load_generator(directory: Path, device: str | torch.device = "cpu") -> Image
     if data["arch"] == cvae.ARCH:
         cvae_config = cvae.CVAEConfig.from_json(data)
         decoder = cvae.Decoder(cvae_config)
-        _load_strict(decoder, weights)
+        load_weights(decoder, weights)
         return CVAESampler(cvae_config, decoder, device)
     if data["arch"] != cgan.ARCH:
         raise InvalidModelConfig(
@@ -149,11 +149,18 @@ def load_generator(directory: Path, device: str | torch.device = "cpu") -> Image
         )
     config = cgan.CGANConfig.from_json(data)
     net = cgan.Generator(config)
-    _load_strict(net, weights)
+    load_weights(net, weights)
     return CGANSampler(config, net, device)
 
 
-def _load_strict(net: nn.Module, weights: Path) -> None:
+def load_weights(net: nn.Module, weights: Path) -> None:
+    """Load safetensors ``weights`` into ``net`` strictly (every key and shape must match); nothing is unpickled.
+
+    Raises:
+        WeightsError: the file is missing, unreadable or does not match ``net``.
+    """
+    if not weights.is_file():
+        raise WeightsError(f"no {weights.name} in {weights.parent}")
     try:
         load_model(net, str(weights), strict=True)
     except (SafetensorError, RuntimeError, OSError) as exc:
