@@ -15,9 +15,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from producer import cli_finetune, cli_keys, cli_models, constants
+from producer import cli_errors, cli_finetune, cli_keys, cli_models, constants
 from producer.contract import GenerateRequest, JobStatus, JobView, OutputFormat
-from producer.errors import GenqError, InvalidJob
+from producer.errors import GenqError
 from producer.settings import ClientSettings
 
 app = typer.Typer(help="genq: asynchronous image generation on Celery + Redis + S3.", no_args_is_help=True)
@@ -47,15 +47,7 @@ def _parse_counts(spec: str) -> dict[str, int]:
 
 
 def _build_request(**fields: Any) -> GenerateRequest:
-    from pydantic import ValidationError
-
-    try:
-        return GenerateRequest.model_validate({k: v for k, v in fields.items() if v is not None})
-    except ValidationError as exc:
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "request"
-            console.print(f"[red]invalid request[/]: {where}: {err['msg']}")
-        raise typer.Exit(2) from None
+    return cli_errors.build(GenerateRequest, fields)
 
 
 def _progress() -> Progress:
@@ -110,19 +102,13 @@ def generate(
         priority=priority,
     )
     settings = ClientSettings()
-    try:
+    with cli_errors.reported():
         if embedded or settings.redis.url is None:
             _generate_embedded(request, out or Path("./out"))
         else:
             if out is not None:
                 console.print("[yellow]--out is for embedded mode; use --download DIR in queue mode[/]")
             _generate_queued(request, settings, wait or download is not None, download, timeout)
-    except InvalidJob as exc:
-        console.print(f"[red]invalid request[/]: {exc}")
-        raise typer.Exit(2) from None
-    except GenqError as exc:
-        console.print(f"[red]error[/]: {exc}")
-        raise typer.Exit(1) from None
 
 
 def _generate_embedded(request: GenerateRequest, out: Path) -> None:

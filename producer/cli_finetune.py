@@ -17,8 +17,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from producer import cli_errors
 from producer.contract import JobStatus, JobView
-from producer.errors import GenqError, InvalidJob
 from producer.settings import ClientSettings
 
 console = Console(stderr=True)
@@ -59,8 +59,6 @@ def finetune(
     timeout: float | None = typer.Option(None, "--timeout", help="Seconds --wait waits (default: no limit)."),
 ) -> None:
     """Fine-tune a cGAN on your own images and publish it as a new model version (queue mode: Redis + S3)."""
-    from pydantic import ValidationError
-
     from producer.client import Client
     from producer.finetune import FineTuneRequest
 
@@ -89,26 +87,14 @@ def finetune(
         "seed": seed,
         "callback": {"url": callback} if callback else None,
     }
-    try:
-        request = FineTuneRequest.model_validate({k: v for k, v in fields.items() if v is not None})
-    except ValidationError as exc:
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "request"
-            console.print(f"[red]invalid request[/]: {where}: {err['msg']}")
-        raise typer.Exit(2) from None
-    try:
+    request = cli_errors.build(FineTuneRequest, fields)
+    with cli_errors.reported():
         client = Client(settings)
         upload = _upload(client, data)
         view = client.submit_finetune(request.model_copy(update={"dataset": upload.dataset}))
         console.print(f"queued fine-tune [bold]{view.id}[/] of {base} on {upload.files} files -> {name}")
         if wait:
             view = _follow(client, view.id, timeout)
-    except InvalidJob as exc:
-        console.print(f"[red]invalid request[/]: {exc}")
-        raise typer.Exit(2) from None
-    except GenqError as exc:
-        console.print(f"[red]error[/]: {exc}")
-        raise typer.Exit(1) from None
     print(view.model_dump_json(indent=2, exclude_none=True))
     if wait and view.status is not JobStatus.SUCCEEDED:
         raise typer.Exit(1)
