@@ -7,6 +7,7 @@ overwritten: a job redelivered after it succeeded cannot be dragged back to ``ru
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, cast
 
@@ -62,6 +63,8 @@ _ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 # A job view lists at most this many outputs (a 100,000-image job's view would be megabytes); the manifest has all.
 VIEW_OUTPUTS_MAX = 1000
+
+_OUTPUT_LIST = TypeAdapter(list[OutputRef])
 
 
 def utcnow() -> datetime:
@@ -211,14 +214,26 @@ class JobStore:
     def shard_recorded(self, job_id: str, shard: int) -> bool:
         return bool(self.redis.hexists(self.key(job_id), f"shard:{shard}"))
 
-    def complete_shard(self, job_id: str, shard: int, shards: int, outputs: list[OutputRef]) -> list[OutputRef] | None:
-        """Record a stored shard. Returns every output of the job, by index, when this was the last shard."""
+    def complete_shard(self, job_id: str, shard: int, shards: int, outputs: list[OutputRef]) -> bool:
+        """Record a stored shard's outputs. True when this was the job's last shard to finish: its run writes the
+        manifest (from :meth:`shard_outputs`) and marks the job succeeded. A redelivered shard recorded before
+        changes nothing and returns False."""
         payload = json.dumps([o.model_dump(mode="json") for o in outputs])
-        finished = int(self._complete_shard(keys=[self.key(job_id)], args=[f"shard:{shard}", payload]))
-        if finished != shards:
-            return None
-        raw = self.redis.hgetall(self.key(job_id))
-        return _stored_outputs({as_text(k): as_text(v) for k, v in raw.items()}, ("shard:",))
+        return int(self._complete_shard(keys=[self.key(job_id)], args=[f"shard:{shard}", payload])) == shards
+
+    def shard_outputs(self, job_id: str, shards: int) -> Iterator[list[OutputRef]]:
+        """The outputs recorded by each of a job's ``shards`` shards, one shard at a time, in shard order.
+
+        One shard's list is in memory at once, so the manifest of a 100,000-image job is written in pieces.
+
+        Raises:
+            JobNotFound: a shard has no record (the job expired, or it has not finished).
+        """
+        for shard in range(shards):
+            payload = self.redis.hget(self.key(job_id), f"shard:{shard}")
+            if payload is None:
+                raise JobNotFound(f"job {job_id}: no stored outputs recorded for shard {shard + 1}/{shards}")
+            yield sorted(_OUTPUT_LIST.validate_json(payload), key=lambda o: o.index)
 
     def record_stopped_shard(self, job_id: str, shard: int, outputs: list[OutputRef]) -> None:
         """Record what a shard stored before it stopped because its job ended (canceled, or failed elsewhere): the
@@ -226,13 +241,18 @@ class JobStore:
         payload = json.dumps([o.model_dump(mode="json") for o in outputs])
         self.redis.hset(self.key(job_id), f"partial:{shard}", payload)
 
-    def mark_succeeded(self, job_id: str, outputs: list[OutputRef], manifest_key: str) -> bool:
+    def mark_succeeded(
+        self, job_id: str, outputs: list[OutputRef], manifest_key: str, total: int | None = None
+    ) -> bool:
+        """queued/running -> succeeded. ``outputs`` may be only the first ones of ``total`` (default: all of them);
+        the view keeps at most :data:`VIEW_OUTPUTS_MAX`, the manifest has every one."""
+        total = len(outputs) if total is None else total
         applied = self.transition(
             job_id,
             JobStatus.SUCCEEDED,
             _ACTIVE,
             outputs=json.dumps([o.model_dump(mode="json") for o in outputs[:VIEW_OUTPUTS_MAX]]),
-            outputs_truncated=int(len(outputs) > VIEW_OUTPUTS_MAX),
+            outputs_truncated=int(total > VIEW_OUTPUTS_MAX),
             manifest_key=manifest_key,
             finished_at=utcnow().isoformat(),
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +22,7 @@ class LocalReporter:
 
     def __init__(self, on_progress: Callable[[int, int], None] | None = None) -> None:
         self.on_progress = on_progress
+        self._stored: list[OutputRef] = []
 
     def started(self, job: GenerateJob, shard: Shard) -> bool:
         self.progress(job, shard, 0)
@@ -34,10 +35,14 @@ class LocalReporter:
     def active(self, job: GenerateJob) -> bool:
         return True
 
-    def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> list[OutputRef] | None:
-        return outputs  # one process, one shard: it completes the job
+    def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> bool:
+        self._stored = outputs
+        return True  # one process, one shard: it completes the job
 
-    def succeeded(self, job: GenerateJob, outputs: list[OutputRef], manifest_key: str) -> None:
+    def stored_outputs(self, job: GenerateJob, shards: int) -> Iterator[list[OutputRef]]:
+        yield self._stored
+
+    def succeeded(self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str) -> None:
         pass
 
 

@@ -34,6 +34,10 @@ class ModelLoadError(Permanent):
     """A model's files exist but cannot be loaded (corrupt weights, config mismatch)."""
 
 
+class IncompleteJob(Permanent):
+    """A job's stored outputs have a hole (an index missing or repeated): it must not succeed."""
+
+
 class JobCanceled(WorkerError):
     """The job was canceled while it ran; the pipeline stops after the current batch."""
 

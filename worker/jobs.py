@@ -7,6 +7,7 @@ import logging
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from producer.constants import FINETUNE_TASK, GENERATE_TASK
@@ -52,17 +53,21 @@ def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard:
         metrics.SHARDS.labels("dead_lettered").inc()
         return
     stored: list[OutputRef] = []
+    # A thread pool runs as many shards as it has threads; bulk ones take turns so memory stays flat (a 1-image
+    # job never waits behind them). All share one inference thread, so a few in flight keep it busy.
+    bulk = (shard.size if shard else job.total_images) > settings.batching.max_batch
     try:
-        result = run_generate(
-            job,
-            storage=runtime.storage,
-            sample=runtime.engine.submit,
-            reporter=reporter,
-            chunk_size=settings.batching.max_batch,
-            uploads=runtime.uploads,
-            shard=shard,
-            stored=stored,
-        )
+        with runtime.bulk_slots if bulk else nullcontext():
+            result = run_generate(
+                job,
+                storage=runtime.storage,
+                sample=runtime.engine.submit,
+                reporter=reporter,
+                chunk_size=settings.batching.max_batch,
+                uploads=runtime.uploads,
+                shard=shard,
+                stored=stored,
+            )
     except Exception as exc:  # every failure ends the job loudly, with the reason and partial outputs
         log.exception("job %s failed", job.job_id)
         reporter.failed(job, JobError(type=type(exc).__name__, message=str(exc)), stored)

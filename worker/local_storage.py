@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import builtins
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, BinaryIO
 
 from worker.errors import ObjectNotFound, StorageError
 
@@ -27,13 +30,20 @@ class LocalStorage:
         self.root = Path(root).absolute()
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
+        self._write(key, lambda f: f.write(data))
+
+    def put_file(self, key: str, source: IO[bytes], content_type: str) -> None:
+        source.seek(0)
+        self._write(key, lambda f: shutil.copyfileobj(source, f))
+
+    def _write(self, key: str, write: Callable[[BinaryIO], object]) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write beside the target and rename: a reader never sees half a file, a crash leaves no partial object.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_LOCAL_TEMP_PREFIX)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                write(f)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -8,10 +8,12 @@ marks the job failed (with the outputs stored so far).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+import json
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
-from typing import Protocol
+from typing import IO, Protocol, cast
 
 import numpy as np
 import torch
@@ -19,7 +21,9 @@ import torch
 from producer import constants
 from producer.contract import GenerateJob, Manifest, OutputRef, Shard, plan_shards
 from producer.seeds import image_seed
+from producer.status import VIEW_OUTPUTS_MAX
 from worker.encode import encode_image, provenance
+from worker.errors import IncompleteJob
 from worker.storage import Storage
 from worker.webdataset import ShardWriter, shard_key
 
@@ -39,12 +43,21 @@ class Reporter(Protocol):
         """Whether the job still wants outputs (False once it failed elsewhere or was canceled)."""
         ...
 
-    def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> list[OutputRef] | None:
-        """Record a stored shard; every output of the job (by index) if it was the last one, else None."""
+    def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> bool:
+        """Record a stored shard; True if it was the job's last one (this run then writes the manifest)."""
         ...
 
-    def succeeded(self, job: GenerateJob, outputs: list[OutputRef], manifest_key: str) -> None: ...
+    def stored_outputs(self, job: GenerateJob, shards: int) -> Iterator[list[OutputRef]]:
+        """Every shard's recorded outputs, one shard at a time, in shard (and so index) order."""
+        ...
 
+    def succeeded(self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str) -> None:
+        """The manifest is stored: the job succeeded with ``total`` outputs, of which ``first`` are the first."""
+        ...
+
+
+# A manifest lists ~300 bytes per output: up to this size it is built in memory, beyond it in a temporary file.
+MANIFEST_SPOOL_BYTES = 8 * 2**20
 
 Sampler = Callable[[str, str, Sequence[int], Sequence[int]], "Future[torch.Tensor]"]
 
@@ -159,19 +172,54 @@ def run_generate(
         storage.put(tar_key, tar.finish(), "application/x-tar")
         outputs.extend(in_tar)
         reporter.progress(job, shard, len(outputs))
-    every_output = reporter.shard_stored(job, shard, list(outputs))
-    if every_output is None:  # other shards are still running; the last one writes the manifest
+    if not reporter.shard_stored(job, shard, list(outputs)):  # other shards still run; the last one ends the job
         return GenerateResult(outputs=list(outputs), manifest_key=None)
-    manifest = Manifest(
+    manifest_key = prefix + constants.MANIFEST_NAME
+    # A job of one shard has every output in hand; others read them back, one shard at a time.
+    parts = [list(outputs)] if shard.count == 1 else reporter.stored_outputs(job, shard.count)
+    first, total = write_manifest(job, storage, manifest_key, parts)
+    reporter.succeeded(job, first, total, manifest_key)
+    return GenerateResult(outputs=list(outputs), manifest_key=manifest_key)
+
+
+def write_manifest(
+    job: GenerateJob, storage: Storage, key: str, parts: Iterable[list[OutputRef]]
+) -> tuple[list[OutputRef], int]:
+    """Store ``manifest.json`` (a :class:`Manifest`) listing every output of ``job``, streamed one shard's part at a
+    time through a spooled file: memory stays flat however many images the job has.
+
+    Returns the first :data:`VIEW_OUTPUTS_MAX` outputs (for the job's view) and how many were listed.
+
+    Raises:
+        IncompleteJob: an output index is missing or repeated; no manifest is written (the job must not succeed
+            with a hole in it).
+    """
+    header = Manifest(
         job_id=job.job_id,
         model=job.model,
-        model_version=version,
+        model_version=f"{job.model_name}@{job.model_version}",
         seed=job.seed,
         format=job.format,
         created_at=job.created_at,
-        outputs=every_output,
-    )
-    manifest_key = prefix + constants.MANIFEST_NAME
-    storage.put(manifest_key, manifest.model_dump_json(indent=2, exclude_none=True).encode(), "application/json")
-    reporter.succeeded(job, every_output, manifest_key)
-    return GenerateResult(outputs=list(outputs), manifest_key=manifest_key)
+        outputs=[],
+    ).model_dump(mode="json", exclude={"outputs"}, exclude_none=True)
+    opening = json.dumps(header, separators=(",", ":"))[:-1] + ',"outputs":['  # the outputs go in between
+    first: list[OutputRef] = []
+    total = 0
+    with tempfile.SpooledTemporaryFile(max_size=MANIFEST_SPOOL_BYTES) as out:
+        out.write(opening.encode())
+        for part in parts:
+            for ref in part:
+                if ref.index != total:
+                    found = "repeated" if ref.index < total else f"missing (the next stored is {ref.index})"
+                    raise IncompleteJob(f"job {job.job_id}: output {total} is {found}; manifest not written")
+                out.write(b"," if total else b"")
+                out.write(ref.model_dump_json(exclude_none=True).encode())
+                if len(first) < VIEW_OUTPUTS_MAX:
+                    first.append(ref)
+                total += 1
+        if total != job.total_images:
+            raise IncompleteJob(f"job {job.job_id}: {total} of {job.total_images} outputs stored; manifest not written")
+        out.write(b"]}")
+        storage.put_file(key, cast(IO[bytes], out), "application/json")
+    return first, total

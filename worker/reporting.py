@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from producer.contract import EventType, GenerateJob, JobError, JobStatus, OutputRef, Shard, TrainingView
 from producer.events import CallbackMessage, callback_message
@@ -39,8 +39,11 @@ class RedisReporter:
     def active(self, job: GenerateJob | FineTuneJob) -> bool:
         return self.store.is_active(job.job_id)
 
-    def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> list[OutputRef] | None:
+    def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> bool:
         return self.store.complete_shard(job.job_id, shard.index, shard.count, outputs)
+
+    def stored_outputs(self, job: GenerateJob, shards: int) -> Iterator[list[OutputRef]]:
+        return self.store.shard_outputs(job.job_id, shards)
 
     def progress(self, job: GenerateJob, shard: Shard, done: int) -> None:
         self.store.set_progress(job.job_id, shard.index, done)
@@ -49,9 +52,9 @@ class RedisReporter:
             self._last_progress[job.job_id] = now
             self._emit(job, EventType.PROGRESS)
 
-    def succeeded(self, job: GenerateJob, outputs: list[OutputRef], manifest_key: str) -> None:
+    def succeeded(self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str) -> None:
         self._last_progress.pop(job.job_id, None)
-        if self.store.mark_succeeded(job.job_id, outputs, manifest_key):
+        if self.store.mark_succeeded(job.job_id, first, manifest_key, total=total):
             self._emit(job, EventType.SUCCEEDED)
 
     def stopped(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> None:

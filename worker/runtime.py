@@ -30,6 +30,8 @@ class Runtime:
     registry: ModelRegistry
     engine: InferenceEngine
     uploads: ThreadPoolExecutor
+    # Bulk shards running at once in this process (each holds its chunks, encoded images and tar in memory).
+    bulk_slots: threading.BoundedSemaphore
 
 
 def build_runtime(settings: WorkerSettings) -> Runtime:
@@ -46,6 +48,7 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
         registry=registry,
         engine=make_engine(registry, settings),
         uploads=ThreadPoolExecutor(settings.batching.upload_workers, thread_name_prefix="genq-upload"),
+        bulk_slots=threading.BoundedSemaphore(settings.batching.max_bulk_shards),
     )
 
 

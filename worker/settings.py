@@ -20,6 +20,14 @@ class BatchingSettings(BaseModel):
         default=5.0, ge=0, description="Longest a sample waits for others to fill its forward pass."
     )
     upload_workers: int = Field(default=8, ge=1, description="Threads encoding and uploading outputs per process.")
+    max_bulk_shards: int = Field(
+        default=4,
+        ge=1,
+        description=(
+            "Shards of more than max_batch images one process runs at once; more wait their turn, so memory stays "
+            "flat whatever the job size. Small jobs never wait."
+        ),
+    )
 
 
 class StorageRetrySettings(BaseModel):
@@ -78,6 +86,11 @@ class WorkerSettings(BaseSettings):
         description="Where published model versions are downloaded to (once per version, shared by processes).",
     )
     device: str = "cpu"
+    malloc_arena_max: int = Field(
+        default=2,
+        ge=0,
+        description="glibc malloc arenas per worker process (0: glibc's default; MALLOC_ARENA_MAX, if set, wins).",
+    )
     job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535, description="Serve Prometheus metrics on this port (threads/solo pools)."

@@ -13,7 +13,7 @@ import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Literal, Protocol, TypeVar, cast
 
 import boto3
 import botocore.config
@@ -86,6 +86,15 @@ class Storage(Protocol):
         Raises:
             StorageUnavailable: the store did not answer within the retry window (retry the job later).
             StorageError: the store refused the request for good (bad key, no bucket, access denied).
+        """
+        ...
+
+    def put_file(self, key: str, source: IO[bytes], content_type: str) -> None:
+        """Store everything ``source`` holds from its start under ``key``, read in pieces (a manifest of 100,000
+        outputs is never one bytes object in memory). ``source`` must be seekable: a retry reads it again.
+
+        Raises:
+            StorageUnavailable, StorageError: as for :meth:`put`.
         """
         ...
 
@@ -201,6 +210,13 @@ class S3Storage:
             key,
             lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type),
         )
+
+    def put_file(self, key: str, source: IO[bytes], content_type: str) -> None:
+        def upload() -> object:
+            source.seek(0)  # a retried attempt sends the whole object again
+            return self.client.put_object(Bucket=self.bucket, Key=key, Body=source, ContentType=content_type)
+
+        self._call("put", key, upload)
 
     def get(self, key: str) -> bytes:
         def read() -> bytes:

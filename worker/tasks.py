@@ -18,6 +18,7 @@ from worker.app import app, settings_of
 from worker.deadletter import record_task
 from worker.delivery import CallbackLedger, run_delivery
 from worker.jobs import execute_finetune, execute_generate
+from worker.memory import limit_malloc_arenas
 from worker.reporting import RedisReporter, TrainingReporter
 from worker.runtime import Runtime, get_runtime, make_registry, reset_runtime
 
@@ -115,6 +116,12 @@ def deliver_callback(payload: dict[str, Any]) -> None:
         max_hop_s=settings.celery.visibility_timeout_s / 2,
     )
     metrics.CALLBACKS.labels(outcome.value).inc()
+
+
+@signals.worker_init.connect
+def _limit_memory(**_: Any) -> None:
+    # Before the pool starts its threads (or forks its children): arenas created later obey the cap.
+    limit_malloc_arenas(settings_of(app).malloc_arena_max)
 
 
 @signals.worker_process_init.connect

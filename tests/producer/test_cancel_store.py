@@ -90,11 +90,12 @@ def test_a_job_that_already_ended_cannot_be_canceled(store: JobStore, end: str) 
 def test_the_last_shard_finishing_after_a_cancel_never_marks_the_job_succeeded(store: JobStore) -> None:
     store.create(_job(count=8), shards=2)
     store.mark_running("job-0001")
-    assert store.complete_shard("job-0001", 0, 2, _outputs(range(0, 4))) is None
+    assert not store.complete_shard("job-0001", 0, 2, _outputs(range(0, 4)))
     assert store.mark_canceled("job-0001")
 
-    every = store.complete_shard("job-0001", 1, 2, _outputs(range(4, 8)))  # the running shard lands
-    assert every is not None and [o.index for o in every] == list(range(8))
+    assert store.complete_shard("job-0001", 1, 2, _outputs(range(4, 8)))  # the running shard lands, last
+    every = [o for part in store.shard_outputs("job-0001", 2) for o in part]
+    assert [o.index for o in every] == list(range(8))
     assert not store.mark_succeeded("job-0001", every, "jobs/job-0001/manifest.json")
     assert not store.mark_failed("job-0001", JobError(type="Late", message="late"))
     view = store.get("job-0001")

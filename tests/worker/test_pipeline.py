@@ -16,7 +16,8 @@ import pytest
 from tiny_model import TINY_NAME, make_tiny_model
 
 from producer.contract import GenerateJob, LabelCount, Manifest, OutputFormat, OutputRef, Shard, plan_shards
-from worker.errors import StorageUnavailable
+from worker import pipeline
+from worker.errors import IncompleteJob, StorageUnavailable
 from worker.inference import InferenceEngine
 from worker.pipeline import GenerateResult, run_generate
 from worker.registry import ModelRegistry
@@ -39,14 +40,16 @@ class RecordingReporter:
     def active(self, job: GenerateJob) -> bool:
         return True
 
-    def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> list[OutputRef] | None:
+    def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> bool:
         self.shards[shard.index] = outputs
-        if len(self.shards) < shard.count:
-            return None
-        return sorted((o for part in self.shards.values() for o in part), key=lambda o: o.index)
+        return len(self.shards) == shard.count
 
-    def succeeded(self, job: GenerateJob, outputs: list[OutputRef], manifest_key: str) -> None:
-        self.events.append(("succeeded", len(outputs)))
+    def stored_outputs(self, job: GenerateJob, shards: int) -> Iterator[list[OutputRef]]:
+        for index in range(shards):
+            yield self.shards[index]
+
+    def succeeded(self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str) -> None:
+        self.events.append(("succeeded", total))
 
 
 class FailingStorage(LocalStorage):
@@ -173,6 +176,66 @@ def test_shards_store_disjoint_images_and_the_last_one_writes_the_manifest(
     assert [o.index for o in manifest.outputs] == list(range(10))
     whole = run(_job(), LocalStorage(tmp_path / "whole"), registry, uploads)
     assert [o.sha256 for o in manifest.outputs] == [o.sha256 for o in whole.outputs]  # sharding changes no byte
+
+
+class LosingReporter(RecordingReporter):
+    """Loses one output of the shard it records: the job's stored outputs have a hole."""
+
+    def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> bool:
+        return super().shard_stored(job, shard, [o for o in outputs if o.index != 5])
+
+
+def test_a_job_whose_stored_outputs_have_a_hole_fails_without_a_manifest(
+    registry: ModelRegistry, uploads: ThreadPoolExecutor, tmp_path: Path
+) -> None:
+    storage, reporter = LocalStorage(tmp_path), LosingReporter()
+    first, last = plan_shards(10, 6)
+    run(_job(), storage, registry, uploads, reporter, shard=first)
+    with pytest.raises(IncompleteJob, match="output 5 is missing"):
+        run(_job(), storage, registry, uploads, reporter, shard=last)
+    assert not storage.exists("jobs/job-0123456789/manifest.json")
+    assert ("succeeded", 10) not in reporter.events and ("succeeded", 9) not in reporter.events
+
+
+def _refs(indices: range) -> list[OutputRef]:
+    return [
+        OutputRef(
+            index=i,
+            label="bag",
+            label_index=8,
+            seed=i,
+            key=f"jobs/j/{i:05d}.png",
+            sha256="0" * 64,
+            content_type="image/png",
+        )
+        for i in indices
+    ]
+
+
+def test_a_large_manifest_is_streamed_through_a_file_and_the_view_gets_its_first_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline, "MANIFEST_SPOOL_BYTES", 4096)  # roll over to a temporary file early
+    job = _job(count=2500)
+    parts = (_refs(range(s, min(s + 1000, 2500))) for s in range(0, 2500, 1000))
+    storage = LocalStorage(tmp_path)
+
+    first, total = pipeline.write_manifest(job, storage, "jobs/j/manifest.json", parts)
+
+    manifest = Manifest.model_validate_json(storage.get("jobs/j/manifest.json"))
+    assert [o.index for o in manifest.outputs] == list(range(2500)) and total == 2500
+    assert first == manifest.outputs[: pipeline.VIEW_OUTPUTS_MAX] and len(first) == 1000
+    assert (manifest.job_id, manifest.model_version, manifest.seed) == (job.job_id, f"{TINY_NAME}@1", 42)
+    assert "member" not in json.loads(storage.get("jobs/j/manifest.json"))["outputs"][0]  # None fields left out
+
+
+def test_a_manifest_with_a_repeated_or_missing_index_is_refused(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    with pytest.raises(IncompleteJob, match="output 3 is repeated"):
+        pipeline.write_manifest(_job(count=10), storage, "m.json", [_refs(range(3)), _refs(range(2, 10))])
+    with pytest.raises(IncompleteJob, match="9 of 10 outputs stored"):
+        pipeline.write_manifest(_job(count=10), storage, "m.json", [_refs(range(9))])
+    assert storage.list("") == []
 
 
 def test_webdataset_output_is_one_deterministic_tar_per_shard_with_images_and_json(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -72,6 +73,17 @@ def test_put_replaces_the_object(storage: Storage) -> None:
 
     assert storage.get("k.bin") == b"new"
     assert storage.list("") == ["k.bin"]
+
+
+def test_put_file_stores_the_whole_file_from_its_start(storage: Storage, tmp_path: Path) -> None:
+    body = os.urandom(3 * 2**20 + 17)  # several socket buffers: sent in pieces, not as one bytes object
+    with (tmp_path / "big.bin").open("w+b") as source:
+        source.write(body)  # left at its end: put_file must read from the start
+        storage.put_file("jobs/a/manifest.json", source, "application/json")
+        storage.put_file("jobs/a/manifest.json", source, "application/json")  # again: replaced, not appended
+
+    assert storage.get("jobs/a/manifest.json") == body
+    assert storage.list("jobs/") == ["jobs/a/manifest.json"]
 
 
 def test_get_of_a_missing_key_raises_object_not_found(storage: Storage) -> None:

@@ -1,0 +1,108 @@
+"""Running delivered jobs in a worker process: bulk shards take turns, small jobs never wait behind them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import redis
+from tiny_model import TINY_NAME, make_tiny_model
+
+from producer.contract import GenerateJob, JobStatus, LabelCount, OutputRef, Shard, plan_shards
+from producer.settings import RedisSettings
+from worker.jobs import execute_generate
+from worker.reporting import RedisReporter
+from worker.runtime import Runtime, build_runtime
+from worker.settings import BatchingSettings, WorkerSettings
+
+
+class CompanyReporter(RedisReporter):
+    """Counts shards running at once. Each started shard waits a moment for ``company`` others to start too, so
+    shards that are allowed to overlap do overlap, and a gate that lets them through is seen."""
+
+    def __init__(self, runtime: Runtime, company: int) -> None:
+        super().__init__(runtime.store, lambda message: None)
+        self.company = company
+        self.lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+
+    def started(self, job: GenerateJob, shard: Shard) -> bool:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        deadline = time.monotonic() + 1.0
+        while self.running < self.company and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return super().started(job, shard)
+
+    def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> bool:
+        with self.lock:
+            self.running -= 1
+        return super().shard_stored(job, shard, outputs)
+
+
+@pytest.fixture
+def runtime(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> Iterator[Runtime]:
+    make_tiny_model(tmp_path / "zoo")
+    settings = WorkerSettings(
+        redis=RedisSettings(url=redis_url),
+        storage="local",
+        local_dir=tmp_path / "out",
+        model_dirs=[tmp_path / "zoo"],
+        model_cache_dir=tmp_path / "cache",
+        batching=BatchingSettings(max_batch=4, max_wait_ms=1, max_bulk_shards=1),
+    )
+    runtime = build_runtime(settings)
+    yield runtime
+    runtime.engine.close()
+    runtime.uploads.shutdown()
+
+
+def _job(job_id: str, count: int) -> GenerateJob:
+    return GenerateJob(
+        job_id=job_id,
+        model=TINY_NAME,
+        model_name=TINY_NAME,
+        model_version="1",
+        items=[LabelCount(index=8, name="bag", count=count)],
+        seed=7,
+        created_at=datetime(2026, 11, 30, tzinfo=UTC),
+    )
+
+
+def _run_at_once(runtime: Runtime, reporter: RedisReporter, work: list[tuple[GenerateJob, Shard | None]]) -> None:
+    threads = [threading.Thread(target=execute_generate, args=(job, runtime, reporter, part)) for job, part in work]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+
+def test_bulk_shards_take_turns_up_to_max_bulk_shards(runtime: Runtime) -> None:
+    job, shards = _job("job-bulk", 24), plan_shards(24, 8)  # 3 shards of 8 images, max_batch 4: bulk
+    runtime.store.create(job, shards=len(shards))
+    reporter = CompanyReporter(runtime, company=2)
+
+    _run_at_once(runtime, reporter, [(job, shard) for shard in shards])
+
+    view = runtime.store.get(job.job_id)
+    assert view.status is JobStatus.SUCCEEDED and view.progress.done == 24
+    assert reporter.peak == 1  # max_bulk_shards=1: one at a time, though three threads had one each
+
+
+def test_small_jobs_never_wait_for_a_bulk_slot(runtime: Runtime) -> None:
+    jobs = [_job(f"job-small-{n}", 4) for n in range(3)]  # 4 images = one forward pass each: not bulk
+    for job in jobs:
+        runtime.store.create(job)
+    reporter = CompanyReporter(runtime, company=3)
+
+    with runtime.bulk_slots:  # every bulk slot is taken
+        _run_at_once(runtime, reporter, [(job, None) for job in jobs])
+
+    assert all(runtime.store.get(job.job_id).status is JobStatus.SUCCEEDED for job in jobs)
+    assert reporter.peak == 3
