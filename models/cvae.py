@@ -25,6 +25,8 @@ from models.errors import InvalidModelConfig
 
 ARCH = "cvae"
 
+PRIORS = ("standard", "class-gaussian")
+
 # resolution -> (base feature map side, number of 2x resolution changes); the same layouts as the cGAN
 _LAYOUTS = {28: (7, 2), 32: (4, 3), 64: (4, 4)}
 
@@ -39,6 +41,9 @@ class CVAEConfig:
     z_dim: int = 16  # small: prior samples land where the decoder has seen posteriors
     width: int = 32  # conv width at full resolution; doubles per level down (at most 8x)
     embed_dim: int = 16  # label embedding fed to the decoder beside z
+    # Where sampling draws z: "standard" is the training prior N(0, I); "class-gaussian" is a Gaussian per class
+    # fitted to the encoder's aggregate posterior after training (see fit_class_prior).
+    prior: str = "standard"
     arch: str = field(default=ARCH)
 
     def __post_init__(self) -> None:
@@ -52,6 +57,8 @@ class CVAEConfig:
             raise InvalidModelConfig("a conditional model needs at least one class name")
         if len(set(self.class_names)) != len(self.class_names):
             raise InvalidModelConfig(f"class names must be unique, got {list(self.class_names)}")
+        if self.prior not in PRIORS:
+            raise InvalidModelConfig(f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
         for name in ("z_dim", "width", "embed_dim"):
             if getattr(self, name) < 1:
                 raise InvalidModelConfig(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -108,6 +115,9 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """z (B, z_dim) and labels (B,) -> images (B, C, H, W) in [-1, 1]; :meth:`logits` gives the raw outputs."""
 
+    prior_mean: torch.Tensor  # (num_classes, z_dim), class-gaussian prior only
+    prior_scale_tril: torch.Tensor  # (num_classes, z_dim, z_dim), lower-triangular
+
     def __init__(self, cfg: CVAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -120,6 +130,21 @@ class Decoder(nn.Module):
             nn.ConvTranspose2d(widths[i], widths[i + 1], 4, stride=2, padding=1) for i in range(len(widths) - 1)
         )
         self.out = nn.Conv2d(widths[-1], cfg.channels, 3, padding=1)
+        if cfg.prior == "class-gaussian":  # N(0, I) until fit_class_prior fills them; saved with the weights
+            k, z = cfg.num_classes, cfg.z_dim
+            self.register_buffer("prior_mean", torch.zeros(k, z))
+            self.register_buffer("prior_scale_tril", torch.eye(z).repeat(k, 1, 1))
+
+    def latents(self, labels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Prior samples z (B, z_dim) from standard normal draws ``eps`` (B, z_dim) for ``labels`` (B,).
+
+        With the class-gaussian prior, z = mean_y + L_y eps (L_y the Cholesky factor of class y's covariance),
+        computed per sample, so image i still depends only on its own label and seed.
+        """
+        if self.cfg.prior == "standard":
+            return eps
+        mean, tril = self.prior_mean[labels], self.prior_scale_tril[labels]  # (B, z), (B, z, z)
+        return mean + torch.bmm(tril, eps.unsqueeze(-1)).squeeze(-1)
 
     def logits(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Bernoulli logits (B, C, H, W) of every pixel being white."""
@@ -164,13 +189,56 @@ def kl_weight(step: int, beta: float, warmup_steps: int) -> float:
 def sample_images(decoder: Decoder, labels: list[int], seeds: list[int]) -> torch.Tensor:
     """Decode prior samples: labels (B,) and seeds (B,) -> float images (B, C, H, W) in [-1, 1] on the CPU.
 
-    z for image i is drawn from N(0, I) by its own seeded generator (:func:`models.cgan.latents_for_seeds`).
+    The normal draw for image i comes from its own seeded generator (:func:`models.cgan.latents_for_seeds`) and
+    is mapped through the decoder's prior (:meth:`Decoder.latents`).
     """
     device = next(decoder.parameters()).device
-    z = latents_for_seeds(seeds, decoder.cfg.z_dim).to(device)  # (B, z_dim)
+    eps = latents_for_seeds(seeds, decoder.cfg.z_dim).to(device)  # (B, z_dim)
     y = torch.tensor(labels, dtype=torch.long, device=device)  # (B,)
+    z = decoder.latents(y, eps)  # (B, z_dim)
     was_training = decoder.training
     decoder.eval()
     images = decoder(z, y).cpu()
     decoder.train(was_training)
     return images
+
+
+@torch.no_grad()
+def fit_class_prior(
+    encoder: Encoder, decoder: Decoder, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000
+) -> None:
+    """Fit the decoder's class-gaussian prior to the encoder's aggregate posterior ("ex-post density estimation",
+    Ghosh et al. 2020, "From variational to deterministic autoencoders").
+
+    A VAE's KL term never pulls the aggregate posterior q(z|y) exactly onto N(0, I): N(0, I) has holes where no
+    training image's posterior lies, and decoding from them gives the blurred in-between images that a classifier
+    cannot name. Sampling from the moment-matched Gaussian of each class's aggregate posterior, mean E[mu] and
+    covariance Cov(mu) + E[diag sigma^2], stays where the decoder was trained.
+
+    Args:
+        images: float (N, C, H, W) in [0, 1]; labels: (N,) class indices; every class needs at least two images.
+
+    Raises:
+        InvalidModelConfig: the decoder was not built with ``prior="class-gaussian"``, or a class has too few images.
+    """
+    if decoder.cfg.prior != "class-gaussian":
+        raise InvalidModelConfig(f"the decoder's prior is {decoder.cfg.prior!r}; fitting needs 'class-gaussian'")
+    was_training = encoder.training
+    encoder.eval()
+    mus, variances = [], []
+    for start in range(0, len(images), batch_size):
+        mu, logvar = encoder(images[start : start + batch_size], labels[start : start + batch_size])  # (b, z) each
+        mus.append(mu)
+        variances.append(logvar.exp())
+    encoder.train(was_training)
+    mu_all, var_all = torch.cat(mus), torch.cat(variances)  # (N, z) each
+    z = decoder.cfg.z_dim
+    for c, name in enumerate(decoder.cfg.class_names):
+        mask = labels == c
+        if int(mask.sum()) < 2:
+            raise InvalidModelConfig(f"class {name!r} has {int(mask.sum())} images; fitting its prior needs 2")
+        mu_c = mu_all[mask]  # (n_c, z)
+        # A small ridge keeps the factorisation defined for a latent dimension the encoder never uses.
+        cov = torch.cov(mu_c.T).reshape(z, z) + torch.diag(var_all[mask].mean(0)) + 1e-5 * torch.eye(z)
+        decoder.prior_mean[c] = mu_c.mean(0)
+        decoder.prior_scale_tril[c] = torch.linalg.cholesky(cov)

@@ -129,8 +129,20 @@ def sample_grid_images(decoder: cvae.Decoder, seeds: list[int]) -> torch.Tensor:
     return to_uint8(cvae.sample_images(decoder, labels, seeds * num_classes))
 
 
-def export(state: CVAETrainState, model_cfg: cvae.CVAEConfig, directory: Path, grid_seeds: list[int]) -> None:
-    """Save the decoder as a servable model directory, with its sample grid as ``samples.png``."""
+# The class-gaussian prior is fitted on at most this many training images (a 16-d Gaussian per class needs far
+# fewer; more only costs encoder passes at every export).
+PRIOR_FIT_IMAGES = 10_000
+
+
+def export(
+    state: CVAETrainState, model_cfg: cvae.CVAEConfig, directory: Path, grid_seeds: list[int], data: LabelledImages
+) -> None:
+    """Save the decoder as a servable model directory, with its sample grid as ``samples.png``; a class-gaussian
+    prior is first fitted to the encoder's posteriors on (an evenly spaced subset of) ``data``."""
+    if model_cfg.prior == "class-gaussian":
+        every = max(1, len(data) // PRIOR_FIT_IMAGES)
+        images, labels = data.images[::every].float() / 255.0, data.labels[::every]  # (N, C, H, W) in [0, 1]
+        cvae.fit_class_prior(state.encoder, state.decoder, images, labels)
     save_generator(directory, model_cfg, state.decoder)
     save_png(class_grid(sample_grid_images(state.decoder, grid_seeds), len(grid_seeds)), directory / SAMPLES_FILE)
 
@@ -189,7 +201,7 @@ def train_cvae(
             save_png(grid, out / "samples" / f"step-{state.step:06d}.png")
         if state.step % cfg.checkpoint_every == 0 or last:
             save_checkpoint(ckpt, state, model_cfg, cfg)
-            export(state, model_cfg, out / EXPORT_DIR, grid_seeds)
+            export(state, model_cfg, out / EXPORT_DIR, grid_seeds, data)
     return state
 
 
@@ -209,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kl-warmup-steps", type=int, default=defaults.kl_warmup_steps)
     parser.add_argument("--width", type=int, default=cvae.CVAEConfig.width, help="conv width at full resolution")
     parser.add_argument("--z-dim", type=int, default=cvae.CVAEConfig.z_dim)
+    parser.add_argument(
+        "--prior", choices=cvae.PRIORS, default="class-gaussian", help="where served samples draw z (docs/models.md)"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--sample-every", type=int, default=defaults.sample_every)
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
@@ -218,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_fashion_mnist("train")
-    model_cfg = cvae.CVAEConfig(class_names=data.class_names, width=args.width, z_dim=args.z_dim)
+    model_cfg = cvae.CVAEConfig(class_names=data.class_names, width=args.width, z_dim=args.z_dim, prior=args.prior)
     cfg = CVAETrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,

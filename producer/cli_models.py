@@ -40,6 +40,11 @@ def train(
     z_dim: int = typer.Option(16, "--z-dim", min=1, help="cvae: latent size."),
     kl_beta: float = typer.Option(1.0, "--kl-beta", min=0.0, help="cvae: weight of the KL term."),
     kl_warmup_steps: int = typer.Option(500, "--kl-warmup-steps", min=0, help="cvae: steps of linear KL warm-up."),
+    prior: str = typer.Option(
+        "class-gaussian",
+        "--prior",
+        help="cvae: where served samples draw z: class-gaussian (fitted to the encoder after training) or standard.",
+    ),
     seed: int = typer.Option(0, "--seed"),
     sample_every: int = typer.Option(500, "--sample-every", min=1),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1),
@@ -59,6 +64,8 @@ def train(
 
     if arch not in (cgan.ARCH, cvae.ARCH):
         raise typer.BadParameter(f"unknown architecture {arch!r} (known: cgan, cvae)", param_hint="--arch")
+    if prior not in cvae.PRIORS:
+        raise typer.BadParameter(f"unknown prior {prior!r} (known: {', '.join(cvae.PRIORS)})", param_hint="--prior")
     if threads is not None:
         torch.set_num_threads(threads)
     dataset = _load_training_data(data, resolution, channels)
@@ -123,6 +130,7 @@ def train(
                 channels=int(dataset.images.shape[1]),
                 width=width,
                 z_dim=z_dim,
+                prior=prior,
             )
             vae_train = training_cvae.CVAETrainConfig(
                 steps=steps,

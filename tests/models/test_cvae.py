@@ -145,6 +145,7 @@ def test_kl_is_zero_exactly_at_the_prior_and_positive_elsewhere() -> None:
         {"width": 0},
         {"embed_dim": -1},
         {"arch": "cgan"},
+        {"prior": "gmm"},
     ],
 )
 def test_bad_configs_are_refused(kwargs: dict[str, object]) -> None:
@@ -222,3 +223,79 @@ def test_images_that_do_not_fit_the_model_are_refused(tmp_path: Path) -> None:
         train_cvae(data, tmp_path, CVAETrainConfig(steps=1, batch_size=8), config)
     with pytest.raises(DatasetError, match="fewer than one batch"):
         train_cvae(data, tmp_path, CVAETrainConfig(steps=1, batch_size=65))
+
+
+def _gaussian_decoder(seed: int = 0) -> cvae.Decoder:
+    torch.manual_seed(seed)
+    config = cvae.CVAEConfig(class_names=FASHION_MNIST_CLASSES, z_dim=8, width=4, embed_dim=4, prior="class-gaussian")
+    decoder = cvae.Decoder(config)
+    with torch.no_grad():
+        decoder.out.weight.mul_(20.0)
+        decoder.prior_mean.normal_(0.0, 2.0)
+        decoder.prior_scale_tril.copy_(torch.tril(torch.randn(10, 8, 8)) * 0.5 + torch.eye(8))
+    return decoder
+
+
+def test_an_unfitted_class_gaussian_prior_is_the_standard_prior() -> None:
+    torch.manual_seed(0)
+    fitted = cvae.Decoder(cvae.CVAEConfig(class_names=("a", "b"), z_dim=4, width=4, prior="class-gaussian"))
+    standard = cvae.Decoder(cvae.CVAEConfig(class_names=("a", "b"), z_dim=4, width=4))
+    standard.load_state_dict({k: v for k, v in fitted.state_dict().items() if not k.startswith("prior_")})
+    labels, seeds = [0, 1, 1], [5, 6, 7]
+    assert torch.equal(cvae.sample_images(fitted, labels, seeds), cvae.sample_images(standard, labels, seeds))
+
+
+def test_a_class_gaussian_prior_draws_per_class_and_per_image_whatever_the_batch(tmp_path: Path) -> None:
+    save_generator(tmp_path, _gaussian_decoder().cfg, _gaussian_decoder())
+    model = load_generator(tmp_path)  # the prior's buffers travel in weights.safetensors, loaded strictly
+    labels, seeds = [i % 10 for i in range(64)], [300 + i for i in range(64)]
+    batch = model.sample(labels, seeds)
+    for i in (0, 31, 63):
+        assert (model.sample([labels[i]], [seeds[i]])[0].int() - batch[i].int()).abs().max() <= 1
+    eps = cgan.latents_for_seeds([7], 8)
+    decoder = _gaussian_decoder()
+    z = decoder.latents(torch.tensor([3]), eps)
+    expected = decoder.prior_mean[3] + decoder.prior_scale_tril[3] @ eps[0]
+    assert torch.allclose(z[0], expected, atol=1e-6)
+    assert not torch.allclose(decoder.latents(torch.tensor([4]), eps), z)  # the class picks its own Gaussian
+
+
+def test_fit_class_prior_matches_the_moments_of_each_class_aggregate_posterior() -> None:
+    data = _synthetic_data(200)
+    config = cvae.CVAEConfig(class_names=data.class_names, z_dim=4, width=4, embed_dim=4, prior="class-gaussian")
+    torch.manual_seed(1)
+    encoder, decoder = cvae.Encoder(config), cvae.Decoder(config)
+    images = data.images.float() / 255.0
+    images = images + 0.1 * torch.rand(images.shape)  # distinct posteriors within a class
+    cvae.fit_class_prior(encoder, decoder, images, data.labels, batch_size=64)
+    with torch.no_grad():
+        mu, logvar = encoder(images, data.labels)
+    for c in (0, 1):
+        mask = data.labels == c
+        cov = torch.cov(mu[mask].T) + torch.diag(logvar[mask].exp().mean(0))
+        tril = decoder.prior_scale_tril[c]
+        assert torch.allclose(decoder.prior_mean[c], mu[mask].mean(0), atol=1e-5)
+        assert torch.allclose(tril @ tril.T, cov, atol=1e-4)
+        assert torch.equal(tril, torch.tril(tril))
+
+
+def test_fit_class_prior_refuses_a_standard_decoder_and_an_empty_class() -> None:
+    data = _synthetic_data(16)
+    images = data.images.float() / 255.0
+    standard = cvae.CVAEConfig(class_names=data.class_names, z_dim=4, width=4)
+    with pytest.raises(InvalidModelConfig, match="fitting needs 'class-gaussian'"):
+        cvae.fit_class_prior(cvae.Encoder(standard), cvae.Decoder(standard), images, data.labels)
+    three = cvae.CVAEConfig(class_names=("left", "right", "up"), z_dim=4, width=4, prior="class-gaussian")
+    with pytest.raises(InvalidModelConfig, match="class 'up' has 0 images"):
+        cvae.fit_class_prior(cvae.Encoder(three), cvae.Decoder(three), images, data.labels)
+
+
+def test_training_with_a_class_gaussian_prior_exports_the_fitted_prior(tmp_path: Path) -> None:
+    data = _synthetic_data(128)
+    config = cvae.CVAEConfig(class_names=data.class_names, z_dim=4, width=4, embed_dim=4, prior="class-gaussian")
+    cfg = CVAETrainConfig(steps=20, batch_size=16, lr=3e-3, kl_warmup_steps=5, sample_every=100, checkpoint_every=20)
+    train_cvae(data, tmp_path, cfg, config)
+    weights = load_file(tmp_path / "export" / WEIGHTS_FILE)
+    assert not torch.equal(weights["prior_mean"], torch.zeros(2, 4))  # fitted, not the N(0, I) it started as
+    assert json.loads((tmp_path / "export" / CONFIG_FILE).read_text())["prior"] == "class-gaussian"
+    assert load_generator(tmp_path / "export").sample([0, 1], [3, 3]).shape == (2, 1, 28, 28)
