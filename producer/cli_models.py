@@ -36,7 +36,7 @@ def train(
     attention: int = typer.Option(
         0, "--attention", min=0, help="cgan: side (px) of the feature maps given a self-attention block; 0: none."
     ),
-    width: int = typer.Option(16, "--width", min=1, help="cvae: conv width at full resolution."),
+    width: int = typer.Option(32, "--width", min=1, help="cvae: conv width at full resolution."),
     z_dim: int = typer.Option(16, "--z-dim", min=1, help="cvae: latent size."),
     kl_beta: float = typer.Option(1.0, "--kl-beta", min=0.0, help="cvae: weight of the KL term."),
     kl_warmup_steps: int = typer.Option(500, "--kl-warmup-steps", min=0, help="cvae: steps of linear KL warm-up."),

@@ -64,13 +64,22 @@ def test_sampling_is_repeatable_and_depends_on_seed_and_label(tiny_dir: Path) ->
     assert not torch.equal(a[0], a[2])  # label
 
 
-def test_the_shipped_fmnist_cvae_serves_every_class() -> None:
-    model = load_generator(ZOO / "fmnist-cvae" / "1")
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_the_shipped_fmnist_cvae_versions_serve_every_class(version: str) -> None:
+    model = load_generator(ZOO / "fmnist-cvae" / version)
     assert isinstance(model, CVAESampler) and model.class_names == FASHION_MNIST_CLASSES
-    assert json.loads((ZOO / "fmnist-cvae" / "aliases.json").read_text()) == {"latest": "1"}
+    assert json.loads((ZOO / "fmnist-cvae" / "aliases.json").read_text()) == {"latest": "2"}
     images = model.sample(list(range(10)), [42] * 10)
     assert images.shape == (10, 1, 28, 28) and images.dtype == torch.uint8
     assert all(int(image.max()) > 128 for image in images)  # a bright garment on every row, not a blank
+
+
+def test_fmnist_cvae_2_samples_its_fitted_class_gaussian_prior() -> None:
+    model = load_generator(ZOO / "fmnist-cvae" / "2")
+    assert isinstance(model, CVAESampler) and model.config.prior == "class-gaussian"
+    eps = cgan.latents_for_seeds([42], model.config.z_dim)
+    z = model.net.latents(torch.tensor([4]), eps)
+    assert not torch.allclose(z, eps)  # coats draw from their own fitted Gaussian, not from N(0, I)
 
 
 def test_sample_refuses_out_of_range_labels_and_mismatched_lengths(tiny_dir: Path) -> None:
