@@ -1,6 +1,7 @@
 """Throughput of genq against the ceilings of its own hardware, measured in one run.
 
     python -m benchmarks.throughput [--quick] [--redis redis://127.0.0.1:6379/14] [--size 64]
+    python -m benchmarks.throughput --device cuda --bf16 --channels-last --compile inductor    # on a GPU
 
 (a) ceilings: the raw generator in-process at batch 1 and at its best batch; the S3 server's own PUT/s.
 (b) 1-image jobs through Redis -> worker -> S3 with dynamic batching on, then off (max_batch=1), same worker.
@@ -35,7 +36,7 @@ import torch
 
 from models import cgan
 from models.data import FASHION_MNIST_CLASSES
-from models.generator import load_generator, save_generator
+from models.generator import Acceleration, load_generator, save_generator
 from producer.client import Client
 from producer.contract import GenerateRequest, JobStatus
 from producer.settings import ClientSettings, Limits, RedisSettings, S3Settings
@@ -56,10 +57,13 @@ def make_model(size: int, root: Path) -> tuple[str, Path]:
     return f"bench-{size}", directory
 
 
-def raw_ceiling(model_dir: Path, batch_sizes: list[int], seconds: float) -> dict[int, float]:
-    """images/s of sample() alone at each batch size (each measured for about ``seconds``)."""
-    model = load_generator(model_dir)
-    model.sample([0] * 4, [0, 1, 2, 3])  # warm-up
+def raw_ceiling(
+    model_dir: Path, batch_sizes: list[int], seconds: float, device: str = "cpu", accel: Acceleration | None = None
+) -> dict[int, float]:
+    """images/s of sample() alone at each batch size (each measured for about ``seconds``), as the worker runs it."""
+    model = load_generator(model_dir, device, accel)
+    for bs in batch_sizes:  # warm-up: CUDA context, cuDNN autotuning, one compiled graph per bucket
+        model.sample([0] * bs, list(range(bs)))
     rates: dict[int, float] = {}
     for bs in batch_sizes:
         n, started = 0, time.perf_counter()
@@ -159,7 +163,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="reduced counts: finishes in about a minute")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/14", help="a Redis DB this benchmark may flush")
     parser.add_argument("--size", type=int, default=64, choices=[28, 32, 64])
+    parser.add_argument("--device", default="cpu", help="torch device of the generator and the worker (e.g. cuda)")
+    parser.add_argument("--bf16", action="store_true", help="autocast forward passes to bfloat16 (GPU)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC layout (GPU)")
+    parser.add_argument("--compile", default=None, metavar="BACKEND", help="torch.compile backend, e.g. inductor")
     args = parser.parse_args()
+    accel = Acceleration(bf16=args.bf16, channels_last=args.channels_last, compile_backend=args.compile)
+    # The same device and forward-pass options for every worker this run starts.
+    device_env = {
+        "device": args.device,
+        "inference__bf16": str(args.bf16).lower(),
+        "inference__channels_last": str(args.channels_last).lower(),
+        **({"inference__compile_backend": args.compile} if args.compile else {}),
+    }
     small_jobs, naive_n, latency_n, seconds = (128, 200, 20, 1.0) if args.quick else (1024, 2000, 100, 3.0)
     bulk_n = 2000 if args.quick else 20_000
     rss_sizes = (1_000, 5_000) if args.quick else (10_000, 100_000)
@@ -184,7 +200,7 @@ def main() -> None:
         )
     )
     try:
-        rates = raw_ceiling(model_dir, [1, 8, 32, 64, 128, 256], seconds)
+        rates = raw_ceiling(model_dir, [1, 8, 32, 64, 128, 256], seconds, args.device, accel)
         best = max(rates, key=lambda bs: rates[bs])
         sample = load_generator(model_dir).sample([7], [1])[0].numpy()
         from producer.contract import OutputFormat
@@ -195,16 +211,16 @@ def main() -> None:
         )
         puts = put_ceiling(endpoint, bucket, png_size, 300 if args.quick else 1000)
 
-        on = {"batching__max_batch": str(best), "batching__max_wait_ms": str(max_wait_ms)}
+        on = {"batching__max_batch": str(best), "batching__max_wait_ms": str(max_wait_ms), **device_env}
         with worker(args.redis, endpoint, bucket, root, **on):
             jobs_on = jobs_per_s(client, model, small_jobs)
             lat = latencies_ms(client, model, latency_n)
             one_job = naive_n * jobs_per_s(client, model, 1, count=naive_n)  # images/s
             shards = bulk_images_per_s(client, model, bulk_n, "webdataset")
             objects = bulk_images_per_s(client, model, bulk_n, "objects")
-        with worker(args.redis, endpoint, bucket, root, batching__max_batch="1"):
+        with worker(args.redis, endpoint, bucket, root, batching__max_batch="1", **device_env):
             jobs_off = jobs_per_s(client, model, small_jobs)
-        naive_conf = {"batching__max_batch": "1", "batching__upload_workers": "1"}
+        naive_conf = {"batching__max_batch": "1", "batching__upload_workers": "1", **device_env}
         with worker(args.redis, endpoint, bucket, root, **naive_conf):
             naive = jobs_per_s(client, model, naive_n)  # jobs of one image = images/s
         rss: dict[int, float] = {}
@@ -229,7 +245,8 @@ def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch threads"
     )
-    print(f"model: {model} ({args.size}x{args.size}), output PNG ~{png_size} B, quick={args.quick}\n")
+    print(f"model: {model} ({args.size}x{args.size}), output PNG ~{png_size} B, quick={args.quick}")
+    print(f"device: {args.device}, {accel}\n")
     print(f"{'figure':<58}{'measured':>12}{'ceiling':>12}{'ratio':>8}")
     for bs, rate in rates.items():
         print(f"{f'(a) raw generator, batch {bs} (images/s)':<58}{rate:>12.1f}")

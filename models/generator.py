@@ -7,7 +7,8 @@ never on the batch it rides in (eval-mode normalisation, one latent RNG per seed
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,13 +44,51 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-class CGANSampler:
-    """Serving wrapper around a trained (EMA) cGAN generator, always in eval mode."""
+@dataclass(frozen=True)
+class Acceleration:
+    """How a served generator runs its forward pass. The default (fp32, eager, contiguous) is exact: image i is
+    byte-identical whatever batch it rides in (tested). The options trade that exactness for speed on a GPU:
 
-    def __init__(self, config: cgan.CGANConfig, net: cgan.Generator, device: str | torch.device = "cpu") -> None:
+    - ``bf16``: autocast convolutions and matmuls to bfloat16 (tensor cores); an image may move by a grey level or
+      two between batch sizes, since kernels pick other accumulation orders.
+    - ``channels_last``: NHWC weights and activations, the layout cuDNN's fastest convolutions want.
+    - ``compile_backend``: ``torch.compile`` the forward pass with this backend (``"inductor"`` on a GPU), once per
+      batch-size bucket: a batch is padded up to the next power of two, so a worker compiles at most
+      log2(max_batch) + 1 graphs instead of one per batch size it happens to see.
+    """
+
+    bf16: bool = False
+    channels_last: bool = False
+    compile_backend: str | None = None
+
+
+def batch_bucket(n: int) -> int:
+    """The smallest power of two >= ``n`` (>= 1): the batch size a compiled forward pass runs at."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+class _Sampler:
+    """Serving wrapper around a trained network, always in eval mode: validation, per-seed latents, padding to a
+    compiled bucket, autocast, and the conversion to uint8 are here; subclasses map (normal draws, labels) to
+    images in [-1, 1]."""
+
+    def __init__(
+        self,
+        config: cgan.CGANConfig | cvae.CVAEConfig,
+        net: nn.Module,
+        device: str | torch.device = "cpu",
+        accel: Acceleration | None = None,
+    ) -> None:
         self.config = config
         self.device = torch.device(device)
+        self.accel = accel or Acceleration()
         self.net = net.to(self.device).eval()
+        if self.accel.channels_last:
+            # Module.to takes memory_format at run time (4-D weights become NHWC); torch's stubs leave it out.
+            self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self._forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._decode
+        if self.accel.compile_backend is not None:
+            self._forward = torch.compile(self._decode, backend=self.accel.compile_backend, dynamic=False)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -62,6 +101,10 @@ class CGANSampler:
     @property
     def channels(self) -> int:
         return self.config.channels
+
+    def _decode(self, eps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Normal draws (B, z_dim) and labels (B,) -> images (B, C, H, W) in [-1, 1]."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def sample(self, labels: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
@@ -71,39 +114,32 @@ class CGANSampler:
         bad = [label for label in labels if not 0 <= label < self.config.num_classes]
         if bad:
             raise ValueError(f"label index {bad[0]} out of range 0..{self.config.num_classes - 1}")
-        z = cgan.latents_for_seeds(list(seeds), self.config.z_dim).to(self.device)  # (B, z_dim)
-        y = torch.tensor(list(labels), dtype=torch.long, device=self.device)  # (B,)
-        return to_uint8(self.net(z, y)).cpu()
+        n = len(labels)
+        pad = batch_bucket(n) - n if self.accel.compile_backend is not None else 0
+        eps = cgan.latents_for_seeds([*seeds, *[0] * pad], self.config.z_dim).to(self.device)  # (B + pad, z_dim)
+        y = torch.tensor([*labels, *[0] * pad], dtype=torch.long, device=self.device)  # (B + pad,)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.accel.bf16):
+            images = self._forward(eps, y)  # (B + pad, C, H, W)
+        return to_uint8(images[:n]).cpu()
 
 
-class CVAESampler:
-    """Serving wrapper around a trained cVAE decoder: decodes N(0, I) latents, one per seed, to the mean image."""
+class CGANSampler(_Sampler):
+    """A trained (EMA) cGAN generator: the latent of image i is its normal draw."""
 
-    def __init__(self, config: cvae.CVAEConfig, net: cvae.Decoder, device: str | torch.device = "cpu") -> None:
-        self.config = config
-        self.device = torch.device(device)
-        self.net = net.to(self.device).eval()
+    net: cgan.Generator
 
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return self.config.class_names
+    def _decode(self, eps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.net(eps, labels)
 
-    @property
-    def resolution(self) -> int:
-        return self.config.resolution
 
-    @property
-    def channels(self) -> int:
-        return self.config.channels
+class CVAESampler(_Sampler):
+    """A trained cVAE decoder: the normal draw goes through the decoder's prior (N(0, I) or its fitted
+    class-gaussian) and is decoded to the mean image."""
 
-    def sample(self, labels: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
-        """labels (B,) class indices and seeds (B,) ints -> uint8 images (B, C, H, W) on the CPU."""
-        if len(labels) != len(seeds):
-            raise ValueError(f"got {len(labels)} labels but {len(seeds)} seeds")
-        bad = [label for label in labels if not 0 <= label < self.config.num_classes]
-        if bad:
-            raise ValueError(f"label index {bad[0]} out of range 0..{self.config.num_classes - 1}")
-        return to_uint8(cvae.sample_images(self.net, list(labels), list(seeds)))
+    net: cvae.Decoder
+
+    def _decode(self, eps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.net(self.net.latents(labels, eps), labels)
 
 
 def save_generator(directory: Path, config: cgan.CGANConfig | cvae.CVAEConfig, net: nn.Module) -> None:
@@ -127,8 +163,11 @@ def read_config(directory: Path) -> dict[str, Any]:
     return data
 
 
-def load_generator(directory: Path, device: str | torch.device = "cpu") -> ImageGenerator:
-    """Load a generator saved by :func:`save_generator`. Weights are read strictly; nothing is unpickled.
+def load_generator(
+    directory: Path, device: str | torch.device = "cpu", accel: Acceleration | None = None
+) -> ImageGenerator:
+    """Load a generator saved by :func:`save_generator` onto ``device``, run as ``accel`` says (default: exact
+    fp32). Weights are read strictly; nothing is unpickled.
 
     Raises:
         WeightsError: a file is missing or the tensors do not match the config.
@@ -142,7 +181,7 @@ def load_generator(directory: Path, device: str | torch.device = "cpu") -> Image
         cvae_config = cvae.CVAEConfig.from_json(data)
         decoder = cvae.Decoder(cvae_config)
         load_weights(decoder, weights)
-        return CVAESampler(cvae_config, decoder, device)
+        return CVAESampler(cvae_config, decoder, device, accel)
     if data["arch"] != cgan.ARCH:
         raise InvalidModelConfig(
             f"unknown architecture {data['arch']!r} in {directory / CONFIG_FILE} (known: {cgan.ARCH}, {cvae.ARCH})"
@@ -150,7 +189,7 @@ def load_generator(directory: Path, device: str | torch.device = "cpu") -> Image
     config = cgan.CGANConfig.from_json(data)
     net = cgan.Generator(config)
     load_weights(net, weights)
-    return CGANSampler(config, net, device)
+    return CGANSampler(config, net, device, accel)
 
 
 def load_weights(net: nn.Module, weights: Path) -> None:

@@ -12,7 +12,7 @@ from producer.resolve import resolve_request
 from producer.status import utcnow
 from worker.pipeline import GenerateResult, run_generate
 from worker.registry import ModelRegistry
-from worker.runtime import make_engine, model_roots
+from worker.runtime import acceleration, make_engine, model_roots
 from worker.settings import WorkerSettings
 from worker.storage import LocalStorage
 
@@ -56,7 +56,9 @@ def run_embedded(
 
     Raises InvalidJob for a bad request (before anything is written) and whatever the pipeline raises.
     """
-    registry = ModelRegistry(model_roots(settings), settings.device)
+    registry = ModelRegistry(
+        model_roots(settings), settings.device, accel=acceleration(settings), max_loaded=settings.max_loaded_models
+    )
     job = resolve_request(
         request,
         registry.catalog(),

@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -107,12 +108,25 @@ class ModelStore:
             share it.
         local_roots: model roots served beside the store (the zoo, ``GENQ_MODEL_DIRS``): their versions are
             taken, so :meth:`allocate_version` never hands them out (a local version would shadow a published one).
+        cache_max_bytes: after each download, the least recently used versions are deleted from the cache until
+            it is no larger than this (None: never). A version used (fetched by any process sharing the cache)
+            within ``cache_grace_s`` is never deleted, so a process loading it cannot lose its files.
     """
 
-    def __init__(self, storage: Storage, cache_dir: Path, local_roots: Iterable[Path] = ()) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        cache_dir: Path,
+        local_roots: Iterable[Path] = (),
+        *,
+        cache_max_bytes: int | None = None,
+        cache_grace_s: float = 3600.0,
+    ) -> None:
         self.storage = storage
         self.cache_dir = Path(cache_dir)
         self.local_roots = list(local_roots)
+        self.cache_max_bytes = cache_max_bytes
+        self.cache_grace_s = cache_grace_s
         # Parsed config.json per published version (None: unreadable); immutable, so never read twice.
         self._infos: dict[tuple[str, str], ModelVersionInfo | None] = {}
         self._lock = threading.Lock()
@@ -179,6 +193,7 @@ class ModelStore:
             raise ModelNotFound(f"invalid model reference {name!r}@{version!r}: names are single path segments")
         final = self.cache_dir / name / version
         if final.is_dir():
+            os.utime(final)  # its last use, for eviction
             return final  # published versions are immutable: what was downloaded once is still right
         prefix = constants.MODEL_VERSION_PREFIX.format(name=name, version=version)
         files = [k[len(prefix) :] for k in self.storage.list(prefix)]
@@ -202,7 +217,41 @@ class ModelStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        self.evict(keep=final)
         return final
+
+    def evict(self, keep: Path | None = None, now: float | None = None) -> list[Path]:
+        """Delete least recently used version folders from the cache until it fits ``cache_max_bytes``.
+
+        Folders used within ``cache_grace_s`` (and ``keep``) stay, even if the cache remains over its limit.
+        Returns the folders deleted.
+        """
+        if self.cache_max_bytes is None or not self.cache_dir.is_dir():
+            return []
+        now = time.time() if now is None else now
+        folders = [
+            (d.stat().st_mtime, _size(d), d)
+            for d in self.cache_dir.glob("*/*")
+            if d.is_dir() and not d.name.startswith(_TEMP_PREFIX)
+        ]
+        total = sum(size for _, size, _ in folders)
+        deleted = []
+        for used, size, folder in sorted(folders):  # least recently used first
+            if total <= self.cache_max_bytes:
+                break
+            if folder == keep or now - used < self.cache_grace_s:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= size
+            deleted.append(folder)
+            log.info(
+                "evicted %s from the model cache (%d bytes; cache now %d of %d)",
+                folder,
+                size,
+                total,
+                self.cache_max_bytes,
+            )
+        return deleted
 
     def publish(self, name: str, version: str, files: Mapping[str, bytes]) -> None:
         """Store a new version's files under ``models/<name>/<version>/``, ``config.json`` last.
@@ -324,6 +373,10 @@ class ModelStore:
         if dangling:
             log.warning("model %s: ignoring aliases of unpublished versions %s", name, dangling)
         return {a: v for a, v in aliases.items() if a not in dangling}
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
 
 def _content_type(file: str) -> str:

@@ -211,8 +211,8 @@ def write_manifest(
         for part in parts:
             for ref in part:
                 if ref.index != total:
-                    found = "repeated" if ref.index < total else f"missing (the next stored is {ref.index})"
-                    raise IncompleteJob(f"job {job.job_id}: output {total} is {found}; manifest not written")
+                    hole = f"{ref.index} is listed twice" if ref.index < total else f"{total} is missing"
+                    raise IncompleteJob(f"job {job.job_id}: output {hole} in the stored shards; manifest not written")
                 out.write(b"," if total else b"")
                 out.write(ref.model_dump_json(exclude_none=True).encode())
                 if len(first) < VIEW_OUTPUTS_MAX:

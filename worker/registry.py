@@ -19,6 +19,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import redis
 
 import models
 from models.errors import ModelsError
-from models.generator import CONFIG_FILE, ImageGenerator, load_generator, read_config
+from models.generator import CONFIG_FILE, Acceleration, ImageGenerator, load_generator, read_config
 from producer import constants
 from producer.contract import ModelEntry, ModelVersionInfo
 from producer.errors import ModelNotFound
@@ -48,17 +49,31 @@ class ModelRegistry:
         roots: local model roots, earlier ones winning on the same (name, version).
         device: torch device the generators are loaded on.
         store: published versions in object storage, downloaded on first use; none by default.
+        accel: how the generators run their forward pass (bf16, channels_last, torch.compile); exact fp32 by default.
+        max_loaded: generators kept loaded at once; loading one more unloads the least recently used (a worker
+            serving many fine-tuned versions would otherwise hold every one it ever served in (GPU) memory).
     """
 
-    def __init__(self, roots: list[Path], device: str = "cpu", store: ModelStore | None = None) -> None:
+    def __init__(
+        self,
+        roots: list[Path],
+        device: str = "cpu",
+        store: ModelStore | None = None,
+        accel: Acceleration | None = None,
+        max_loaded: int = 8,
+    ) -> None:
+        if max_loaded < 1:
+            raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
         self.roots = roots
         self.device = device
         self.store = store
+        self.accel = accel
+        self.max_loaded = max_loaded
         self._paths: _Paths = {}  # local versions
         self._published: set[tuple[str, str]] = set()  # versions served from the store (none of them local)
         self._store_entries: dict[str, ModelEntry] = {}  # the store's last good listing, kept while it is down
         self._entries: dict[str, ModelEntry] = {}
-        self._loaded: dict[tuple[str, str], ImageGenerator] = {}
+        self._loaded: OrderedDict[tuple[str, str], ImageGenerator] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         self._scan_lock = threading.Lock()
         self.scan()
@@ -164,17 +179,29 @@ class ModelRegistry:
         """
         key = (name, version)
         with self._lock:  # one load per model even when several threads ask at once
-            if key not in self._loaded:
-                path = self.path(name, version)
-                started = time.perf_counter()
-                try:
-                    self._loaded[key] = load_generator(path, self.device)
-                except ModelsError as exc:
-                    raise ModelLoadError(f"model {name}@{version} failed to load: {exc}") from exc
-                elapsed = time.perf_counter() - started
-                metrics.MODEL_LOAD_SECONDS.observe(elapsed)
-                log.info("loaded %s@%s from %s in %.0f ms", name, version, path, 1e3 * elapsed)
-            return self._loaded[key]
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
+            path = self.path(name, version)
+            started = time.perf_counter()
+            try:
+                generator = load_generator(path, self.device, self.accel)
+            except ModelsError as exc:
+                raise ModelLoadError(f"model {name}@{version} failed to load: {exc}") from exc
+            elapsed = time.perf_counter() - started
+            metrics.MODEL_LOAD_SECONDS.observe(elapsed)
+            log.info("loaded %s@%s from %s in %.0f ms", name, version, path, 1e3 * elapsed)
+            self._loaded[key] = generator
+            while len(self._loaded) > self.max_loaded:
+                # A forward pass still running on it keeps its own reference; the memory goes when that ends.
+                (old_name, old_version), _ = self._loaded.popitem(last=False)
+                log.info("unloaded %s@%s: least recently used of %d loaded", old_name, old_version, self.max_loaded)
+            return generator
+
+    def loaded(self) -> list[tuple[str, str]]:
+        """(name, version) of the generators loaded now, least recently used first."""
+        with self._lock:
+            return list(self._loaded)
 
     def preload(self) -> None:
         """Load the ``latest`` version of every local model (at worker start, before any job arrives).

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import redis
 
+from models.generator import Acceleration
 from producer.errors import ConfigurationError
 from producer.status import JobStore
 from worker.inference import InferenceEngine
@@ -62,12 +63,29 @@ def make_registry(settings: WorkerSettings) -> tuple[Storage, ModelStore, ModelR
         max_pool_connections=settings.batching.upload_workers + 4,  # uploads plus manifest/other calls
     )
     model_store = make_model_store(settings, storage)
-    return storage, model_store, ModelRegistry(model_roots(settings), settings.device, store=model_store)
+    registry = ModelRegistry(
+        model_roots(settings),
+        settings.device,
+        store=model_store,
+        accel=acceleration(settings),
+        max_loaded=settings.max_loaded_models,
+    )
+    return storage, model_store, registry
+
+
+def acceleration(settings: WorkerSettings) -> Acceleration:
+    """The forward-pass options of ``settings.inference`` for the model loader."""
+    return Acceleration(**settings.inference.model_dump())
 
 
 def make_model_store(settings: WorkerSettings, storage: Storage) -> ModelStore:
     """Model versions published into ``storage``, downloaded into the settings' cache folder."""
-    return ModelStore(storage, settings.model_cache_dir, local_roots=model_roots(settings))
+    return ModelStore(
+        storage,
+        settings.model_cache_dir,
+        local_roots=model_roots(settings),
+        cache_max_bytes=settings.model_cache_max_bytes,
+    )
 
 
 def make_engine(registry: ModelRegistry, settings: WorkerSettings) -> InferenceEngine:

@@ -30,6 +30,20 @@ class BatchingSettings(BaseModel):
     )
 
 
+class InferenceSettings(BaseModel):
+    """How forward passes run on the worker's device; the defaults (exact fp32, eager) suit a CPU.
+
+    On a GPU, ``bf16``, ``channels_last`` and ``compile_backend="inductor"`` are the fast path; each may move an image
+    by a grey level or two between batch sizes (see models.generator.Acceleration).
+    """
+
+    bf16: bool = Field(default=False, description="Autocast convolutions and matmuls to bfloat16.")
+    channels_last: bool = Field(default=False, description="NHWC memory layout for weights and activations.")
+    compile_backend: str | None = Field(
+        default=None, description="torch.compile backend (e.g. inductor), compiled once per batch-size bucket."
+    )
+
+
 class StorageRetrySettings(BaseModel):
     """Retries of transient object-store faults: exponential backoff with jitter inside a time window."""
 
@@ -75,6 +89,7 @@ class WorkerSettings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
     storage_retry: StorageRetrySettings = Field(default_factory=StorageRetrySettings)
     celery: CelerySettings = Field(default_factory=CelerySettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -84,6 +99,14 @@ class WorkerSettings(BaseSettings):
     model_cache_dir: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "genq" / "models",
         description="Where published model versions are downloaded to (once per version, shared by processes).",
+    )
+    model_cache_max_bytes: int = Field(
+        default=10 * 2**30,
+        ge=0,
+        description="Evict the least recently used downloaded versions (unused for an hour) above this size.",
+    )
+    max_loaded_models: int = Field(
+        default=8, ge=1, description="Generators kept in (GPU) memory per process; the least recently used goes."
     )
     device: str = "cpu"
     malloc_arena_max: int = Field(

@@ -28,6 +28,19 @@ def test_batched_and_unbatched_outputs_are_byte_identical(stack: Stack, start_wo
     assert len(digests[0]) == 16 and digests[0] == digests[1]
 
 
+def test_a_worker_runs_its_forward_passes_as_its_inference_settings_say(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
+    request = GenerateRequest(model="fmnist-cgan", counts={"bag": 6, "sneaker": 10}, seed=77)
+    digests = []
+    for bf16 in ("false", "true"):
+        env = worker_env(stack, GENQ_INFERENCE__BF16=bf16, GENQ_INFERENCE__CHANNELS_LAST=bf16)
+        worker = start_worker(env, concurrency=1)
+        view = stack.client.wait(stack.client.submit(request).id, timeout=60)
+        assert view.status is JobStatus.SUCCEEDED, view.error
+        digests.append([o.sha256 for o in view.outputs])
+        worker.stop()
+    assert len(digests[1]) == 16 and digests[0] != digests[1]  # bfloat16 reached the generator: other bytes
+
+
 def test_a_poisoned_job_in_a_shared_forward_pass_fails_alone(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
     # A long wait gathers the jobs' samples into one forward pass; the poisoned one makes that pass raise.
     worker = start_worker(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -291,3 +293,43 @@ def test_published_generator_samples_like_the_original(storage: Storage, tmp_pat
     fetched = load_generator(store.fetch(TINY_NAME, "1"))
 
     assert torch.equal(fetched.sample([3, 4], [7, 8]), original.sample([3, 4], [7, 8]))
+
+
+def _published(tmp_path: Path, versions: int) -> tuple[LocalStorage, int]:
+    """A store with ``versions`` versions of the tiny model; returns it and the size of one version's files."""
+    storage = LocalStorage(tmp_path / "store")
+    files = tiny_files(tmp_path)
+    for version in range(1, versions + 1):
+        ModelStore(storage, tmp_path / "unused").publish(TINY_NAME, str(version), files)
+    return storage, sum(len(data) for data in files.values())
+
+
+def test_the_cache_evicts_least_recently_used_versions_beyond_its_size(tmp_path: Path) -> None:
+    storage, size = _published(tmp_path, 3)
+    store = ModelStore(storage, tmp_path / "cache", cache_max_bytes=2 * size, cache_grace_s=0.0)
+    cache = tmp_path / "cache" / TINY_NAME
+    v1 = store.fetch(TINY_NAME, "1")
+    store.fetch(TINY_NAME, "2")
+    os.utime(v1, (v1.stat().st_atime, v1.stat().st_mtime - 10))  # 1 was fetched long ago ...
+    store.fetch(TINY_NAME, "1")  # ... and used again now (a cache hit): 2 is the least recently used
+    store.fetch(TINY_NAME, "3")
+    assert sorted(p.name for p in cache.iterdir()) == ["1", "3"]
+    assert load_generator(store.fetch(TINY_NAME, "2")).sample([1], [1]).shape == (1, 1, 28, 28)  # fetched again
+
+
+def test_versions_used_within_the_grace_period_are_never_evicted(tmp_path: Path) -> None:
+    storage, size = _published(tmp_path, 3)
+    store = ModelStore(storage, tmp_path / "cache", cache_max_bytes=size, cache_grace_s=3600.0)
+    for version in ("1", "2", "3"):
+        store.fetch(TINY_NAME, version)  # another process may be loading any of them: all stay, over the limit
+    assert sorted(p.name for p in (tmp_path / "cache" / TINY_NAME).iterdir()) == ["1", "2", "3"]
+    deleted = store.evict(now=time.time() + 7200)  # two hours on, nobody used them: down to the limit
+    assert [p.name for p in deleted] == ["1", "2"]
+
+
+def test_an_unbounded_cache_keeps_everything(tmp_path: Path) -> None:
+    storage, _ = _published(tmp_path, 2)
+    store = ModelStore(storage, tmp_path / "cache")
+    store.fetch(TINY_NAME, "1")
+    store.fetch(TINY_NAME, "2")
+    assert store.evict(now=time.time() + 10**6) == []

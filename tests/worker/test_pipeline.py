@@ -231,7 +231,7 @@ def test_a_large_manifest_is_streamed_through_a_file_and_the_view_gets_its_first
 
 def test_a_manifest_with_a_repeated_or_missing_index_is_refused(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
-    with pytest.raises(IncompleteJob, match="output 3 is repeated"):
+    with pytest.raises(IncompleteJob, match="output 2 is listed twice"):
         pipeline.write_manifest(_job(count=10), storage, "m.json", [_refs(range(3)), _refs(range(2, 10))])
     with pytest.raises(IncompleteJob, match="9 of 10 outputs stored"):
         pipeline.write_manifest(_job(count=10), storage, "m.json", [_refs(range(9))])

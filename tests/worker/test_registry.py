@@ -178,3 +178,17 @@ def test_published_version_not_yet_downloaded_fails_retryably_while_the_store_is
         registry.load(TINY_NAME, "1")
     storage.down = False
     assert load_generator(registry.path(TINY_NAME, "1")).resolution == 28
+
+
+def test_loading_beyond_max_loaded_unloads_the_least_recently_used(tmp_path: Path) -> None:
+    for version, seed in (("1", 0), ("2", 1), ("3", 2)):
+        make_tiny_model(tmp_path / "root", version=version, seed=seed)
+    registry = ModelRegistry([tmp_path / "root"], max_loaded=2)
+    first = registry.load(TINY_NAME, "1")
+    registry.load(TINY_NAME, "2")
+    assert registry.load(TINY_NAME, "1") is first  # still loaded, and now the most recently used
+    registry.load(TINY_NAME, "3")
+    assert registry.loaded() == [(TINY_NAME, "1"), (TINY_NAME, "3")]  # 2 went
+    again = registry.load(TINY_NAME, "2")  # loads again on demand, the same images as before
+    assert torch.equal(again.sample([4], [9]), load_generator(tmp_path / "root" / TINY_NAME / "2").sample([4], [9]))
+    assert registry.loaded() == [(TINY_NAME, "3"), (TINY_NAME, "2")]
