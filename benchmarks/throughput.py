@@ -4,7 +4,8 @@
     python -m benchmarks.throughput --device cuda --bf16 --channels-last --compile inductor    # on a GPU
 
 (a) ceilings: the raw generator in-process at batch 1 and at its best batch; the S3 server's own PUT/s.
-(b) 1-image jobs through Redis -> worker -> S3 with dynamic batching on, then off (max_batch=1), same worker.
+(b) 1-image jobs through Redis -> worker -> S3 with dynamic batching on (max_batch: the fastest raw batch above 1),
+    then off (max_batch=1), same worker.
 (d) submit-to-terminal latency of 1-image jobs, one at a time, on an idle worker.
 (c) one bulk job (20,000 images) as webdataset tar shards vs the compute ceiling, and as objects vs the PUT ceiling.
 (e) N images the naive way (N one-image jobs, batch 1, one upload thread) vs the same N as one genq job.
@@ -202,6 +203,9 @@ def main() -> None:
     try:
         rates = raw_ceiling(model_dir, [1, 8, 32, 64, 128, 256], seconds, args.device, accel)
         best = max(rates, key=lambda bs: rates[bs])
+        # "Batching on" must batch: its max_batch is the fastest size above 1 (on a CPU batch 1 can win outright,
+        # and max_batch=1 would make "on" the same worker as "off").
+        batched = max((bs for bs in rates if bs > 1), key=lambda bs: rates[bs])
         sample = load_generator(model_dir).sample([7], [1])[0].numpy()
         from producer.contract import OutputFormat
         from worker.encode import encode_image, provenance
@@ -211,7 +215,7 @@ def main() -> None:
         )
         puts = put_ceiling(endpoint, bucket, png_size, 300 if args.quick else 1000)
 
-        on = {"batching__max_batch": str(best), "batching__max_wait_ms": str(max_wait_ms), **device_env}
+        on = {"batching__max_batch": str(batched), "batching__max_wait_ms": str(max_wait_ms), **device_env}
         with worker(args.redis, endpoint, bucket, root, **on):
             jobs_on = jobs_per_s(client, model, small_jobs)
             lat = latencies_ms(client, model, latency_n)
@@ -231,7 +235,7 @@ def main() -> None:
     finally:
         server.stop()
 
-    compute_gain = rates[best] / rates[1]
+    compute_gain = rates[batched] / rates[1]  # what the hardware offers "on" over "off"; below 1 if batching slows it
     batching_efficiency = (jobs_on / jobs_off) / compute_gain
     small_job_ceiling = min(rates[best], puts / 2)  # 2 PUTs per 1-image job: the image and its manifest
     small_job_efficiency = jobs_on / small_job_ceiling
@@ -254,7 +258,12 @@ def main() -> None:
     table = [
         ("(b) 1-image jobs/s, batching on", jobs_on, small_job_ceiling, small_job_efficiency),
         ("(b) 1-image jobs/s, batching off (max_batch=1)", jobs_off, None, None),
-        ("(b) on/off vs raw best/batch-1 compute gain", jobs_on / jobs_off, compute_gain, batching_efficiency),
+        (
+            f"(b) on/off vs raw batch-{batched}/batch-1 compute gain",
+            jobs_on / jobs_off,
+            compute_gain,
+            batching_efficiency,
+        ),
         ("(d) latency p50 of 1-image jobs, idle worker (ms)", p50, max_wait_ms + 50, None),
         ("(d) latency p99 (ms)", p99, None, None),
         (f"(e) {naive_n} images as one job (images/s)", one_job, None, None),
@@ -276,6 +285,7 @@ def main() -> None:
         ("raw_images_per_s_batch1", rates[1]),
         ("raw_images_per_s_best", rates[best]),
         ("raw_best_batch", best),
+        ("max_batch_on", batched),
         ("s3_put_per_s", puts),
         ("jobs_per_s_batching_on", jobs_on),
         ("jobs_per_s_batching_off", jobs_off),
