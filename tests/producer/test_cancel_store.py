@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import pytest
 import redis
 from api_server import publish_catalog
+from factories import output_refs
 
 from producer import constants
 from producer.client import Client
@@ -44,18 +45,7 @@ def _job(job_id: str = "job-0001", count: int = 4, tenant: str | None = None) ->
 
 
 def _outputs(indices: range) -> list[OutputRef]:
-    return [
-        OutputRef(
-            index=i,
-            label="bag",
-            label_index=8,
-            seed=i,
-            key=f"jobs/job-0001/{i:05d}.png",
-            sha256=f"{i:064x}",
-            content_type="image/png",
-        )
-        for i in indices
-    ]
+    return output_refs(indices)
 
 
 @pytest.fixture

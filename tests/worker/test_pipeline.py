@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from factories import output_refs
 from tiny_model import TINY_NAME, make_tiny_model
 
 from producer.contract import GenerateJob, LabelCount, Manifest, OutputFormat, OutputRef, Shard, plan_shards
@@ -198,18 +199,7 @@ def test_a_job_whose_stored_outputs_have_a_hole_fails_without_a_manifest(
 
 
 def _refs(indices: range) -> list[OutputRef]:
-    return [
-        OutputRef(
-            index=i,
-            label="bag",
-            label_index=8,
-            seed=i,
-            key=f"jobs/j/{i:05d}.png",
-            sha256="0" * 64,
-            content_type="image/png",
-        )
-        for i in indices
-    ]
+    return output_refs(indices, prefix="jobs/j/")
 
 
 def test_a_large_manifest_is_streamed_through_a_file_and_the_view_gets_its_first_outputs(
