@@ -12,8 +12,8 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # without shell metacharacters (write ~= or ==, never >=: the shell would read ">" as a redirection).
 ARG EXTRA_PACKAGES=""
 
-# MALLOC_ARENA_MAX: glibc gives each busy thread its own malloc arena and keeps what it freed; with the worker's
-# many threads that cost ~190 MiB on a 20,000-image job (docs/benchmarks.md, peak RSS 667 -> 473 MiB).
+# MALLOC_ARENA_MAX: glibc gives each busy thread its own malloc arena and keeps what it freed. `genq worker` caps
+# its arenas and fixes its mmap threshold itself (GENQ_MALLOC_*, worker/memory.py); this covers every other process.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

@@ -114,6 +114,13 @@ class WorkerSettings(BaseSettings):
         ge=0,
         description="glibc malloc arenas per worker process (0: glibc's default; MALLOC_ARENA_MAX, if set, wins).",
     )
+    malloc_mmap_threshold: int = Field(
+        default=128 * 1024,
+        ge=0,
+        description=(
+            "Fixed glibc mmap threshold in bytes (0: glibc's dynamic one; MALLOC_MMAP_THRESHOLD_, if set, wins)."
+        ),
+    )
     job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535, description="Serve Prometheus metrics on this port (threads/solo pools)."

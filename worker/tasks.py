@@ -18,7 +18,7 @@ from worker.app import app, settings_of
 from worker.deadletter import record_task
 from worker.delivery import CallbackLedger, run_delivery
 from worker.jobs import execute_finetune, execute_generate
-from worker.memory import limit_malloc_arenas
+from worker.memory import tune_malloc
 from worker.reporting import RedisReporter, TrainingReporter
 from worker.runtime import Runtime, get_runtime, make_registry, reset_runtime
 
@@ -120,8 +120,11 @@ def deliver_callback(payload: dict[str, Any]) -> None:
 
 @signals.worker_init.connect
 def _limit_memory(**_: Any) -> None:
-    # Before the pool starts its threads (or forks its children): arenas created later obey the cap.
-    limit_malloc_arenas(settings_of(app).malloc_arena_max)
+    # Before the pool starts its threads (or forks its children): what is allocated later obeys these.
+    settings = settings_of(app)
+    tuned = tune_malloc(settings.malloc_arena_max, settings.malloc_mmap_threshold)
+    if tuned:
+        log.info("malloc: %s", ", ".join(f"{k}={v}" for k, v in tuned.items()))
 
 
 @signals.worker_process_init.connect
