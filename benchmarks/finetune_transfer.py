@@ -1,7 +1,7 @@
 """Does fine-tuning work? A base trained on half the classes, adapted to 60 images per class of the other half.
 
     genq train --arch cgan --classes 0,1,2,3,4 --steps 3000 --out runs/base-0to4      # the base (once)
-    python -m benchmarks.finetune_transfer --base-run runs/base-0to4 [--steps 1500] [--quick]
+    python -m benchmarks.finetune_transfer --base-run runs/base-0to4 [--steps 3000] [--quick]
 
 1. Base: a cGAN trained on Fashion-MNIST classes 0-4 (t-shirt, trouser, pullover, dress, coat) only; its checkpoint
    is exported with its discriminator (StyleGAN2-ADA's transfer learning resumes G *and* D).
@@ -147,7 +147,7 @@ def write_fewshot_folder(data: LabelledImages, root: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-run", type=Path, required=True, help="genq train --classes 0,1,2,3,4 output folder")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("runs/finetune-transfer"))
     parser.add_argument("--redis", default=os.environ.get("GENQ_BENCH_REDIS", "redis://127.0.0.1:6379/15"))

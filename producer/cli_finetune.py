@@ -19,6 +19,7 @@ from rich.progress import (
 
 from producer import cli_errors
 from producer.contract import JobStatus, JobView
+from producer.finetune import FineTuneRequest
 from producer.settings import ClientSettings
 
 console = Console(stderr=True)
@@ -37,7 +38,9 @@ def finetune(
     classes: str | None = typer.Option(
         None, "--classes", help="Class names in label order, comma-separated (default: the sub-folders, sorted)."
     ),
-    steps: int = typer.Option(1000, "--steps", min=1),
+    steps: int = typer.Option(
+        FineTuneRequest.model_fields["steps"].default, "--steps", min=1, help="Optimisation steps (batch draws)."
+    ),
     batch_size: int = typer.Option(32, "--batch-size", min=2),
     lr_g: float = typer.Option(2e-4, "--lr-g"),
     lr_d: float = typer.Option(2e-4, "--lr-d"),
@@ -60,7 +63,6 @@ def finetune(
 ) -> None:
     """Fine-tune a cGAN on your own images and publish it as a new model version (queue mode: Redis + S3)."""
     from producer.client import Client
-    from producer.finetune import FineTuneRequest
 
     settings = ClientSettings()
     if settings.redis.url is None:

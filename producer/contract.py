@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     JsonValue,
@@ -23,6 +24,16 @@ from pydantic import (
 )
 
 MAX_SEED = 2**63 - 1
+
+
+def _not_a_boolean(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a number is required, not true/false")
+    return value
+
+
+# Numbers in requests: pydantic's lax mode would read JSON's true/false as 1/0 ("seed": false as seed 0).
+NotBool = BeforeValidator(_not_a_boolean)
 OutputLayout = Literal["objects", "webdataset"]
 _NAME = r"[a-z0-9][a-z0-9._-]{0,63}"
 # A tenant name becomes part of Redis keys and S3 prefixes (tenants/<tenant>/jobs/...): no '/', no leading dot.
@@ -118,7 +129,7 @@ class Callback(BaseModel):
 Priority = Literal["high", "normal", "low"]
 """Which queue a job waits in: workers serve ``high`` before ``normal`` before ``low`` (separate queues)."""
 
-LabelKey = Annotated[str | int, Field(description="A class name ('sneaker') or its index (7).")]
+LabelKey = Annotated[str | int, NotBool, Field(description="A class name ('sneaker') or its index (7).")]
 
 
 class GenerateRequest(BaseModel):
@@ -133,15 +144,17 @@ class GenerateRequest(BaseModel):
 
     model: Annotated[str, Field(description="name, name@version or name:alias", max_length=140)]
     label: LabelKey | None = None
-    count: Annotated[int, Field(ge=1)] | None = Field(default=None, description="Images for `label` (default 1).")
-    counts: dict[str, Annotated[int, Field(ge=1)]] | None = Field(
+    count: Annotated[int, NotBool, Field(ge=1)] | None = Field(
+        default=None, description="Images for `label` (default 1)."
+    )
+    counts: dict[str, Annotated[int, NotBool, Field(ge=1)]] | None = Field(
         default=None, description="Per-label counts, keyed by class name or index; instead of label/count."
     )
-    per_class: Annotated[int, Field(ge=1)] | None = Field(
+    per_class: Annotated[int, NotBool, Field(ge=1)] | None = Field(
         default=None,
         description="This many images of every class of the model (a balanced data set); instead of label/counts.",
     )
-    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = Field(
+    seed: Annotated[int, NotBool, Field(ge=0, le=MAX_SEED)] | None = Field(
         default=None, description="Job seed; chosen and recorded when absent. Image i's seed derives from it."
     )
     format: OutputFormat = OutputFormat.PNG

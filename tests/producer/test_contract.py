@@ -49,6 +49,12 @@ def _error_locs(exc: ValidationError) -> list[str]:
         ),
         ({"model": "fmnist-cgan", "label": "sneaker", "colour": "red"}, "colour"),
         ({"model": "fmnist-cgan", "counts": {"sneaker": 0}}, "counts.sneaker"),
+        # JSON's true/false are not numbers, though pydantic's lax mode would read them as 1/0
+        ({"model": "fmnist-cgan", "label": "sneaker", "seed": False}, "seed"),
+        ({"model": "fmnist-cgan", "label": "sneaker", "count": True}, "count"),
+        ({"model": "fmnist-cgan", "label": True}, "label"),
+        ({"model": "fmnist-cgan", "counts": {"bag": True}}, "counts.bag"),
+        ({"model": "fmnist-cgan", "per_class": True}, "per_class"),
     ],
 )
 def test_bad_field_is_named_in_the_error(fields: dict[str, object], loc: str) -> None:

@@ -46,6 +46,9 @@ def field_of(exc: pytest.ExceptionInfo[ValidationError]) -> str:
         ({"dataset": "abc123/data.rar"}, "dataset"),
         ({"name": "Brand X"}, "name"),
         ({"steps": 0}, "steps"),
+        ({"seed": False}, "seed"),  # found by the API fuzz test: lax mode read false as seed 0
+        ({"steps": True}, "steps"),
+        ({"lr_d": True}, "lr_d"),
         ({"batch_size": 1}, "batch_size"),
         ({"lr_g": 0.5}, "lr_g"),
         ({"augment": {"policy": ["rotate"]}}, "augment.policy.0"),
