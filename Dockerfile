@@ -13,7 +13,7 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG EXTRA_PACKAGES=""
 
 # MALLOC_ARENA_MAX: glibc gives each busy thread its own malloc arena and keeps what it freed. `genq worker` caps
-# its arenas and fixes its mmap threshold itself (GENQ_MALLOC_*, worker/memory.py); this covers every other process.
+# its arenas itself (GENQ_MALLOC_ARENA_MAX, worker/memory.py); this covers every other process.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

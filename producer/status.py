@@ -32,8 +32,9 @@ AnyJob = Annotated[GenerateJob | FineTuneJob, Field(discriminator="kind")]
 JOB_SPEC: TypeAdapter[GenerateJob | FineTuneJob] = TypeAdapter(AnyJob)
 
 # KEYS[1] job hash, KEYS[2] the jobs-by-status counters. ARGV: new status, allowed current statuses
-# (comma-separated), ttl, then field/value pairs. Returns 1 when applied, 0 when the current status forbids it, -1
-# when the job does not exist. The counters move in the same script, so they move exactly when the status does.
+# (comma-separated), ttl, then field/value pairs ("?field": only if not set yet). Returns 1 when applied, 0 when
+# the current status forbids it, -1 when the job does not exist. The counters move in the same script, so they
+# move exactly when the status does.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return -1 end
@@ -47,7 +48,13 @@ if current ~= ARGV[1] then
   redis.call('HINCRBY', KEYS[2], current, -1)
   redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 end
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 4, #ARGV, 2 do
+  if string.sub(ARGV[i], 1, 1) == '?' then  -- "?field": set only if not set yet
+    redis.call('HSETNX', KEYS[1], string.sub(ARGV[i], 2), ARGV[i + 1])
+  else
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
@@ -189,7 +196,8 @@ class JobStore:
         return JOB_SPEC.validate_json(raw)
 
     def transition(self, job_id: str, status: JobStatus, allowed_from: tuple[JobStatus, ...], **fields: Any) -> bool:
-        """Set ``status`` (and ``fields``) only if the current status is in ``allowed_from``; True if applied."""
+        """Set ``status`` (and ``fields``; a name starting with ``?`` is set only if not set yet) only if the
+        current status is in ``allowed_from``; True if applied."""
         args: list[Any] = [status.value, ",".join(s.value for s in allowed_from), self.ttl_s]
         for name, value in fields.items():
             args += [name, value if isinstance(value, str | int) else json.dumps(value)]
@@ -199,8 +207,9 @@ class JobStore:
         return bool(result == 1)
 
     def mark_running(self, job_id: str) -> bool:
-        """queued/running -> running (a redelivered job re-enters running); False if the job already ended."""
-        return self.transition(job_id, JobStatus.RUNNING, _ACTIVE, started_at=utcnow().isoformat())
+        """queued/running -> running (each shard, and a redelivered job, re-enters running); False if the job
+        already ended. ``started_at`` is when the first shard started."""
+        return self.transition(job_id, JobStatus.RUNNING, _ACTIVE, **{"?started_at": utcnow().isoformat()})
 
     def set_progress(self, job_id: str, shard: int, done: int) -> None:
         """Images of ``shard`` stored so far (a redelivered shard restarts its own count, never the job's)."""

@@ -10,7 +10,11 @@ the worker at 4,000 / 20,000 images stored; docs/benchmarks.md):
 - **the dynamic mmap threshold**: a block above the threshold (128 KiB at start) is mmapped and returned to the OS
   when freed, but each such free *raises* the threshold to that block's size (up to 32 MiB). After the first tar
   shard (a few MiB) is freed, every later shard buffer comes from the heap instead, where it fragments and stays
-  (the climb left with two arenas). A fixed threshold keeps big buffers mmapped: 373 / 374 MiB, flat.
+  (the climb left with two arenas). A fixed 128 KiB threshold keeps big buffers mmapped: 373 / 374 MiB, flat. It
+  is off by default: torch's activations (MiBs per forward pass) are then mmapped and page-faulted afresh on every
+  pass, and the same job ran ~35 % slower on this CPU (238 s instead of 156 s). Turn it on
+  (``GENQ_MALLOC_MMAP_THRESHOLD=131072``) where memory matters more than throughput. ``malloc_trim(0)`` after each
+  shard was tried too and changed nothing measurable (400 / 443 MiB).
 
 Environment variables (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``) do the same but must be set before the
 process starts; ``mallopt`` applies to what is allocated afterwards, so the worker calls it before its pool starts.

@@ -115,7 +115,7 @@ class WorkerSettings(BaseSettings):
         description="glibc malloc arenas per worker process (0: glibc's default; MALLOC_ARENA_MAX, if set, wins).",
     )
     malloc_mmap_threshold: int = Field(
-        default=128 * 1024,
+        default=0,
         ge=0,
         description=(
             "Fixed glibc mmap threshold in bytes (0: glibc's dynamic one; MALLOC_MMAP_THRESHOLD_, if set, wins)."

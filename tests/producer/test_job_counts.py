@@ -90,3 +90,12 @@ def test_the_counters_live_in_one_hash_that_never_expires(store: JobStore) -> No
     store.mark_canceled("job-0001")
     assert store.redis.hgetall(constants.JOBS_BY_STATUS_KEY) == {b"queued": b"0", b"canceled": b"1"}
     assert store.redis.ttl(constants.JOBS_BY_STATUS_KEY) == -1
+
+
+def test_started_at_is_when_the_first_shard_started(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.create(_job("job-0001"), shards=3)
+    clock = iter([datetime(2026, 1, 1, 0, 0, s, tzinfo=UTC) for s in (1, 2, 3)])
+    monkeypatch.setattr("producer.status.utcnow", lambda: next(clock))
+    for _ in range(3):  # three shards start, one after another (or one is redelivered)
+        assert store.mark_running("job-0001")
+    assert store.get("job-0001").started_at == datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC)
