@@ -193,8 +193,11 @@ class ModelStore:
             raise ModelNotFound(f"invalid model reference {name!r}@{version!r}: names are single path segments")
         final = self.cache_dir / name / version
         if final.is_dir():
-            os.utime(final)  # its last use, for eviction
-            return final  # published versions are immutable: what was downloaded once is still right
+            try:
+                os.utime(final)  # its last use, for eviction
+                return final  # published versions are immutable: what was downloaded once is still right
+            except FileNotFoundError:
+                pass  # another process evicted it just now: download it again
         prefix = constants.MODEL_VERSION_PREFIX.format(name=name, version=version)
         files = [k[len(prefix) :] for k in self.storage.list(prefix)]
         files = [f for f in files if is_valid_name(f)]  # nothing nested, nothing that could leave the folder
