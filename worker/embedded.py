@@ -10,6 +10,7 @@ from pathlib import Path
 from producer.contract import GenerateJob, GenerateRequest, OutputRef, Shard
 from producer.resolve import resolve_request
 from producer.status import utcnow
+from worker.memory import tune_malloc
 from worker.pipeline import GenerateResult, run_generate
 from worker.registry import ModelRegistry
 from worker.runtime import acceleration, make_engine, model_roots
@@ -56,6 +57,7 @@ def run_embedded(
 
     Raises InvalidJob for a bad request (before anything is written) and whatever the pipeline raises.
     """
+    tune_malloc(settings.malloc_arena_max, settings.malloc_policy)  # this process is the worker: same settings
     registry = ModelRegistry(
         model_roots(settings), settings.device, accel=acceleration(settings), max_loaded=settings.max_loaded_models
     )

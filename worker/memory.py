@@ -1,23 +1,25 @@
-"""Process memory settings of a worker: glibc's malloc arenas and mmap threshold.
+"""Process memory settings of a worker: glibc's malloc arenas and what malloc does with freed memory.
 
-Two glibc defaults make a long-running, many-threaded worker's resident memory grow with the length of a job
-instead of staying flat (measured with `benchmarks/throughput.py`-style runs of one 20,000-image job, peak RSS of
-the worker at 4,000 / 20,000 images stored; docs/benchmarks.md):
+Measured with `benchmarks/throughput.py`-style runs (docs/benchmarks.md):
 
 - **arenas**: glibc gives threads their own malloc arenas (up to 8 per core) and keeps freed memory inside each. A
   worker runs jobs on a pool of up to 64 threads; as different threads pick up successive shards, each grows an
-  arena of its own (432 / 556 MiB with the defaults, 398 / 444 MiB with two arenas).
-- **the dynamic mmap threshold**: a block above the threshold (128 KiB at start) is mmapped and returned to the OS
-  when freed, but each such free *raises* the threshold to that block's size (up to 32 MiB). After the first tar
-  shard (a few MiB) is freed, every later shard buffer comes from the heap instead, where it fragments and stays
-  (the climb left with two arenas). A fixed 128 KiB threshold keeps big buffers mmapped: 373 / 374 MiB, flat. It
-  is off by default: torch's activations (MiBs per forward pass) are then mmapped and page-faulted afresh on every
-  pass, and the same job ran ~35 % slower on this CPU (238 s instead of 156 s). Turn it on
-  (``GENQ_MALLOC_MMAP_THRESHOLD=131072``) where memory matters more than throughput. ``malloc_trim(0)`` after each
-  shard was tried too and changed nothing measurable (400 / 443 MiB).
+  arena of its own (peak RSS 432 / 556 MiB at 4,000 / 20,000 images of one job with the defaults, 398 / 444 MiB
+  with two arenas, the default here).
+- **freed memory** (:class:`MallocPolicy`). glibc hands a block above its mmap threshold back to the OS when it is
+  freed, and trims the top of the heap once more than the trim threshold is free there. For a CPU forward pass that
+  is the expensive part: every pass allocates MiBs of activations, and each time they come back as fresh pages the
+  kernel must fault in and zero one 4 KiB page at a time. On the 64x64 generator at batch 8 to 64 that was 700 to
+  3,200 page faults per image, and batch 64 ran *slower* per image than batch 1 (66 vs 78 images/s); with freed
+  memory kept for reuse (``keep``: no mmapped blocks, no trimming) it ran at 130 images/s, with almost no faults, and
+  a 20,000-image job went from 71 to 95 images/s. ``keep`` is the default. The price is that the heap never shrinks:
+  the worker holds its high-water mark. ``release`` goes the other way (a fixed 128 KiB mmap threshold: every big
+  block goes back when freed): the flattest memory over a long job, and the slowest forward passes. ``glibc``
+  leaves glibc's dynamic threshold and trimming alone.
 
-Environment variables (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``) do the same but must be set before the
-process starts; ``mallopt`` applies to what is allocated afterwards, so the worker calls it before its pool starts.
+Environment variables (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_``,
+``MALLOC_MMAP_THRESHOLD_``) do the same but must be set before the process starts; ``mallopt`` applies to what is
+allocated afterwards, so the worker calls it before its pool starts. Where one is set, it wins.
 """
 
 from __future__ import annotations
@@ -26,26 +28,43 @@ import ctypes
 import ctypes.util
 import logging
 import os
+from enum import StrEnum
 
 log = logging.getLogger("genq.memory")
 
 # glibc's malloc.h
+M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 M_ARENA_MAX = -8
+RELEASE_THRESHOLD = 128 * 1024  # glibc's own starting mmap threshold, held fixed
+NEVER_TRIM = 2**31 - 1  # mallopt takes an int: 2 GiB above the heap's top is "never" for a worker
 
 
-def tune_malloc(arenas: int, mmap_threshold: int) -> dict[str, int]:
-    """Cap glibc's malloc arenas at ``arenas`` and fix its mmap threshold at ``mmap_threshold`` bytes, for this
-    process and children forked later. Returns what was set, by glibc option name.
+class MallocPolicy(StrEnum):
+    """What a worker's glibc malloc does with freed memory (``GENQ_MALLOC_POLICY``)."""
 
-    An option is left alone when its value is 0, when its environment variable is set (the operator's choice
-    wins), or when the C library is not glibc (musl has neither).
+    KEEP = "keep"  # freed memory stays in the process for reuse: no mmapped blocks, no trimming; fastest
+    RELEASE = "release"  # blocks above 128 KiB are mmapped and unmapped when freed: flattest memory, slowest
+    GLIBC = "glibc"  # glibc's dynamic mmap threshold and trimming, as any process gets
+
+
+def tune_malloc(arenas: int, policy: MallocPolicy) -> dict[str, int]:
+    """Cap glibc's malloc arenas at ``arenas`` (0: glibc's default) and apply ``policy``, for this process and
+    children forked later. Returns what was set, by glibc option name.
+
+    An option is left alone when its environment variable is set (the operator's choice wins), and all of them
+    when the C library is not glibc (musl has none).
     """
-    wanted = {
-        "M_ARENA_MAX": (M_ARENA_MAX, arenas, "MALLOC_ARENA_MAX"),
-        "M_MMAP_THRESHOLD": (M_MMAP_THRESHOLD, mmap_threshold, "MALLOC_MMAP_THRESHOLD_"),
-    }
-    wanted = {name: opt for name, opt in wanted.items() if opt[1] > 0 and not os.environ.get(opt[2])}
+    wanted: list[tuple[str, int, int, str]] = []  # (glibc option name, option, value, environment variable)
+    if arenas:
+        wanted.append(("M_ARENA_MAX", M_ARENA_MAX, arenas, "MALLOC_ARENA_MAX"))
+    if policy is MallocPolicy.KEEP:
+        wanted.append(("M_MMAP_MAX", M_MMAP_MAX, 0, "MALLOC_MMAP_MAX_"))
+        wanted.append(("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, NEVER_TRIM, "MALLOC_TRIM_THRESHOLD_"))
+    elif policy is MallocPolicy.RELEASE:
+        wanted.append(("M_MMAP_THRESHOLD", M_MMAP_THRESHOLD, RELEASE_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"))
+    wanted = [option for option in wanted if not os.environ.get(option[3])]
     if not wanted:
         return {}
     try:
@@ -54,9 +73,9 @@ def tune_malloc(arenas: int, mmap_threshold: int) -> dict[str, int]:
         return {}
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     applied = {}
-    for name, (option, value, _env) in wanted.items():
+    for name, option, value, _env in wanted:
         if mallopt(option, value) == 1:
             applied[name] = value
         else:
-            log.warning("mallopt(%s, %d) refused; memory may grow with job length", name, value)
+            log.warning("mallopt(%s, %d) refused; the worker keeps glibc's setting", name, value)
     return applied

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.errors import ConfigurationError
 from producer.settings import DEV_WEBHOOK_SECRET, Limits, RedisSettings, S3Settings, WebhookSettings
+from worker.memory import MallocPolicy
 
 
 class BatchingSettings(BaseModel):
@@ -114,11 +115,11 @@ class WorkerSettings(BaseSettings):
         ge=0,
         description="glibc malloc arenas per worker process (0: glibc's default; MALLOC_ARENA_MAX, if set, wins).",
     )
-    malloc_mmap_threshold: int = Field(
-        default=0,
-        ge=0,
+    malloc_policy: MallocPolicy = Field(
+        default=MallocPolicy.KEEP,
         description=(
-            "Fixed glibc mmap threshold in bytes (0: glibc's dynamic one; MALLOC_MMAP_THRESHOLD_, if set, wins)."
+            "What glibc malloc does with freed memory: keep (reused, no page faults per forward pass; fastest),"
+            " release (big blocks unmapped when freed; flattest memory, slowest) or glibc (its defaults)."
         ),
     )
     job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)

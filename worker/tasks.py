@@ -122,7 +122,7 @@ def deliver_callback(payload: dict[str, Any]) -> None:
 def _limit_memory(**_: Any) -> None:
     # Before the pool starts its threads (or forks its children): what is allocated later obeys these.
     settings = settings_of(app)
-    tuned = tune_malloc(settings.malloc_arena_max, settings.malloc_mmap_threshold)
+    tuned = tune_malloc(settings.malloc_arena_max, settings.malloc_policy)
     if tuned:
         log.info("malloc: %s", ", ".join(f"{k}={v}" for k, v in tuned.items()))
 

@@ -1,4 +1,5 @@
-"""The worker's malloc tuning: applied on glibc, and the operator's environment variables left alone."""
+"""The worker's malloc tuning: each policy's options applied on glibc, the operator's environment variables left
+alone."""
 
 from __future__ import annotations
 
@@ -6,23 +7,47 @@ import platform
 
 import pytest
 
-from worker.memory import tune_malloc
+from worker.memory import NEVER_TRIM, RELEASE_THRESHOLD, MallocPolicy, tune_malloc
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="arenas and mmap thresholds are glibc's")
+MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
 
 
+@pytest.fixture(autouse=True)
+def no_operator_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in MALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+# These run in the test process: glibc's own bound of 8 arenas per core and its starting 128 KiB threshold are
+# harmless there, and "keep" only stops the process handing freed memory back.
 @glibc_only
-def test_both_options_are_applied_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    # 8 arenas per core is glibc's own bound and 128 KiB its starting threshold: harmless for the test process.
-    assert tune_malloc(8, 128 * 1024) == {"M_ARENA_MAX": 8, "M_MMAP_THRESHOLD": 128 * 1024}
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        (MallocPolicy.KEEP, {"M_ARENA_MAX": 8, "M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": NEVER_TRIM}),
+        (MallocPolicy.RELEASE, {"M_ARENA_MAX": 8, "M_MMAP_THRESHOLD": RELEASE_THRESHOLD}),
+        (MallocPolicy.GLIBC, {"M_ARENA_MAX": 8}),
+    ],
+)
+def test_each_policy_sets_its_glibc_options(policy: MallocPolicy, expected: dict[str, int]) -> None:
+    assert tune_malloc(8, policy) == expected
 
 
 @glibc_only
 def test_an_operator_setting_or_zero_leaves_that_option_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    assert tune_malloc(2, 128 * 1024) == {"M_MMAP_THRESHOLD": 128 * 1024}
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")
+    assert tune_malloc(2, MallocPolicy.KEEP) == {"M_MMAP_MAX": 0}
     monkeypatch.delenv("MALLOC_ARENA_MAX")
-    assert tune_malloc(0, 0) == {}
+    assert tune_malloc(0, MallocPolicy.GLIBC) == {}
+
+
+def test_the_policy_setting_names_the_allowed_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from worker.settings import WorkerSettings
+
+    monkeypatch.setenv("GENQ_MALLOC_POLICY", "fast")
+    with pytest.raises(ValidationError, match="(?s)malloc_policy.*'keep', 'release' or 'glibc'"):
+        WorkerSettings()
