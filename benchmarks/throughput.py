@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import boto3
 import redis
@@ -43,6 +44,9 @@ from producer.contract import GenerateRequest, JobStatus
 from producer.settings import ClientSettings, Limits, RedisSettings, S3Settings
 from worker.memory import MallocPolicy, tune_malloc
 from worker.registry import ZOO_DIR
+
+if TYPE_CHECKING:
+    from moto.server import ThreadedMotoServer
 
 AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 BOTO = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench", "region_name": "us-east-1"}
@@ -74,6 +78,21 @@ def raw_ceiling(
             n += bs
         rates[bs] = n / (time.perf_counter() - started)
     return rates
+
+
+def start_s3(bucket: str) -> tuple[ThreadedMotoServer, str]:
+    """A moto S3 server on a free loopback port holding ``bucket``, and its endpoint (also set for boto3 in this
+    process's environment). Stop it when done."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint, **BOTO).create_bucket(Bucket=bucket)
+    os.environ.update(AWS, AWS_ENDPOINT_URL=endpoint)
+    return server, endpoint
 
 
 def put_ceiling(endpoint: str, bucket: str, size: int, n: int) -> float:
@@ -194,15 +213,8 @@ def main() -> None:
     rss_sizes = (1_000, 5_000) if args.quick else (10_000, 100_000)
     max_wait_ms = 5.0
 
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint, bucket = f"http://{host}:{port}", "bench"
-    boto3.client("s3", endpoint_url=endpoint, **BOTO).create_bucket(Bucket=bucket)
-    os.environ.update(AWS, AWS_ENDPOINT_URL=endpoint)
+    bucket = "bench"
+    server, endpoint = start_s3(bucket)
     root = Path(tempfile.mkdtemp(prefix="genq-bench-models-"))
     model, model_dir = make_model(args.size, root)
     client = Client(

@@ -1,6 +1,6 @@
 """Process memory settings of a worker: glibc's malloc arenas and what malloc does with freed memory.
 
-Measured with `benchmarks/throughput.py`-style runs (docs/benchmarks.md):
+Measured with `benchmarks/throughput.py`-style runs and `benchmarks/malloc.py` (docs/benchmarks.md):
 
 - **arenas**: glibc gives threads their own malloc arenas (up to 8 per core) and keeps freed memory inside each. A
   worker runs jobs on a pool of up to 64 threads; as different threads pick up successive shards, each grows an
@@ -9,13 +9,13 @@ Measured with `benchmarks/throughput.py`-style runs (docs/benchmarks.md):
 - **freed memory** (:class:`MallocPolicy`). glibc hands a block above its mmap threshold back to the OS when it is
   freed, and trims the top of the heap once more than the trim threshold is free there. For a CPU forward pass that
   is the expensive part: every pass allocates MiBs of activations, and each time they come back as fresh pages the
-  kernel must fault in and zero one 4 KiB page at a time. On the 64x64 generator at batch 8 to 64 that was 700 to
-  3,200 page faults per image, and batch 64 ran *slower* per image than batch 1 (66 vs 78 images/s); with freed
-  memory kept for reuse (``keep``: no mmapped blocks, no trimming) it ran at 130 images/s, with almost no faults, and
-  a 20,000-image job went from 71 to 95 images/s. ``keep`` is the default. The price is that the heap never shrinks:
-  the worker holds its high-water mark. ``release`` goes the other way (a fixed 128 KiB mmap threshold: every big
-  block goes back when freed): the flattest memory over a long job, and the slowest forward passes. ``glibc``
-  leaves glibc's dynamic threshold and trimming alone.
+  kernel must fault in and zero one 4 KiB page at a time. On the 64x64 generator at batch 32 to 128 that was
+  1,800 to 2,900 page faults per image, and batch 64 ran *slower* per image than batch 1 (64 vs 84 images/s); with
+  freed memory kept for reuse (``keep``: no mmapped blocks, no trimming) it ran at 134 images/s with no faults, and
+  a 6,000-image job went from 65 to 89 images/s at the same peak RSS (``python -m benchmarks.malloc``). ``keep``
+  is the default. The price is that the heap never shrinks: the worker holds its high-water mark. ``release`` goes
+  the other way (a fixed 128 KiB mmap threshold: every big block goes back when freed): the least memory, and half
+  the throughput. ``glibc`` leaves glibc's dynamic threshold and trimming alone.
 
 Environment variables (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_``,
 ``MALLOC_MMAP_THRESHOLD_``) do the same but must be set before the process starts; ``mallopt`` applies to what is
