@@ -41,14 +41,9 @@ def faults() -> int:
 
 def probe_raw(seconds: float) -> dict[str, float]:
     """images/s and page faults per image of the raw generator at each batch size, in this process."""
-    from models import cgan
-    from models.data import FASHION_MNIST_CLASSES
-    from models.generator import load_generator, save_generator
+    from models.generator import load_generator
 
-    config = cgan.CGANConfig(class_names=FASHION_MNIST_CLASSES, resolution=64, channels=3, g_ch=32)
-    torch.manual_seed(0)
-    directory = Path(tempfile.mkdtemp(prefix="genq-malloc-")) / "bench-64" / "1"
-    save_generator(directory, config, cgan.Generator(config))
+    _, directory = make_model(64, Path(tempfile.mkdtemp(prefix="genq-malloc-")))
     model = load_generator(directory, "cpu")
     out: dict[str, float] = {}
     for bs in BATCHES:
@@ -84,7 +79,9 @@ def in_child(policy: MallocPolicy, seconds: float) -> dict[str, float]:
     """Run both probes in a fresh process under ``policy`` (this process's heap has its own history)."""
     code = f"import json; from benchmarks.malloc import child; print(json.dumps(child({policy.value!r}, {seconds})))"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {policy.value} probe failed:\n{done.stderr[-2000:]}")
     result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
@@ -139,7 +136,9 @@ def main() -> None:
     model, _ = make_model(64, root)
     client = Client(
         ClientSettings(
-            redis=RedisSettings(url=args.redis), s3=S3Settings(bucket=bucket), limits=Limits(max_images_per_job=20_000)
+            redis=RedisSettings(url=args.redis),
+            s3=S3Settings(bucket=bucket),
+            limits=Limits(max_images_per_job=max(images, 20_000)),
         )
     )
     if args.sweep:
