@@ -32,9 +32,11 @@ AnyJob = Annotated[GenerateJob | FineTuneJob, Field(discriminator="kind")]
 JOB_SPEC: TypeAdapter[GenerateJob | FineTuneJob] = TypeAdapter(AnyJob)
 
 # KEYS[1] job hash, KEYS[2] the jobs-by-status counters. ARGV: new status, allowed current statuses
-# (comma-separated), ttl, then field/value pairs ("?field": only if not set yet). Returns 1 when applied, 0 when
-# the current status forbids it, -1 when the job does not exist. The counters move in the same script, so they
-# move exactly when the status does.
+# (comma-separated), ttl, a guard field (refuse when the job has it; "" for none), then field/value pairs
+# ("?field": only if not set yet; "-prefix": delete every field starting with prefix, value ignored). Returns the
+# status the job had when applied, 0 when the current status or the guard forbids it, -1 when the job does not
+# exist. The counters move in the same script, so they move exactly when the status does. One round trip answers
+# what a worker starting a shard needs: whether to run it, and whether it is the job's first start.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return -1 end
@@ -43,20 +45,27 @@ for s in string.gmatch(ARGV[2], '[^,]+') do
   if s == current then allowed = true end
 end
 if not allowed then return 0 end
+if ARGV[4] ~= '' and redis.call('HEXISTS', KEYS[1], ARGV[4]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
 if current ~= ARGV[1] then
   redis.call('HINCRBY', KEYS[2], current, -1)
   redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 end
-for i = 4, #ARGV, 2 do
-  if string.sub(ARGV[i], 1, 1) == '?' then  -- "?field": set only if not set yet
+for i = 5, #ARGV, 2 do
+  local head = string.sub(ARGV[i], 1, 1)
+  if head == '?' then
     redis.call('HSETNX', KEYS[1], string.sub(ARGV[i], 2), ARGV[i + 1])
+  elseif head == '-' then
+    local prefix = string.sub(ARGV[i], 2)
+    for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+      if string.sub(field, 1, #prefix) == prefix then redis.call('HDEL', KEYS[1], field) end
+    end
   else
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-return 1
+return current
 """
 
 # KEYS[1] job hash. ARGV: the shard's field ("shard:<k>"), its outputs as JSON. Records a finished shard once;
@@ -196,20 +205,41 @@ class JobStore:
         return JOB_SPEC.validate_json(raw)
 
     def transition(self, job_id: str, status: JobStatus, allowed_from: tuple[JobStatus, ...], **fields: Any) -> bool:
-        """Set ``status`` (and ``fields``; a name starting with ``?`` is set only if not set yet) only if the
-        current status is in ``allowed_from``; True if applied."""
-        args: list[Any] = [status.value, ",".join(s.value for s in allowed_from), self.ttl_s]
+        """Set ``status`` (and ``fields``; a name starting with ``?`` is set only if not set yet, one starting
+        with ``-`` deletes every field with that prefix) only if the current status is in ``allowed_from``; True if
+        applied."""
+        return self._apply(job_id, status, allowed_from, "", fields) is not None
+
+    def _apply(
+        self,
+        job_id: str,
+        status: JobStatus,
+        allowed_from: tuple[JobStatus, ...],
+        unless_field: str,
+        fields: dict[str, Any],
+    ) -> JobStatus | None:
+        """:meth:`transition`, refused too when the job has ``unless_field``; the status the job had, or None."""
+        args: list[Any] = [status.value, ",".join(s.value for s in allowed_from), self.ttl_s, unless_field]
         for name, value in fields.items():
             args += [name, value if isinstance(value, str | int) else json.dumps(value)]
         result = self._transition(keys=[self.key(job_id), constants.JOBS_BY_STATUS_KEY], args=args)
         if result == -1:
             raise JobNotFound(f"no job {job_id!r}")
-        return bool(result == 1)
+        return JobStatus(as_text(result)) if isinstance(result, bytes | str) else None
+
+    def start(self, job_id: str, shard: int | None = None) -> JobStatus | None:
+        """queued/running -> running (each shard, and a redelivered job, re-enters running), unless ``shard``'s
+        outputs are already recorded; ``started_at`` is when the first shard started.
+
+        Returns the status the job had (``QUEUED``: this is its first start, to be announced), or None when it
+        must not run: the job already ended, or the shard was stored by an earlier delivery. One round trip.
+        """
+        guard = "" if shard is None else f"shard:{shard}"
+        return self._apply(job_id, JobStatus.RUNNING, _ACTIVE, guard, {"?started_at": utcnow().isoformat()})
 
     def mark_running(self, job_id: str) -> bool:
-        """queued/running -> running (each shard, and a redelivered job, re-enters running); False if the job
-        already ended. ``started_at`` is when the first shard started."""
-        return self.transition(job_id, JobStatus.RUNNING, _ACTIVE, **{"?started_at": utcnow().isoformat()})
+        """queued/running -> running; False if the job already ended (see :meth:`start`)."""
+        return self.start(job_id) is not None
 
     def set_progress(self, job_id: str, shard: int, done: int) -> None:
         """Images of ``shard`` stored so far (a redelivered shard restarts its own count, never the job's)."""
@@ -219,9 +249,6 @@ class JobStore:
         """Still queued or running: a shard stops early once its job failed or was canceled."""
         status = self.redis.hget(self.key(job_id), "status")
         return status is not None and JobStatus(as_text(status)) in _ACTIVE
-
-    def shard_recorded(self, job_id: str, shard: int) -> bool:
-        return bool(self.redis.hexists(self.key(job_id), f"shard:{shard}"))
 
     def complete_shard(self, job_id: str, shard: int, shards: int, outputs: list[OutputRef]) -> bool:
         """Record a stored shard's outputs. True when this was the job's last shard to finish: its run writes the
@@ -256,20 +283,15 @@ class JobStore:
         """queued/running -> succeeded. ``outputs`` may be only the first ones of ``total`` (default: all of them);
         the view keeps at most :data:`VIEW_OUTPUTS_MAX`, the manifest has every one."""
         total = len(outputs) if total is None else total
-        applied = self.transition(
-            job_id,
-            JobStatus.SUCCEEDED,
-            _ACTIVE,
-            outputs=json.dumps([o.model_dump(mode="json") for o in outputs[:VIEW_OUTPUTS_MAX]]),
-            outputs_truncated=int(total > VIEW_OUTPUTS_MAX),
-            manifest_key=manifest_key,
-            finished_at=utcnow().isoformat(),
-        )
-        if applied:  # the per-shard lists served their purpose; the manifest and the view hold the outputs now
-            shard_fields = [f for f in self.redis.hkeys(self.key(job_id)) if as_text(f).startswith("shard:")]
-            if shard_fields:
-                self.redis.hdel(self.key(job_id), *shard_fields)
-        return applied
+        fields = {
+            "outputs": json.dumps([o.model_dump(mode="json") for o in outputs[:VIEW_OUTPUTS_MAX]]),
+            "outputs_truncated": int(total > VIEW_OUTPUTS_MAX),
+            "manifest_key": manifest_key,
+            "finished_at": utcnow().isoformat(),
+            # The per-shard lists served their purpose; the manifest and the view hold the outputs now.
+            "-shard:": "",
+        }
+        return self.transition(job_id, JobStatus.SUCCEEDED, _ACTIVE, **fields)
 
     def mark_failed(self, job_id: str, error: JobError, outputs: list[OutputRef] | None = None) -> bool:
         return self.transition(

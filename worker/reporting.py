@@ -27,14 +27,11 @@ class RedisReporter:
         self._last_progress: dict[str, float] = {}
 
     def started(self, job: GenerateJob, shard: Shard) -> bool:
-        if self.store.shard_recorded(job.job_id, shard.index):
-            return False  # a redelivered shard that was already stored
-        running = self.store.get(job.job_id).status is JobStatus.RUNNING
-        if not self.store.mark_running(job.job_id):
-            return False
-        if not running:  # the first shard to start announces the job
+        # Refused when the job ended or this shard was stored by an earlier delivery (a redelivery).
+        before = self.store.start(job.job_id, shard.index)
+        if before is JobStatus.QUEUED:  # the first shard to start announces the job
             self._emit(job, EventType.RUNNING)
-        return True
+        return before is not None
 
     def active(self, job: GenerateJob | FineTuneJob) -> bool:
         return self.store.is_active(job.job_id)
@@ -83,12 +80,10 @@ class TrainingReporter(RedisReporter):
 
     def begin(self, job: FineTuneJob) -> bool:
         """queued/running -> running, announcing ``running`` once; False when the job already ended."""
-        running = self.store.get(job.job_id).status is JobStatus.RUNNING
-        if not self.store.mark_running(job.job_id):
-            return False
-        if not running:
+        before = self.store.start(job.job_id)
+        if before is JobStatus.QUEUED:
             self._emit(job, EventType.RUNNING)
-        return True
+        return before is not None
 
     def current(self, job: FineTuneJob) -> TrainingView | None:
         """What an earlier delivery recorded (a resumed job continues its view)."""

@@ -10,6 +10,7 @@ import redis
 
 from producer import constants
 from producer.contract import GenerateJob, JobError, JobStatus, LabelCount, OutputRef
+from producer.errors import JobNotFound
 from producer.status import JobStore
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -99,3 +100,32 @@ def test_started_at_is_when_the_first_shard_started(store: JobStore, monkeypatch
     for _ in range(3):  # three shards start, one after another (or one is redelivered)
         assert store.mark_running("job-0001")
     assert store.get("job-0001").started_at == datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC)
+
+
+def test_start_tells_the_first_start_and_refuses_a_stored_shard_or_an_ended_job(store: JobStore) -> None:
+    store.create(_job("job-0001"), shards=2)
+
+    assert store.start("job-0001", 0) is JobStatus.QUEUED  # the job's first start: the worker announces it
+    assert store.start("job-0001", 1) is JobStatus.RUNNING
+    assert not store.complete_shard("job-0001", 0, 2, [_OUTPUT])
+    assert store.start("job-0001", 0) is None, "shard 0 is stored: a redelivery must not run it again"
+    assert store.counts_by_status() == NONE | {JobStatus.RUNNING: 1}
+
+    assert store.mark_canceled("job-0001")
+    assert store.start("job-0001", 1) is None, "a canceled job must never start"
+    with pytest.raises(JobNotFound):
+        store.start("job-9999", 0)
+
+
+def test_success_drops_the_per_shard_output_lists(store: JobStore, redis_client: redis.Redis) -> None:
+    store.create(_job("job-0001"), shards=2)
+    store.start("job-0001", 0)
+    store.complete_shard("job-0001", 0, 2, [_OUTPUT])
+    store.complete_shard("job-0001", 1, 2, [_OUTPUT.model_copy(update={"index": 1})])
+
+    assert store.mark_succeeded("job-0001", [_OUTPUT], "jobs/j/manifest.json", total=2)
+
+    fields = {f.decode() for f in redis_client.hkeys(store.key("job-0001"))}
+    assert not {f for f in fields if f.startswith("shard:")}, fields
+    assert {"shards", "shards_done", "outputs", "manifest_key"} <= fields  # only the shard:<k> lists go
+    assert store.get("job-0001").status is JobStatus.SUCCEEDED

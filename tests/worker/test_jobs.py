@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -14,6 +15,7 @@ from tiny_model import TINY_NAME, make_tiny_model
 
 from producer.contract import GenerateJob, JobStatus, LabelCount, OutputRef, Shard, plan_shards
 from producer.settings import RedisSettings
+from producer.status import JobStore
 from worker.jobs import execute_generate
 from worker.reporting import RedisReporter
 from worker.runtime import Runtime, build_runtime
@@ -106,3 +108,31 @@ def test_small_jobs_never_wait_for_a_bulk_slot(runtime: Runtime) -> None:
 
     assert all(runtime.store.get(job.job_id).status is JobStatus.SUCCEEDED for job in jobs)
     assert reporter.peak == 3
+
+
+class CommandLog(redis.Redis):
+    """A Redis client that notes the name of every command it sends (each one is a round trip)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands: list[str] = []
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.commands.append(str(args[0]))
+        return super().execute_command(*args, **options)
+
+
+def test_a_one_image_job_costs_five_redis_round_trips(runtime: Runtime, redis_url: str) -> None:
+    # Every round trip is latency against a remote Redis and CPU in the worker: count the delivery, start the
+    # shard (refused if stored or ended, and whether to announce it), its progress, the stored shard, success.
+    client = CommandLog.from_url(redis_url)
+    runtime.store = JobStore(client, runtime.settings.job_ttl_s)
+    reporter = RedisReporter(runtime.store, lambda message: None)
+    for job_id in ("job-warm", "job-counted"):  # the first run loads the Lua scripts into Redis
+        runtime.store.create(_job(job_id, 1))
+        client.commands.clear()
+        execute_generate(_job(job_id, 1), runtime, reporter)
+
+    sent = list(client.commands)
+    assert runtime.store.get("job-counted").status is JobStatus.SUCCEEDED
+    assert sent == ["HINCRBY", "EVALSHA", "HSET", "EVALSHA", "EVALSHA"], sent
