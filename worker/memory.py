@@ -13,9 +13,13 @@ Measured with `benchmarks/throughput.py`-style runs and `benchmarks/malloc.py` (
   1,800 to 2,900 page faults per image, and batch 64 ran *slower* per image than batch 1 (64 vs 84 images/s); with
   freed memory kept for reuse (``keep``: no mmapped blocks, no trimming) it ran at 134 images/s with no faults, and
   a 6,000-image job went from 65 to 89 images/s at the same peak RSS (``python -m benchmarks.malloc``). ``keep``
-  is the default. The price is that the heap never shrinks: the worker holds its high-water mark. ``release`` goes
-  the other way (a fixed 128 KiB mmap threshold: every big block goes back when freed): the least memory, and half
-  the throughput. ``glibc`` leaves glibc's dynamic threshold and trimming alone.
+  is the default. The price is that the heap never shrinks by itself, and over a long job it fragments: on a
+  40,000-image job the blocks in use stayed at 130-220 MiB while the free holes between them grew to 530 MiB, all
+  of it resident (peak RSS 917 MiB, still climbing). So a worker hands the heap's free pages back after each bulk
+  shard (:func:`release_free_pages`): the same job then peaked at 593 MiB, flat from its first minute, at the same
+  speed (182 vs 177 images/s): what is reused is faulted in once per shard, not once per forward pass.
+  ``release`` goes the other way (a fixed 128 KiB mmap threshold: every big block goes back when freed): the least
+  memory, and half the throughput. ``glibc`` leaves glibc's dynamic threshold and trimming alone.
 
 Environment variables (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_``,
 ``MALLOC_MMAP_THRESHOLD_``) do the same but must be set before the process starts; ``mallopt`` applies to what is
@@ -26,9 +30,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
+from collections.abc import Callable
 from enum import StrEnum
+from typing import cast
 
 log = logging.getLogger("genq.memory")
 
@@ -79,3 +86,24 @@ def tune_malloc(arenas: int, policy: MallocPolicy) -> dict[str, int]:
         else:
             log.warning("mallopt(%s, %d) refused; the worker keeps glibc's setting", name, value)
     return applied
+
+
+def release_free_pages() -> bool:
+    """Hand the free pages inside malloc's heaps back to the OS (glibc ``malloc_trim(0)``); the heap keeps its
+    address range, so what is allocated there again is faulted in afresh, once. False where there is no glibc.
+
+    A worker calls it after each bulk shard: under ``keep`` a long job's heap fragments (the blocks in use stay at a
+    few hundred MiB, the free holes between them grow), and without this the holes stay resident.
+    """
+    trim = _malloc_trim()
+    return bool(trim is not None and trim(0) >= 0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return cast(Callable[[int], int], trim)

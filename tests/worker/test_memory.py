@@ -51,3 +51,34 @@ def test_the_policy_setting_names_the_allowed_values(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("GENQ_MALLOC_POLICY", "fast")
     with pytest.raises(ValidationError, match="(?s)malloc_policy.*'keep', 'release' or 'glibc'"):
         WorkerSettings()
+
+
+# In a fresh process: "keep" there must not leak into the test process's other tests.
+_HOLES = """
+import json, sys
+from worker.memory import MallocPolicy, release_free_pages, tune_malloc
+
+def rss_mib():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmRSS"))
+    return int(line.split()[1]) / 1024
+
+tune_malloc(2, MallocPolicy.KEEP)
+blocks = [bytearray(b"x" * 65536) for _ in range(2048)]  # 128 MiB in the heap: keep maps no block of its own
+pin = bytearray(65536)  # in use above them: the heap's top cannot shrink, only its holes can go
+del blocks
+held = rss_mib()
+released = release_free_pages()
+print(json.dumps({"held": held, "after": rss_mib(), "released": released}))
+"""
+
+
+@glibc_only
+def test_free_pages_held_by_keep_go_back_to_the_os_when_released() -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _HOLES], capture_output=True, text=True, check=True, timeout=60)
+    figures = json.loads(out.stdout)
+    assert figures["released"]
+    assert figures["held"] - figures["after"] > 100, figures  # of the 128 MiB freed under keep
