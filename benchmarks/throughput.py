@@ -11,6 +11,11 @@
 (e) N images the naive way (N one-image jobs, batch 1, one upload thread) vs the same N as one genq job.
 (f) the worker's peak RSS over one 10,000-image and one 100,000-image webdataset job (1,000/5,000 with --quick),
     each on a fresh worker: flat in job size when shards and the bounded pipeline do their work.
+(g) where the CPU of a 1-image job goes (worker, this process's client and S3 server, Redis), against the CPU the
+    job cannot do without (one forward pass and two PUTs, each at its full-machine best). Where compute and storage
+    share the same cores (this CPU-only machine) their ceilings add up instead of the tighter one binding: the
+    shared-cores ceiling is cores / that essential CPU, and `small_job_efficiency_shared_cores` is measured
+    against it. On a GPU the forward pass leaves the cores and the figure approaches the PUT-bound one.
 The model is the shipped cGAN architecture at 64x64 RGB with random weights (compute visible on a CPU); --size 28
 uses the shipped Fashion-MNIST weights instead. Starts its own moto S3 server and `genq worker` subprocesses; needs
 a Redis DB it may flush. Prints one table, then one `name=value` line per figure. Nothing here is asserted.
@@ -65,19 +70,22 @@ def make_model(size: int, root: Path) -> tuple[str, Path]:
 
 def raw_ceiling(
     model_dir: Path, batch_sizes: list[int], seconds: float, device: str = "cpu", accel: Acceleration | None = None
-) -> dict[int, float]:
-    """images/s of sample() alone at each batch size (each measured for about ``seconds``), as the worker runs it."""
+) -> tuple[dict[int, float], dict[int, float]]:
+    """images/s of sample() alone at each batch size (each measured for about ``seconds``), as the worker runs it,
+    and the CPU milliseconds per image it took (every thread of this process: torch's intra-op threads too)."""
     model = load_generator(model_dir, device, accel)
     for bs in batch_sizes:  # warm-up: CUDA context, cuDNN autotuning, one compiled graph per bucket
         model.sample([0] * bs, list(range(bs)))
     rates: dict[int, float] = {}
+    cpu_ms: dict[int, float] = {}
     for bs in batch_sizes:
-        n, started = 0, time.perf_counter()
+        n, started, cpu = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - started < seconds or n == 0:
             model.sample([n % 10 for n in range(bs)], list(range(n, n + bs)))
             n += bs
         rates[bs] = n / (time.perf_counter() - started)
-    return rates
+        cpu_ms[bs] = 1000 * (time.process_time() - cpu) / n
+    return rates, cpu_ms
 
 
 def start_s3(bucket: str) -> tuple[ThreadedMotoServer, str]:
@@ -95,16 +103,46 @@ def start_s3(bucket: str) -> tuple[ThreadedMotoServer, str]:
     return server, endpoint
 
 
-def put_ceiling(endpoint: str, bucket: str, size: int, n: int) -> float:
-    """PUT/s of the S3 server for objects of the output's size: 8 client threads, like a worker's uploads."""
+def put_ceiling(endpoint: str, bucket: str, size: int, n: int) -> tuple[float, float]:
+    """PUT/s of the S3 server for objects of the output's size: 8 client threads, like a worker's uploads; and the
+    CPU milliseconds per PUT of this process, which runs both the boto3 client and (moto) the server."""
     from concurrent.futures import ThreadPoolExecutor
 
     s3 = boto3.client("s3", endpoint_url=endpoint, **BOTO)
     body = os.urandom(size)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: s3.put_object(Bucket=bucket, Key=f"ceiling/{i}", Body=body), range(n)))
-    return n / (time.perf_counter() - started)
+    return n / (time.perf_counter() - started), 1000 * (time.process_time() - cpu) / n
+
+
+class CpuMeter:
+    """CPU seconds used by the worker, by this process (client and moto) and by Redis (when it runs on this
+    machine) between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, worker_pid: int, client: redis.Redis) -> None:
+        pid = int(client.info("server").get("process_id", 0))
+        self.pids = {"worker": worker_pid, "redis": pid if Path(f"/proc/{pid}/stat").exists() else None}
+        self.used: dict[str, float | None] = {}
+
+    def _now(self) -> dict[str, float | None]:
+        return {
+            "this process": time.process_time(),
+            **{name: None if pid is None else process_cpu_s(pid) for name, pid in self.pids.items()},
+        }
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def stop(self) -> None:
+        end = self._now()
+        self.used = {k: None if (a := self._start[k]) is None or (b := end[k]) is None else b - a for k in end}
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (every thread) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
@@ -208,7 +246,7 @@ def main() -> None:
         "inference__channels_last": str(args.channels_last).lower(),
         **({"inference__compile_backend": args.compile} if args.compile else {}),
     }
-    small_jobs, naive_n, latency_n, seconds = (128, 200, 20, 1.0) if args.quick else (1024, 2000, 100, 3.0)
+    small_jobs, naive_n, latency_n, seconds = (256, 200, 20, 1.0) if args.quick else (1024, 2000, 100, 3.0)
     bulk_n = 2000 if args.quick else 20_000
     rss_sizes = (1_000, 5_000) if args.quick else (10_000, 100_000)
     max_wait_ms = 5.0
@@ -225,7 +263,7 @@ def main() -> None:
         )
     )
     try:
-        rates = raw_ceiling(model_dir, [1, 8, 32, 64, 128, 256], seconds, args.device, accel)
+        rates, raw_cpu_ms = raw_ceiling(model_dir, [1, 8, 32, 64, 128, 256], seconds, args.device, accel)
         best = max(rates, key=lambda bs: rates[bs])
         # "Batching on" must batch: its max_batch is the smallest size above 1 within 5% of the fastest above 1 (on
         # a CPU batch 1 can win outright, and max_batch=1 would make "on" the same worker as "off"). Where the curve
@@ -239,19 +277,28 @@ def main() -> None:
         png_size = len(
             encode_image(sample, OutputFormat.PNG, provenance(generator=model, version="1", label="x", seed=1))
         )
-        puts = put_ceiling(endpoint, bucket, png_size, 300 if args.quick else 1000)
+        puts, put_cpu_ms = put_ceiling(endpoint, bucket, png_size, 300 if args.quick else 1000)
 
         on = {"batching__max_batch": str(batched), "batching__max_wait_ms": str(max_wait_ms), **device_env}
-        with worker(args.redis, endpoint, bucket, root, **on):
+        # Each worker first runs a full batch of jobs unmeasured: a fresh process grows its heap to a batch's
+        # activations on its first forward passes (page faults), which a short measured run would otherwise carry.
+        warm_up = 2 * batched
+        with worker(args.redis, endpoint, bucket, root, **on) as proc:
+            jobs_per_s(client, model, warm_up)
+            meter = CpuMeter(proc.pid, redis.Redis.from_url(args.redis))
+            meter.start()
             jobs_on = jobs_per_s(client, model, small_jobs)
+            meter.stop()
             lat = latencies_ms(client, model, latency_n)
             one_job = naive_n * jobs_per_s(client, model, 1, count=naive_n)  # images/s
             shards = bulk_images_per_s(client, model, bulk_n, "webdataset")
             objects = bulk_images_per_s(client, model, bulk_n, "objects")
         with worker(args.redis, endpoint, bucket, root, batching__max_batch="1", **device_env):
+            jobs_per_s(client, model, warm_up)
             jobs_off = jobs_per_s(client, model, small_jobs)
         naive_conf = {"batching__max_batch": "1", "batching__upload_workers": "1", **device_env}
         with worker(args.redis, endpoint, bucket, root, **naive_conf):
+            jobs_per_s(client, model, warm_up)
             naive = jobs_per_s(client, model, naive_n)  # jobs of one image = images/s
         rss: dict[int, float] = {}
         for n in rss_sizes:  # a fresh worker per size: VmHWM is the peak since the process started
@@ -270,6 +317,12 @@ def main() -> None:
     object_efficiency = objects / puts
     object_bound = min(rates[best], puts)  # on a CPU the generator, not the store, may be the tighter ceiling
     p50, p99 = percentile(lat, 0.5), percentile(lat, 0.99)
+    # (g) The CPU a 1-image job cannot do without: its share of a forward pass at "on"'s batch (on a GPU the
+    # forward pass's CPU is the launch work alone) and two PUTs, client and server side.
+    essential_ms = raw_cpu_ms[batched] + 2 * put_cpu_ms
+    cores = os.cpu_count() or 1
+    shared_ceiling = 1000 * cores / essential_ms
+    job_cpu_ms = {name: None if used is None else 1000 * used / small_jobs for name, used in meter.used.items()}
 
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -308,7 +361,21 @@ def main() -> None:
     small, large = rss_sizes
     print(f"{f'(f) worker peak RSS, one {large}-image webdataset job (MiB)':<58}{rss[large]:>12.1f}")
     print(f"{f'(f) worker peak RSS, one {small}-image webdataset job (MiB)':<58}{rss[small]:>12.1f}")
-    print(f"{'(f) peak RSS ratio, large / small job':<58}{rss[large] / rss[small]:>12.2f}\n")
+    print(f"{'(f) peak RSS ratio, large / small job':<58}{rss[large] / rss[small]:>12.2f}")
+    print(f"{f'(g) essential CPU of a 1-image job (ms): forward at batch {batched}':<58}{raw_cpu_ms[batched]:>12.2f}")
+    print(f"{'(g) essential CPU of a 1-image job (ms): 2 PUTs':<58}{2 * put_cpu_ms:>12.2f}")
+    for name, ms in job_cpu_ms.items():
+        shown = f"{ms:>12.2f}" if ms is not None else f"{'n/a':>12}"
+        print(f"{f'(g) CPU per 1-image job, batching on (ms): {name}':<58}{shown}")
+    total_ms = sum(ms for ms in job_cpu_ms.values() if ms is not None)
+    print(
+        f"{'(g) CPU per 1-image job, all measured vs essential (ms)':<58}{total_ms:>12.2f}{essential_ms:>12.2f}"
+        f"{essential_ms / total_ms:>8.2f}"
+    )
+    print(
+        f"{f'(g) 1-image jobs/s vs shared-cores ceiling ({cores} cores)':<58}{jobs_on:>12.1f}"
+        f"{shared_ceiling:>12.1f}{jobs_on / shared_ceiling:>8.2f}\n"
+    )
     for name, value in [
         ("raw_images_per_s_batch1", rates[1]),
         ("raw_images_per_s_best", rates[best]),
@@ -327,6 +394,11 @@ def main() -> None:
         ("shard_efficiency", shard_efficiency),
         ("object_efficiency", object_efficiency),
         ("object_efficiency_vs_binding_ceiling", objects / object_bound),
+        ("essential_cpu_ms_per_job", essential_ms),
+        ("measured_cpu_ms_per_job", total_ms),
+        *((f"cpu_ms_per_job_{name.replace(' ', '_')}", ms) for name, ms in job_cpu_ms.items() if ms is not None),
+        ("shared_cores_ceiling_jobs_per_s", shared_ceiling),
+        ("small_job_efficiency_shared_cores", jobs_on / shared_ceiling),
     ]:
         print(f"{name}={value:.3f}")
 
