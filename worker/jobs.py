@@ -18,7 +18,6 @@ from worker import metrics
 from worker.deadletter import record
 from worker.ingest import ArchiveLimits
 from worker.lease import Lease
-from worker.memory import release_free_pages
 from worker.pipeline import run_generate
 from worker.reporting import RedisReporter, TrainingReporter
 from worker.runtime import Runtime
@@ -76,8 +75,7 @@ def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard:
         metrics.IMAGES.labels(job.model_name).inc(len(stored))
         return
     finally:
-        if bulk:  # its chunks, encoded images and tar are freed: give the heap's free pages back (worker.memory)
-            release_free_pages()
+        runtime.pages.after_job(bulk=bulk)  # hand the heap's free pages back: after a bulk shard, or now and then
     outcome = "skipped" if result.skipped else "stopped" if result.stopped else "stored"
     metrics.SHARDS.labels(outcome).inc()
     metrics.IMAGES.labels(job.model_name).inc(len(result.outputs))

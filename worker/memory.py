@@ -17,7 +17,8 @@ Measured with `benchmarks/throughput.py`-style runs and `benchmarks/malloc.py` (
   40,000-image job the blocks in use stayed at 130-220 MiB while the free holes between them grew to 530 MiB, all
   of it resident (peak RSS 917 MiB, still climbing). So a worker hands the heap's free pages back after each bulk
   shard (:func:`release_free_pages`): the same job then peaked at 593 MiB, flat from its first minute, at the same
-  speed (182 vs 177 images/s): what is reused is faulted in once per shard, not once per forward pass.
+  speed (182 vs 177 images/s): what is reused is faulted in once per shard, not once per forward pass. A stream of
+  1-image jobs fragments the heap too (batches of every size): there it is done at most every 10 s.
   ``release`` goes the other way (a fixed 128 KiB mmap threshold: every big block goes back when freed): the least
   memory, and half the throughput. ``glibc`` leaves glibc's dynamic threshold and trimming alone.
 
@@ -33,6 +34,8 @@ import ctypes.util
 import functools
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 from enum import StrEnum
 from typing import cast
@@ -92,11 +95,40 @@ def release_free_pages() -> bool:
     """Hand the free pages inside malloc's heaps back to the OS (glibc ``malloc_trim(0)``); the heap keeps its
     address range, so what is allocated there again is faulted in afresh, once. False where there is no glibc.
 
-    A worker calls it after each bulk shard: under ``keep`` a long job's heap fragments (the blocks in use stay at a
-    few hundred MiB, the free holes between them grow), and without this the holes stay resident.
+    A worker calls it after jobs (:class:`PageReleaser`): under ``keep`` the heap fragments (the blocks in use stay
+    at a few hundred MiB, the free holes between them grow), and without this the holes stay resident.
     """
     trim = _malloc_trim()
     return bool(trim is not None and trim(0) >= 0)
+
+
+class PageReleaser:
+    """When a worker hands the heap's free pages back: after every bulk shard (it freed its chunks, encoded images
+    and tar), and after small jobs at most once per ``interval_s`` (a stream of 1-image jobs at batches of every
+    size fragments the heap too; trimming after each would fault pages in again for every job). Thread-safe.
+    """
+
+    def __init__(
+        self,
+        interval_s: float = 10.0,
+        *,
+        release: Callable[[], bool] = release_free_pages,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval_s = interval_s
+        self.release = release
+        self.clock = clock
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def after_job(self, *, bulk: bool) -> bool:
+        """Release now if due; True if pages were handed back."""
+        now = self.clock()
+        with self._lock:
+            if not bulk and now - self._last < self.interval_s:
+                return False
+            self._last = now
+        return self.release()
 
 
 @functools.cache

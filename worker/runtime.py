@@ -13,6 +13,7 @@ from models.generator import Acceleration
 from producer.errors import ConfigurationError
 from producer.status import JobStore
 from worker.inference import InferenceEngine
+from worker.memory import PageReleaser
 from worker.model_store import ModelStore
 from worker.registry import ZOO_DIR, ModelRegistry
 from worker.settings import WorkerSettings
@@ -33,6 +34,8 @@ class Runtime:
     uploads: ThreadPoolExecutor
     # Bulk shards running at once in this process (each holds its chunks, encoded images and tar in memory).
     bulk_slots: threading.BoundedSemaphore
+    # When the heap's free pages go back to the OS (worker.memory).
+    pages: PageReleaser
 
 
 def build_runtime(settings: WorkerSettings) -> Runtime:
@@ -50,6 +53,7 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
         engine=make_engine(registry, settings),
         uploads=ThreadPoolExecutor(settings.batching.upload_workers, thread_name_prefix="genq-upload"),
         bulk_slots=threading.BoundedSemaphore(settings.batching.max_bulk_shards),
+        pages=PageReleaser(),
     )
 
 

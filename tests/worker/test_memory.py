@@ -7,7 +7,7 @@ import platform
 
 import pytest
 
-from worker.memory import NEVER_TRIM, RELEASE_THRESHOLD, MallocPolicy, tune_malloc
+from worker.memory import NEVER_TRIM, RELEASE_THRESHOLD, MallocPolicy, PageReleaser, tune_malloc
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="arenas and mmap thresholds are glibc's")
 MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
@@ -82,3 +82,26 @@ def test_free_pages_held_by_keep_go_back_to_the_os_when_released() -> None:
     figures = json.loads(out.stdout)
     assert figures["released"]
     assert figures["held"] - figures["after"] > 100, figures  # of the 128 MiB freed under keep
+
+
+@pytest.mark.parametrize(
+    ("jobs", "expected"),
+    [
+        ([(1.0, False), (2.0, False), (9.9, False)], []),  # small jobs inside the interval: none
+        ([(1.0, False), (10.0, False), (15.0, False), (20.5, False)], [10.0, 20.5]),  # at most once per 10 s
+        ([(1.0, True), (1.5, True), (2.0, False)], [1.0, 1.5]),  # after every bulk shard; it restarts the interval
+        ([(5.0, True), (12.0, False), (15.0, False)], [5.0, 15.0]),
+    ],
+)
+def test_free_pages_go_back_after_each_bulk_shard_and_at_most_every_interval_after_small_jobs(
+    jobs: list[tuple[float, bool]], expected: list[float]
+) -> None:
+    now = [0.0]
+    released: list[float] = []
+    releaser = PageReleaser(10.0, release=lambda: released.append(now[0]) is None, clock=lambda: now[0])
+
+    for at, bulk in jobs:
+        now[0] = at
+        assert releaser.after_job(bulk=bulk) == (at in expected)
+
+    assert released == expected
