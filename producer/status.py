@@ -75,6 +75,13 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return -1 end
 return redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
 """
 
+# KEYS[1] job hash. ARGV: the delivery counter's field. Counts a delivery and returns the count, or -1 when the job
+# has no record: HINCRBY alone would create a record without spec or TTL for a job that expired.
+_COUNT_DELIVERY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+"""
+
 _ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 # A job view lists at most this many outputs (a 100,000-image job's view would be megabytes); the manifest has all.
@@ -95,6 +102,7 @@ class JobStore:
         self.ttl_s = ttl_s
         self._transition = client.register_script(_TRANSITION)
         self._complete_shard = client.register_script(_COMPLETE_SHARD)
+        self._count_delivery = client.register_script(_COUNT_DELIVERY)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -327,9 +335,11 @@ class JobStore:
             finished_at=utcnow().isoformat(),
         )
 
-    def count_delivery(self, job_id: str, shard: int = 0) -> int:
-        """Count one more delivery of a shard's task; the worker dead-letters a shard delivered too often."""
-        return int(self.redis.hincrby(self.key(job_id), f"deliveries:{shard}", 1))
+    def count_delivery(self, job_id: str, shard: int = 0) -> int | None:
+        """Count one more delivery of a shard's task (the worker dead-letters a shard delivered too often); None
+        when the job has no record (never created, or expired), which then stays without one."""
+        count = self._count_delivery(keys=[self.key(job_id)], args=[f"deliveries:{shard}"])
+        return None if int(count) < 0 else int(count)
 
     def counts_by_status(self) -> dict[JobStatus, int]:
         """Jobs per status: queued and running are current counts; succeeded, failed and canceled count every job

@@ -26,22 +26,27 @@ from worker.training import run_finetune
 log = logging.getLogger("genq.jobs")
 
 
-def execute_generate(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard: Shard | None = None) -> None:
+def execute_generate(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard: Shard | None = None) -> bool:
     """Run one shard of ``job`` (default: all of it). Never raises for a job-level failure: the record carries it.
 
     A shard whose deliveries exceed ``max_deliveries`` crashed its worker every time (the only way a message comes
     back): the job is failed instead of run again, so one poison job cannot take workers down forever.
+
+    Returns False, having done nothing, when the job has no record (never created, or expired after
+    ``GENQ_JOB_TTL_S``): clients record a job before they enqueue it, so the message is stale.
     """
     token = current_job.set(job.job_id)  # every log line of this job carries its id
     try:
-        _execute(job, runtime, reporter, shard)
+        return _execute(job, runtime, reporter, shard)
     finally:
         current_job.reset(token)
 
 
-def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard: Shard | None) -> None:
+def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard: Shard | None) -> bool:
     settings = runtime.settings
     deliveries = runtime.store.count_delivery(job.job_id, shard.index if shard else 0)
+    if deliveries is None:
+        return False
     if deliveries > settings.celery.max_deliveries:
         message = (
             f"delivered {deliveries} times without finishing (the worker died each time); "
@@ -51,7 +56,7 @@ def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard:
         record(runtime.redis, message, body, stage="task", task=GENERATE_TASK, job_id=job.job_id)
         reporter.failed(job, JobError(type="DeadLettered", message=message), [])
         metrics.SHARDS.labels("dead_lettered").inc()
-        return
+        return True
     stored: list[OutputRef] = []
     # A thread pool runs as many shards as it has threads; bulk ones take turns so memory stays flat (a 1-image
     # job never waits behind them). All share one inference thread, so a few in flight keep it busy.
@@ -73,7 +78,7 @@ def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard:
         reporter.failed(job, JobError(type=type(exc).__name__, message=str(exc)), stored)
         metrics.SHARDS.labels("failed").inc()
         metrics.IMAGES.labels(job.model_name).inc(len(stored))
-        return
+        return True
     finally:
         runtime.pages.after_job(bulk=bulk)  # hand the heap's free pages back: after a bulk shard, or now and then
     outcome = "skipped" if result.skipped else "stopped" if result.stopped else "stored"
@@ -87,6 +92,7 @@ def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard:
         log.info("%s stopped after %d outputs: the job ended elsewhere", where, len(result.outputs))
     else:
         log.info("%s stored %d outputs%s", where, len(result.outputs), "; job succeeded" if result.manifest_key else "")
+    return True
 
 
 def execute_finetune(job: FineTuneJob, runtime: Runtime, reporter: TrainingReporter) -> None:
@@ -113,6 +119,9 @@ def execute_finetune(job: FineTuneJob, runtime: Runtime, reporter: TrainingRepor
 def _execute_finetune(job: FineTuneJob, runtime: Runtime, reporter: TrainingReporter, lease: Lease) -> None:
     settings = runtime.settings
     deliveries = runtime.store.count_delivery(job.job_id)
+    if deliveries is None:  # the task checked the record before the lease; it expired since
+        log.warning("fine-tune %s: its record is gone (expired); nothing to do", job.job_id)
+        return
     if deliveries > settings.celery.max_deliveries:
         message = (
             f"started {deliveries} times without finishing (the worker died each time); "

@@ -50,12 +50,10 @@ def generate(payload: dict[str, Any], shard: dict[str, Any] | None = None) -> No
         record_task(generate, f"not a generate job: {_errors(exc)}", [payload, shard])
         return
     runtime = _runtime()
-    if not runtime.store.exists(job.job_id):  # clients record a job before they enqueue it: this one is stale
+    reporter = RedisReporter(runtime.store, send_callback, runtime.settings.webhook.progress_interval_s)
+    if not execute_generate(job, runtime, reporter, part):  # clients record a job before they enqueue it
         reason = f"no record of job {job.job_id} (never created, or expired after GENQ_JOB_TTL_S)"
         record_task(generate, reason, [payload, shard], job_id=job.job_id)
-        return
-    reporter = RedisReporter(runtime.store, send_callback, runtime.settings.webhook.progress_interval_s)
-    execute_generate(job, runtime, reporter, part)
 
 
 @app.task(name=constants.FINETUNE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)

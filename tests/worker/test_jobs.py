@@ -123,8 +123,9 @@ class CommandLog(redis.Redis):
 
 
 def test_a_one_image_job_costs_five_redis_round_trips(runtime: Runtime, redis_url: str) -> None:
-    # Every round trip is latency against a remote Redis and CPU in the worker: count the delivery, start the
-    # shard (refused if stored or ended, and whether to announce it), its progress, the stored shard, success.
+    # Every round trip is latency against a remote Redis and CPU in the worker: count the delivery (refused when
+    # the job has no record), start the shard (refused if stored or ended, and whether to announce it), its
+    # progress, the stored shard, success.
     client = CommandLog.from_url(redis_url)
     runtime.store = JobStore(client, runtime.settings.job_ttl_s)
     reporter = RedisReporter(runtime.store, lambda message: None)
@@ -135,4 +136,13 @@ def test_a_one_image_job_costs_five_redis_round_trips(runtime: Runtime, redis_ur
 
     sent = list(client.commands)
     assert runtime.store.get("job-counted").status is JobStatus.SUCCEEDED
-    assert sent == ["HINCRBY", "EVALSHA", "HSET", "EVALSHA", "EVALSHA"], sent
+    assert sent == ["EVALSHA", "EVALSHA", "HSET", "EVALSHA", "EVALSHA"], sent
+
+
+def test_a_job_without_a_record_is_not_run_and_gets_none(runtime: Runtime, redis_client: redis.Redis) -> None:
+    reporter = RedisReporter(runtime.store, lambda message: None)
+
+    assert not execute_generate(_job("job-expired", 1), runtime, reporter)
+
+    assert not redis_client.exists(runtime.store.key("job-expired")), "counting its delivery must not create one"
+    assert not list((runtime.settings.local_dir).rglob("*.png"))
