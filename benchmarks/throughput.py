@@ -123,6 +123,7 @@ class CpuMeter:
     def __init__(self, worker_pid: int, client: redis.Redis) -> None:
         pid = int(client.info("server").get("process_id", 0))
         self.pids = {"worker": worker_pid, "redis": pid if Path(f"/proc/{pid}/stat").exists() else None}
+        self._start: dict[str, float | None] = {}
         self.used: dict[str, float | None] = {}
 
     def _now(self) -> dict[str, float | None]:

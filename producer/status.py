@@ -245,10 +245,6 @@ class JobStore:
         guard = "" if shard is None else f"shard:{shard}"
         return self._apply(job_id, JobStatus.RUNNING, _ACTIVE, guard, {"?started_at": utcnow().isoformat()})
 
-    def mark_running(self, job_id: str) -> bool:
-        """queued/running -> running; False if the job already ended (see :meth:`start`)."""
-        return self.start(job_id) is not None
-
     def set_progress(self, job_id: str, shard: int, done: int) -> None:
         """Images of ``shard`` stored so far (a redelivered shard restarts its own count, never the job's)."""
         self.redis.hset(self.key(job_id), f"progress:{shard}", done)

@@ -81,6 +81,6 @@ def test_metrics_count_jobs_by_status_through_submit_start_and_cancel(
     first, second, _ = (acme.post("/v1/jobs", json=SNEAKERS).json()["id"] for _ in range(3))
     assert acme.post(f"/v1/jobs/{first}/cancel").status_code == 200
     assert acme.post(f"/v1/jobs/{first}/cancel").status_code == 409  # refused: counts nothing
-    JobStore(catalog, 3600).mark_running(second)  # as a worker would
+    JobStore(catalog, 3600).start(second)  # as a worker would
     after = _jobs_gauge(httpx.get(f"{api.url}/metrics").text)
     assert after == {"queued": 1, "running": 1, "succeeded": 0, "failed": 0, "canceled": 1}

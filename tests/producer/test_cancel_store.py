@@ -60,13 +60,13 @@ def test_a_queued_job_is_canceled_with_its_finish_time_and_no_outputs(store: Job
     assert view.status is JobStatus.CANCELED and view.finished_at is not None
     assert view.started_at is None and view.outputs == []
     assert not store.is_active("job-0001")
-    assert not store.mark_running("job-0001"), "a canceled job must never start"
+    assert store.start("job-0001") is None, "a canceled job must never start"
 
 
 @pytest.mark.parametrize("end", ["succeeded", "failed", "canceled"])
 def test_a_job_that_already_ended_cannot_be_canceled(store: JobStore, end: str) -> None:
     store.create(_job())
-    store.mark_running("job-0001")
+    store.start("job-0001")
     if end == "succeeded":
         store.mark_succeeded("job-0001", _outputs(range(4)), "jobs/job-0001/manifest.json")
     elif end == "failed":
@@ -79,7 +79,7 @@ def test_a_job_that_already_ended_cannot_be_canceled(store: JobStore, end: str) 
 
 def test_the_last_shard_finishing_after_a_cancel_never_marks_the_job_succeeded(store: JobStore) -> None:
     store.create(_job(count=8), shards=2)
-    store.mark_running("job-0001")
+    store.start("job-0001")
     assert not store.complete_shard("job-0001", 0, 2, _outputs(range(0, 4)))
     assert store.mark_canceled("job-0001")
 
@@ -95,7 +95,7 @@ def test_the_last_shard_finishing_after_a_cancel_never_marks_the_job_succeeded(s
 
 def test_a_canceled_view_lists_finished_shards_and_what_stopped_shards_stored(store: JobStore) -> None:
     store.create(_job(count=12), shards=3)
-    store.mark_running("job-0001")
+    store.start("job-0001")
     store.complete_shard("job-0001", 1, 3, _outputs(range(4, 8)))
     store.set_progress("job-0001", 1, 4)
     store.set_progress("job-0001", 0, 2)

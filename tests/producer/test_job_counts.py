@@ -48,9 +48,9 @@ def test_each_job_is_counted_once_in_its_current_status_and_ended_jobs_stay_coun
         store.create(_job(f"job-{n:04d}"))
     assert store.counts_by_status() == {**NONE, JobStatus.QUEUED: 5}
 
-    store.mark_running("job-0000")
-    store.mark_running("job-0000")  # a redelivered shard re-enters running: still one running job
-    store.mark_running("job-0001")
+    store.start("job-0000")
+    store.start("job-0000")  # a redelivered shard re-enters running: still one running job
+    store.start("job-0001")
     assert store.counts_by_status() == {**NONE, JobStatus.QUEUED: 3, JobStatus.RUNNING: 2}
 
     store.mark_succeeded("job-0000", [_OUTPUT], "jobs/job-0000/manifest.json")
@@ -73,7 +73,7 @@ def test_a_refused_transition_moves_no_count(store: JobStore) -> None:
     assert store.mark_canceled("job-0001")
     before = store.counts_by_status()
     assert not store.mark_canceled("job-0001")
-    assert not store.mark_running("job-0001")
+    assert store.start("job-0001") is None
     assert not store.mark_succeeded("job-0001", [_OUTPUT], "jobs/job-0001/manifest.json")
     assert not store.mark_failed("job-0001", JobError(type="Late", message="late"))
     assert store.counts_by_status() == before == {**NONE, JobStatus.CANCELED: 1}
@@ -98,7 +98,7 @@ def test_started_at_is_when_the_first_shard_started(store: JobStore, monkeypatch
     clock = iter([datetime(2026, 1, 1, 0, 0, s, tzinfo=UTC) for s in (1, 2, 3)])
     monkeypatch.setattr("producer.status.utcnow", lambda: next(clock))
     for _ in range(3):  # three shards start, one after another (or one is redelivered)
-        assert store.mark_running("job-0001")
+        assert store.start("job-0001") is not None
     assert store.get("job-0001").started_at == datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC)
 
 
