@@ -67,6 +67,22 @@ def batch_bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+# Graphs one compiled sampler may need: a bucket per power of two up to 2**31 images.
+_BUCKETS_PER_SAMPLER = 32
+
+
+def _reserve_compiled_graphs(n: int) -> None:
+    """Let torch.compile keep ``n`` more graphs of the sampling function before it gives up.
+
+    Dynamo counts the graphs it caches per code object, and every sampler of a class shares ``_decode``'s code: past
+    its ``recompile_limit`` (8) it warns once and runs every further batch bucket, of any model in the process, eager.
+    A worker with max_batch 256 needs 9 buckets for one model; each compiled sampler adds its share to the limits.
+    """
+    config = torch._dynamo.config
+    config.recompile_limit += n
+    config.accumulated_recompile_limit += n
+
+
 class _Sampler:
     """Serving wrapper around a trained network, always in eval mode: validation, per-seed latents, padding to a
     compiled bucket, autocast, and the conversion to uint8 are here; subclasses map (normal draws, labels) to
@@ -88,6 +104,7 @@ class _Sampler:
             self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._decode
         if self.accel.compile_backend is not None:
+            _reserve_compiled_graphs(_BUCKETS_PER_SAMPLER)
             self._forward = torch.compile(self._decode, backend=self.accel.compile_backend, dynamic=False)
 
     @property

@@ -11,7 +11,9 @@ import torch
 from tiny_model import make_tiny_model
 from torch._dynamo import register_backend
 
-from models.generator import Acceleration, batch_bucket, load_generator
+from models import cgan
+from models.data import FASHION_MNIST_CLASSES
+from models.generator import Acceleration, batch_bucket, load_generator, save_generator
 
 ZOO = Path(__file__).resolve().parents[2] / "models" / "zoo"
 COMPILED: list[list[tuple[int, ...]]] = []  # input shapes of every graph the recording backend was given
@@ -66,3 +68,24 @@ def test_compiled_sampling_pads_each_batch_to_its_bucket_and_compiles_once_per_b
     # Each graph's latents are its one (batch, z_dim=8) input; the weights' shapes are (784, 8), (10, 8), ...
     batches = [[s[0] for s in shapes if len(s) == 2 and s[1] == 8 and s[0] in (1, 2, 4, 8)] for shapes in COMPILED]
     assert batches == [[4], [8], [1]]  # one graph per bucket: 3 and 4 share 4, 5 and 7 share 8
+
+
+def test_every_bucket_of_every_compiled_model_gets_its_graph_past_dynamos_default_limit(tmp_path: Path) -> None:
+    # Dynamo keeps 8 graphs per code object by default and all samplers share _decode's: two models of different
+    # widths at 10 buckets each (batch 1 to 512) need 20 graphs; the 9th would otherwise run eager, with a warning.
+    exact, compiled = [], []
+    for width in (4, 6):
+        config = cgan.CGANConfig(class_names=FASHION_MNIST_CLASSES, z_dim=8, g_ch=width, d_ch=4)
+        torch.manual_seed(width)
+        save_generator(tmp_path / str(width), config, cgan.Generator(config))
+        exact.append(load_generator(tmp_path / str(width)))
+        compiled.append(load_generator(tmp_path / str(width), accel=Acceleration(compile_backend="genq_test_recorder")))
+    torch._dynamo.reset()  # graphs cached by the tests before (same code, same shapes) would be reused
+    COMPILED.clear()
+    for fast, slow in zip(compiled, exact, strict=True):
+        for n in (1 << k for k in range(10)):
+            labels, seeds = [i % 10 for i in range(n)], list(range(n))
+            assert int((fast.sample(labels, seeds).int() - slow.sample(labels, seeds).int()).abs().max()) <= 1
+    # A graph's latents: its one (batch, z_dim=8) input with a power-of-two batch (weights: (784, 8), (10, 8) ...)
+    batches = [s[0] for shapes in COMPILED for s in shapes if len(s) == 2 and s[1] == 8 and s[0] & (s[0] - 1) == 0]
+    assert batches == [1 << k for k in range(10)] * 2  # one graph per (model, bucket); without the raised limits, 8
