@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from models.errors import InvalidModelConfig
+from models.invariant import BatchInvariantConv2d, BatchInvariantLinear
 
 ARCH = "cgan"
 
@@ -84,10 +85,10 @@ class SelfAttention(nn.Module):
     def __init__(self, channels: int, sn: bool) -> None:
         super().__init__()
         wrap = spectral_norm if sn else (lambda m: m)
-        self.query = wrap(nn.Conv2d(channels, max(channels // 8, 1), 1, bias=False))
-        self.key = wrap(nn.Conv2d(channels, max(channels // 8, 1), 1, bias=False))
-        self.value = wrap(nn.Conv2d(channels, max(channels // 2, 1), 1, bias=False))
-        self.out = wrap(nn.Conv2d(max(channels // 2, 1), channels, 1, bias=False))
+        self.query = wrap(BatchInvariantConv2d(channels, max(channels // 8, 1), 1, bias=False))
+        self.key = wrap(BatchInvariantConv2d(channels, max(channels // 8, 1), 1, bias=False))
+        self.value = wrap(BatchInvariantConv2d(channels, max(channels // 2, 1), 1, bias=False))
+        self.out = wrap(BatchInvariantConv2d(max(channels // 2, 1), channels, 1, bias=False))
         self.gamma = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +123,7 @@ class GBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, num_classes: int) -> None:
         super().__init__()
         self.bn = ConditionalBatchNorm2d(c_in, num_classes)
-        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.conv = BatchInvariantConv2d(c_in, c_out, 3, padding=1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = F.interpolate(F.relu(self.bn(x, y)), scale_factor=2.0, mode="nearest")  # (B, c_in, 2H, 2W)
@@ -138,13 +139,13 @@ class Generator(nn.Module):
         base, n_up = _LAYOUTS[cfg.resolution]
         widths = [cfg.g_ch * 2 ** min(n_up - i, 3) for i in range(n_up + 1)]  # e.g. [256, 128, 64] at 28 px
         self.base = base
-        self.fc = nn.Linear(cfg.z_dim, widths[0] * base * base)
+        self.fc = BatchInvariantLinear(cfg.z_dim, widths[0] * base * base)
         self.blocks = nn.ModuleList(GBlock(widths[i], widths[i + 1], cfg.num_classes) for i in range(n_up))
         # after the block whose output has side cfg.attention (index i: side base * 2 ** (i + 1))
         self.attn_after = next((i for i in range(n_up) if base * 2 ** (i + 1) == cfg.attention), -1)
         self.attn = SelfAttention(widths[self.attn_after + 1], sn=False) if self.attn_after >= 0 else None
         self.out_bn = nn.BatchNorm2d(widths[-1])
-        self.out_conv = nn.Conv2d(widths[-1], cfg.channels, 3, padding=1)
+        self.out_conv = BatchInvariantConv2d(widths[-1], cfg.channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.fc(z).view(z.shape[0], -1, self.base, self.base)  # (B, C0, base, base)

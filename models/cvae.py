@@ -22,6 +22,7 @@ from torch import nn
 
 from models.cgan import latents_for_seeds
 from models.errors import InvalidModelConfig
+from models.invariant import BatchInvariantConv2d, BatchInvariantLinear
 
 ARCH = "cvae"
 
@@ -124,12 +125,12 @@ class Decoder(nn.Module):
         widths = cfg.widths()[::-1]  # base map first, e.g. [128, 64, 32] at 28 px
         self.base, _ = _LAYOUTS[cfg.resolution]
         self.embed = nn.Embedding(cfg.num_classes, cfg.embed_dim)
-        self.fc = nn.Linear(cfg.z_dim + cfg.embed_dim, widths[0] * self.base * self.base)
+        self.fc = BatchInvariantLinear(cfg.z_dim + cfg.embed_dim, widths[0] * self.base * self.base)
         # 4x4 stride-2 transposed convs (DCGAN's up-sampler): half the cost of upsample + 3x3 conv on a CPU
         self.ups = nn.ModuleList(
             nn.ConvTranspose2d(widths[i], widths[i + 1], 4, stride=2, padding=1) for i in range(len(widths) - 1)
         )
-        self.out = nn.Conv2d(widths[-1], cfg.channels, 3, padding=1)
+        self.out = BatchInvariantConv2d(widths[-1], cfg.channels, 3, padding=1)
         if cfg.prior == "class-gaussian":  # N(0, I) until fit_class_prior fills them; saved with the weights
             k, z = cfg.num_classes, cfg.z_dim
             self.register_buffer("prior_mean", torch.zeros(k, z))

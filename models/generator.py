@@ -46,8 +46,10 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Acceleration:
-    """How a served generator runs its forward pass. The default (fp32, eager, contiguous) is exact: image i is
-    byte-identical whatever batch it rides in (tested). The options trade that exactness for speed on a GPU:
+    """How a served generator runs its forward pass. The default (fp32, eager, contiguous) is exact on the CPU:
+    image i is byte-identical whatever batch it rides in (tested at one and two intra-op threads; on another machine
+    ``python -m benchmarks.exactness`` checks it, on a GPU too, where cuDNN picks kernels by batch size). The options
+    trade that exactness for speed on a GPU:
 
     - ``bf16``: autocast convolutions and matmuls to bfloat16 (tensor cores); an image may move by a grey level or
       two between batch sizes, since kernels pick other accumulation orders.
@@ -79,8 +81,10 @@ def _reserve_compiled_graphs(n: int) -> None:
     A worker with max_batch 256 needs 9 buckets for one model; each compiled sampler adds its share to the limits.
     """
     config = torch._dynamo.config
-    config.recompile_limit += n
-    config.accumulated_recompile_limit += n
+    renamed = {"recompile_limit": "cache_size_limit", "accumulated_recompile_limit": "accumulated_cache_size_limit"}
+    for name, old_name in renamed.items():  # the old names before torch 2.6
+        key = name if hasattr(config, name) else old_name
+        setattr(config, key, getattr(config, key) + n)
 
 
 class _Sampler:
@@ -132,7 +136,12 @@ class _Sampler:
         if bad:
             raise ValueError(f"label index {bad[0]} out of range 0..{self.config.num_classes - 1}")
         n = len(labels)
-        pad = batch_bucket(n) - n if self.accel.compile_backend is not None else 0
+        if self.accel.compile_backend is not None:
+            pad = batch_bucket(n) - n
+        else:
+            # oneDNN's transposed convolution splits an odd batch of 3 or more between two threads mid-image, which
+            # moves that image by a last bit: a dummy makes the batch even (models.invariant has the rest).
+            pad = 1 if n % 2 and n > 1 and self.device.type == "cpu" else 0
         eps = cgan.latents_for_seeds([*seeds, *[0] * pad], self.config.z_dim).to(self.device)  # (B + pad, z_dim)
         y = torch.tensor([*labels, *[0] * pad], dtype=torch.long, device=self.device)  # (B + pad,)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.accel.bf16):
