@@ -22,12 +22,12 @@ def _exact_cpu_sampling(module: nn.Module, x: torch.Tensor) -> bool:
     (gradients on), compiled graphs, autocast and other devices (where kernels vary with the batch anyway) take
     torch's own path."""
     return not (
-        module.training
+        torch.compiler.is_compiling()  # first: what follows would break a traced graph
+        or module.training
         or torch.is_grad_enabled()
         or x.device.type != "cpu"
         or x.dtype != torch.float32
         or torch.is_autocast_enabled("cpu")
-        or torch.compiler.is_compiling()
     )
 
 
@@ -58,7 +58,13 @@ class BatchInvariantConv2d(nn.Conv2d):
     8x8 convolution of one image)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _exact_cpu_sampling(self, x) or self.padding_mode != "zeros" or isinstance(self.padding, str):
+        # mkldnn_convolution takes zero padding given as numbers only ("same" and the other modes: torch's path)
+        if (
+            not _exact_cpu_sampling(self, x)
+            or isinstance(self.padding, str)
+            or self.padding_mode != "zeros"
+            or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+        ):
             return super().forward(x)
         return torch.mkldnn_convolution(  # (B, C_out, H', W')
             x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups
