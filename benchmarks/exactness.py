@@ -22,9 +22,8 @@ from pathlib import Path
 
 import torch
 
-from models import cgan
-from models.data import FASHION_MNIST_CLASSES
-from models.generator import Acceleration, load_generator, save_generator
+from benchmarks.throughput import make_model
+from models.generator import Acceleration, load_generator
 from worker.memory import MallocPolicy, tune_malloc
 from worker.registry import ZOO_DIR
 
@@ -39,11 +38,9 @@ CHUNKS = (1, 7, 64)
 
 def models(root: Path, size: int) -> dict[str, Path]:
     """The shipped generators and the benchmark configuration at ``size`` px (random weights, written to ``root``)."""
-    config = cgan.CGANConfig(class_names=FASHION_MNIST_CLASSES, resolution=size, channels=3, g_ch=32)
-    torch.manual_seed(0)
-    save_generator(root / "bench", config, cgan.Generator(config))
-    return {"fmnist-cgan/1": ZOO_DIR / "fmnist-cgan" / "1", "fmnist-cvae/2": ZOO_DIR / "fmnist-cvae" / "2",
-            f"bench-{size}": root / "bench"}  # fmt: skip
+    bench, directory = make_model(size, root)
+    shipped = {name: ZOO_DIR / name for name in ("fmnist-cgan/1", "fmnist-cvae/2")}
+    return {**shipped, bench: directory}
 
 
 def check(directory: Path, device: str, accel: Acceleration, batch: int, seconds: float) -> dict[str, float]:
@@ -73,7 +70,7 @@ def check(directory: Path, device: str, accel: Acceleration, batch: int, seconds
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="torch device (cuda on a GPU)")
-    parser.add_argument("--batch", type=int, default=256, help="images sampled at once (a multiple of the chunks)")
+    parser.add_argument("--batch", type=int, default=256, help="images sampled at once, then again in chunks")
     parser.add_argument("--size", type=int, default=64, choices=[32, 64], help="side of the benchmark configuration")
     parser.add_argument("--seconds", type=float, default=2.0, help="timing per (model, option set)")
     parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))

@@ -45,10 +45,12 @@ class BatchInvariantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _exact_cpu_sampling(self, x) or x.shape[0] == 0:
             return F.linear(x, self.weight, self.bias)
-        n = x.shape[0]
-        padded = torch.cat([x, x.new_zeros(-n % self.ROWS, x.shape[1])])  # (B + pad, in), B + pad a multiple of ROWS
-        parts = [F.linear(padded[i : i + self.ROWS].clone(), self.weight, self.bias) for i in range(0, n, self.ROWS)]
-        return torch.cat(parts)[:n]  # (B, out)
+        parts = []
+        for i in range(0, x.shape[0], self.ROWS):
+            rows = x[i : i + self.ROWS]
+            rows = torch.cat([rows, rows.new_zeros(self.ROWS - rows.shape[0], rows.shape[1])])  # fresh (ROWS, in)
+            parts.append(F.linear(rows, self.weight, self.bias))  # (ROWS, out)
+        return torch.cat(parts)[: x.shape[0]]  # (B, out)
 
 
 class BatchInvariantConv2d(nn.Conv2d):
