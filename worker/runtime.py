@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ from worker.memory import PageReleaser
 from worker.model_store import ModelStore
 from worker.registry import ZOO_DIR, ModelRegistry
 from worker.settings import WorkerSettings
-from worker.storage import Storage, make_storage
+from worker.storage import S3Storage, Storage, make_storage
+
+log = logging.getLogger("genq.runtime")
 
 
 @dataclass
@@ -38,11 +41,13 @@ class Runtime:
     pages: PageReleaser
 
 
-def build_runtime(settings: WorkerSettings) -> Runtime:
+def build_runtime(settings: WorkerSettings, task_threads: int = 1) -> Runtime:
+    """Everything a worker process's tasks share; ``task_threads`` is how many tasks it runs at once (a threads
+    pool's concurrency; 1 in a prefork child or the solo pool)."""
     if settings.redis.url is None:
         raise ConfigurationError("a worker needs Redis: set GENQ_REDIS__URL (e.g. redis://127.0.0.1:6379/0)")
     client = redis.Redis.from_url(settings.redis.url)
-    storage, model_store, registry = make_registry(settings)
+    storage, model_store, registry = make_registry(settings, task_threads)
     return Runtime(
         settings=settings,
         redis=client,
@@ -57,15 +62,22 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
     )
 
 
-def make_registry(settings: WorkerSettings) -> tuple[Storage, ModelStore, ModelRegistry]:
+def make_registry(settings: WorkerSettings, task_threads: int = 1) -> tuple[Storage, ModelStore, ModelRegistry]:
     """Storage, the model store in it, and the registry over local roots and that store (no torch involved)."""
     storage = make_storage(
         settings.storage,
         bucket=settings.s3.bucket,
         local_dir=settings.local_dir,
         retry=settings.storage_retry,
-        max_pool_connections=settings.batching.upload_workers + 4,  # uploads plus manifest/other calls
+        max_pool_connections=s3_pool_size(settings, task_threads),
     )
+    if isinstance(storage, S3Storage):
+        log.info(
+            "S3 client: up to %d connections (%d upload threads, %d task threads)",
+            s3_pool_size(settings, task_threads),
+            settings.batching.upload_workers,
+            task_threads,
+        )
     model_store = make_model_store(settings, storage)
     registry = ModelRegistry(
         model_roots(settings),
@@ -75,6 +87,17 @@ def make_registry(settings: WorkerSettings) -> tuple[Storage, ModelStore, ModelR
         max_loaded=settings.max_loaded_models,
     )
     return storage, model_store, registry
+
+
+def s3_pool_size(settings: WorkerSettings, task_threads: int) -> int:
+    """Connections the S3 client keeps open: one for every thread that may call S3 at once (each upload thread, and
+    each task thread storing a manifest or a WebDataset shard) and a few for the model store and dead letters.
+
+    A pool smaller than that discards a connection whenever more calls end at once than it holds ("Connection
+    pool is full" in the log), and the next call opens a new one: a TCP and, against AWS, a TLS handshake. An
+    idle slot costs nothing: connections are opened on demand.
+    """
+    return settings.batching.upload_workers + task_threads + 4
 
 
 def acceleration(settings: WorkerSettings) -> Acceleration:
@@ -107,12 +130,12 @@ _runtime: Runtime | None = None
 _lock = threading.Lock()
 
 
-def get_runtime(settings: WorkerSettings) -> Runtime:
-    """The process's runtime, built on first use (thread-safe)."""
+def get_runtime(settings: WorkerSettings, task_threads: int = 1) -> Runtime:
+    """The process's runtime, built on first use (thread-safe); ``task_threads`` as in :func:`build_runtime`."""
     global _runtime
     with _lock:
         if _runtime is None:
-            _runtime = build_runtime(settings)
+            _runtime = build_runtime(settings, task_threads)
         return _runtime
 
 

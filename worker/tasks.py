@@ -25,8 +25,12 @@ from worker.runtime import Runtime, get_runtime, make_registry, reset_runtime
 log = logging.getLogger("genq.tasks")
 
 
+# Tasks this process runs at once: the threads pool's concurrency (set at worker_init); 1 in a prefork child.
+_task_threads = 1
+
+
 def _runtime() -> Runtime:
-    return get_runtime(settings_of(app))
+    return get_runtime(settings_of(app), _task_threads)
 
 
 def send_callback(message: CallbackMessage, countdown: float = 0.0) -> None:
@@ -117,8 +121,12 @@ def deliver_callback(payload: dict[str, Any]) -> None:
 
 
 @signals.worker_init.connect
-def _limit_memory(**_: Any) -> None:
+def _before_the_pool_starts(sender: Any = None, **_: Any) -> None:
     # Before the pool starts its threads (or forks its children): what is allocated later obeys these.
+    global _task_threads
+    concurrency = getattr(sender, "concurrency", None)
+    if isinstance(concurrency, int) and "thread" in str(getattr(sender, "pool_cls", "")):
+        _task_threads = concurrency  # every task thread may store a manifest or a shard at once: see s3_pool_size
     settings = settings_of(app)
     tuned = tune_malloc(settings.malloc_arena_max, settings.malloc_policy)
     if tuned:

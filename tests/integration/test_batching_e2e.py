@@ -74,3 +74,19 @@ def test_a_poisoned_job_in_a_shared_forward_pass_fails_alone(stack: Stack, start
         view = stack.client.wait(job.id, timeout=60)
         assert view.status is JobStatus.SUCCEEDED and len(view.outputs) == 1, view.error
     assert "bisecting" in worker.log()  # the poisoned sample did share a forward pass with others
+
+
+def test_concurrent_jobs_on_a_threads_worker_never_throw_an_s3_connection_away(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
+    # A long wait gathers 12 jobs into each forward pass; then their 12 task threads store a WebDataset shard and a
+    # manifest each, all at once: a pool sized for the 2 upload threads alone discards connections at every burst
+    # (urllib3: "Connection pool is full").
+    env = worker_env(stack, GENQ_BATCHING__UPLOAD_WORKERS="2", GENQ_BATCHING__MAX_WAIT_MS="300")
+    worker = start_worker(env, concurrency=12)
+    assert "S3 client: up to 18 connections (2 upload threads, 12 task threads)" in worker.log()
+
+    request = GenerateRequest(model="fmnist-cgan", label=1, output="webdataset")
+    jobs = [stack.client.submit(request.model_copy(update={"seed": i})) for i in range(60)]
+    for job in jobs:
+        view = stack.client.wait(job.id, timeout=60)
+        assert view.status is JobStatus.SUCCEEDED, view.error
+    assert "Connection pool is full" not in worker.log()
