@@ -59,7 +59,8 @@ def create_app(settings: WorkerSettings) -> Celery:
         },
         task_default_queue=constants.GENERATE_QUEUE,
         worker_hijack_root_logger=False,
-        worker_send_task_events=True,  # lets Flower watch the same broker
+        # Off unless asked for: Flower sends enable_events to the workers while it runs (see CelerySettings).
+        worker_send_task_events=settings.celery.task_events,
     )
     app.conf.genq_settings = settings
     return app
