@@ -9,7 +9,7 @@
 (d) submit-to-terminal latency of 1-image jobs, one at a time, on an idle worker.
 (c) one bulk job (20,000 images) as webdataset tar shards vs the compute ceiling, and as objects vs the PUT ceiling.
 (e) N images the naive way (N one-image jobs, batch 1, one upload thread) vs the same N as one genq job.
-(f) the worker's peak RSS over one 10,000-image and one 100,000-image webdataset job (1,000/5,000 with --quick),
+(f) the worker's peak RSS over one 10,000-image and one 100,000-image webdataset job (500/2,500 with --quick),
     each on a fresh worker: flat in job size when shards and the bounded pipeline do their work.
 (g) where the CPU of a 1-image job goes (worker, this process's client and S3 server, Redis), against the CPU the
     job cannot do without (one forward pass and two PUTs, each at its full-machine best). Where compute and storage
@@ -268,9 +268,9 @@ def main() -> None:
         "inference__channels_last": str(args.channels_last).lower(),
         **({"inference__compile_backend": args.compile} if args.compile else {}),
     }
-    small_jobs, naive_n, latency_n, seconds = (256, 200, 20, 1.0) if args.quick else (1024, 2000, 100, 3.0)
-    bulk_n = 2000 if args.quick else 20_000
-    rss_sizes = (1_000, 5_000) if args.quick else (10_000, 100_000)
+    small_jobs, naive_n, latency_n, seconds = (128, 100, 20, 0.5) if args.quick else (1024, 2000, 100, 3.0)
+    bulk_n = 1000 if args.quick else 20_000
+    rss_sizes = (500, 2_500) if args.quick else (10_000, 100_000)
     max_wait_ms = 5.0
 
     bucket = "bench"
