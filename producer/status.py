@@ -261,6 +261,14 @@ class JobStore:
         payload = json.dumps([o.model_dump(mode="json") for o in outputs])
         return int(self._complete_shard(keys=[self.key(job_id)], args=[f"shard:{shard}", payload])) == shards
 
+    def awaiting_manifest(self, job_id: str) -> bool:
+        """Every shard's outputs are recorded yet the job is still running: the run that recorded the last shard
+        died before it wrote the manifest (the manifest write and the success come after the record)."""
+        status, done, shards = self.redis.hmget(self.key(job_id), ["status", "shards_done", "shards"])
+        if status is None or JobStatus(as_text(status)) not in _ACTIVE:
+            return False
+        return int(done or 0) >= int(shards or 1)
+
     def shard_outputs(self, job_id: str, shards: int) -> Iterator[list[OutputRef]]:
         """The outputs recorded by each of a job's ``shards`` shards, one shard at a time, in shard order.
 

@@ -36,6 +36,9 @@ class LocalReporter:
     def active(self, job: GenerateJob) -> bool:
         return True
 
+    def awaiting_manifest(self, job: GenerateJob) -> bool:
+        return False  # started() never refuses: one process runs the whole job
+
     def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> bool:
         self._stored = outputs
         return True  # one process, one shard: it completes the job

@@ -43,6 +43,11 @@ class Reporter(Protocol):
         """Whether the job still wants outputs (False once it failed elsewhere or was canceled)."""
         ...
 
+    def awaiting_manifest(self, job: GenerateJob) -> bool:
+        """Every shard is stored but the job has not succeeded: the run that stored the last one died before it
+        wrote the manifest, and a redelivery must write it."""
+        ...
+
     def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> bool:
         """Record a stored shard; True if it was the job's last one (this run then writes the manifest)."""
         ...
@@ -114,6 +119,8 @@ def run_generate(
     labels = job.image_labels()
     shard = shard or plan_shards(len(labels), len(labels))[0]
     if not reporter.started(job, shard):
+        if reporter.awaiting_manifest(job):  # this shard's last run stored the job's last outputs, then died
+            return GenerateResult(outputs=[], manifest_key=_finish(job, storage, reporter, shard, prefix, None))
         return GenerateResult(outputs=[], manifest_key=None, skipped=True)
     version = f"{job.model_name}@{job.model_version}"
     chunks = [range(s, min(s + chunk_size, shard.stop)) for s in range(shard.start, shard.stop, chunk_size)]
@@ -174,12 +181,21 @@ def run_generate(
         reporter.progress(job, shard, len(outputs))
     if not reporter.shard_stored(job, shard, list(outputs)):  # other shards still run; the last one ends the job
         return GenerateResult(outputs=list(outputs), manifest_key=None)
+    # A job of one shard has every output in hand.
+    manifest_key = _finish(job, storage, reporter, shard, prefix, list(outputs) if shard.count == 1 else None)
+    return GenerateResult(outputs=list(outputs), manifest_key=manifest_key)
+
+
+def _finish(
+    job: GenerateJob, storage: Storage, reporter: Reporter, shard: Shard, prefix: str, outputs: list[OutputRef] | None
+) -> str:
+    """Write the manifest of a job whose shards are all stored and mark it succeeded; ``outputs``: all of them, or
+    None to read each shard's back from the reporter, one shard at a time. Returns the manifest's key."""
     manifest_key = prefix + constants.MANIFEST_NAME
-    # A job of one shard has every output in hand; others read them back, one shard at a time.
-    parts = [list(outputs)] if shard.count == 1 else reporter.stored_outputs(job, shard.count)
+    parts = [outputs] if outputs is not None else reporter.stored_outputs(job, shard.count)
     first, total = write_manifest(job, storage, manifest_key, parts)
     reporter.succeeded(job, first, total, manifest_key)
-    return GenerateResult(outputs=list(outputs), manifest_key=manifest_key)
+    return manifest_key
 
 
 def write_manifest(

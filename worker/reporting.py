@@ -36,6 +36,9 @@ class RedisReporter:
     def active(self, job: GenerateJob | FineTuneJob) -> bool:
         return self.store.is_active(job.job_id)
 
+    def awaiting_manifest(self, job: GenerateJob) -> bool:
+        return self.store.awaiting_manifest(job.job_id)
+
     def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> bool:
         return self.store.complete_shard(job.job_id, shard.index, shard.count, outputs)
 

@@ -40,6 +40,34 @@ def test_whole_worker_killed_mid_job_is_redelivered_and_completes(stack: Stack, 
     assert int(stack.redis.hget(f"genq:job:{job.id}", "deliveries:0") or 0) >= 2  # the only shard
 
 
+def test_worker_killed_amid_shared_forward_passes_loses_no_job_and_stores_each_once(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
+    # A long wait makes the 12 task threads' jobs ride forward passes together; the kill lands while some of those
+    # jobs are stored, some half-stored and some waiting for their pass.
+    env = worker_env(
+        stack,
+        GENQ_BATCHING__MAX_BATCH="16",
+        GENQ_BATCHING__MAX_WAIT_MS="250",
+        GENQ_CELERY__VISIBILITY_TIMEOUT_S="3",
+    )
+    first = start_worker(env, concurrency=12)
+    jobs = [
+        stack.client.submit(GenerateRequest(model="fmnist-cgan", label=i % 10, count=3, seed=100 + i))
+        for i in range(48)
+    ]
+    wait_until(
+        lambda: any(stack.client.status(j.id).status is JobStatus.SUCCEEDED for j in jobs), 60, "a first job to end"
+    )
+    first.kill()
+    unfinished = [j for j in jobs if stack.client.status(j.id).status is not JobStatus.SUCCEEDED]
+    assert unfinished, "every job ended before the kill: nothing was tested"
+
+    start_worker(env, concurrency=12)
+    for job in jobs:
+        _assert_complete(stack, stack.client.wait(job.id, timeout=120), 3)
+    assert len(stack.keys("jobs/")) == 48 * (3 + 1)  # no stray or duplicate object anywhere
+    assert "bisecting" not in first.log()  # the passes were shared and none failed
+
+
 def test_pool_process_killed_mid_job_is_redelivered_and_completes(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
     worker = start_worker(worker_env(stack, GENQ_BATCHING__MAX_BATCH="8"), pool="prefork", concurrency=1)
     job = stack.client.submit(GenerateRequest(model="fmnist-cgan", label="coat", count=BIG, seed=4))

@@ -13,10 +13,11 @@ import pytest
 import redis
 from tiny_model import TINY_NAME, make_tiny_model
 
-from producer.contract import GenerateJob, JobStatus, LabelCount, OutputRef, Shard, plan_shards
+from producer.contract import GenerateJob, JobStatus, LabelCount, Manifest, OutputRef, Shard, plan_shards
 from producer.settings import RedisSettings
 from producer.status import JobStore
 from worker.jobs import execute_generate
+from worker.local_storage import LocalStorage
 from worker.reporting import RedisReporter
 from worker.runtime import Runtime, build_runtime
 from worker.settings import BatchingSettings, WorkerSettings
@@ -146,3 +147,53 @@ def test_a_job_without_a_record_is_not_run_and_gets_none(runtime: Runtime, redis
 
     assert not redis_client.exists(runtime.store.key("job-expired")), "counting its delivery must not create one"
     assert not list((runtime.settings.local_dir).rglob("*.png"))
+
+
+class ProcessDies(BaseException):
+    """The worker process dying (SIGKILL, in production): nothing in a task catches it."""
+
+
+class DiesAtTheManifest(LocalStorage):
+    """Stores every image, then the process dies as it stores the manifest: after the last shard was recorded."""
+
+    def put_file(self, key: str, source: Any, content_type: str) -> None:
+        raise ProcessDies(key)
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_a_redelivery_writes_the_manifest_a_dead_run_left_unwritten(runtime: Runtime, shards: int) -> None:
+    job, parts = _job(f"job-died-{shards}", 12), plan_shards(12, 12 // shards)
+    runtime.store.create(job, shards=len(parts))
+    reporter = RedisReporter(runtime.store, lambda message: None)
+    healthy = runtime.storage
+    for part in parts[:-1]:
+        execute_generate(job, runtime, reporter, part)
+    runtime.storage = DiesAtTheManifest(runtime.settings.local_dir)
+    with pytest.raises(ProcessDies):
+        execute_generate(job, runtime, reporter, parts[-1])  # records the job's last shard, then dies
+    assert runtime.store.get(job.job_id).status is JobStatus.RUNNING
+    assert runtime.store.awaiting_manifest(job.job_id)
+
+    runtime.storage = healthy
+    passes = sum(runtime.engine.batch_sizes.values())
+    execute_generate(job, runtime, reporter, parts[-1])  # the broker redelivers the dead run's message
+
+    view = runtime.store.get(job.job_id)
+    assert view.status is JobStatus.SUCCEEDED and view.manifest_key is not None
+    assert [o.index for o in view.outputs] == list(range(12))
+    manifest = Manifest.model_validate_json(healthy.get(view.manifest_key))
+    assert [o.index for o in manifest.outputs] == list(range(12))
+    assert sum(runtime.engine.batch_sizes.values()) == passes  # nothing sampled again: every image was stored
+    assert not runtime.store.awaiting_manifest(job.job_id)
+
+
+def test_a_redelivered_stored_shard_leaves_the_manifest_to_the_shards_still_running(runtime: Runtime) -> None:
+    job, parts = _job("job-partial", 12), plan_shards(12, 4)
+    runtime.store.create(job, shards=len(parts))
+    reporter = RedisReporter(runtime.store, lambda message: None)
+    execute_generate(job, runtime, reporter, parts[0])
+    execute_generate(job, runtime, reporter, parts[0])  # a redelivery of a stored shard; two others still run
+
+    view = runtime.store.get(job.job_id)
+    assert view.status is JobStatus.RUNNING and view.manifest_key is None
+    assert not runtime.store.awaiting_manifest(job.job_id)

@@ -41,6 +41,9 @@ class RecordingReporter:
     def active(self, job: GenerateJob) -> bool:
         return True
 
+    def awaiting_manifest(self, job: GenerateJob) -> bool:
+        return False
+
     def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> bool:
         self.shards[shard.index] = outputs
         return len(self.shards) == shard.count
