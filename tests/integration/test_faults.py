@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
+import tarfile
 import time
 from urllib.parse import urlparse
 
@@ -127,3 +129,29 @@ def test_sharded_job_run_by_two_workers_stores_exactly_the_count_once(stack: Sta
     )
     assert unsharded.shards == 1
     assert [o.sha256 for o in manifest.outputs] == [o.sha256 for o in unsharded.outputs]
+
+
+def test_sharded_webdataset_job_survives_one_of_its_workers_killed(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
+    env = worker_env(stack, GENQ_BATCHING__MAX_BATCH="16", GENQ_CELERY__VISIBILITY_TIMEOUT_S="3")
+    doomed = start_worker(env, concurrency=2)
+    start_worker(env, concurrency=2)
+    client = Client(stack.client.settings.model_copy(update={"shard_size": 100}))
+    request = GenerateRequest(model="fmnist-cgan", counts={"bag": 400, "coat": 400}, seed=9, output="webdataset")
+    job = client.submit(request)
+    wait_until(lambda: client.status(job.id).progress.done >= 200, 60, "the first shards to be stored")
+    doomed.kill()  # its shards in flight stay unacked until the visibility timeout; the other worker takes them
+    start_worker(env, concurrency=2)
+
+    view = client.wait(job.id, timeout=120)
+    assert view.status is JobStatus.SUCCEEDED and view.shards == 8, view.error
+    keys = stack.keys(f"jobs/{job.id}/")
+    assert keys == [f"jobs/{job.id}/manifest.json"] + [f"jobs/{job.id}/shard-{k:05d}.tar" for k in range(8)]
+    manifest = Manifest.model_validate_json(stack.get(f"jobs/{job.id}/manifest.json"))
+    assert [o.index for o in manifest.outputs] == list(range(800))
+    members: list[str] = []
+    for k in range(8):
+        with tarfile.open(fileobj=io.BytesIO(stack.get(f"jobs/{job.id}/shard-{k:05d}.tar"))) as tar:
+            members += [m.name for m in tar.getmembers() if m.name.endswith(".png")]
+    assert members == [f"{i:05d}.png" for i in range(800)]  # every image once, in order, across the shards
+    deliveries = [int(stack.redis.hget(f"genq:job:{job.id}", f"deliveries:{k}") or 0) for k in range(8)]
+    assert max(deliveries) >= 2, deliveries  # the killed worker's shards ran again elsewhere
