@@ -81,12 +81,16 @@ def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard:
         return True
     finally:
         runtime.pages.after_job(bulk=bulk)  # hand the heap's free pages back: after a bulk shard, or now and then
-    outcome = "skipped" if result.skipped else "stopped" if result.stopped else "stored"
+    outcome = (
+        "skipped" if result.skipped else "stopped" if result.stopped else "recovered" if result.recovered else "stored"
+    )
     metrics.SHARDS.labels(outcome).inc()
     metrics.IMAGES.labels(job.model_name).inc(len(result.outputs))
     where = f"job {job.job_id} shard {shard.index + 1}/{shard.count}" if shard else f"job {job.job_id}"
     if result.skipped:
         log.info("%s had already ended or been stored; delivery %d ignored", where, deliveries)
+    elif result.recovered:
+        log.warning("%s: every shard was stored but a run died before the manifest; wrote it, job succeeded", where)
     elif result.stopped:
         reporter.stopped(job, shard or plan_shards(job.total_images, job.total_images)[0], result.outputs)
         log.info("%s stopped after %d outputs: the job ended elsewhere", where, len(result.outputs))

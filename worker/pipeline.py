@@ -75,6 +75,7 @@ class GenerateResult:
     manifest_key: str | None
     skipped: bool = False  # the job had ended (or this shard was stored) before: nothing was done
     stopped: bool = False  # the job ended elsewhere while this shard ran: it stopped after its current chunk
+    recovered: bool = False  # every shard was stored but a run died before the manifest: this one wrote it
 
 
 def job_prefix(job: GenerateJob) -> str:
@@ -119,8 +120,9 @@ def run_generate(
     labels = job.image_labels()
     shard = shard or plan_shards(len(labels), len(labels))[0]
     if not reporter.started(job, shard):
-        if reporter.awaiting_manifest(job):  # this shard's last run stored the job's last outputs, then died
-            return GenerateResult(outputs=[], manifest_key=_finish(job, storage, reporter, shard, prefix, None))
+        if reporter.awaiting_manifest(job):  # a run recorded the job's last shard, then died before the manifest
+            manifest_key = _finish(job, storage, reporter, shard, prefix, None)
+            return GenerateResult(outputs=[], manifest_key=manifest_key, recovered=True)
         return GenerateResult(outputs=[], manifest_key=None, skipped=True)
     version = f"{job.model_name}@{job.model_version}"
     chunks = [range(s, min(s + chunk_size, shard.stop)) for s in range(shard.start, shard.stop, chunk_size)]

@@ -161,7 +161,9 @@ class DiesAtTheManifest(LocalStorage):
 
 
 @pytest.mark.parametrize("shards", [1, 3])
-def test_a_redelivery_writes_the_manifest_a_dead_run_left_unwritten(runtime: Runtime, shards: int) -> None:
+def test_a_redelivery_writes_the_manifest_a_dead_run_left_unwritten(
+    runtime: Runtime, shards: int, caplog: pytest.LogCaptureFixture
+) -> None:
     job, parts = _job(f"job-died-{shards}", 12), plan_shards(12, 12 // shards)
     runtime.store.create(job, shards=len(parts))
     reporter = RedisReporter(runtime.store, lambda message: None)
@@ -184,6 +186,7 @@ def test_a_redelivery_writes_the_manifest_a_dead_run_left_unwritten(runtime: Run
     manifest = Manifest.model_validate_json(healthy.get(view.manifest_key))
     assert [o.index for o in manifest.outputs] == list(range(12))
     assert sum(runtime.engine.batch_sizes.values()) == passes  # nothing sampled again: every image was stored
+    assert "a run died before the manifest; wrote it" in caplog.text
     assert not runtime.store.awaiting_manifest(job.job_id)
 
 
