@@ -81,10 +81,7 @@ def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard:
         return True
     finally:
         runtime.pages.after_job(bulk=bulk)  # hand the heap's free pages back: after a bulk shard, or now and then
-    outcome = (
-        "skipped" if result.skipped else "stopped" if result.stopped else "recovered" if result.recovered else "stored"
-    )
-    metrics.SHARDS.labels(outcome).inc()
+    metrics.SHARDS.labels(result.outcome).inc()
     metrics.IMAGES.labels(job.model_name).inc(len(result.outputs))
     where = f"job {job.job_id} shard {shard.index + 1}/{shard.count}" if shard else f"job {job.job_id}"
     if result.skipped:

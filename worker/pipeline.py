@@ -77,6 +77,12 @@ class GenerateResult:
     stopped: bool = False  # the job ended elsewhere while this shard ran: it stopped after its current chunk
     recovered: bool = False  # every shard was stored but a run died before the manifest: this one wrote it
 
+    @property
+    def outcome(self) -> str:
+        """What this run did, in one word (the worker's shard metric is labelled with it)."""
+        flags = {"skipped": self.skipped, "stopped": self.stopped, "recovered": self.recovered}
+        return next((name for name, flag in flags.items() if flag), "stored")
+
 
 def job_prefix(job: GenerateJob) -> str:
     """Where a job's objects go: ``tenants/<tenant>/jobs/<id>/`` for a tenant's job, else ``jobs/<id>/``."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 from tiny_model import TINY_NAME, make_tiny_model
 
 from producer.contract import GenerateJob, JobStatus, LabelCount, Manifest, OutputRef, Shard, plan_shards
@@ -178,6 +179,7 @@ def test_a_redelivery_writes_the_manifest_a_dead_run_left_unwritten(
 
     runtime.storage = healthy
     passes = sum(runtime.engine.batch_sizes.values())
+    recovered = REGISTRY.get_sample_value("genq_worker_shards_total", {"outcome": "recovered"}) or 0.0
     execute_generate(job, runtime, reporter, parts[-1])  # the broker redelivers the dead run's message
 
     view = runtime.store.get(job.job_id)
@@ -187,6 +189,7 @@ def test_a_redelivery_writes_the_manifest_a_dead_run_left_unwritten(
     assert [o.index for o in manifest.outputs] == list(range(12))
     assert sum(runtime.engine.batch_sizes.values()) == passes  # nothing sampled again: every image was stored
     assert "a run died before the manifest; wrote it" in caplog.text
+    assert REGISTRY.get_sample_value("genq_worker_shards_total", {"outcome": "recovered"}) == recovered + 1
     assert not runtime.store.awaiting_manifest(job.job_id)
 
 
