@@ -30,11 +30,11 @@ from producer.contract import (
     Manifest,
     ModelEntry,
     OutputRef,
-    plan_shards,
 )
 from producer.errors import IdempotencyConflict, InvalidJob, JobEnded, JobNotFound, JobTimeout
 from producer.events import callback_message
 from producer.finetune import FineTuneJob, FineTuneRequest, dataset_prefix, resolve_finetune
+from producer.messages import job_messages
 from producer.resolve import resolve_request
 from producer.settings import ClientSettings
 from producer.status import JobStore, as_text, utcnow
@@ -106,11 +106,8 @@ class Client:
             )
 
         def enqueue(job: GenerateJob) -> JobView:
-            shards = plan_shards(job.total_images, self.settings.shard_size)
-            payload, queue = job.model_dump(mode="json"), constants.GENERATE_QUEUES[job.priority]
             # several workers share a bulk job, one shard each
-            messages = [(constants.GENERATE_TASK, queue, [payload, shard.model_dump()]) for shard in shards]
-            return self._record_and_send(job, len(shards), messages)
+            return self._record_and_send(job, self.settings.shard_size)
 
         return self._submit(request, tenant, resolve, admit, enqueue)
 
@@ -166,8 +163,7 @@ class Client:
             )
 
         def enqueue(job: FineTuneJob) -> JobView:
-            message = (constants.FINETUNE_TASK, constants.TRAIN_QUEUE, [job.model_dump(mode="json")])
-            return self._record_and_send(job, 1, [message])
+            return self._record_and_send(job, shard_size=1)  # one message, on the train queue
 
         return self._submit(request, tenant, resolve, admit, enqueue)
 
@@ -194,22 +190,21 @@ class Client:
             raise
         return enqueue(job)
 
-    def _record_and_send(
-        self, job: GenerateJob | FineTuneJob, tasks: int, messages: list[tuple[str, str, list[dict[str, Any]]]]
-    ) -> JobView:
-        """Record ``job`` as queued, announce it, then send its (task name, queue, args) messages.
+    def _record_and_send(self, job: GenerateJob | FineTuneJob, shard_size: int) -> JobView:
+        """Record ``job`` as queued, announce it, then send its messages (:func:`producer.messages.job_messages`).
 
         A job that cannot be enqueued is failed (``EnqueueFailed``) and the error raised: never a queued record with
-        no message behind it.
+        no message behind it. (A client killed between the two leaves one; the workers' sweeper sends it.)
         """
-        view = self.store.create(job, shards=tasks)
+        messages = job_messages(job, shard_size)
+        view = self.store.create(job, shards=len(messages), shard_size=shard_size)
         # The queued event is stamped and sent before the job can start, so its timestamp precedes "running".
         message = callback_message(job.callback, EventType.QUEUED, view, self.store.next_event_seq(job.job_id))
         try:
             if message is not None:
                 self._send(constants.CALLBACK_TASK, message.model_dump(mode="json"), constants.CALLBACK_QUEUE)
-            for task, queue, args in messages:
-                self._send(task, args[0], queue, *args[1:])
+            for m in messages:
+                self._celery_app().send_task(m.task, args=m.args, queue=m.queue, task_id=m.task_id)
         except Exception as exc:
             self.store.mark_failed(job.job_id, JobError(type="EnqueueFailed", message=f"could not enqueue: {exc}"))
             raise
@@ -247,8 +242,8 @@ class Client:
                 log.exception("job %s canceled, but its canceled event could not be enqueued", job_id)
         return view
 
-    def _send(self, task: str, payload: dict[str, Any], queue: str, *extra: dict[str, Any]) -> None:
-        self._celery_app().send_task(task, args=[payload, *extra], queue=queue)
+    def _send(self, task: str, payload: dict[str, Any], queue: str) -> None:
+        self._celery_app().send_task(task, args=[payload], queue=queue)
 
     def _celery_app(self) -> Celery:
         if self._celery is None:

@@ -23,6 +23,13 @@ DEADLETTER_KEY = KEY_PREFIX + ":deadletter"  # list: messages workers could not 
 # hash: status -> jobs in it, kept by JobStore.create and the transition script; never expires (queued and running
 # are current counts, the terminal ones cumulative)
 JOBS_BY_STATUS_KEY = KEY_PREFIX + ":stats:jobs_by_status"
+# sorted set per Celery queue: jobs recorded with messages on that queue, score = created (Unix s). The workers'
+# sweeper (worker.sweeper) looks there for jobs whose message the broker lost, and drops a job once every shard of it
+# was delivered or it ended; JobStore.create prunes entries older than a job record's TTL.
+QUEUED_JOBS_KEY = KEY_PREFIX + ":queued:{queue}"
+SWEEPER_LOCK_KEY = KEY_PREFIX + ":sweeper:lock"  # string (expires): one worker sweeps per interval
+# kombu's Redis transport (its default key): messages workers fetched and have not acked, by delivery tag
+KOMBU_UNACKED_KEY = "unacked"
 
 # Celery queues: one per priority (Redis priorities inside one queue are approximate; separate queues served in a
 # fixed order are predictable), and callback deliveries on their own.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, cast
 
@@ -26,6 +27,7 @@ from producer.contract import (
 )
 from producer.errors import JobNotFound
 from producer.finetune import FineTuneJob
+from producer.messages import queue_for
 
 AnyJob = Annotated[GenerateJob | FineTuneJob, Field(discriminator="kind")]
 """Any job a worker runs; the record's ``spec`` holds one, told apart by ``kind``."""
@@ -82,7 +84,33 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 """
 
+# KEYS[1] job hash. Returns {} for a job with no record, else {status, shards, shard_size or "", then the index of every
+# shard no worker has started yet (no delivery counted) while the job is queued or running}.
+_UNDELIVERED = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {} end
+local shards = tonumber(redis.call('HGET', KEYS[1], 'shards') or '1')
+local out = {status, tostring(shards), redis.call('HGET', KEYS[1], 'shard_size') or ''}
+if status == 'queued' or status == 'running' then
+  for k = 0, shards - 1 do
+    if redis.call('HEXISTS', KEYS[1], 'deliveries:' .. k) == 0 then table.insert(out, tostring(k)) end
+  end
+end
+return out
+"""
+
 _ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+@dataclass(frozen=True)
+class Undelivered:
+    """A job's status and the shards of it that no worker has started (:meth:`JobStore.undelivered`)."""
+
+    status: JobStatus
+    shards: int
+    shard_size: int | None  # None in records written before it was recorded
+    waiting: tuple[int, ...]  # shards never delivered to a task (always empty once the job ended)
+
 
 # A job view lists at most this many outputs (a 100,000-image job's view would be megabytes); the manifest has all.
 VIEW_OUTPUTS_MAX = 1000
@@ -103,16 +131,22 @@ class JobStore:
         self._transition = client.register_script(_TRANSITION)
         self._complete_shard = client.register_script(_COMPLETE_SHARD)
         self._count_delivery = client.register_script(_COUNT_DELIVERY)
+        self._undelivered = client.register_script(_UNDELIVERED)
 
     @staticmethod
     def key(job_id: str) -> str:
         return constants.JOB_KEY.format(job_id=job_id)
 
-    def create(self, job: GenerateJob | FineTuneJob, shards: int = 1) -> JobView:
-        """Record a new job as ``queued``, to be run as ``shards`` tasks. Raises ValueError if the id is taken."""
+    def create(self, job: GenerateJob | FineTuneJob, shards: int = 1, shard_size: int | None = None) -> JobView:
+        """Record a new job as ``queued``, to be run as ``shards`` tasks of at most ``shard_size`` images (what
+        :func:`producer.messages.job_messages` needs to rebuild them). Raises ValueError if the id is taken.
+
+        The job is listed in its queue's index of queued jobs (``QUEUED_JOBS_KEY``), where the workers' sweeper finds
+        a job whose message the broker lost."""
         key = self.key(job.job_id)
         if not self.redis.hsetnx(key, "spec", job.model_dump_json()):
             raise ValueError(f"job id {job.job_id} already exists")
+        created = job.created_at.timestamp()
         pipe = self.redis.pipeline()
         pipe.hset(
             key,
@@ -123,12 +157,16 @@ class JobStore:
                 "created_at": job.created_at.isoformat(),
             },
         )
+        if shard_size is not None:
+            pipe.hset(key, "shard_size", shard_size)
         pipe.expire(key, self.ttl_s)
         pipe.hincrby(constants.JOBS_BY_STATUS_KEY, JobStatus.QUEUED.value, 1)  # MULTI/EXEC: with the status
+        queued = constants.QUEUED_JOBS_KEY.format(queue=queue_for(job))
+        pipe.zadd(queued, {job.job_id: created})
+        pipe.zremrangebyscore(queued, "-inf", f"({created - self.ttl_s}")  # bounded even with no sweeper running
         if job.tenant is not None:
             # The tenant's index lists its jobs newest first; entries older than a job record's TTL are pruned.
             index = constants.TENANT_JOBS_KEY.format(tenant=job.tenant)
-            created = job.created_at.timestamp()
             pipe.zadd(index, {job.job_id: created})
             pipe.zremrangebyscore(index, "-inf", f"({created - self.ttl_s}")
             pipe.expire(index, self.ttl_s)
@@ -344,6 +382,22 @@ class JobStore:
         when the job has no record (never created, or expired), which then stays without one."""
         count = self._count_delivery(keys=[self.key(job_id)], args=[f"deliveries:{shard}"])
         return None if int(count) < 0 else int(count)
+
+    def undelivered(self, job_ids: list[str]) -> dict[str, Undelivered | None]:
+        """Each job's status and its shards no task has started yet (None: no record). One pipelined round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            self._undelivered(keys=[self.key(job_id)], client=pipe)
+        found: dict[str, Undelivered | None] = {}
+        for job_id, raw in zip(job_ids, pipe.execute(), strict=True):
+            if not raw:
+                found[job_id] = None
+                continue
+            status, shards, shard_size, *waiting = (as_text(v) for v in raw)
+            found[job_id] = Undelivered(
+                JobStatus(status), int(shards), int(shard_size) if shard_size else None, tuple(int(k) for k in waiting)
+            )
+        return found
 
     def counts_by_status(self) -> dict[JobStatus, int]:
         """Jobs per status: queued and running are current counts; succeeded, failed and canceled count every job

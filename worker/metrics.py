@@ -16,6 +16,11 @@ MODEL_LOAD_SECONDS = Histogram(
     "genq_model_load_seconds", "Time to load a model version.", buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30)
 )
 FINETUNES = Counter("genq_finetunes_total", "Fine-tune deliveries run by this worker, by outcome.", ["outcome"])
+MESSAGES_RESENT = Counter(
+    "genq_messages_resent_total",
+    "Job messages the broker lost (the job recorded, its message nowhere) that this worker's sweeper sent again.",
+    ["queue"],
+)
 CALLBACKS = Counter("genq_callback_attempts_total", "Callback delivery task runs, by outcome.", ["outcome"])
 
 

@@ -75,6 +75,27 @@ class CelerySettings(BaseModel):
     )
 
 
+class SweeperSettings(BaseModel):
+    """The sweep for jobs whose message the broker lost (``worker.sweeper``): one worker per interval looks."""
+
+    enabled: bool = Field(default=True, description="Run the sweeper thread in this worker.")
+    interval_s: float = Field(default=30.0, gt=0, description="How often one worker of the fleet sweeps.")
+    stranded_after_s: float = Field(
+        default=60.0, ge=0, description="Look only at jobs recorded longer ago than this (a lost job waits that long)."
+    )
+    confirm_s: float = Field(default=5.0, ge=0, description="A message missing twice, this far apart, is sent again.")
+    max_jobs: int = Field(default=1000, ge=1, description="Oldest queued jobs per queue looked at in one sweep.")
+
+    @model_validator(mode="after")
+    def _confirm_inside_interval(self) -> SweeperSettings:
+        if self.confirm_s >= self.interval_s:
+            raise ConfigurationError(
+                f"GENQ_SWEEPER__CONFIRM_S ({self.confirm_s}) must be below GENQ_SWEEPER__INTERVAL_S "
+                f"({self.interval_s}): a sweep holds its turn for one interval"
+            )
+        return self
+
+
 class TrainSettings(BaseModel):
     """Fine-tuning workers (``genq worker -Q train``)."""
 
@@ -104,6 +125,7 @@ class WorkerSettings(BaseSettings):
     storage_retry: StorageRetrySettings = Field(default_factory=StorageRetrySettings)
     celery: CelerySettings = Field(default_factory=CelerySettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    sweeper: SweeperSettings = Field(default_factory=SweeperSettings)
     storage: Literal["s3", "local"] = "s3"
     local_dir: Path = Path("./genq-data")
     model_dirs: list[Path] = Field(default_factory=list, description="Extra model folders beside the shipped zoo.")

@@ -13,6 +13,8 @@ from producer import constants
 from producer.contract import GenerateJob, Shard
 from producer.events import CallbackMessage
 from producer.finetune import FineTuneJob
+from producer.messages import JobMessage
+from producer.status import JobStore
 from worker import metrics
 from worker.app import app, settings_of
 from worker.deadletter import record_task
@@ -21,6 +23,8 @@ from worker.jobs import execute_finetune, execute_generate
 from worker.memory import tune_malloc
 from worker.reporting import RedisReporter, TrainingReporter
 from worker.runtime import Runtime, get_runtime, make_registry, reset_runtime
+from worker.settings import WorkerSettings
+from worker.sweeper import Sweeper
 
 log = logging.getLogger("genq.tasks")
 
@@ -147,9 +151,11 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
     # _init_pool_process; the parent only publishes the catalogue and must not touch torch) from threads/solo
     # (this process serves jobs: build the runtime and load models now).
     settings = settings_of(app)
+    client = redis.Redis.from_url(settings.redis.url or "")
+    _start_sweeper(settings, client)
     if type(getattr(sender, "pool", None)).__module__.endswith("prefork"):
         _storage, _store, registry = make_registry(settings)
-        registry.publish(redis.Redis.from_url(settings.redis.url or ""))
+        registry.publish(client)
     else:
         runtime = _runtime()
         registry = runtime.registry
@@ -159,3 +165,24 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
             metrics.serve(settings.metrics_port)
             log.info("metrics on :%d/metrics", settings.metrics_port)
     log.info("worker ready: models %s", ", ".join(sorted(registry.catalog())) or "none")
+
+
+_sweeper: Sweeper | None = None
+
+
+def _start_sweeper(settings: WorkerSettings, client: redis.Redis) -> None:
+    # In the worker's main process, whatever the pool: it only reads Redis and sends messages (worker.sweeper).
+    global _sweeper
+    if not settings.sweeper.enabled or _sweeper is not None:
+        return
+
+    def send(message: JobMessage) -> None:
+        app.send_task(message.task, args=message.args, queue=message.queue, task_id=message.task_id)
+
+    _sweeper = Sweeper(client, JobStore(client, settings.job_ttl_s), send, settings.sweeper)
+    _sweeper.start()
+    log.info(
+        "sweeping for lost messages every %g s (jobs queued over %g s)",
+        settings.sweeper.interval_s,
+        settings.sweeper.stranded_after_s,
+    )

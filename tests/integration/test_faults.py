@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import tarfile
@@ -10,9 +11,11 @@ import time
 from urllib.parse import urlparse
 
 import pytest
+from api_server import publish_catalog
 from stack import Stack, wait_until, worker_env
 from tcp_proxy import TcpProxy
 
+from producer import constants
 from producer.client import Client
 from producer.contract import GenerateRequest, JobStatus, JobView, Manifest
 
@@ -42,14 +45,20 @@ def test_whole_worker_killed_mid_job_is_redelivered_and_completes(stack: Stack, 
     assert int(stack.redis.hget(f"genq:job:{job.id}", "deliveries:0") or 0) >= 2  # the only shard
 
 
+# A lost message is sent again within seconds (what the defaults do in 90 s).
+FAST_SWEEP = {"GENQ_SWEEPER__INTERVAL_S": "1.5", "GENQ_SWEEPER__STRANDED_AFTER_S": "2", "GENQ_SWEEPER__CONFIRM_S": "1"}
+
+
 def test_worker_killed_amid_shared_forward_passes_loses_no_job_and_stores_each_once(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
     # A long wait makes the 12 task threads' jobs ride forward passes together; the kill lands while some of those
-    # jobs are stored, some half-stored and some waiting for their pass.
+    # jobs are stored, some half-stored and some waiting for their pass, and may land while the worker fetches a
+    # message (popped, not yet unacked: lost to kombu, sent again by the sweeper; it once left a job queued in CI).
     env = worker_env(
         stack,
         GENQ_BATCHING__MAX_BATCH="16",
         GENQ_BATCHING__MAX_WAIT_MS="250",
         GENQ_CELERY__VISIBILITY_TIMEOUT_S="3",
+        **FAST_SWEEP,
     )
     first = start_worker(env, concurrency=12)
     jobs = [
@@ -67,6 +76,26 @@ def test_worker_killed_amid_shared_forward_passes_loses_no_job_and_stores_each_o
     for job in jobs:  # each: succeeded, its 3 images and manifest stored, nothing else under its prefix
         _assert_complete(stack, stack.client.wait(job.id, timeout=120), 3)
     assert "bisecting" not in first.log()  # no forward pass failed: the kill was the only fault
+
+
+def test_jobs_whose_messages_the_broker_lost_are_sent_again_and_complete(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
+    publish_catalog(stack.redis)  # no worker yet: what it would publish, so the jobs can be submitted
+    jobs = [
+        stack.client.submit(GenerateRequest(model="fmnist-cgan", label=i, count=2, seed=30 + i)).id for i in range(4)
+    ]
+    # What a worker killed between kombu's BRPOP and its unacked record leaves: the front message popped, nowhere
+    # kept. A client killed after recording its last job, before sending it, leaves the back one unsent.
+    front = json.loads(stack.redis.rpop(constants.GENERATE_QUEUE) or b"{}")
+    back = json.loads(stack.redis.lpop(constants.GENERATE_QUEUE) or b"{}")
+    assert (front["headers"]["id"], back["headers"]["id"]) == (f"{jobs[0]}.0", f"{jobs[3]}.0")
+
+    worker = start_worker(worker_env(stack, **FAST_SWEEP), concurrency=2)
+    for job_id in jobs:
+        _assert_complete(stack, stack.client.wait(job_id, timeout=60), 2)
+    for job_id in (jobs[0], jobs[3]):
+        assert f"job {job_id}: the message of shard 0 was nowhere in the broker" in worker.log()
+        assert stack.redis.hget(f"genq:job:{job_id}", "deliveries:0") == b"1"  # sent again once, run once
+    assert worker.log().count("nowhere in the broker") == 2  # the two lost, none of those waiting on the queue
 
 
 def test_pool_process_killed_mid_job_is_redelivered_and_completes(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,245 @@
+"""Send again the messages the broker lost: a job recorded as queued whose message is nowhere in Redis.
+
+kombu's Redis transport takes a message off its queue with BRPOP and only then records it as unacked, in a second
+round trip (celery#7950 shows the commands). A worker killed between the two — SIGKILL, OOM, a spot node taken back —
+loses that message: the job stays ``queued`` forever with nothing left to run it. So does a client killed between
+recording a job and sending its messages. kombu restores only what reached its unacked hash.
+
+Every worker runs a :class:`Sweeper` thread; one worker per interval sweeps (a lock in Redis). It reads each queue's
+index of queued jobs (``QUEUED_JOBS_KEY``, written by ``JobStore.create``) for jobs recorded more than
+``stranded_after_s`` ago, and the job records for their shards that no task has started. It looks for those
+shards' messages (stable task ids, :func:`producer.messages.task_id`) on the queue, front first, and in kombu's
+unacked hash; a message found in neither place, twice, ``confirm_s`` apart, is rebuilt from the job record and sent
+again. Jobs that ended, expired or had every shard delivered leave the index.
+
+Costs: nothing while no job waits longer than ``stranded_after_s``; during a backlog, a read of the queue's front
+until every waiting shard is found (the oldest are at the front); a whole queue and the unacked hash only while a
+message is missing. A message counted missing while in flight (a worker stalled for ``confirm_s`` between the two
+round trips) is sent twice: the shard then runs twice with the same seeds, the second run is refused once the first
+recorded its outputs, or both store the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import cast
+
+import redis
+
+from producer import constants
+from producer.errors import JobNotFound
+from producer.messages import JobMessage, job_messages, task_id
+from producer.status import JobStore, as_text
+from worker import metrics
+from worker.settings import SweeperSettings
+
+log = logging.getLogger("genq.sweeper")
+
+# Every queue a job's messages go to (callbacks have no job record to sweep from).
+SWEPT_QUEUES = (*constants.GENERATE_QUEUES.values(), constants.TRAIN_QUEUE)
+
+# The task id in a kombu message as its Redis transport stores it (json.dumps: '"id": "<task id>"' in the headers);
+# other keys ending in "id" (root_id, correlation_id) have no quote before "id", and argsrepr's quotes are escaped.
+_TASK_ID = re.compile(rb'"id": "([^"]+)"')
+_CHUNK = 500  # list elements per LRANGE
+
+
+@dataclass(frozen=True)
+class Stranded:
+    """A shard of a job whose message is nowhere in the broker."""
+
+    job_id: str
+    shard: int
+    queue: str
+
+    @property
+    def task_id(self) -> str:
+        return task_id(self.job_id, self.shard)
+
+
+def task_ids_in(elements: Iterable[bytes | str]) -> set[str]:
+    """The task ids of kombu messages (queue elements, or unacked entries that wrap the message in a list)."""
+    found = set()
+    for item in elements:
+        element = item.encode() if isinstance(item, str) else item
+        match = _TASK_ID.search(element)
+        if match is not None:
+            found.add(match.group(1).decode())
+            continue
+        try:  # another serializer's spacing: parse it
+            message = json.loads(element)
+            headers = (message[0] if isinstance(message, list) else message).get("headers") or {}
+            found.add(str(headers["id"]))
+        except (ValueError, LookupError, AttributeError, TypeError):
+            continue  # not a kombu message: nothing of ours
+    return found
+
+
+class Sweeper:
+    """Finds and resends lost messages; :meth:`sweep` once, or :meth:`start` a daemon thread that sweeps forever.
+
+    >>> sweeper = Sweeper(client, store, send, settings.sweeper)
+    >>> sweeper.sweep()  # the shards sent again
+    [Stranded(job_id='9f...', shard=0, queue='generate')]
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        store: JobStore,
+        send: Callable[[JobMessage], None],
+        settings: SweeperSettings,
+        *,
+        queues: tuple[str, ...] = SWEPT_QUEUES,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.redis = client
+        self.store = store
+        self.send = send
+        self.settings = settings
+        self.queues = queues
+        self.clock = clock
+        self.sleep = sleep
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Sweep every ``interval_s`` in a daemon thread until :meth:`stop`."""
+        self._thread = threading.Thread(target=self._run, name="genq-sweeper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.interval_s):
+            try:
+                if self.take_turn():
+                    self.sweep()
+            except redis.RedisError as exc:  # the next interval tries again
+                log.warning("sweep for lost messages failed: %s", exc)
+            except Exception:  # a bug here must not end the thread: the next sweep may still resend a lost job
+                log.exception("sweep for lost messages failed")
+
+    def take_turn(self) -> bool:
+        """True when this worker sweeps now: the lock is held for one interval, so the fleet sweeps once per one."""
+        lock_ms = int(self.settings.interval_s * 1000)
+        return bool(self.redis.set(constants.SWEEPER_LOCK_KEY, self.token, nx=True, px=lock_ms))
+
+    # -- one sweep ------------------------------------------------------------------------------------------
+
+    def sweep(self) -> list[Stranded]:
+        """Resend every shard missing from the broker in two looks ``confirm_s`` apart; returns those sent."""
+        suspects = self._missing(self._waiting())
+        if not suspects:
+            return []
+        self.sleep(self.settings.confirm_s)
+        # Look again at the suspects only: those a task started since, or that were in flight, drop out.
+        still = self._missing(self._waiting({s.job_id for s in suspects}))
+        sent = [s for s in still if s in suspects and self._resend(s)]
+        return sent
+
+    def _waiting(self, only: set[str] | None = None) -> list[Stranded]:
+        """Shards of indexed jobs older than ``stranded_after_s`` that no task has started; drops finished jobs."""
+        ceiling = self.clock() - self.settings.stranded_after_s
+        waiting: list[Stranded] = []
+        for queue in self.queues:
+            index = constants.QUEUED_JOBS_KEY.format(queue=queue)
+            raw = cast(
+                list[bytes], self.redis.zrangebyscore(index, "-inf", ceiling, start=0, num=self.settings.max_jobs)
+            )
+            job_ids = [as_text(j) for j in raw if only is None or as_text(j) in only]
+            if not job_ids:
+                continue
+            done = []
+            for job_id, record in self.store.undelivered(job_ids).items():
+                if record is None or not record.waiting:  # expired, ended, or every shard delivered: kombu's now
+                    done.append(job_id)
+                else:
+                    waiting += [Stranded(job_id, k, queue) for k in record.waiting]
+            if done:
+                self.redis.zrem(index, *done)
+        return waiting
+
+    def _missing(self, waiting: list[Stranded]) -> list[Stranded]:
+        """Those of ``waiting`` whose message is neither on its queue nor fetched by a worker (unacked)."""
+        by_queue: dict[str, set[str]] = {}
+        for s in waiting:
+            by_queue.setdefault(s.queue, set()).add(s.task_id)
+        unseen: set[str] = set()
+        for queue, wanted in by_queue.items():
+            unseen |= self._not_on_queue(queue, wanted)
+        if unseen:
+            # A message leaves its queue for a worker's unacked entry: read the queue first, then the entries, so a
+            # message moving between the two is seen at least once (or is in flight, and the second look sees it).
+            unseen -= task_ids_in(v for _, v in self.redis.hscan_iter(constants.KOMBU_UNACKED_KEY, count=_CHUNK))
+        return [s for s in waiting if s.task_id in unseen]
+
+    def _not_on_queue(self, queue: str, wanted: set[str]) -> set[str]:
+        """``wanted`` task ids not on ``queue``: its front first (oldest jobs wait there), then all of it."""
+        left = set(wanted)
+        # kombu pushes on the left and pops on the right: the right end is the front. Until every wanted id is found:
+        # the front, chunk by chunk (pops shift these indexes, so this pass may skip elements, never invent them) ...
+        end = -1
+        while left:
+            chunk = self.redis.lrange(queue, end - _CHUNK + 1, end)
+            left -= task_ids_in(chunk)
+            if len(chunk) < _CHUNK:
+                break
+            end -= _CHUNK
+        # ... then, for ids still missing, the whole list from the back, where pops at the front shift nothing.
+        start = 0
+        while left:
+            chunk = self.redis.lrange(queue, start, start + _CHUNK - 1)
+            left -= task_ids_in(chunk)
+            if len(chunk) < _CHUNK:
+                break
+            start += _CHUNK
+        return left
+
+    def _resend(self, stranded: Stranded) -> bool:
+        """Rebuild the shard's message from the job record and send it; False when that is no longer possible."""
+        try:
+            job = self.store.spec(stranded.job_id)
+            record = self.store.undelivered([stranded.job_id])[stranded.job_id]
+        except JobNotFound:
+            return False
+        if record is None or stranded.shard not in record.waiting:
+            return False
+        shard_size = record.shard_size
+        if shard_size is None:  # a record from before shard sizes were recorded: only a one-shard job is rebuilt
+            if record.shards != 1:
+                log.error("job %s: shard %d lost by the broker, but its record lacks shard_size", *_at(stranded))
+                return False
+            shard_size = job.total_images
+        message = next((m for m in job_messages(job, shard_size) if m.task_id == stranded.task_id), None)
+        if message is None or message.queue != stranded.queue:
+            log.error("job %s: shard %d lost by the broker does not match its record", *_at(stranded))
+            return False
+        self.send(message)
+        metrics.MESSAGES_RESENT.labels(stranded.queue).inc()
+        log.warning(
+            "job %s: the message of shard %d was nowhere in the broker (a worker died while fetching it, or a client "
+            "while sending it); sent again to %s",
+            stranded.job_id,
+            stranded.shard,
+            stranded.queue,
+        )
+        return True
+
+
+def _at(stranded: Stranded) -> tuple[str, int]:
+    return stranded.job_id, stranded.shard
