@@ -78,9 +78,7 @@ def body_args(message: dict[str, Any]) -> list[Any]:
     return list(args)
 
 
-def test_a_lost_message_is_sent_again_as_the_client_sent_it(
-    client: Client, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_lost_message_is_sent_again_as_the_client_sent_it(client: Client, caplog: pytest.LogCaptureFixture) -> None:
     job_id = submit(client, count=5)  # three shards of at most 2 images
     lost = lose_front(client)
     assert lost["headers"]["id"] == f"{job_id}.0"
