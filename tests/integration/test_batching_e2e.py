@@ -8,8 +8,8 @@ import uuid
 import pytest
 from stack import Stack, worker_env
 
-from producer import constants
-from producer.contract import GenerateJob, GenerateRequest, JobStatus, LabelCount, plan_shards
+from producer.contract import GenerateJob, GenerateRequest, JobStatus, LabelCount
+from producer.messages import job_messages
 from producer.status import utcnow
 
 pytestmark = pytest.mark.integration
@@ -59,12 +59,9 @@ def test_a_poisoned_job_in_a_shared_forward_pass_fails_alone(stack: Stack, start
     )
     stack.client.store.create(poisoned)
     good = [stack.client.submit(GenerateRequest(model="fmnist-cgan", label=i % 10, count=1, seed=i)) for i in range(5)]
-    stack.client._send(  # noqa: SLF001 - the test plays a producer that skipped validation
-        constants.GENERATE_TASK,
-        poisoned.model_dump(mode="json"),
-        constants.GENERATE_QUEUE,
-        plan_shards(1, 1)[0].model_dump(),
-    )
+    (message,) = job_messages(poisoned, shard_size=1)
+    celery = stack.client._celery_app()  # noqa: SLF001 - the test plays a producer that skipped validation
+    celery.send_task(message.task, args=message.args, queue=message.queue, task_id=message.task_id)
     good += [stack.client.submit(GenerateRequest(model="fmnist-cgan", label=i % 10, count=1, seed=i)) for i in range(5)]
 
     failed = stack.client.wait(poisoned.job_id, timeout=60)
