@@ -148,9 +148,9 @@ class Sweeper:
             return []
         self.sleep(self.settings.confirm_s)
         # Look again at the suspects only: those a task started since, or that were in flight, drop out.
+        first = set(suspects)
         still = self._missing(self._waiting({s.job_id for s in suspects}))
-        sent = [s for s in still if s in suspects and self._resend(s)]
-        return sent
+        return [s for s in still if s in first and self._resend(s)]
 
     def _waiting(self, only: set[str] | None = None) -> list[Stranded]:
         """Shards of indexed jobs older than ``stranded_after_s`` that no task has started; drops finished jobs."""
