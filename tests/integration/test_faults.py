@@ -161,7 +161,8 @@ def test_sharded_job_run_by_two_workers_stores_exactly_the_count_once(stack: Sta
 
 
 def test_sharded_webdataset_job_survives_one_of_its_workers_killed(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
-    env = worker_env(stack, GENQ_BATCHING__MAX_BATCH="16", GENQ_CELERY__VISIBILITY_TIMEOUT_S="3")
+    # The kill may land while the doomed worker fetches its next shard: the sweeper sends that one again.
+    env = worker_env(stack, GENQ_BATCHING__MAX_BATCH="16", GENQ_CELERY__VISIBILITY_TIMEOUT_S="3", **FAST_SWEEP)
     doomed = start_worker(env, concurrency=2)
     start_worker(env, concurrency=2)
     client = Client(stack.client.settings.model_copy(update={"shard_size": 100}))
