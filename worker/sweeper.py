@@ -191,16 +191,17 @@ class Sweeper:
     def _not_on_queue(self, queue: str, wanted: set[str]) -> set[str]:
         """``wanted`` task ids not on ``queue``: its front first (oldest jobs wait there), then all of it."""
         left = set(wanted)
-        # kombu pushes on the left and pops on the right: the right end is the front. Until every wanted id is found:
-        # the front, chunk by chunk (pops shift these indexes, so this pass may skip elements, never invent them) ...
-        end = -1
-        while left:
+        # kombu pushes on the left and pops on the right: the right end is the front. The front first, chunk by chunk,
+        # twice as far as there are ids wanted (pops shift these indexes, so this pass may skip elements) ...
+        end, reach = -1, max(2 * len(wanted), _CHUNK)
+        while left and -end <= reach:
             chunk = self.redis.lrange(queue, end - _CHUNK + 1, end)
             left -= task_ids_in(chunk)
             if len(chunk) < _CHUNK:
                 break
             end -= _CHUNK
-        # ... then, for ids still missing, the whole list from the back, where pops at the front shift nothing.
+        # ... then, for ids still missing, the whole list from the back: pops at the front shift nothing there, and
+        # pushes at the back only make this pass read an element twice.
         start = 0
         while left:
             chunk = self.redis.lrange(queue, start, start + _CHUNK - 1)
