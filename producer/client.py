@@ -32,9 +32,9 @@ from producer.contract import (
     OutputRef,
 )
 from producer.errors import IdempotencyConflict, InvalidJob, JobEnded, JobNotFound, JobTimeout
-from producer.events import callback_message
+from producer.events import CallbackMessage, callback_message
 from producer.finetune import FineTuneJob, FineTuneRequest, dataset_prefix, resolve_finetune
-from producer.messages import job_messages
+from producer.messages import JobMessage, PendingCallbacks, callback_task, job_messages
 from producer.resolve import resolve_request
 from producer.settings import ClientSettings
 from producer.status import JobStore, as_text, utcnow
@@ -202,9 +202,9 @@ class Client:
         message = callback_message(job.callback, EventType.QUEUED, view, self.store.next_event_seq(job.job_id))
         try:
             if message is not None:
-                self._send(constants.CALLBACK_TASK, message.model_dump(mode="json"), constants.CALLBACK_QUEUE)
+                self._send_callback(message)
             for m in messages:
-                self._celery_app().send_task(m.task, args=m.args, queue=m.queue, task_id=m.task_id)
+                self._publish(m)
         except Exception as exc:
             self.store.mark_failed(job.job_id, JobError(type="EnqueueFailed", message=f"could not enqueue: {exc}"))
             raise
@@ -237,13 +237,18 @@ class Client:
         event = callback_message(job.callback, EventType.CANCELED, view, self.store.next_event_seq(job_id))
         if event is not None:
             try:
-                self._send(constants.CALLBACK_TASK, event.model_dump(mode="json"), constants.CALLBACK_QUEUE)
+                self._send_callback(event)
             except Exception:  # the cancel stands; failing the call would make a retry answer "already canceled"
                 log.exception("job %s canceled, but its canceled event could not be enqueued", job_id)
         return view
 
-    def _send(self, task: str, payload: dict[str, Any], queue: str) -> None:
-        self._celery_app().send_task(task, args=[payload], queue=queue)
+    def _send_callback(self, event: CallbackMessage) -> None:
+        PendingCallbacks(self.redis).send(callback_task(event), self._publish)  # kept until a worker starts it
+
+    def _publish(self, message: JobMessage, countdown: float = 0.0) -> None:
+        self._celery_app().send_task(
+            message.task, args=message.args, queue=message.queue, task_id=message.task_id, countdown=countdown or None
+        )
 
     def _celery_app(self) -> Celery:
         if self._celery is None:

@@ -28,6 +28,10 @@ JOBS_BY_STATUS_KEY = KEY_PREFIX + ":stats:jobs_by_status"
 # was delivered or it ended; JobStore.create prunes entries older than a job record's TTL.
 QUEUED_JOBS_KEY = KEY_PREFIX + ":queued:{queue}"
 SWEEPER_LOCK_KEY = KEY_PREFIX + ":sweeper:lock"  # string (expires): one worker sweeps per interval
+# Callback messages sent and not started yet (producer.messages.PendingCallbacks), for the sweeper to find one the
+# broker lost: sorted set of task ids, score = when due (Unix s), and hash: task id -> the task's arguments (JSON)
+CALLBACKS_PENDING_KEY = KEY_PREFIX + ":callbacks:pending"
+CALLBACKS_PENDING_ARGS_KEY = KEY_PREFIX + ":callbacks:pending:args"
 # kombu's Redis transport (its default key): messages workers fetched and have not acked, by delivery tag
 KOMBU_UNACKED_KEY = "unacked"
 

@@ -10,7 +10,9 @@ index of queued jobs (``QUEUED_JOBS_KEY``, written by ``JobStore.create``) for j
 ``stranded_after_s`` ago, and the job records for their shards that no task has started. It looks for those
 shards' messages (stable task ids, :func:`producer.messages.task_id`) on the queue, front first, and in kombu's
 unacked hash; a message found in neither place, twice, ``confirm_s`` apart, is rebuilt from the job record and sent
-again. Jobs that ended, expired or had every shard delivered leave the index.
+again. Jobs that ended, expired or had every shard delivered leave the index. Callback messages have no record to
+rebuild them from: their senders keep each in ``PendingCallbacks`` until a worker starts it, and one kept past its due
+time by ``stranded_after_s`` and missing twice is sent again as it was kept.
 
 Costs: nothing while no job waits longer than ``stranded_after_s``; during a backlog, a read of the queue's front
 until every waiting shard is found (the oldest are at the front); a whole queue and the unacked hash only while a
@@ -29,13 +31,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 import redis
 
 from producer import constants
 from producer.errors import JobNotFound
-from producer.messages import JobMessage, job_messages, task_id
+from producer.messages import JobMessage, PendingCallbacks, job_messages, task_id
 from producer.status import JobStore, as_text
 from worker import metrics
 from worker.settings import SweeperSettings
@@ -62,6 +64,17 @@ class Stranded:
     @property
     def task_id(self) -> str:
         return task_id(self.job_id, self.shard)
+
+
+@dataclass(frozen=True)
+class StrandedCallback:
+    """A callback message, kept in :class:`PendingCallbacks` past its due time, that is nowhere in the broker."""
+
+    task_id: str
+    queue: str = constants.CALLBACK_QUEUE
+
+
+Lost = TypeVar("Lost", Stranded, StrandedCallback)
 
 
 def task_ids_in(elements: Iterable[bytes | str]) -> set[str]:
@@ -105,6 +118,7 @@ class Sweeper:
         self.store = store
         self.send = send
         self.settings = settings
+        self.pending = PendingCallbacks(client)
         self.queues = queues
         self.clock = clock
         self.sleep = sleep
@@ -141,16 +155,24 @@ class Sweeper:
 
     # -- one sweep ------------------------------------------------------------------------------------------
 
-    def sweep(self) -> list[Stranded]:
-        """Resend every shard missing from the broker in two looks ``confirm_s`` apart; returns those sent."""
-        suspects = self._missing(self._waiting())
-        if not suspects:
+    def sweep(self) -> list[Stranded | StrandedCallback]:
+        """Resend every job shard and callback message missing from the broker in two looks ``confirm_s`` apart;
+        returns those sent."""
+        shards = self._missing(self._waiting())
+        callbacks = self._missing(self._callbacks_due())
+        if not shards and not callbacks:
             return []
         self.sleep(self.settings.confirm_s)
         # Look again at the suspects only: those a task started since, or that were in flight, drop out.
-        first = set(suspects)
-        still = self._missing(self._waiting({s.job_id for s in suspects}))
-        return [s for s in still if s in first and self._resend(s)]
+        sent: list[Stranded | StrandedCallback] = []
+        if shards:
+            first = set(shards)
+            still = self._missing(self._waiting({s.job_id for s in shards}))
+            sent += [s for s in still if s in first and self._resend(s)]
+        if callbacks:
+            again = self._missing(self._callbacks_due({c.task_id for c in callbacks}))
+            sent += [c for c in again if self._resend_callback(c)]
+        return sent
 
     def _waiting(self, only: set[str] | None = None) -> list[Stranded]:
         """Shards of indexed jobs older than ``stranded_after_s`` that no task has started; drops finished jobs."""
@@ -174,7 +196,13 @@ class Sweeper:
                 self.redis.zrem(index, *done)
         return waiting
 
-    def _missing(self, waiting: list[Stranded]) -> list[Stranded]:
+    def _callbacks_due(self, only: set[str] | None = None) -> list[StrandedCallback]:
+        """Callback messages kept past their due time by more than ``stranded_after_s``: not started yet."""
+        ceiling = self.clock() - self.settings.stranded_after_s
+        due = self.pending.due_before(ceiling, self.settings.max_jobs)
+        return [StrandedCallback(t) for t in due if only is None or t in only]
+
+    def _missing(self, waiting: list[Lost]) -> list[Lost]:
         """Those of ``waiting`` whose message is neither on its queue nor fetched by a worker (unacked)."""
         by_queue: dict[str, set[str]] = {}
         for s in waiting:
@@ -237,6 +265,23 @@ class Sweeper:
             "while sending it); sent again to %s",
             stranded.job_id,
             stranded.shard,
+            stranded.queue,
+        )
+        return True
+
+    def _resend_callback(self, stranded: StrandedCallback) -> bool:
+        """Send a kept callback message again, as it was sent; False when a worker started it meanwhile."""
+        message = self.pending.message(stranded.task_id)
+        if message is None:
+            return False
+        self.send(message)
+        metrics.MESSAGES_RESENT.labels(stranded.queue).inc()
+        event = message.args[0] if message.args else {}
+        log.warning(
+            "job %s: the %s event's callback message %s was nowhere in the broker; sent again to %s",
+            event.get("job_id"),
+            (event.get("event") or {}).get("type"),
+            stranded.task_id,
             stranded.queue,
         )
         return True

@@ -13,7 +13,7 @@ from producer import constants
 from producer.contract import GenerateJob, Shard
 from producer.events import CallbackMessage
 from producer.finetune import FineTuneJob
-from producer.messages import JobMessage
+from producer.messages import JobMessage, PendingCallbacks, callback_task
 from producer.status import JobStore
 from worker import metrics
 from worker.app import app, settings_of
@@ -38,12 +38,14 @@ def _runtime() -> Runtime:
 
 
 def send_callback(message: CallbackMessage, countdown: float = 0.0) -> None:
-    """Enqueue a callback delivery, to run at once or (a retry) after ``countdown`` seconds."""
+    """Enqueue a callback delivery, to run at once or (a retry) after ``countdown`` seconds; kept in
+    :class:`PendingCallbacks` until a worker starts it."""
+    PendingCallbacks(_runtime().redis).send(callback_task(message), _publish, countdown)
+
+
+def _publish(message: JobMessage, countdown: float = 0.0) -> None:
     app.send_task(
-        constants.CALLBACK_TASK,
-        args=[message.model_dump(mode="json")],
-        queue=constants.CALLBACK_QUEUE,
-        countdown=countdown or None,
+        message.task, args=message.args, queue=message.queue, task_id=message.task_id, countdown=countdown or None
     )
 
 
@@ -103,15 +105,16 @@ def _generate_raised(
         record_task(sender, reason, [args, kwargs], request=request)
 
 
-@app.task(name=constants.CALLBACK_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def deliver_callback(payload: dict[str, Any]) -> None:
+@app.task(name=constants.CALLBACK_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def deliver_callback(self: Any, payload: dict[str, Any]) -> None:
     """Deliver one signed callback event (one attempt), record it, and enqueue its retry if it failed."""
+    runtime = _runtime()
+    PendingCallbacks(runtime.redis).started(self.request.id)  # kombu's unacked hash holds the message from now on
     try:
         message = CallbackMessage.model_validate(payload)
     except ValidationError as exc:
         log.error("dropping malformed callback payload: %s", exc)
         return
-    runtime = _runtime()
     settings = runtime.settings
     outcome = run_delivery(
         message,
@@ -176,10 +179,7 @@ def _start_sweeper(settings: WorkerSettings, client: redis.Redis) -> None:
     if not settings.sweeper.enabled or _sweeper is not None:
         return
 
-    def send(message: JobMessage) -> None:
-        app.send_task(message.task, args=message.args, queue=message.queue, task_id=message.task_id)
-
-    _sweeper = Sweeper(client, JobStore(client, settings.job_ttl_s), send, settings.sweeper)
+    _sweeper = Sweeper(client, JobStore(client, settings.job_ttl_s), _publish, settings.sweeper)
     _sweeper.start()
     log.info(
         "sweeping for lost messages every %g s (jobs queued over %g s)",

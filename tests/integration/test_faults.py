@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -14,10 +15,12 @@ import pytest
 from api_server import publish_catalog
 from stack import Stack, wait_until, worker_env
 from tcp_proxy import TcpProxy
+from webhook_receiver import WebhookReceiver
 
 from producer import constants
 from producer.client import Client
 from producer.contract import GenerateRequest, JobStatus, JobView, Manifest
+from producer.settings import DEV_WEBHOOK_SECRET
 
 pytestmark = pytest.mark.integration
 
@@ -96,6 +99,29 @@ def test_jobs_whose_messages_the_broker_lost_are_sent_again_and_complete(stack: 
         assert f"job {job_id}: the message of shard 0 was nowhere in the broker" in worker.log()
         assert stack.redis.hget(f"genq:job:{job_id}", "deliveries:0") == b"1"  # sent again once, run once
     assert worker.log().count("nowhere in the broker") == 2  # the two lost, none of those waiting on the queue
+
+
+def test_a_lost_callback_message_is_sent_again_and_its_event_arrives_signed_once(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
+    publish_catalog(stack.redis)
+    with WebhookReceiver(secret=DEV_WEBHOOK_SECRET) as receiver:
+        callback = {"url": receiver.url}
+        job = stack.client.submit(GenerateRequest(model="fmnist-cgan", label="bag", count=1, callback=callback))
+        lost = json.loads(stack.redis.rpop(constants.CALLBACK_QUEUE) or b"{}")  # the queued event, nowhere now
+        start_worker(worker_env(stack, **FAST_SWEEP), concurrency=2)
+
+        assert stack.client.wait(job.id, timeout=60).status is JobStatus.SUCCEEDED
+        wait_until(lambda: any(r.json()["type"] == "queued" for r in receiver.received), 30, "the queued event")
+        time.sleep(0.5)  # a second copy would come at once
+        types = [r.json()["type"] for r in receiver.received]
+    assert "succeeded" in types and types.count("queued") == 1  # the lost event arrived, once, late
+    (event,) = (r for r in receiver.received if r.json()["type"] == "queued")
+    assert event.verified and event.headers["webhook-id"] == lost_body(lost)["msg_id"]
+    assert stack.redis.zcard(constants.CALLBACKS_PENDING_KEY) == 0  # every callback message started
+
+
+def lost_body(message: dict[str, object]) -> dict[str, str]:
+    args, _kwargs, _embed = json.loads(base64.b64decode(str(message["body"])))
+    return dict(args[0])
 
 
 def test_pool_process_killed_mid_job_is_redelivered_and_completes(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]

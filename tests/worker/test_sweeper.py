@@ -15,16 +15,17 @@ import pytest
 import redis
 from api_server import publish_catalog
 from kombu import Connection
+from stack import LOOPBACK_ALLOWED
 
 from producer import constants
 from producer.client import Client
 from producer.contract import GenerateRequest, JobStatus
 from producer.errors import ConfigurationError
 from producer.finetune import FineTuneRequest
-from producer.messages import JobMessage
-from producer.settings import ClientSettings, RedisSettings
+from producer.messages import JobMessage, PendingCallbacks
+from producer.settings import ClientSettings, RedisSettings, WebhookSettings
 from worker.settings import SweeperSettings
-from worker.sweeper import Stranded, Sweeper, task_ids_in
+from worker.sweeper import Stranded, StrandedCallback, Sweeper, task_ids_in
 
 HOUR = 3600.0
 
@@ -32,7 +33,8 @@ HOUR = 3600.0
 @pytest.fixture
 def client(redis_client: redis.Redis, redis_url: str) -> Iterator[Client]:
     publish_catalog(redis_client)
-    yield Client(ClientSettings(redis=RedisSettings(url=redis_url), shard_size=2))
+    webhook = WebhookSettings(allow_hosts=LOOPBACK_ALLOWED)
+    yield Client(ClientSettings(redis=RedisSettings(url=redis_url), shard_size=2, webhook=webhook))
 
 
 class Sent(list[JobMessage]):
@@ -192,6 +194,65 @@ def test_a_running_sweeper_thread_resends_a_lost_message(client: Client) -> None
     finally:
         thread.stop()
     assert [m.task_id for m in sent] == [f"{job_id}.0"]
+
+
+HOOK = "http://127.0.0.1:9/hook"  # never called here
+
+
+def test_a_lost_callback_message_is_sent_again_as_it_was_sent(client: Client) -> None:
+    job_id = submit(client, callback={"url": HOOK})
+    lost = json.loads(client.redis.rpop(constants.CALLBACK_QUEUE) or b"{}")  # the queued event
+    task_id = lost["headers"]["id"]
+    sent = Sent()
+
+    assert sweeper(client, sent).sweep() == [StrandedCallback(task_id)]
+
+    (message,) = sent
+    assert (message.task, message.queue, message.task_id) == (constants.CALLBACK_TASK, "callbacks", task_id)
+    assert message.args == body_args(lost) and message.args[0]["job_id"] == job_id
+    assert message.args[0]["event"]["type"] == "queued"
+
+
+def test_a_callback_message_on_its_queue_fetched_or_started_is_not_sent_again(client: Client, redis_url: str) -> None:
+    fetched, started, waiting = (submit(client, callback={"url": HOOK}) for _ in range(3))  # a queued event each
+    with Connection(redis_url) as connection:
+        channel = connection.default_channel
+        first = channel.basic_get(constants.CALLBACK_QUEUE, no_ack=False)  # in unacked
+        second = channel.basic_get(constants.CALLBACK_QUEUE, no_ack=False)
+        PendingCallbacks(client.redis).started(second.headers["id"])  # what the delivery task does first
+        second.ack()
+        sent = Sent()
+
+        assert sweeper(client, sent).sweep() == []
+
+        assert sent == []
+        assert [m.decode()[0][0]["job_id"] for m in (first, second)] == [fetched, started]
+        (left,) = (json.loads(raw) for raw in client.redis.lrange(constants.CALLBACK_QUEUE, 0, -1))
+        assert body_args(left)[0]["job_id"] == waiting
+        kept = {t.decode() for t in client.redis.zrange(constants.CALLBACKS_PENDING_KEY, 0, -1)}
+        assert kept == {first.headers["id"], left["headers"]["id"]}  # the started one is forgotten
+
+
+def test_a_callback_retry_is_not_looked_at_before_it_is_due(client: Client) -> None:
+    pending = PendingCallbacks(client.redis)
+    message = JobMessage(constants.CALLBACK_TASK, constants.CALLBACK_QUEUE, [{"job_id": "j"}], "cb.retry")
+    pending.send(message, lambda m, countdown: None, countdown=2 * HOUR)  # "sent" (then lost) to run in two hours
+    sent = Sent()
+
+    assert sweeper(client, sent, later_s=HOUR).sweep() == []
+    assert sweeper(client, sent, later_s=2 * HOUR + 61).sweep() == [StrandedCallback("cb.retry")]
+
+
+def test_a_callback_that_could_not_be_sent_is_not_kept(client: Client) -> None:
+    pending = PendingCallbacks(client.redis)
+    message = JobMessage(constants.CALLBACK_TASK, constants.CALLBACK_QUEUE, [{"job_id": "j"}], "cb.1")
+
+    def broker_down(_: JobMessage, __: float) -> None:
+        raise ConnectionError("broker down")
+
+    with pytest.raises(ConnectionError):
+        pending.send(message, broker_down)
+    assert pending.message("cb.1") is None and client.redis.zcard(constants.CALLBACKS_PENDING_KEY) == 0
 
 
 @pytest.mark.parametrize(
