@@ -32,6 +32,7 @@ SWEEPER_LOCK_KEY = KEY_PREFIX + ":sweeper:lock"  # string (expires): one worker 
 # broker lost: sorted set of task ids, score = when due (Unix s), and hash: task id -> the task's arguments (JSON)
 CALLBACKS_PENDING_KEY = KEY_PREFIX + ":callbacks:pending"
 CALLBACKS_PENDING_ARGS_KEY = KEY_PREFIX + ":callbacks:pending:args"
+CALLBACKS_RESENT_KEY = KEY_PREFIX + ":callbacks:pending:resent"  # hash: task id -> times the sweeper sent it again
 # kombu's Redis transport (its default key): messages workers fetched and have not acked, by delivery tag
 KOMBU_UNACKED_KEY = "unacked"
 

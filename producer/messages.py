@@ -92,7 +92,12 @@ class PendingCallbacks:
         pipe = self.redis.pipeline()
         pipe.zrem(constants.CALLBACKS_PENDING_KEY, task_id)
         pipe.hdel(constants.CALLBACKS_PENDING_ARGS_KEY, task_id)
+        pipe.hdel(constants.CALLBACKS_RESENT_KEY, task_id)
         pipe.execute()
+
+    def count_resend(self, task_id: str) -> int:
+        """Count one more time the sweeper sent the message again; returns the count."""
+        return int(self.redis.hincrby(constants.CALLBACKS_RESENT_KEY, task_id, 1))
 
     def due_before(self, ceiling: float, limit: int) -> list[str]:
         """Task ids of kept messages due before ``ceiling`` (Unix s), the earliest first, at most ``limit``."""

@@ -51,6 +51,7 @@ SWEPT_QUEUES = (*constants.GENERATE_QUEUES.values(), constants.TRAIN_QUEUE)
 # other keys ending in "id" (root_id, correlation_id) have no quote before "id", and argsrepr's quotes are escaped.
 _TASK_ID = re.compile(rb'"id": "([^"]+)"')
 _CHUNK = 500  # list elements per LRANGE
+MAX_CALLBACK_RESENDS = 3  # then a kept callback message that keeps vanishing unstarted is forgotten
 
 
 @dataclass(frozen=True)
@@ -270,13 +271,25 @@ class Sweeper:
         return True
 
     def _resend_callback(self, stranded: StrandedCallback) -> bool:
-        """Send a kept callback message again, as it was sent; False when a worker started it meanwhile."""
+        """Send a kept callback message again, as it was sent; False when a worker started it meanwhile, or when it
+        was sent again ``MAX_CALLBACK_RESENDS`` times already (then it is forgotten)."""
         message = self.pending.message(stranded.task_id)
         if message is None:
             return False
+        event = message.args[0] if message.args else {}
+        if self.pending.count_resend(stranded.task_id) > MAX_CALLBACK_RESENDS:
+            # Run by something that does not forget it (a worker of an older version, a consumer that dead-letters
+            # it): sending it again each interval would deliver the event each interval.
+            self.pending.started(stranded.task_id)
+            log.error(
+                "job %s: callback message %s was sent again %d times and never started; forgotten",
+                event.get("job_id"),
+                stranded.task_id,
+                MAX_CALLBACK_RESENDS,
+            )
+            return False
         self.send(message)
         metrics.MESSAGES_RESENT.labels(stranded.queue).inc()
-        event = message.args[0] if message.args else {}
         log.warning(
             "job %s: the %s event's callback message %s was nowhere in the broker; sent again to %s",
             event.get("job_id"),

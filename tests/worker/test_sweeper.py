@@ -25,7 +25,7 @@ from producer.finetune import FineTuneRequest
 from producer.messages import JobMessage, PendingCallbacks
 from producer.settings import ClientSettings, RedisSettings, WebhookSettings
 from worker.settings import SweeperSettings
-from worker.sweeper import Stranded, StrandedCallback, Sweeper, task_ids_in
+from worker.sweeper import MAX_CALLBACK_RESENDS, Stranded, StrandedCallback, Sweeper, task_ids_in
 
 HOUR = 3600.0
 
@@ -241,6 +241,22 @@ def test_a_callback_retry_is_not_looked_at_before_it_is_due(client: Client) -> N
 
     assert sweeper(client, sent, later_s=HOUR).sweep() == []
     assert sweeper(client, sent, later_s=2 * HOUR + 61).sweep() == [StrandedCallback("cb.retry")]
+
+
+def test_a_callback_message_that_keeps_vanishing_unstarted_is_sent_again_three_times_then_forgotten(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What a worker of an older version does: it runs the message and never tells PendingCallbacks.
+    submit(client, callback={"url": HOOK})
+    sent = Sent()
+    for _ in range(5):
+        client.redis.delete(constants.CALLBACK_QUEUE)
+        sweeper(client, sent).sweep()
+
+    assert len(sent) == MAX_CALLBACK_RESENDS == 3
+    assert client.redis.zcard(constants.CALLBACKS_PENDING_KEY) == 0
+    assert client.redis.hlen(constants.CALLBACKS_RESENT_KEY) == 0
+    assert "sent again 3 times and never started; forgotten" in caplog.text
 
 
 def test_a_callback_that_could_not_be_sent_is_not_kept(client: Client) -> None:
