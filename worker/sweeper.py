@@ -1,4 +1,4 @@
-"""Send again the messages the broker lost: a job recorded as queued whose message is nowhere in Redis.
+"""Send again the messages the broker lost: a queued job's, or a callback event's, that is nowhere in Redis.
 
 kombu's Redis transport takes a message off its queue with BRPOP and only then records it as unacked, in a second
 round trip (celery#7950 shows the commands). A worker killed between the two — SIGKILL, OOM, a spot node taken back —
@@ -44,7 +44,7 @@ from worker.settings import SweeperSettings
 
 log = logging.getLogger("genq.sweeper")
 
-# Every queue a job's messages go to (callbacks have no job record to sweep from).
+# Every queue a job's messages go to (callback messages are found through PendingCallbacks instead).
 SWEPT_QUEUES = (*constants.GENERATE_QUEUES.values(), constants.TRAIN_QUEUE)
 
 # The task id in a kombu message as its Redis transport stores it (json.dumps: '"id": "<task id>"' in the headers);
