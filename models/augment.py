@@ -21,12 +21,12 @@ generator in its checkpoint resumes exactly. The draws do not depend on ``p``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from models.config import JsonConfig
 from models.errors import InvalidModelConfig
 
 POLICIES = ("color", "translation", "cutout")
@@ -35,7 +35,7 @@ CUTOUT_RATIO = 0.5  # side of the cut-out square, as a fraction of the image sid
 
 
 @dataclass(frozen=True)
-class AugmentConfig:
+class AugmentConfig(JsonConfig):
     """Which augmentations to apply, and whether their probability is fixed (p = 1) or adapted (ADA)."""
 
     policy: tuple[str, ...] = ()  # names from POLICIES, applied in this order; () = no augmentation
@@ -60,17 +60,6 @@ class AugmentConfig:
             raise InvalidModelConfig(f"ada_interval must be at least 1 step, got {self.ada_interval}")
         if not self.ada_kimg > 0:
             raise InvalidModelConfig(f"ada_kimg must be positive, got {self.ada_kimg}")
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["policy"] = list(self.policy)
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AugmentConfig:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        known["policy"] = tuple(known.get("policy", ()))
-        return cls(**known)
 
 
 class AdaController:

@@ -8,25 +8,23 @@ loss, conditional batch norm in G, a projection discriminator and an EMA copy of
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from models.config import JsonConfig
 from models.errors import InvalidModelConfig
 from models.invariant import BatchInvariantConv2d, BatchInvariantLinear
+from models.layout import LAYOUTS, check_image_config
 
 ARCH = "cgan"
 
-# resolution -> (base feature map side, number of 2x upsamplings)
-_LAYOUTS = {28: (7, 2), 32: (4, 3), 64: (4, 4)}
-
 
 @dataclass(frozen=True)
-class CGANConfig:
+class CGANConfig(JsonConfig):
     """Everything needed to rebuild the networks; stored as JSON beside the weights."""
 
     class_names: tuple[str, ...]
@@ -39,14 +37,7 @@ class CGANConfig:
     arch: str = field(default=ARCH)
 
     def __post_init__(self) -> None:
-        if self.resolution not in _LAYOUTS:
-            raise InvalidModelConfig(f"resolution {self.resolution} not supported (choose from {sorted(_LAYOUTS)})")
-        if self.channels not in (1, 3):
-            raise InvalidModelConfig(f"channels must be 1 or 3, got {self.channels}")
-        if len(self.class_names) < 1:
-            raise InvalidModelConfig("a conditional model needs at least one class name")
-        if len(set(self.class_names)) != len(self.class_names):
-            raise InvalidModelConfig(f"class names must be unique, got {list(self.class_names)}")
+        check_image_config(self.resolution, self.channels, self.class_names)
         sides = attention_sides(self.resolution)
         if self.attention and self.attention not in sides:
             raise InvalidModelConfig(
@@ -58,21 +49,10 @@ class CGANConfig:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["class_names"] = list(self.class_names)
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CGANConfig:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        known["class_names"] = tuple(known.get("class_names", ()))
-        return cls(**known)
-
 
 def attention_sides(resolution: int) -> list[int]:
     """Sides of the inner feature maps both networks share at ``resolution``: where attention may go."""
-    base, n_up = _LAYOUTS[resolution]
+    base, n_up = LAYOUTS[resolution]
     return [base * 2**i for i in range(1, n_up)]
 
 
@@ -136,7 +116,7 @@ class Generator(nn.Module):
     def __init__(self, cfg: CGANConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        base, n_up = _LAYOUTS[cfg.resolution]
+        base, n_up = LAYOUTS[cfg.resolution]
         widths = [cfg.g_ch * 2 ** min(n_up - i, 3) for i in range(n_up + 1)]  # e.g. [256, 128, 64] at 28 px
         self.base = base
         self.fc = BatchInvariantLinear(cfg.z_dim, widths[0] * base * base)
@@ -174,7 +154,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, cfg: CGANConfig) -> None:
         super().__init__()
-        _, n_down = _LAYOUTS[cfg.resolution]
+        _, n_down = LAYOUTS[cfg.resolution]
         widths = [cfg.channels] + [cfg.d_ch * 2 ** min(i, 3) for i in range(n_down)]
         self.blocks = nn.Sequential(*(DBlock(widths[i], widths[i + 1]) for i in range(n_down)))
         # after the block whose output has side cfg.attention (index i: side resolution / 2 ** (i + 1))

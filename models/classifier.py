@@ -23,7 +23,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_model
 from torch import nn
 
+from models.config import JsonConfig
 from models.data import LabelledImages
 from models.errors import DatasetError, InvalidModelConfig, WeightsError
 from models.generator import load_weights
@@ -43,7 +44,7 @@ SHIPPED_DIR = Path(__file__).parent / "zoo" / "_metrics" / "fmnist-classifier"
 
 
 @dataclass(frozen=True)
-class ClassifierConfig:
+class ClassifierConfig(JsonConfig):
     """Everything needed to rebuild the network; stored in ``classifier.json`` beside the weights."""
 
     class_names: tuple[str, ...]
@@ -68,20 +69,6 @@ class ClassifierConfig:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["class_names"] = list(self.class_names)
-        data["widths"] = list(self.widths)
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ClassifierConfig:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        known["class_names"] = tuple(known.get("class_names", ()))
-        if "widths" in known:
-            known["widths"] = tuple(known["widths"])
-        return cls(**known)
 
 
 class ConvBlock(nn.Module):

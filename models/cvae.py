@@ -13,27 +13,25 @@ Serving only needs the :class:`Decoder`. Neither network has a normalisation lay
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.cgan import latents_for_seeds
+from models.config import JsonConfig
 from models.errors import InvalidModelConfig
 from models.invariant import BatchInvariantConv2d, BatchInvariantLinear
+from models.layout import LAYOUTS, check_image_config
 
 ARCH = "cvae"
 
 PRIORS = ("standard", "class-gaussian")
 
-# resolution -> (base feature map side, number of 2x resolution changes); the same layouts as the cGAN
-_LAYOUTS = {28: (7, 2), 32: (4, 3), 64: (4, 4)}
-
 
 @dataclass(frozen=True)
-class CVAEConfig:
+class CVAEConfig(JsonConfig):
     """Everything needed to rebuild the networks; stored as JSON beside the weights."""
 
     class_names: tuple[str, ...]
@@ -50,14 +48,7 @@ class CVAEConfig:
     def __post_init__(self) -> None:
         if self.arch != ARCH:
             raise InvalidModelConfig(f"a CVAEConfig needs arch {ARCH!r}, got {self.arch!r}")
-        if self.resolution not in _LAYOUTS:
-            raise InvalidModelConfig(f"resolution {self.resolution} not supported (choose from {sorted(_LAYOUTS)})")
-        if self.channels not in (1, 3):
-            raise InvalidModelConfig(f"channels must be 1 or 3, got {self.channels}")
-        if len(self.class_names) < 1:
-            raise InvalidModelConfig("a conditional model needs at least one class name")
-        if len(set(self.class_names)) != len(self.class_names):
-            raise InvalidModelConfig(f"class names must be unique, got {list(self.class_names)}")
+        check_image_config(self.resolution, self.channels, self.class_names)
         if self.prior not in PRIORS:
             raise InvalidModelConfig(f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
         for name in ("z_dim", "width", "embed_dim"):
@@ -70,19 +61,8 @@ class CVAEConfig:
 
     def widths(self) -> list[int]:
         """Channel widths from full resolution down to the base map, e.g. [32, 64, 128] at 28 px."""
-        _, levels = _LAYOUTS[self.resolution]
+        _, levels = LAYOUTS[self.resolution]
         return [self.width * 2 ** min(i, 3) for i in range(levels + 1)]
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["class_names"] = list(self.class_names)
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CVAEConfig:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        known["class_names"] = tuple(known.get("class_names", ()))
-        return cls(**known)
 
 
 class Encoder(nn.Module):
@@ -95,7 +75,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         widths = cfg.widths()
-        base, _ = _LAYOUTS[cfg.resolution]
+        base, _ = LAYOUTS[cfg.resolution]
         self.label_plane = nn.Embedding(cfg.num_classes, cfg.resolution * cfg.resolution)
         self.stem = nn.Conv2d(cfg.channels + 1, widths[0], 3, padding=1)
         self.downs = nn.ModuleList(
@@ -123,7 +103,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         widths = cfg.widths()[::-1]  # base map first, e.g. [128, 64, 32] at 28 px
-        self.base, _ = _LAYOUTS[cfg.resolution]
+        self.base, _ = LAYOUTS[cfg.resolution]
         self.embed = nn.Embedding(cfg.num_classes, cfg.embed_dim)
         self.fc = BatchInvariantLinear(cfg.z_dim + cfg.embed_dim, widths[0] * self.base * self.base)
         # 4x4 stride-2 transposed convs (DCGAN's up-sampler): half the cost of upsample + 3x3 conv on a CPU

@@ -21,15 +21,16 @@ import copy
 import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import torch
 
 from models import cgan, train
 from models.augment import AdaController, AugmentConfig, diff_augment, host_to_device
 from models.checkpoint import read_checkpoint
+from models.config import JsonConfig
 from models.data import LabelledImages
 from models.errors import DatasetError, InvalidModelConfig, WeightsError
 from models.generator import WEIGHTS_FILE, load_weights, read_config
@@ -39,7 +40,7 @@ _D_EMBED = "embed.parametrizations.weight"
 
 
 @dataclass(frozen=True)
-class FineTuneConfig:
+class FineTuneConfig(JsonConfig):
     """Optimisation settings for fine-tuning; the defaults follow DiffAugment's few-shot transfer runs."""
 
     steps: int = 1000
@@ -80,18 +81,6 @@ class FineTuneConfig:
             seed=self.seed,
             bn_recalibration_batches=self.bn_recalibration_batches,
         )
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["augment"] = self.augment.to_json()
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> FineTuneConfig:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        if "augment" in known:
-            known["augment"] = AugmentConfig.from_json(known["augment"])
-        return cls(**known)
 
 
 @dataclass(frozen=True)
