@@ -8,6 +8,7 @@ import os
 # oversubscribes them and OpenMP spin-waits make everything several times slower. Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import threading  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 
@@ -16,19 +17,68 @@ import pytest  # noqa: E402
 import redis  # noqa: E402
 from webhook_receiver import WebhookReceiver  # noqa: E402
 
-from producer.settings import DEV_WEBHOOK_SECRET  # noqa: E402
+from producer.core.settings import DEV_WEBHOOK_SECRET
 
-REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+# A test run flushes its Redis database before and after every test: two runs on one machine (a developer's and CI's,
+# or two branches) must never share one. Each run claims a free database of the local Redis, by a key in database 0
+# that it renews while it runs and deletes at the end (one left by a killed run lapses within CLAIM_TTL_S).
+# GENQ_TEST_REDIS_URL names a database to use instead.
+REDIS_BASE_URL = "redis://127.0.0.1:6379"
+CLAIM_KEY = "genq-tests:claim:{db}"
+CLAIM_TTL_S = 120
+CLAIM_ORDER = (13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 14, 15)
+
+
+class _DatabaseClaim:
+    """One run's claim on a Redis database, renewed by a daemon thread until :meth:`release`."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.token = f"{os.getpid()}-{uuid.uuid4().hex}"
+        self.db: int | None = None
+        self._stop = threading.Event()
+
+    def take(self) -> int:
+        for db in CLAIM_ORDER:
+            if self.client.set(CLAIM_KEY.format(db=db), self.token, nx=True, ex=CLAIM_TTL_S):
+                self.db = db
+                threading.Thread(target=self._renew, name="genq-test-db-claim", daemon=True).start()
+                return db
+        raise RuntimeError(f"every Redis database {CLAIM_ORDER} is claimed by another test run")
+
+    def _renew(self) -> None:
+        while not self._stop.wait(CLAIM_TTL_S / 4):
+            self.client.expire(CLAIM_KEY.format(db=self.db), CLAIM_TTL_S)
+
+    def release(self) -> None:
+        self._stop.set()
+        key = CLAIM_KEY.format(db=self.db)
+        if self.client.get(key) == self.token.encode():
+            self.client.delete(key)
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    client = redis.Redis.from_url(REDIS_URL)
+def redis_url() -> Iterator[str]:
+    """A Redis database of this test run's own."""
+    fixed = os.environ.get("GENQ_TEST_REDIS_URL")
+    client = redis.Redis.from_url(fixed or f"{REDIS_BASE_URL}/0")
     try:
         client.ping()
     except redis.ConnectionError as exc:  # pragma: no cover - CI starts Redis; say so when it is missing
-        pytest.fail(f"Redis is not reachable at {REDIS_URL} ({exc}); start redis-server or set GENQ_TEST_REDIS_URL")
-    return REDIS_URL
+        pytest.fail(f"Redis is not reachable ({exc}); start redis-server on 6379 or set GENQ_TEST_REDIS_URL")
+    if fixed:
+        yield fixed
+        return
+    claim = _DatabaseClaim(client)
+    try:
+        db = claim.take()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield f"{REDIS_BASE_URL}/{db}"
+    finally:
+        claim.release()
+        client.close()
 
 
 @pytest.fixture
