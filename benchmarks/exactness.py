@@ -24,8 +24,8 @@ import torch
 
 from benchmarks.throughput import make_model
 from models.generator import Acceleration, load_generator
+from worker.catalog.registry import ZOO_DIR
 from worker.memory import MallocPolicy, tune_malloc
-from worker.registry import ZOO_DIR
 
 OPTIONS = {
     "fp32": Acceleration(),

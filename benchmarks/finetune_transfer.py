@@ -12,7 +12,7 @@
    From scratch: the same architecture, recipe, data and steps, random init.
 4. Both scored against the real *test* images of classes 5-9 with the shipped in-domain classifier: label
    consistency (labels mapped by class name) and FID in its penultimate feature space, same sample counts.
-5. Overhead: seconds per step of genq's fine-tune loop (:func:`worker.training.run_finetune`, with a real Redis
+5. Overhead: seconds per step of genq's fine-tune loop (:func:`worker.training.pipeline.run_finetune`, with a real Redis
    reporter, cancellation checks and progress records) vs a bare PyTorch loop over the same model, batch and step
    function; the fixed costs (data load, export, evaluation) are removed by timing two run lengths.
 
@@ -84,12 +84,12 @@ def genq_seconds_per_step(base_dir: Path, data_dir: Path, redis_url: str, steps:
     """Seconds per step of run_finetune with a real Redis reporter: (T(n + steps) - T(n)) / steps."""
     from datetime import UTC, datetime
 
-    from producer.finetune import AugmentSpec, FineTuneJob
-    from producer.status import JobStore
-    from worker.local_storage import LocalStorage
-    from worker.model_store import ModelStore
+    from producer.contract import AugmentSpec, FineTuneJob
+    from producer.core.store import JobStore
+    from worker.catalog.store import ModelStore
     from worker.reporting import TrainingReporter
-    from worker.training import run_finetune
+    from worker.storage.local import LocalStorage
+    from worker.training.pipeline import run_finetune
 
     client = redis.Redis.from_url(redis_url)
     store = JobStore(client, 3600)

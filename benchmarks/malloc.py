@@ -127,7 +127,8 @@ def main() -> None:
     seconds, images = (1.0, 1000) if args.quick else (3.0, args.images)
     policies = list(MallocPolicy)
 
-    from producer.settings import ClientSettings, Limits, RedisSettings, S3Settings
+    from producer.core.settings import Limits, RedisSettings, S3Settings
+    from producer.settings import ClientSettings
 
     results = {} if args.sweep else {policy: in_child(policy, seconds) for policy in policies}
     bucket = "bench"

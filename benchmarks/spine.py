@@ -24,9 +24,10 @@ import torch
 
 from producer.client import Client
 from producer.contract import GenerateRequest, JobStatus, JobView
-from producer.settings import ClientSettings, RedisSettings, S3Settings
+from producer.core.settings import RedisSettings, S3Settings
+from producer.settings import ClientSettings
+from worker.catalog.registry import ZOO_DIR, ModelRegistry
 from worker.embedded import run_embedded
-from worker.registry import ZOO_DIR, ModelRegistry
 from worker.settings import WorkerSettings
 
 MODEL = "fmnist-cgan"

@@ -22,11 +22,12 @@ from typing import Any, cast
 
 import redis
 
-from producer import constants
 from producer.client import Client
 from producer.contract import GenerateRequest, JobStatus, ModelEntry, ModelVersionInfo
-from producer.messages import JobMessage
-from producer.settings import ClientSettings, RedisSettings
+from producer.core import constants
+from producer.core.messages import JobMessage
+from producer.core.settings import RedisSettings
+from producer.settings import ClientSettings
 from worker.settings import SweeperSettings
 from worker.sweeper import Sweeper
 

@@ -46,9 +46,10 @@ from models.data import FASHION_MNIST_CLASSES
 from models.generator import Acceleration, load_generator, save_generator
 from producer.client import Client
 from producer.contract import GenerateRequest, JobStatus
-from producer.settings import ClientSettings, Limits, RedisSettings, S3Settings
+from producer.core.settings import Limits, RedisSettings, S3Settings
+from producer.settings import ClientSettings
+from worker.catalog.registry import ZOO_DIR
 from worker.memory import MallocPolicy, tune_malloc
-from worker.registry import ZOO_DIR
 from worker.settings import InferenceSettings
 
 if TYPE_CHECKING:
@@ -296,7 +297,7 @@ def main() -> None:
         batched = args.max_batch or min(bs for bs, rate in rates.items() if bs > 1 and rate >= 0.95 * fastest)
         sample = load_generator(model_dir).sample([7], [1])[0].numpy()
         from producer.contract import OutputFormat
-        from worker.encode import encode_image, provenance
+        from worker.generate.encode import encode_image, provenance
 
         png_size = len(
             encode_image(sample, OutputFormat.PNG, provenance(generator=model, version="1", label="x", seed=1))

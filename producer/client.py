@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import redis
 
-from producer import constants
 from producer.contract import (
     EventType,
+    FineTuneJob,
+    FineTuneRequest,
     GenerateJob,
     GenerateRequest,
     JobError,
@@ -31,13 +32,16 @@ from producer.contract import (
     ModelEntry,
     OutputRef,
 )
+from producer.core import constants
+from producer.core.callbacks.events import CallbackMessage, callback_message
+from producer.core.callbacks.pending import PendingCallbacks
+from producer.core.clock import utcnow
+from producer.core.messages import JobMessage, callback_task, job_messages
+from producer.core.resolve import dataset_prefix, resolve_finetune, resolve_request
+from producer.core.s3 import make_s3_client
+from producer.core.store import JobStore, as_text
 from producer.errors import IdempotencyConflict, InvalidJob, JobEnded, JobNotFound, JobTimeout
-from producer.events import CallbackMessage, callback_message
-from producer.finetune import FineTuneJob, FineTuneRequest, dataset_prefix, resolve_finetune
-from producer.messages import JobMessage, PendingCallbacks, callback_task, job_messages
-from producer.resolve import resolve_request
 from producer.settings import ClientSettings
-from producer.status import JobStore, as_text, utcnow
 from producer.uploads import ProgressFn, Upload, archive_reference, upload_dataset
 
 if TYPE_CHECKING:
@@ -191,7 +195,7 @@ class Client:
         return enqueue(job)
 
     def _record_and_send(self, job: GenerateJob | FineTuneJob, shard_size: int) -> JobView:
-        """Record ``job`` as queued, announce it, then send its messages (:func:`producer.messages.job_messages`).
+        """Record ``job`` as queued, announce it, then send its messages (:func:`producer.core.messages.job_messages`).
 
         A job that cannot be enqueued is failed (``EnqueueFailed``) and the error raised: never a queued record with
         no message behind it. (A client killed between the two leaves one; the workers' sweeper sends it.)
@@ -324,9 +328,7 @@ class Client:
 
     def _s3_client(self) -> Any:
         if self._s3 is None:
-            import boto3
-
-            self._s3 = boto3.client("s3")
+            self._s3 = make_s3_client(attempts=5)  # boto3's own retries: the client has no window of its own
         return self._s3
 
     def with_urls(self, view: JobView, expires_s: int | None = None) -> JobView:

@@ -1,11 +1,25 @@
-"""Errors a client can see, split by what the caller does about them."""
+"""The error tree of genq, split by what the caller does about each error.
+
+``GenqError`` is the root. Failures of work split in two branches, and the worker reads them: a :class:`Retryable`
+failure runs the job again later (``GENQ_CELERY__RETRIES`` times, with backoff), a :class:`Permanent` one fails it now
+with its reason. The worker's own errors (storage, models, archives) live in ``worker.errors`` under these branches;
+the rest here are what a client is told (not found, ended, unauthorized, over a quota, timed out).
+"""
 
 
 class GenqError(Exception):
     """Base class for every genq error."""
 
 
-class InvalidJob(GenqError, ValueError):
+class Retryable(GenqError):
+    """A transient fault (a store that does not answer): the same work may succeed if run again later."""
+
+
+class Permanent(GenqError):
+    """Running the same work again will fail the same way: fail it now, with this reason."""
+
+
+class InvalidJob(Permanent, ValueError):
     """The request cannot run as given (bad field, over a limit, unknown label): fix it and resubmit."""
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
@@ -13,7 +27,7 @@ class InvalidJob(GenqError, ValueError):
         self.field = field
 
 
-class ModelNotFound(GenqError, KeyError):
+class ModelNotFound(Permanent, KeyError):
     """No model, version or alias of that name is published."""
 
     def __str__(self) -> str:  # KeyError quotes its message; say it plainly
@@ -63,7 +77,7 @@ class JobTimeout(GenqError, TimeoutError):
     """A job did not reach a terminal status within the time the caller was prepared to wait."""
 
 
-class ConfigurationError(GenqError):
+class ConfigurationError(Permanent):
     """Settings are missing or unsafe (a placeholder secret outside dev, no bucket for S3 mode)."""
 
 

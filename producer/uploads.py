@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from producer.contract import ARCHIVE_SUFFIXES
+from producer.core.resolve import dataset_prefix
 from producer.errors import InvalidJob
-from producer.finetune import ARCHIVE_SUFFIXES, dataset_prefix
 
 MAX_UPLOAD_FILES = 100_000
 MAX_FILE_BYTES = 512 * 2**20  # one archive; single images are far smaller (the worker refuses > 32 MiB images)

@@ -19,10 +19,11 @@ import uvicorn
 from fastapi import FastAPI
 from stack import LOOPBACK_ALLOWED
 
-from producer import constants
-from producer.auth import KeyQuotas, KeyStore
+from producer.api.auth import KeyQuotas, KeyStore
 from producer.contract import ModelEntry, ModelVersionInfo
-from producer.settings import ApiSettings, ClientSettings, RedisSettings, S3Settings, WebhookSettings
+from producer.core import constants
+from producer.core.settings import RedisSettings, S3Settings, WebhookSettings
+from producer.settings import ApiSettings, ClientSettings
 
 
 class ApiServer:

@@ -1,4 +1,5 @@
-"""Fixtures of the real stack (Redis, moto S3, `genq worker` subprocesses), shared by tests/integration and tests/api.
+"""Fixtures of the real stack (Redis, moto S3, `genq worker` subprocesses), shared by tests/integration and
+tests/producer/api.
 
 Conftests import them by name; they are defined once, here.
 """
@@ -16,9 +17,10 @@ from stack import AWS_ENV, LOOPBACK_ALLOWED, Stack, boto_kwargs, worker_env
 from tiny_model import make_tiny_model
 from worker_process import WorkerProcess
 
-from producer import constants
 from producer.client import Client
-from producer.settings import ClientSettings, RedisSettings, S3Settings, WebhookSettings
+from producer.core import constants
+from producer.core.settings import RedisSettings, S3Settings, WebhookSettings
+from producer.settings import ClientSettings
 
 
 @pytest.fixture(scope="module")

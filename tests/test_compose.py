@@ -22,9 +22,10 @@ from pydantic import BaseModel, ValidationError
 from pydantic_settings import BaseSettings
 
 import producer.cli
-from producer import constants
+from producer.core import constants
+from producer.core.settings import DEV_WEBHOOK_SECRET
 from producer.errors import ConfigurationError
-from producer.settings import DEV_WEBHOOK_SECRET, ClientSettings
+from producer.settings import ClientSettings
 from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,7 +232,7 @@ def test_project_image_services_run_a_real_command(service: str) -> None:
     sub = command[0]
     assert sub in commands, (
         f"{service} runs `genq {' '.join(command)}`, but genq has no {sub!r} sub-command "
-        f"(known: {', '.join(sorted(commands))}); add it to producer/cli.py"
+        f"(known: {', '.join(sorted(commands))}); add it to producer/cli/main.py"
     )
     known_options = {opt for param in commands[sub].params for opt in (*param.opts, *param.secondary_opts)}
     for arg in command[1:]:

@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-from producer.webhooks import DEFAULT_TOLERANCE_S, WebhookVerificationError, verify
+from producer.core.callbacks.signing import DEFAULT_TOLERANCE_S, WebhookVerificationError, verify
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Received:
     headers: dict[str, str]  # names lower-cased
     body: bytes
     at: float  # time.time() when the request had been read
-    verified: bool  # producer.webhooks.verify accepted it
+    verified: bool  # producer.core.callbacks.signing.verify accepted it
     verify_error: str | None  # why it did not
     status: int  # the status code answered
 

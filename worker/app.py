@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from celery import Celery
 
-from producer import constants
+from producer.core import constants
 from producer.errors import ConfigurationError
 from worker.settings import WorkerSettings
 

@@ -34,8 +34,8 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from pydantic import BaseModel
 
-from producer import constants
-from producer.status import utcnow
+from producer.core import constants
+from producer.core.clock import utcnow
 
 log = logging.getLogger("genq.deadletter")
 

@@ -8,14 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from producer.contract import GenerateJob, GenerateRequest, OutputRef, Shard
-from producer.resolve import resolve_request
-from producer.status import utcnow
+from producer.core.clock import utcnow
+from producer.core.resolve import resolve_request
+from worker.catalog.registry import ModelRegistry
+from worker.generate.pipeline import GenerateResult, run_generate
 from worker.memory import tune_malloc
-from worker.pipeline import GenerateResult, run_generate
-from worker.registry import ModelRegistry
 from worker.runtime import acceleration, make_engine, model_roots
 from worker.settings import WorkerSettings
-from worker.storage import LocalStorage
+from worker.storage.local import LocalStorage
 
 
 class LocalReporter:

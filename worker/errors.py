@@ -1,18 +1,8 @@
-"""Errors raised inside workers, split by what the task does about them: retry, or fail the job."""
+"""Errors raised inside workers, each under a branch of :mod:`producer.errors` that says what the task does about it:
+:class:`~producer.errors.Retryable` (run the job again later) or :class:`~producer.errors.Permanent` (fail it now).
+"""
 
-from producer.errors import GenqError
-
-
-class WorkerError(GenqError):
-    """Base class for errors raised by the worker runtime."""
-
-
-class Retryable(WorkerError):
-    """A transient fault: the job may succeed if run again later."""
-
-
-class Permanent(WorkerError):
-    """Running the job again will fail the same way: fail it now with this reason."""
+from producer.errors import Permanent, Retryable
 
 
 class StorageUnavailable(Retryable):
@@ -36,10 +26,6 @@ class ModelLoadError(Permanent):
 
 class IncompleteJob(Permanent):
     """A job's stored outputs have a hole (an index missing or repeated): it must not succeed."""
-
-
-class JobCanceled(WorkerError):
-    """The job was canceled while it ran; the pipeline stops after the current batch."""
 
 
 class UnsafeUpload(Permanent, ValueError):

@@ -1,4 +1,6 @@
-"""Running one delivered job: count the delivery, run the pipeline, turn any error into a failed job."""
+"""Running one delivered job: count the delivery, run the pipeline, and decide what a failure means: a
+:class:`~producer.errors.Retryable` one runs the job again later (:class:`~worker.retries.RetryLater`, up to
+``GENQ_CELERY__RETRIES`` times), any other fails the job loudly with its reason."""
 
 from __future__ import annotations
 
@@ -8,54 +10,112 @@ import shutil
 import tempfile
 import time
 from contextlib import nullcontext
+from enum import Enum
 from pathlib import Path
 
-from producer.constants import FINETUNE_TASK, GENERATE_TASK
-from producer.contract import GenerateJob, JobError, OutputRef, Shard, plan_shards
-from producer.finetune import FineTuneJob
-from producer.logs import current_job
-from worker import metrics
+from producer.contract import FineTuneJob, GenerateJob, JobError, OutputRef, Shard, plan_shards
+from producer.core.constants import FINETUNE_TASK, GENERATE_TASK
+from producer.core.logs import current_job
+from worker import telemetry
 from worker.deadletter import record
-from worker.ingest import ArchiveLimits
-from worker.lease import Lease
-from worker.pipeline import run_generate
+from worker.generate.pipeline import run_generate
 from worker.reporting import RedisReporter, TrainingReporter
+from worker.retries import RetryLater, retry_delay
 from worker.runtime import Runtime
-from worker.training import run_finetune
+from worker.training.ingest import ArchiveLimits
+from worker.training.lease import Lease
+from worker.training.pipeline import run_finetune
 
 log = logging.getLogger("genq.jobs")
 
 
-def execute_generate(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard: Shard | None = None) -> bool:
+def execute_generate(
+    job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard: Shard | None = None, retries: int = 0
+) -> bool:
     """Run one shard of ``job`` (default: all of it). Never raises for a job-level failure: the record carries it.
 
     A shard whose deliveries exceed ``max_deliveries`` crashed its worker every time (the only way a message comes
     back): the job is failed instead of run again, so one poison job cannot take workers down forever.
 
+    Args:
+        retries: how many times this message was retried (Celery's ``request.retries``); those runs are not deaths.
+
     Returns False, having done nothing, when the job has no record (never created, or expired after
     ``GENQ_JOB_TTL_S``): clients record a job before they enqueue it, so the message is stale.
+
+    Raises:
+        RetryLater: the run failed with a transient fault and the retry policy allows another run.
     """
     token = current_job.set(job.job_id)  # every log line of this job carries its id
     try:
-        return _execute(job, runtime, reporter, shard)
+        return _execute(job, runtime, reporter, shard, retries)
     finally:
         current_job.reset(token)
 
 
-def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard: Shard | None) -> bool:
-    settings = runtime.settings
-    deliveries = runtime.store.count_delivery(job.job_id, shard.index if shard else 0)
+class Admission(Enum):
+    """What counting a delivery decided."""
+
+    RUN = "run"  # run the job
+    NO_RECORD = "no_record"  # the job has no record (never created, or expired): the message is stale
+    DEAD_LETTERED = "dead_lettered"  # its worker died too often running it: failed as DeadLettered, and recorded
+
+
+def _admit(
+    job: GenerateJob | FineTuneJob, runtime: Runtime, reporter: RedisReporter, shard: int, retries: int, body: str
+) -> tuple[Admission, int]:
+    """Count this delivery of ``job`` (its shard ``shard``); returns the decision and the count."""
+    limit = runtime.settings.celery.max_deliveries
+    deliveries = runtime.store.count_delivery(job.job_id, shard)
     if deliveries is None:
-        return False
-    if deliveries > settings.celery.max_deliveries:
+        return Admission.NO_RECORD, 0
+    if deliveries - retries > limit:  # a retry is a delivery the runner asked for, not a death
         message = (
             f"delivered {deliveries} times without finishing (the worker died each time); "
-            f"dead-lettered after GENQ_CELERY__MAX_DELIVERIES={settings.celery.max_deliveries}"
+            f"dead-lettered after GENQ_CELERY__MAX_DELIVERIES={limit}"
         )
-        body = json.dumps([job.model_dump(mode="json"), shard.model_dump() if shard else None])
-        record(runtime.redis, message, body, stage="task", task=GENERATE_TASK, job_id=job.job_id)
+        task = GENERATE_TASK if isinstance(job, GenerateJob) else FINETUNE_TASK
+        record(runtime.redis, message, body, stage="task", task=task, job_id=job.job_id)
         reporter.failed(job, JobError(type="DeadLettered", message=message), [])
-        metrics.SHARDS.labels("dead_lettered").inc()
+        return Admission.DEAD_LETTERED, deliveries
+    return Admission.RUN, deliveries
+
+
+def _fail_or_retry(
+    job: GenerateJob | FineTuneJob,
+    exc: Exception,
+    runtime: Runtime,
+    reporter: RedisReporter,
+    stored: list[OutputRef],
+    retries: int,
+) -> None:
+    """Fail the job with ``exc`` (type and message, and the outputs stored so far), or raise :class:`RetryLater`
+    when ``exc`` is :class:`~producer.errors.Retryable` and the retry policy allows another run."""
+    policy = runtime.settings.celery.retry_policy
+    delay = retry_delay(exc, retries, policy)
+    if delay is not None:
+        log.warning(
+            "job %s: %s: %s; running it again in %.0f s (retry %d of %d)",
+            job.job_id,
+            type(exc).__name__,
+            exc,
+            delay,
+            retries + 1,
+            policy.retries,
+        )
+        raise RetryLater(delay, exc) from exc
+    log.exception("job %s failed", job.job_id)
+    reporter.failed(job, JobError(type=type(exc).__name__, message=str(exc)), stored)
+
+
+def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard: Shard | None, retries: int) -> bool:
+    settings = runtime.settings
+    body = json.dumps([job.model_dump(mode="json"), shard.model_dump() if shard else None])
+    admission, deliveries = _admit(job, runtime, reporter, shard.index if shard else 0, retries, body)
+    if admission is Admission.NO_RECORD:
+        return False
+    if admission is Admission.DEAD_LETTERED:
+        telemetry.SHARDS.labels("dead_lettered").inc()
         return True
     stored: list[OutputRef] = []
     # A thread pool runs as many shards as it has threads; bulk ones take turns so memory stays flat (a 1-image
@@ -73,16 +133,19 @@ def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard:
                 shard=shard,
                 stored=stored,
             )
-    except Exception as exc:  # every failure ends the job loudly, with the reason and partial outputs
-        log.exception("job %s failed", job.job_id)
-        reporter.failed(job, JobError(type=type(exc).__name__, message=str(exc)), stored)
-        metrics.SHARDS.labels("failed").inc()
-        metrics.IMAGES.labels(job.model_name).inc(len(stored))
+    except Exception as exc:  # a transient fault runs again later; any other ends the job loudly, with its reason
+        try:
+            _fail_or_retry(job, exc, runtime, reporter, stored, retries)
+        except RetryLater:
+            telemetry.SHARDS.labels("retried").inc()
+            raise
+        telemetry.SHARDS.labels("failed").inc()
+        telemetry.IMAGES.labels(job.model_name).inc(len(stored))
         return True
     finally:
         runtime.pages.after_job(bulk=bulk)  # hand the heap's free pages back: after a bulk shard, or now and then
-    metrics.SHARDS.labels(result.outcome).inc()
-    metrics.IMAGES.labels(job.model_name).inc(len(result.outputs))
+    telemetry.SHARDS.labels(result.outcome).inc()
+    telemetry.IMAGES.labels(job.model_name).inc(len(result.outputs))
     where = f"job {job.job_id} shard {shard.index + 1}/{shard.count}" if shard else f"job {job.job_id}"
     if result.skipped:
         log.info("%s had already ended or been stored; delivery %d ignored", where, deliveries)
@@ -96,7 +159,7 @@ def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard:
     return True
 
 
-def execute_finetune(job: FineTuneJob, runtime: Runtime, reporter: TrainingReporter) -> None:
+def execute_finetune(job: FineTuneJob, runtime: Runtime, reporter: TrainingReporter, retries: int = 0) -> None:
     """Run or resume a fine-tune under its lease. Never raises for a job-level failure: the record carries it.
 
     A delivery that finds the job leased (the broker redelivered a job that outlived its visibility timeout, while
@@ -112,24 +175,21 @@ def execute_finetune(job: FineTuneJob, runtime: Runtime, reporter: TrainingRepor
                 return
             time.sleep(runtime.settings.train.lease_ttl_s / 3)
         with lease.heartbeat():
-            _execute_finetune(job, runtime, reporter, lease)
+            _execute_finetune(job, runtime, reporter, lease, retries)
     finally:
         current_job.reset(token)
 
 
-def _execute_finetune(job: FineTuneJob, runtime: Runtime, reporter: TrainingReporter, lease: Lease) -> None:
+def _execute_finetune(
+    job: FineTuneJob, runtime: Runtime, reporter: TrainingReporter, lease: Lease, retries: int
+) -> None:
     settings = runtime.settings
-    deliveries = runtime.store.count_delivery(job.job_id)
-    if deliveries is None:  # the task checked the record before the lease; it expired since
+    admission, _ = _admit(job, runtime, reporter, 0, retries, job.model_dump_json())
+    if admission is Admission.NO_RECORD:  # the task checked the record before the lease; it expired since
         log.warning("fine-tune %s: its record is gone (expired); nothing to do", job.job_id)
         return
-    if deliveries > settings.celery.max_deliveries:
-        message = (
-            f"started {deliveries} times without finishing (the worker died each time); "
-            f"dead-lettered after GENQ_CELERY__MAX_DELIVERIES={settings.celery.max_deliveries}"
-        )
-        record(runtime.redis, message, job.model_dump_json(), stage="task", task=FINETUNE_TASK, job_id=job.job_id)
-        reporter.failed(job, JobError(type="DeadLettered", message=message), [])
+    if admission is Admission.DEAD_LETTERED:
+        telemetry.FINETUNES.labels("dead_lettered").inc()
         return
     workdir = Path(tempfile.mkdtemp(prefix=f"genq-finetune-{job.job_id}-", dir=settings.train.work_dir))
     try:
@@ -146,13 +206,16 @@ def _execute_finetune(job: FineTuneJob, runtime: Runtime, reporter: TrainingRepo
             keep_going=lambda: not lease.lost.is_set(),
             limits=ArchiveLimits(max_total_bytes=settings.train.max_dataset_bytes),
         )
-    except Exception as exc:  # every failure ends the job loudly, with the reason
-        log.exception("fine-tune %s failed", job.job_id)
-        reporter.failed(job, JobError(type=type(exc).__name__, message=str(exc)), [])
-        metrics.FINETUNES.labels("failed").inc()
+    except Exception as exc:  # a transient fault runs again later (from its checkpoint); any other ends the job
+        try:
+            _fail_or_retry(job, exc, runtime, reporter, [], retries)
+        except RetryLater:
+            telemetry.FINETUNES.labels("retried").inc()
+            raise
+        telemetry.FINETUNES.labels("failed").inc()
         return
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     outcome = "skipped" if result.skipped else "stopped" if result.stopped else "published"
-    metrics.FINETUNES.labels(outcome).inc()
+    telemetry.FINETUNES.labels(outcome).inc()
     log.info("fine-tune %s %s%s", job.job_id, outcome, f" {result.published}" if result.published else "")

@@ -5,16 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-from producer.contract import EventType, GenerateJob, JobError, JobStatus, OutputRef, Shard, TrainingView
-from producer.events import CallbackMessage, callback_message
-from producer.finetune import FineTuneJob
-from producer.status import JobStore
+from producer.contract import EventType, FineTuneJob, GenerateJob, JobError, JobStatus, OutputRef, Shard, TrainingView
+from producer.core.callbacks.events import CallbackMessage, callback_message
+from producer.core.store import JobStore
 
 SendCallback = Callable[[CallbackMessage], None]
 
 
 class RedisReporter:
-    """The pipeline's :class:`~worker.pipeline.Reporter` for Celery workers.
+    """The pipeline's :class:`~worker.generate.pipeline.Reporter` for Celery workers.
 
     A callback event is sent only for a transition that actually happened, so a late redelivery of a finished
     job announces nothing. Progress events are throttled: receivers want news, not a storm.

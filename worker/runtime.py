@@ -11,14 +11,15 @@ from pathlib import Path
 import redis
 
 from models.generator import Acceleration
+from producer.core.store import JobStore
 from producer.errors import ConfigurationError
-from producer.status import JobStore
-from worker.inference import InferenceEngine
+from worker.catalog.registry import ZOO_DIR, ModelRegistry
+from worker.catalog.store import ModelStore
+from worker.generate.inference import InferenceEngine
 from worker.memory import PageReleaser
-from worker.model_store import ModelStore
-from worker.registry import ZOO_DIR, ModelRegistry
 from worker.settings import WorkerSettings
-from worker.storage import S3Storage, Storage, make_storage
+from worker.storage.base import Storage
+from worker.storage.s3 import S3Storage, make_storage
 
 log = logging.getLogger("genq.runtime")
 

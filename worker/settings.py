@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from producer.core.settings import DEV_WEBHOOK_SECRET, GenqSettings
 from producer.errors import ConfigurationError
-from producer.settings import DEV_WEBHOOK_SECRET, Limits, RedisSettings, S3Settings, WebhookSettings
 from worker.memory import MallocPolicy
+from worker.retries import RetryPolicy
 
 
 class BatchingSettings(BaseModel):
@@ -61,7 +61,34 @@ class CelerySettings(BaseModel):
     # Longest generate job: max_images_per_job (10,000) at ~125 images/s (docs/benchmarks.md) is ~80 s; an hour leaves a
     # wide margin. A whole-worker crash delays redelivery by this much, so lower it only with shorter jobs.
     visibility_timeout_s: int = Field(default=3600, ge=1)
-    max_deliveries: int = Field(default=5, ge=1, description="Dead-letter a job redelivered more often.")
+    max_deliveries: int = Field(
+        default=5, ge=1, description="Dead-letter a job whose worker died this many times running it."
+    )
+    retries: int = Field(
+        default=3,
+        ge=0,
+        description=(
+            "Times a job that failed with a transient fault (storage unavailable past its retry window) runs again "
+            "before it fails; 0 fails it at once."
+        ),
+    )
+    retry_backoff_s: float = Field(
+        default=15.0, ge=0, description="Wait before a job's first retry; doubled for each further one."
+    )
+    retry_backoff_max_s: float = Field(
+        default=300.0, ge=0, description="Longest wait between a job's retries (at most half the visibility timeout)."
+    )
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The job retry policy these settings describe.
+
+        A retry waits on the broker as an unacked message, and one waiting longer than the visibility timeout would
+        be delivered a second time while the first still waits: the wait is capped at half of it.
+        """
+        cap = min(self.retry_backoff_max_s, self.visibility_timeout_s / 2)
+        return RetryPolicy(self.retries, min(self.retry_backoff_s, cap), cap)
+
     unacked_restore_interval_s: int = Field(
         default=10, ge=1, description="How often kombu looks for unacked messages of dead workers."
     )
@@ -110,16 +137,9 @@ class TrainSettings(BaseModel):
     )
 
 
-class WorkerSettings(BaseSettings):
-    """Everything a worker process needs."""
+class WorkerSettings(GenqSettings):
+    """Everything a worker process needs: the shared groups and the runtime's own."""
 
-    model_config = SettingsConfigDict(env_prefix="GENQ_", env_nested_delimiter="__", extra="ignore")
-
-    env: Literal["dev", "prod"] = "dev"
-    redis: RedisSettings = Field(default_factory=RedisSettings)
-    s3: S3Settings = Field(default_factory=S3Settings)
-    limits: Limits = Field(default_factory=Limits)
-    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     storage_retry: StorageRetrySettings = Field(default_factory=StorageRetrySettings)
@@ -154,7 +174,6 @@ class WorkerSettings(BaseSettings):
             " release (big blocks unmapped when freed; flattest memory, slowest) or glibc (its defaults)."
         ),
     )
-    job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535, description="Serve Prometheus metrics on this port (threads/solo pools)."
     )

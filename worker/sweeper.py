@@ -8,7 +8,7 @@ recording a job and sending its messages. kombu restores only what reached its u
 Every worker runs a :class:`Sweeper` thread; one worker per interval sweeps (a lock in Redis). It reads each queue's
 index of queued jobs (``QUEUED_JOBS_KEY``, written by ``JobStore.create``) for jobs recorded more than
 ``stranded_after_s`` ago, and the job records for their shards that no task has started. It looks for those
-shards' messages (stable task ids, :func:`producer.messages.task_id`) on the queue, front first, and in kombu's
+shards' messages (stable task ids, :func:`producer.core.messages.task_id`) on the queue, front first, and in kombu's
 unacked hash; a message found in neither place, twice, ``confirm_s`` apart, is rebuilt from the job record and sent
 again. Jobs that ended, expired or had every shard delivered leave the index. Callback messages have no record to
 rebuild them from: their senders keep each in ``PendingCallbacks`` until a worker starts it, and one kept past its due
@@ -35,11 +35,12 @@ from typing import TypeVar, cast
 
 import redis
 
-from producer import constants
+from producer.core import constants
+from producer.core.callbacks.pending import PendingCallbacks
+from producer.core.messages import JobMessage, job_messages, task_id
+from producer.core.store import JobStore, as_text
 from producer.errors import JobNotFound
-from producer.messages import JobMessage, PendingCallbacks, job_messages, task_id
-from producer.status import JobStore, as_text
-from worker import metrics
+from worker import telemetry
 from worker.settings import SweeperSettings
 
 log = logging.getLogger("genq.sweeper")
@@ -260,7 +261,7 @@ class Sweeper:
             log.error("job %s: shard %d lost by the broker does not match its record", *_at(stranded))
             return False
         self.send(message)
-        metrics.MESSAGES_RESENT.labels(stranded.queue).inc()
+        telemetry.MESSAGES_RESENT.labels(stranded.queue).inc()
         log.warning(
             "job %s: the message of shard %d was nowhere in the broker (a worker died while fetching it, or a client "
             "while sending it); sent again to %s",
@@ -289,7 +290,7 @@ class Sweeper:
             )
             return False
         self.send(message)
-        metrics.MESSAGES_RESENT.labels(stranded.queue).inc()
+        telemetry.MESSAGES_RESENT.labels(stranded.queue).inc()
         log.warning(
             "job %s: the %s event's callback message %s was nowhere in the broker; sent again to %s",
             event.get("job_id"),

@@ -9,19 +9,20 @@ import redis
 from celery import signals
 from pydantic import ValidationError
 
-from producer import constants
-from producer.contract import GenerateJob, Shard
-from producer.events import CallbackMessage
-from producer.finetune import FineTuneJob
-from producer.messages import JobMessage, PendingCallbacks, callback_task
-from producer.status import JobStore
-from worker import metrics
+from producer.contract import FineTuneJob, GenerateJob, Shard
+from producer.core import constants
+from producer.core.callbacks.delivery import CallbackLedger, run_delivery
+from producer.core.callbacks.events import CallbackMessage
+from producer.core.callbacks.pending import PendingCallbacks
+from producer.core.messages import JobMessage, callback_task
+from producer.core.store import JobStore
+from worker import telemetry
 from worker.app import app, settings_of
 from worker.deadletter import record_task
-from worker.delivery import CallbackLedger, run_delivery
 from worker.jobs import execute_finetune, execute_generate
 from worker.memory import tune_malloc
 from worker.reporting import RedisReporter, TrainingReporter
+from worker.retries import RetryLater
 from worker.runtime import Runtime, get_runtime, make_registry, reset_runtime
 from worker.settings import WorkerSettings
 from worker.sweeper import Sweeper
@@ -49,8 +50,8 @@ def _publish(message: JobMessage, countdown: float = 0.0) -> None:
     )
 
 
-@app.task(name=constants.GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def generate(payload: dict[str, Any], shard: dict[str, Any] | None = None) -> None:
+@app.task(name=constants.GENERATE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def generate(self: Any, payload: dict[str, Any], shard: dict[str, Any] | None = None) -> None:
     """Run a generate job, or one shard of it (payloads: :class:`GenerateJob` and :class:`Shard` as JSON)."""
     try:
         job = GenerateJob.model_validate(payload)
@@ -61,13 +62,18 @@ def generate(payload: dict[str, Any], shard: dict[str, Any] | None = None) -> No
         return
     runtime = _runtime()
     reporter = RedisReporter(runtime.store, send_callback, runtime.settings.webhook.progress_interval_s)
-    if not execute_generate(job, runtime, reporter, part):  # clients record a job before they enqueue it
+    retries = self.request.retries or 0
+    try:
+        ran = execute_generate(job, runtime, reporter, part, retries)
+    except RetryLater as later:  # a transient fault: the same message again, after the backoff
+        raise self.retry(countdown=later.delay_s, exc=later.cause, max_retries=None) from later
+    if not ran:  # clients record a job before they enqueue it
         reason = f"no record of job {job.job_id} (never created, or expired after GENQ_JOB_TTL_S)"
         record_task(generate, reason, [payload, shard], job_id=job.job_id)
 
 
-@app.task(name=constants.FINETUNE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def finetune(payload: dict[str, Any]) -> None:
+@app.task(name=constants.FINETUNE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def finetune(self: Any, payload: dict[str, Any]) -> None:
     """Run or resume a fine-tune job (payload: :class:`FineTuneJob` as JSON) and publish its model version."""
     try:
         job = FineTuneJob.model_validate(payload)
@@ -80,7 +86,10 @@ def finetune(payload: dict[str, Any]) -> None:
         record_task(finetune, reason, [payload], job_id=job.job_id)
         return
     reporter = TrainingReporter(runtime.store, send_callback, runtime.settings.webhook.progress_interval_s)
-    execute_finetune(job, runtime, reporter)
+    try:
+        execute_finetune(job, runtime, reporter, self.request.retries or 0)
+    except RetryLater as later:  # resumes from the job's last checkpoint
+        raise self.retry(countdown=later.delay_s, exc=later.cause, max_retries=None) from later
 
 
 def _errors(exc: ValidationError) -> str:
@@ -121,10 +130,10 @@ def deliver_callback(self: Any, payload: dict[str, Any]) -> None:
         webhook=settings.webhook,
         ledger=CallbackLedger(runtime.redis, settings.job_ttl_s),
         requeue=send_callback,
-        # Retries wait on the broker in hops well inside the visibility timeout (see worker.delivery).
+        # Retries wait on the broker in hops well inside the visibility timeout (see producer.core.callbacks.delivery).
         max_hop_s=settings.celery.visibility_timeout_s / 2,
     )
-    metrics.CALLBACKS.labels(outcome.value).inc()
+    telemetry.CALLBACKS.labels(outcome.value).inc()
 
 
 @signals.worker_init.connect
@@ -165,7 +174,7 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
         registry.publish(runtime.redis)
         registry.preload()
         if settings.metrics_port is not None:  # one process serves every job: its registry has every metric
-            metrics.serve(settings.metrics_port)
+            telemetry.serve(settings.metrics_port)
             log.info("metrics on :%d/metrics", settings.metrics_port)
     log.info("worker ready: models %s", ", ".join(sorted(registry.catalog())) or "none")
 

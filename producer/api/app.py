@@ -1,9 +1,9 @@
 """The HTTP API: ``genq api`` or ``uvicorn --factory producer.api:create_app``.
 
 A thin layer over the Python client: the same contract (``GenerateRequest`` in, ``JobView`` out), the same job
-store and queue; what it adds is HTTP — API keys and tenants (``producer.auth``), quotas and rate limits
-(``producer.quotas``), errors that name the field (``producer.api_errors``), health, readiness and metrics.
-Routes of ``/v1`` live in ``producer.api_routes``.
+store and queue; what it adds is HTTP — API keys and tenants (``producer.api.auth``), quotas and rate limits
+(``producer.api.quotas``), errors that name the field (``producer.api.problems``), health, readiness and metrics.
+Routes of ``/v1`` live in ``producer.api.routes``.
 """
 
 from __future__ import annotations
@@ -20,16 +20,17 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from producer.api_deps import Services, ServicesDep, strict_query
-from producer.api_errors import ErrorBody, as_json, error_response, install_error_handlers
-from producer.api_finetune import DATASETS_PATH
-from producer.api_finetune import router as finetune_router
-from producer.api_routes import router
-from producer.auth import KeyStore
+from producer.api.auth import KeyStore
+from producer.api.deps import Services, ServicesDep, strict_query
+from producer.api.finetune import DATASETS_PATH
+from producer.api.finetune import router as finetune_router
+from producer.api.problems import ErrorBody, as_json, error_response, install_error_handlers
+from producer.api.quotas import Quotas
+from producer.api.routes import router
+from producer.api.telemetry import CONTENT_TYPE, ApiMetrics
 from producer.client import Client
+from producer.core.s3 import make_s3_client
 from producer.errors import ConfigurationError
-from producer.metrics import CONTENT_TYPE, ApiMetrics
-from producer.quotas import Quotas
 from producer.settings import ClientSettings
 
 log = logging.getLogger("genq.api")
@@ -149,12 +150,10 @@ def _check_redis(services: ServicesDep) -> str:
 def _check_s3(services: ServicesDep) -> str:
     try:
         if "client" not in services.s3:
-            import boto3  # lazily: only readiness needs boto3 in the API process
-            from botocore.config import Config
-
             timeout = services.settings.api.ready_timeout_s
-            config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1})
-            services.s3["client"] = boto3.client("s3", config=config)
+            services.s3["client"] = make_s3_client(
+                max_pool_connections=2, connect_timeout_s=timeout, read_timeout_s=timeout
+            )
         services.s3["client"].head_bucket(Bucket=services.settings.s3.bucket)
         return "ok"
     except Exception as exc:  # botocore raises many types (endpoint, credentials, 404/403): all mean not ready

@@ -18,10 +18,11 @@ from datetime import datetime
 import redis
 from pydantic import BaseModel, Field, ValidationError
 
-from producer import constants
 from producer.contract import TENANT_PATTERN
+from producer.core import constants
+from producer.core.clock import utcnow
+from producer.core.store import as_text
 from producer.errors import KeyNotFound, Unauthorized
-from producer.status import as_text, utcnow
 
 log = logging.getLogger("genq.auth")
 

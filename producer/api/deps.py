@@ -9,13 +9,13 @@ from typing import Annotated, Any
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from producer.api_errors import ApiError
-from producer.auth import KeyStore, Principal
+from producer.api.auth import KeyStore, Principal
+from producer.api.problems import ApiError
+from producer.api.quotas import Quotas
+from producer.api.telemetry import ApiMetrics
 from producer.client import Client
 from producer.contract import JobView
 from producer.errors import JobNotFound
-from producer.metrics import ApiMetrics
-from producer.quotas import Quotas
 from producer.settings import ClientSettings
 
 

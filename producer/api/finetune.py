@@ -14,12 +14,11 @@ from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.api_deps import PrincipalDep, ServicesDep, strict_query
-from producer.api_errors import INVALID, SUBMIT_ERRORS, UNAUTHORIZED, UNAVAILABLE, ApiError
-from producer.api_routes import submit_with_quota, with_idempotency_header
-from producer.contract import JobView
+from producer.api.deps import PrincipalDep, ServicesDep, strict_query
+from producer.api.problems import INVALID, SUBMIT_ERRORS, UNAUTHORIZED, UNAVAILABLE, ApiError
+from producer.api.routes import submit_with_quota, with_idempotency_header
+from producer.contract import FINETUNE_EXAMPLE, FineTuneRequest, JobView
 from producer.errors import InvalidJob
-from producer.finetune import FINETUNE_EXAMPLE, FineTuneRequest
 from producer.uploads import check_archive_name
 
 router = APIRouter(prefix="/v1", responses={**UNAUTHORIZED, **UNAVAILABLE})

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from producer.api.quotas import retry_after_header
 from producer.errors import IdempotencyConflict, InvalidJob, JobEnded, JobNotFound, QuotaExceeded, Unauthorized
-from producer.quotas import retry_after_header
 
 log = logging.getLogger("genq.api")
 

@@ -20,63 +20,16 @@ from datetime import UTC, datetime, timedelta
 
 import redis
 
-from producer import constants
-from producer.auth import Principal
+from producer.api.auth import Principal
+from producer.core import constants
+from producer.core.scripts import read_lua
 from producer.errors import QuotaExceeded
 from producer.settings import ApiSettings
 
-# KEYS[1] bucket hash. ARGV: refill per second, bucket size. Returns "0" when a token was taken, else the seconds
-# until one is available (as a string: Lua numbers returned to Redis are truncated to integers).
-_TAKE_TOKEN = """
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(b[1]) or burst
-local ts = tonumber(b[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
-if tokens < 1 then
-  return tostring((1 - tokens) / rate)
-end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - 1), 'ts', tostring(now))
-redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
-return '0'
-"""
-
-# KEYS[1] day counter. ARGV: images, limit, ttl. Returns the new total, or -(total it would have reached) if refused.
-_TAKE_IMAGES = """
-local n = tonumber(ARGV[1])
-local total = redis.call('INCRBY', KEYS[1], n)
-if total == n then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
-if total > tonumber(ARGV[2]) then
-  redis.call('DECRBY', KEYS[1], n)
-  return -total
-end
-return total
-"""
-
-# KEYS[1] the key's active-job sorted set (score = when the slot was taken). ARGV: job key prefix, limit, job id,
-# now, grace (s), ttl. A member with no job record yet is a submit in flight: kept for `grace` seconds.
-# Returns the number of active jobs before this one, or -(that number) if the limit refused it.
-_TAKE_SLOT = """
-local now = tonumber(ARGV[4])
-local active = 0
-local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-for i = 1, #members, 2 do
-  local id, since = members[i], tonumber(members[i + 1])
-  local status = redis.call('HGET', ARGV[1] .. id, 'status')
-  if status == 'queued' or status == 'running' or (not status and now - since < tonumber(ARGV[5])) then
-    active = active + 1
-  else
-    redis.call('ZREM', KEYS[1], id)
-  end
-end
-if active >= tonumber(ARGV[2]) then return -active end
-redis.call('ZADD', KEYS[1], now, ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-return active
-"""
+# Each script's header names its KEYS, ARGV and what it returns.
+_TAKE_TOKEN = read_lua(__package__, "take_token.lua")
+_TAKE_IMAGES = read_lua(__package__, "take_images.lua")
+_TAKE_SLOT = read_lua(__package__, "take_slot.lua")
 
 _IN_FLIGHT_GRACE_S = 60  # a submit takes milliseconds; a slot with no job record after this was abandoned
 _QUEUED_RETRY_AFTER_S = 5  # when a slot frees depends on the workers; ask the caller to look again soon

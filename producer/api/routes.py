@@ -17,21 +17,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.api_deps import OwnedJob, PrincipalDep, Services, ServicesDep, strict_query
-from producer.api_errors import (
-    ENDED,
-    INVALID,
-    NOT_FOUND,
-    SUBMIT_ERRORS,
-    UNAUTHORIZED,
-    UNAVAILABLE,
-    ApiError,
-    as_json,
-)
-from producer.contract import GenerateRequest, JobStatus, JobView, ModelEntry
+from producer.api.deps import OwnedJob, PrincipalDep, Services, ServicesDep, strict_query
+from producer.api.problems import ENDED, INVALID, NOT_FOUND, SUBMIT_ERRORS, UNAUTHORIZED, UNAVAILABLE, ApiError, as_json
+from producer.api.quotas import Reservation
+from producer.contract import FineTuneRequest, GenerateRequest, JobStatus, JobView, ModelEntry
 from producer.errors import IdempotencyConflict, JobNotFound
-from producer.finetune import FineTuneRequest
-from producer.quotas import Reservation
 
 router = APIRouter(prefix="/v1", responses={**UNAUTHORIZED, **UNAVAILABLE})
 _NO_QUERY = [Depends(strict_query())]

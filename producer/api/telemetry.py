@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from producer import constants
-from producer.status import JobStore
+from producer.core import constants
+from producer.core.store import JobStore
 
 log = logging.getLogger("genq.api")
 

@@ -17,9 +17,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from producer import cli_errors
-from producer.contract import JobStatus, JobView
-from producer.finetune import FineTuneRequest
+from producer.cli import exits
+from producer.contract import FineTuneRequest, JobStatus, JobView
 from producer.settings import ClientSettings
 
 console = Console(stderr=True)
@@ -89,8 +88,8 @@ def finetune(
         "seed": seed,
         "callback": {"url": callback} if callback else None,
     }
-    request = cli_errors.build(FineTuneRequest, fields)
-    with cli_errors.reported():
+    request = exits.build(FineTuneRequest, fields)
+    with exits.reported():
         client = Client(settings)
         upload = _upload(client, data)
         view = client.submit_finetune(request.model_copy(update={"dataset": upload.dataset}))

@@ -1,4 +1,4 @@
-"""``genq keys``: create, list and revoke the HTTP API's keys (``producer.auth``), in the configured Redis."""
+"""``genq keys``: create, list and revoke the HTTP API's keys (``producer.api.auth``), in the configured Redis."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rich.table import Table
 from producer.settings import ClientSettings
 
 if TYPE_CHECKING:
-    from producer.auth import KeyStore
+    from producer.api.auth import KeyStore
 
 console = Console(stderr=True)
 
@@ -30,7 +30,7 @@ def keys_create(
     """Create an API key and print it once (only its sha256 is stored)."""
     from pydantic import ValidationError
 
-    from producer.auth import KeyQuotas
+    from producer.api.auth import KeyQuotas
 
     store = _key_store()
     try:
@@ -95,7 +95,7 @@ def _key_store() -> KeyStore:
     """The API key store on the configured Redis; exits 2 without one."""
     import redis
 
-    from producer.auth import KeyStore
+    from producer.api.auth import KeyStore
 
     settings = ClientSettings()
     if settings.redis.url is None:

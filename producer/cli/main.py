@@ -15,8 +15,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from producer import cli_errors, cli_finetune, cli_keys, cli_models, constants
+from producer.cli import exits, finetune, keys, training
 from producer.contract import GenerateRequest, JobStatus, JobView, OutputFormat
+from producer.core import constants
 from producer.errors import GenqError
 from producer.settings import ClientSettings
 
@@ -29,10 +30,10 @@ def main() -> None:
     """genq: asynchronous image generation on Celery + Redis + S3."""
 
 
-app.command("train")(cli_models.train)
-app.command("eval")(cli_models.evaluate)
-app.command("finetune")(cli_finetune.finetune)
-app.add_typer(cli_keys.app, name="keys")
+app.command("train")(training.train)
+app.command("eval")(training.evaluate)
+app.command("finetune")(finetune.finetune)
+app.add_typer(keys.app, name="keys")
 
 
 def _parse_counts(spec: str) -> dict[str, int]:
@@ -47,7 +48,7 @@ def _parse_counts(spec: str) -> dict[str, int]:
 
 
 def _build_request(**fields: Any) -> GenerateRequest:
-    return cli_errors.build(GenerateRequest, fields)
+    return exits.build(GenerateRequest, fields)
 
 
 def _progress() -> Progress:
@@ -102,7 +103,7 @@ def generate(
         priority=priority,
     )
     settings = ClientSettings()
-    with cli_errors.reported():
+    with exits.reported():
         if embedded or settings.redis.url is None:
             _generate_embedded(request, out or Path("./out"))
         else:
@@ -169,11 +170,8 @@ def status(job_id: str) -> None:
     """Print a job's current view as JSON."""
     from producer.client import Client
 
-    try:
+    with exits.reported():
         print(Client().status(job_id).model_dump_json(indent=2))
-    except GenqError as exc:
-        console.print(f"[red]error[/]: {exc}")
-        raise typer.Exit(1) from None
 
 
 @app.command("wait")
@@ -181,11 +179,8 @@ def wait_cmd(job_id: str, timeout: float = typer.Option(600.0, "--timeout")) -> 
     """Follow a job to its end with a progress bar; exit 0 only if it succeeded."""
     from producer.client import Client
 
-    try:
+    with exits.reported():
         view = _follow(Client(), job_id, timeout)
-    except GenqError as exc:
-        console.print(f"[red]error[/]: {exc}")
-        raise typer.Exit(1) from None
     print(view.model_dump_json(indent=2))
     raise typer.Exit(0 if view.status is JobStatus.SUCCEEDED else 1)
 
@@ -195,11 +190,8 @@ def cancel(job_id: str) -> None:
     """Cancel a queued or running job and print its view as JSON (exit 1 if it is unknown or already ended)."""
     from producer.client import Client
 
-    try:
+    with exits.reported():
         print(Client().cancel(job_id).model_dump_json(indent=2))
-    except GenqError as exc:
-        console.print(f"[red]error[/]: {exc}")
-        raise typer.Exit(1) from None
 
 
 @app.command("models")
@@ -207,7 +199,7 @@ def models_cmd() -> None:
     """List models, versions, aliases and classes (from Redis, or the local model folders in embedded mode)."""
     settings = ClientSettings()
     if settings.redis.url is None:
-        from worker.registry import ModelRegistry
+        from worker.catalog.registry import ModelRegistry
         from worker.runtime import model_roots
         from worker.settings import WorkerSettings
 
@@ -253,7 +245,7 @@ def worker(
     """Start a Celery worker on the configured Redis (GENQ_REDIS__URL)."""
     import os
 
-    from producer.logs import configure_logging
+    from producer.core.logs import configure_logging
     from worker.app import app as celery_app  # lazily: only this command needs the worker runtime
 
     if pool not in ("threads", "prefork", "solo"):
@@ -296,7 +288,3 @@ def api(
         port=settings.api.port if port is None else port,
         log_level=loglevel.lower(),
     )
-
-
-if __name__ == "__main__":
-    app(prog_name="genq")

@@ -218,7 +218,7 @@ def _model_dir(model: str) -> tuple[Path, str]:
     if path.is_dir():
         return path, str(path)
     from producer.contract import ModelRef
-    from worker.registry import ModelRegistry
+    from worker.catalog.registry import ModelRegistry
     from worker.runtime import model_roots
     from worker.settings import WorkerSettings
 

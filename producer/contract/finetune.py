@@ -1,5 +1,5 @@
 """The fine-tuning part of the wire contract: what a caller asks (:class:`FineTuneRequest`), what a training worker
-runs (:class:`FineTuneJob`), and how a caller's request is resolved against the model catalogue.
+runs (:class:`FineTuneJob`); :func:`producer.core.resolve.resolve_finetune` turns the one into the other.
 
 A fine-tune adapts a published cGAN to a customer's own images (StyleGAN2-ADA's transfer learning: resume G and
 D, augment the few real images, optionally freeze D's first layers) and publishes the result as a new version of a
@@ -9,18 +9,12 @@ model that generation workers serve as soon as it lands.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
-from producer import constants
-from producer.contract import MAX_SEED, TENANT_PATTERN, Callback, ModelEntry, ModelRef, NotBool, Priority
-from producer.errors import InvalidJob
-from producer.resolve import resolve_model
-from producer.seeds import new_job_seed
-from producer.ssrf import check_callback_url
+from producer.contract.jobs import MAX_SEED, TENANT_PATTERN, Callback, ModelRef, NotBool, Priority
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".npz")
 _NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -189,61 +183,3 @@ class FineTuneJob(BaseModel):
     @property
     def total_images(self) -> int:  # progress of a fine-tune counts steps
         return self.steps
-
-
-def dataset_prefix(tenant: str | None) -> str:
-    """Where a caller's uploaded data sets live: per tenant under the HTTP API, so none reads another's."""
-    if tenant is None:
-        return constants.DATASETS_PREFIX
-    return constants.TENANT_DATASETS_PREFIX.format(tenant=tenant)
-
-
-def resolve_finetune(
-    request: FineTuneRequest,
-    catalog: Mapping[str, ModelEntry],
-    *,
-    job_id: str,
-    now: datetime,
-    tenant: str | None = None,
-    allow_hosts: Sequence[str] = (),
-) -> FineTuneJob:
-    """Check ``request`` against the catalogue and pin the base version, the data set's key and the seed.
-
-    Raises:
-        InvalidJob: with ``field`` naming the offending field (``base``: unknown, or not a cGAN; ``name``: the name
-            of a model of another architecture; ``freeze_d``; ``callback.url``).
-    """
-    ref, version, info = resolve_model(request.base, catalog, field="base", what="base model")
-    if info.arch != "cgan":
-        raise InvalidJob(
-            f"fine-tuning needs a cgan base; {ref.name}@{version} is a {info.arch} (try fmnist-cgan)", field="base"
-        )
-    target = catalog.get(request.name)
-    if target is not None and any(v.arch != "cgan" for v in target.versions.values()):
-        raise InvalidJob(f"model {request.name!r} exists and is not a cgan: choose another name", field="name")
-    if request.callback is not None:
-        check_callback_url(str(request.callback.url), allow_hosts)
-    return FineTuneJob(
-        job_id=job_id,
-        base=request.base,
-        base_name=ref.name,
-        base_version=version,
-        dataset_key=dataset_prefix(tenant) + request.dataset,
-        name=request.name,
-        classes=request.classes,
-        steps=request.steps,
-        batch_size=request.batch_size,
-        lr_g=request.lr_g,
-        lr_d=request.lr_d,
-        augment=request.augment,
-        freeze_d=request.freeze_d,
-        eval_every=request.eval_every,
-        sample_every=request.sample_every,
-        checkpoint_every=request.checkpoint_every,
-        gate=request.gate,
-        seed=request.seed if request.seed is not None else new_job_seed(),
-        callback=request.callback,
-        metadata=request.metadata,
-        created_at=now,
-        tenant=tenant,
-    )

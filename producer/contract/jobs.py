@@ -1,8 +1,7 @@
-"""The wire contract: what clients send (requests), what workers receive (jobs) and what everyone reads (views).
+"""The generation part of the wire contract, and what every job shares: statuses, events, views, the catalogue.
 
-One source of truth for the Python client, the CLI, the workers and (later) the HTTP API. Separate models per
-direction: ``GenerateRequest`` comes in from a caller, ``GenerateJob`` is the resolved payload a worker runs, and
-``JobView`` goes out.
+Separate models per direction: ``GenerateRequest`` comes in from a caller, ``GenerateJob`` is the resolved payload a
+worker runs, and ``JobView`` goes out. Import these from :mod:`producer.contract`.
 """
 
 from __future__ import annotations

@@ -3,13 +3,12 @@
 KEY_PREFIX = "genq"
 
 # Redis keys
-JOB_KEY = KEY_PREFIX + ":job:{job_id}"  # hash: one per job, see producer.status
+JOB_KEY = KEY_PREFIX + ":job:{job_id}"  # hash: one per job, see producer.core.store
 JOB_EVENTS_KEY = KEY_PREFIX + ":job:{job_id}:events"  # list: callback delivery attempts for the job (DeliveryRecord)
 JOB_CALLBACK_GONE_KEY = KEY_PREFIX + ":job:{job_id}:callback_gone"  # string: URL that answered 410; no more events
 CALLBACK_DEAD_KEY = KEY_PREFIX + ":callbacks:dead"  # list: CallbackDeadLetter JSON, newest first, capped
 IDEMPOTENCY_KEY = KEY_PREFIX + ":idem:{key}"  # string: job id owning an idempotency key
 CATALOG_KEY = KEY_PREFIX + ":catalog"  # hash: model name -> ModelEntry JSON, published by workers
-DELIVERIES_KEY = KEY_PREFIX + ":job:{job_id}:deliveries"  # hash: redelivery counter per job
 TENANT_JOBS_KEY = KEY_PREFIX + ":tenant:{tenant}:jobs"  # sorted set: a tenant's job ids, score = created (Unix s)
 TENANT_IDEMPOTENCY_KEY = KEY_PREFIX + ":tenant:{tenant}:idem:{key}"  # string: IDEMPOTENCY_KEY, scoped to a tenant
 API_KEY = KEY_PREFIX + ":apikey:{key_id}"  # string: ApiKey JSON; key_id is the sha256 of the secret key
@@ -28,8 +27,9 @@ JOBS_BY_STATUS_KEY = KEY_PREFIX + ":stats:jobs_by_status"
 # was delivered or it ended; JobStore.create prunes entries older than a job record's TTL.
 QUEUED_JOBS_KEY = KEY_PREFIX + ":queued:{queue}"
 SWEEPER_LOCK_KEY = KEY_PREFIX + ":sweeper:lock"  # string (expires): one worker sweeps per interval
-# Callback messages sent and not started yet (producer.messages.PendingCallbacks), for the sweeper to find one the
-# broker lost: sorted set of task ids, score = when due (Unix s), and hash: task id -> the task's arguments (JSON)
+# Callback messages sent and not started yet (producer.core.callbacks.pending.PendingCallbacks), for the sweeper to
+# find one the broker lost: sorted set of task ids, score = when due (Unix s), and hash: task id -> the task's
+# arguments (JSON)
 CALLBACKS_PENDING_KEY = KEY_PREFIX + ":callbacks:pending"
 CALLBACKS_PENDING_ARGS_KEY = KEY_PREFIX + ":callbacks:pending:args"
 CALLBACKS_RESENT_KEY = KEY_PREFIX + ":callbacks:pending:resent"  # hash: task id -> times the sweeper sent it again
@@ -58,7 +58,7 @@ FINETUNE_TASK = "genq.finetune"
 JOB_PREFIX = "jobs/{job_id}/"
 TENANT_JOB_PREFIX = "tenants/{tenant}/jobs/{job_id}/"
 MANIFEST_NAME = "manifest.json"
-MODELS_PREFIX = "models/"  # published model versions: models/<name>/<version>/ (see worker.model_store)
+MODELS_PREFIX = "models/"  # published model versions: models/<name>/<version>/ (see worker.catalog.store)
 MODEL_VERSION_PREFIX = MODELS_PREFIX + "{name}/{version}/"
 MODEL_ALIASES_OBJECT = MODELS_PREFIX + "{name}/aliases.json"
 TRAINING_PREFIX = "training/{job_id}/"  # a fine-tune job's checkpoint and sample grids

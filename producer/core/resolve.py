@@ -2,7 +2,7 @@
 
 Pure but for one DNS lookup: the model catalogue and the limits come in as arguments, so the Python client
 (catalogue in Redis) and the embedded mode (catalogue from local model folders) share every check; a callback URL's
-host is resolved to refuse internal addresses (``producer.ssrf``). Every refusal names the field.
+host is resolved to refuse internal addresses (``producer.core.callbacks.ssrf``). Every refusal names the field.
 """
 
 from __future__ import annotations
@@ -11,11 +11,21 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from producer.contract import GenerateJob, GenerateRequest, LabelCount, ModelEntry, ModelRef, ModelVersionInfo
+from producer.contract import (
+    FineTuneJob,
+    FineTuneRequest,
+    GenerateJob,
+    GenerateRequest,
+    LabelCount,
+    ModelEntry,
+    ModelRef,
+    ModelVersionInfo,
+)
+from producer.core import constants
+from producer.core.callbacks.ssrf import check_callback_url
+from producer.core.seeds import new_job_seed
+from producer.core.settings import Limits
 from producer.errors import InvalidJob
-from producer.seeds import new_job_seed
-from producer.settings import Limits
-from producer.ssrf import check_callback_url
 
 
 def resolve_request(
@@ -116,3 +126,61 @@ def _label_index(key: str | int, info: ModelVersionInfo, model: str, field: str)
     if key not in names:
         raise InvalidJob(f"unknown label {key!r} for model {model!r} (known: {', '.join(names)})", field=field)
     return names.index(key)
+
+
+def dataset_prefix(tenant: str | None) -> str:
+    """Where a caller's uploaded data sets live: per tenant under the HTTP API, so none reads another's."""
+    if tenant is None:
+        return constants.DATASETS_PREFIX
+    return constants.TENANT_DATASETS_PREFIX.format(tenant=tenant)
+
+
+def resolve_finetune(
+    request: FineTuneRequest,
+    catalog: Mapping[str, ModelEntry],
+    *,
+    job_id: str,
+    now: datetime,
+    tenant: str | None = None,
+    allow_hosts: Sequence[str] = (),
+) -> FineTuneJob:
+    """Check ``request`` against the catalogue and pin the base version, the data set's key and the seed.
+
+    Raises:
+        InvalidJob: with ``field`` naming the offending field (``base``: unknown, or not a cGAN; ``name``: the name
+            of a model of another architecture; ``freeze_d``; ``callback.url``).
+    """
+    ref, version, info = resolve_model(request.base, catalog, field="base", what="base model")
+    if info.arch != "cgan":
+        raise InvalidJob(
+            f"fine-tuning needs a cgan base; {ref.name}@{version} is a {info.arch} (try fmnist-cgan)", field="base"
+        )
+    target = catalog.get(request.name)
+    if target is not None and any(v.arch != "cgan" for v in target.versions.values()):
+        raise InvalidJob(f"model {request.name!r} exists and is not a cgan: choose another name", field="name")
+    if request.callback is not None:
+        check_callback_url(str(request.callback.url), allow_hosts)
+    return FineTuneJob(
+        job_id=job_id,
+        base=request.base,
+        base_name=ref.name,
+        base_version=version,
+        dataset_key=dataset_prefix(tenant) + request.dataset,
+        name=request.name,
+        classes=request.classes,
+        steps=request.steps,
+        batch_size=request.batch_size,
+        lr_g=request.lr_g,
+        lr_d=request.lr_d,
+        augment=request.augment,
+        freeze_d=request.freeze_d,
+        eval_every=request.eval_every,
+        sample_every=request.sample_every,
+        checkpoint_every=request.checkpoint_every,
+        gate=request.gate,
+        seed=request.seed if request.seed is not None else new_job_seed(),
+        callback=request.callback,
+        metadata=request.metadata,
+        created_at=now,
+        tenant=tenant,
+    )

@@ -7,16 +7,16 @@ overwritten: a job redelivered after it succeeded cannot be dragged back to ``ru
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, cast
 
 import redis
 from pydantic import Field, TypeAdapter
 
-from producer import constants
 from producer.contract import (
+    FineTuneJob,
     GenerateJob,
     JobError,
     JobStatus,
@@ -25,79 +25,21 @@ from producer.contract import (
     Progress,
     TrainingView,
 )
+from producer.core import constants
+from producer.core.clock import utcnow
+from producer.core.messages import queue_for
+from producer.core.scripts import read_lua
 from producer.errors import JobNotFound
-from producer.finetune import FineTuneJob
-from producer.messages import queue_for
 
 AnyJob = Annotated[GenerateJob | FineTuneJob, Field(discriminator="kind")]
 """Any job a worker runs; the record's ``spec`` holds one, told apart by ``kind``."""
 JOB_SPEC: TypeAdapter[GenerateJob | FineTuneJob] = TypeAdapter(AnyJob)
 
-# KEYS[1] job hash, KEYS[2] the jobs-by-status counters. ARGV: new status, allowed current statuses
-# (comma-separated), ttl, a guard field (refuse when the job has it; "" for none), then field/value pairs
-# ("?field": only if not set yet; "-prefix": delete every field starting with prefix, value ignored). Returns the
-# status the job had when applied, 0 when the current status or the guard forbids it, -1 when the job does not
-# exist. The counters move in the same script, so they move exactly when the status does. One round trip answers
-# what a worker starting a shard needs: whether to run it, and whether it is the job's first start.
-_TRANSITION = """
-local current = redis.call('HGET', KEYS[1], 'status')
-if not current then return -1 end
-local allowed = false
-for s in string.gmatch(ARGV[2], '[^,]+') do
-  if s == current then allowed = true end
-end
-if not allowed then return 0 end
-if ARGV[4] ~= '' and redis.call('HEXISTS', KEYS[1], ARGV[4]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1])
-if current ~= ARGV[1] then
-  redis.call('HINCRBY', KEYS[2], current, -1)
-  redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
-end
-for i = 5, #ARGV, 2 do
-  local head = string.sub(ARGV[i], 1, 1)
-  if head == '?' then
-    redis.call('HSETNX', KEYS[1], string.sub(ARGV[i], 2), ARGV[i + 1])
-  elseif head == '-' then
-    local prefix = string.sub(ARGV[i], 2)
-    for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-      if string.sub(field, 1, #prefix) == prefix then redis.call('HDEL', KEYS[1], field) end
-    end
-  else
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  end
-end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return current
-"""
-
-# KEYS[1] job hash. ARGV: the shard's field ("shard:<k>"), its outputs as JSON. Records a finished shard once;
-# returns how many shards are now finished, or -1 if this shard was already recorded (a redelivery).
-_COMPLETE_SHARD = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return -1 end
-return redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
-"""
-
-# KEYS[1] job hash. ARGV: the delivery counter's field. Counts a delivery and returns the count, or -1 when the job
-# has no record: HINCRBY alone would create a record without spec or TTL for a job that expired.
-_COUNT_DELIVERY = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-"""
-
-# KEYS[1] job hash. Returns {} for a job with no record, else {status, shards, shard_size or "", then the index of every
-# shard no worker has started yet (no delivery counted) while the job is queued or running}.
-_UNDELIVERED = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {} end
-local shards = tonumber(redis.call('HGET', KEYS[1], 'shards') or '1')
-local out = {status, tostring(shards), redis.call('HGET', KEYS[1], 'shard_size') or ''}
-if status == 'queued' or status == 'running' then
-  for k = 0, shards - 1 do
-    if redis.call('HEXISTS', KEYS[1], 'deliveries:' .. k) == 0 then table.insert(out, tostring(k)) end
-  end
-end
-return out
-"""
+# Each script's header names its KEYS, ARGV and what it returns.
+_TRANSITION = read_lua(__package__, "transition.lua")
+_COMPLETE_SHARD = read_lua(__package__, "complete_shard.lua")
+_COUNT_DELIVERY = read_lua(__package__, "count_delivery.lua")
+_UNDELIVERED = read_lua(__package__, "undelivered.lua")
 
 _ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 
@@ -118,10 +60,6 @@ VIEW_OUTPUTS_MAX = 1000
 _OUTPUT_LIST = TypeAdapter(list[OutputRef])
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 class JobStore:
     """Read and write job records. Thread-safe (redis-py pools its connections)."""
 
@@ -139,7 +77,7 @@ class JobStore:
 
     def create(self, job: GenerateJob | FineTuneJob, shards: int = 1, shard_size: int | None = None) -> JobView:
         """Record a new job as ``queued``, to be run as ``shards`` tasks of at most ``shard_size`` images (what
-        :func:`producer.messages.job_messages` needs to rebuild them). Raises ValueError if the id is taken.
+        :func:`producer.core.messages.job_messages` needs to rebuild them). Raises ValueError if the id is taken.
 
         The job is listed in its queue's index of queued jobs (``QUEUED_JOBS_KEY``), where the workers' sweeper finds
         a job whose message the broker lost."""
@@ -250,24 +188,52 @@ class JobStore:
             raise JobNotFound(f"no job {job_id!r}")
         return JOB_SPEC.validate_json(raw)
 
-    def transition(self, job_id: str, status: JobStatus, allowed_from: tuple[JobStatus, ...], **fields: Any) -> bool:
-        """Set ``status`` (and ``fields``; a name starting with ``?`` is set only if not set yet, one starting
-        with ``-`` deletes every field with that prefix) only if the current status is in ``allowed_from``; True if
-        applied."""
-        return self._apply(job_id, status, allowed_from, "", fields) is not None
+    def transition(
+        self,
+        job_id: str,
+        status: JobStatus,
+        allowed_from: tuple[JobStatus, ...],
+        *,
+        set_if_absent: Mapping[str, Any] | None = None,
+        drop_prefixes: tuple[str, ...] = (),
+        **fields: Any,
+    ) -> bool:
+        """Set ``status`` only if the current status is in ``allowed_from``; True if applied.
+
+        With it, in one step: set ``fields``, set ``set_if_absent``'s fields the job does not have yet, then delete
+        every field whose name starts with one of ``drop_prefixes``. A value that is neither str nor int is stored
+        as JSON.
+
+        Raises:
+            JobNotFound: the job has no record.
+        """
+        applied = self._apply(
+            job_id, status, allowed_from, set_fields=fields, set_if_absent=set_if_absent, drop_prefixes=drop_prefixes
+        )
+        return applied is not None
 
     def _apply(
         self,
         job_id: str,
         status: JobStatus,
         allowed_from: tuple[JobStatus, ...],
-        unless_field: str,
-        fields: dict[str, Any],
+        *,
+        unless_field: str = "",
+        set_fields: Mapping[str, Any] | None = None,
+        set_if_absent: Mapping[str, Any] | None = None,
+        drop_prefixes: tuple[str, ...] = (),
     ) -> JobStatus | None:
         """:meth:`transition`, refused too when the job has ``unless_field``; the status the job had, or None."""
-        args: list[Any] = [status.value, ",".join(s.value for s in allowed_from), self.ttl_s, unless_field]
-        for name, value in fields.items():
-            args += [name, value if isinstance(value, str | int) else json.dumps(value)]
+        if isinstance(drop_prefixes, str):  # a bare "shard:" would drop every field starting with s, h, a, ...
+            raise TypeError(f"drop_prefixes must be a tuple of prefixes, got the string {drop_prefixes!r}")
+        # transition.lua's ARGV: three fixed arguments, then each group as its length and its items.
+        args: list[str | int] = [status.value, self.ttl_s, unless_field, len(allowed_from)]
+        args += [s.value for s in allowed_from]
+        for group in (set_fields or {}, set_if_absent or {}):
+            args.append(len(group))
+            for name, value in group.items():
+                args += [name, value if isinstance(value, str | int) else json.dumps(value)]
+        args += [len(drop_prefixes), *drop_prefixes]
         result = self._transition(keys=[self.key(job_id), constants.JOBS_BY_STATUS_KEY], args=args)
         if result == -1:
             raise JobNotFound(f"no job {job_id!r}")
@@ -281,7 +247,9 @@ class JobStore:
         must not run: the job already ended, or the shard was stored by an earlier delivery. One round trip.
         """
         guard = "" if shard is None else f"shard:{shard}"
-        return self._apply(job_id, JobStatus.RUNNING, _ACTIVE, guard, {"?started_at": utcnow().isoformat()})
+        return self._apply(
+            job_id, JobStatus.RUNNING, _ACTIVE, unless_field=guard, set_if_absent={"started_at": utcnow().isoformat()}
+        )
 
     def set_progress(self, job_id: str, shard: int, done: int) -> None:
         """Images of ``shard`` stored so far (a redelivered shard restarts its own count, never the job's)."""
@@ -338,10 +306,10 @@ class JobStore:
             "outputs_truncated": int(total > VIEW_OUTPUTS_MAX),
             "manifest_key": manifest_key,
             "finished_at": utcnow().isoformat(),
-            # The per-shard lists served their purpose; the manifest and the view hold the outputs now.
-            "-shard:": "",
         }
-        return self.transition(job_id, JobStatus.SUCCEEDED, _ACTIVE, **fields)
+        # The per-shard lists served their purpose; the manifest and the view hold the outputs now.
+        applied = self._apply(job_id, JobStatus.SUCCEEDED, _ACTIVE, set_fields=fields, drop_prefixes=("shard:",))
+        return applied is not None
 
     def mark_failed(self, job_id: str, error: JobError, outputs: list[OutputRef] | None = None) -> bool:
         return self.transition(

@@ -9,8 +9,8 @@ import pytest
 from stack import Stack, worker_env
 
 from producer.contract import GenerateJob, GenerateRequest, JobStatus, LabelCount
-from producer.messages import job_messages
-from producer.status import utcnow
+from producer.core.clock import utcnow
+from producer.core.messages import job_messages
 
 pytestmark = pytest.mark.integration
 

@@ -18,10 +18,10 @@ from tiny_model import TINY_NAME
 from webhook_receiver import WebhookReceiver
 from worker_process import WorkerProcess
 
-from producer import constants
 from producer.api import create_app
 from producer.contract import GenerateRequest, JobStatus
-from producer.events import CallbackDeadLetter
+from producer.core import constants
+from producer.core.callbacks.events import CallbackDeadLetter
 
 pytestmark = pytest.mark.integration
 

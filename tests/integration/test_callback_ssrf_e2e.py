@@ -15,13 +15,14 @@ from stack import Stack, worker_env
 from stack_fixtures import WorkerFactory
 from webhook_receiver import WebhookReceiver
 
-import producer.ssrf
-from producer import constants
+import producer.core.callbacks.ssrf
 from producer.api import create_app
 from producer.client import Client
 from producer.contract import GenerateRequest, JobStatus
+from producer.core import constants
+from producer.core.settings import RedisSettings, S3Settings
 from producer.errors import InvalidJob
-from producer.settings import ClientSettings, RedisSettings, S3Settings
+from producer.settings import ClientSettings
 
 pytestmark = pytest.mark.integration
 
@@ -31,8 +32,10 @@ REBOUND = "rebound.attacker.test"  # a public-looking name whose DNS answer is 1
 @pytest.fixture
 def dns(monkeypatch: pytest.MonkeyPatch) -> None:
     """The system resolver, except that REBOUND resolves to 127.0.0.1 (as a rebinding attacker's DNS would)."""
-    real: Callable[[str], list[str]] = producer.ssrf.resolve_host
-    monkeypatch.setattr(producer.ssrf, "resolve_host", lambda host: ["127.0.0.1"] if host == REBOUND else real(host))
+    real: Callable[[str], list[str]] = producer.core.callbacks.ssrf.resolve_host
+    monkeypatch.setattr(
+        producer.core.callbacks.ssrf, "resolve_host", lambda host: ["127.0.0.1"] if host == REBOUND else real(host)
+    )
 
 
 @pytest.fixture

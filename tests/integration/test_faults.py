@@ -17,10 +17,10 @@ from stack import Stack, wait_until, worker_env
 from tcp_proxy import TcpProxy
 from webhook_receiver import WebhookReceiver
 
-from producer import constants
 from producer.client import Client
 from producer.contract import GenerateRequest, JobStatus, JobView, Manifest
-from producer.settings import DEV_WEBHOOK_SECRET
+from producer.core import constants
+from producer.core.settings import DEV_WEBHOOK_SECRET
 
 pytestmark = pytest.mark.integration
 
@@ -156,9 +156,21 @@ def test_brief_s3_outage_is_retried_and_the_job_succeeds(stack: Stack, start_wor
     _assert_complete(stack, stack.client.wait(job.id, timeout=60), 6)
 
 
-def test_s3_down_past_the_retry_window_fails_the_job(stack: Stack, start_worker, s3_proxy: TcpProxy) -> None:  # type: ignore[no-untyped-def]
-    env = worker_env(stack, AWS_ENDPOINT_URL=s3_proxy.url, GENQ_STORAGE_RETRY__WINDOW_S="2")
-    start_worker(env, concurrency=1)
+def _short_window_env(stack: Stack, s3_proxy: TcpProxy, *, retries: int, backoff_s: float) -> dict[str, str]:
+    """A worker reaching S3 through the proxy, giving up on an upload after 2 s and retrying the job later."""
+    return worker_env(
+        stack,
+        AWS_ENDPOINT_URL=s3_proxy.url,
+        GENQ_STORAGE_RETRY__WINDOW_S="2",
+        GENQ_CELERY__RETRIES=str(retries),
+        GENQ_CELERY__RETRY_BACKOFF_S=str(backoff_s),
+    )
+
+
+def test_s3_down_past_the_retry_window_and_every_retry_fails_the_job(
+    stack: Stack, start_worker, s3_proxy: TcpProxy
+) -> None:  # type: ignore[no-untyped-def]
+    start_worker(_short_window_env(stack, s3_proxy, retries=1, backoff_s=1), concurrency=1)
     s3_proxy.down()
     job = stack.client.submit(GenerateRequest(model="fmnist-cgan", label="shirt", count=6, seed=6))
     view = stack.client.wait(job.id, timeout=60)
@@ -166,6 +178,27 @@ def test_s3_down_past_the_retry_window_fails_the_job(stack: Stack, start_worker,
     assert view.error is not None and view.error.type == "StorageUnavailable"
     assert "put" in view.error.message and f"jobs/{job.id}/00000.png" in view.error.message
     assert view.outputs == []
+    assert int(stack.redis.hget(f"genq:job:{job.id}", "deliveries:0") or 0) == 2  # the first run and one retry
+
+
+def test_s3_down_past_the_retry_window_is_retried_later_and_the_job_succeeds(  # type: ignore[no-untyped-def]
+    stack: Stack, start_worker, s3_proxy: TcpProxy
+) -> None:
+    # The outage outlasts the upload's own retry window: StorageUnavailable is Retryable, so the task sends the same
+    # message again after a backoff instead of failing the job, and the retry finds S3 back.
+    start_worker(_short_window_env(stack, s3_proxy, retries=3, backoff_s=4), concurrency=1)
+    s3_proxy.down()
+    job = stack.client.submit(GenerateRequest(model="fmnist-cgan", label="shirt", count=6, seed=61))
+    wait_until(
+        lambda: int(stack.redis.hget(f"genq:job:{job.id}", "deliveries:0") or 0) >= 1, 30, "the first run to start"
+    )
+    time.sleep(3)  # past the 2 s window: the first run has given up and its retry waits on the broker
+    assert stack.client.status(job.id).status is JobStatus.RUNNING
+    s3_proxy.up()
+
+    view = stack.client.wait(job.id, timeout=60)
+    _assert_complete(stack, view, 6)
+    assert int(stack.redis.hget(f"genq:job:{job.id}", "deliveries:0") or 0) >= 2
 
 
 def test_sharded_job_run_by_two_workers_stores_exactly_the_count_once(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]

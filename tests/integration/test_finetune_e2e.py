@@ -17,8 +17,7 @@ from safetensors import safe_open
 from stack import Stack, wait_until, worker_env
 from tiny_model import make_tiny_base
 
-from producer.contract import GenerateRequest, JobStatus, JobView, TrainingView
-from producer.finetune import FineTuneRequest, PromotionGate
+from producer.contract import FineTuneRequest, GenerateRequest, JobStatus, JobView, PromotionGate, TrainingView
 
 pytestmark = pytest.mark.integration
 

@@ -18,10 +18,10 @@ from stack import Stack
 from webhook_receiver import Received, WebhookReceiver
 from worker_process import WorkerProcess
 
-from producer import constants
 from producer.contract import EventType, GenerateRequest, JobStatus, Manifest, WebhookEvent
+from producer.core import constants
+from producer.core.settings import DEV_WEBHOOK_SECRET
 from producer.errors import InvalidJob
-from producer.settings import DEV_WEBHOOK_SECRET
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,8 @@ import pytest
 from api_server import publish_catalog
 from stack import Stack, worker_env
 
-from producer import constants
 from producer.contract import GenerateRequest, JobStatus
+from producer.core import constants
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from celery import Celery
 from stack import Stack, wait_until, worker_env
 
 from producer.contract import GenerateRequest, JobStatus
-from producer.settings import RedisSettings
+from producer.core.settings import RedisSettings
 from worker.app import create_app
 from worker.settings import WorkerSettings
 

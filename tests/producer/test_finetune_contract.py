@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from producer.contract import ModelEntry, ModelVersionInfo
+from producer.contract import FineTuneRequest, ModelEntry, ModelVersionInfo
+from producer.core.resolve import resolve_finetune
+from producer.core.store import JOB_SPEC
 from producer.errors import InvalidJob
-from producer.finetune import FineTuneRequest, resolve_finetune
-from producer.status import JOB_SPEC
 from producer.uploads import archive_reference, dataset_files, upload_dataset
 
 CLASSES = ["tshirt", "trouser", "sandal"]

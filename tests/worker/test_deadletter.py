@@ -7,8 +7,8 @@ import json
 import pytest
 import redis
 
-from producer import constants
-from producer.settings import RedisSettings
+from producer.core import constants
+from producer.core.settings import RedisSettings
 from worker import deadletter
 from worker.app import create_app
 from worker.settings import WorkerSettings

@@ -15,13 +15,15 @@ from prometheus_client import REGISTRY
 from tiny_model import TINY_NAME, make_tiny_model
 
 from producer.contract import GenerateJob, JobStatus, LabelCount, Manifest, OutputRef, Shard, plan_shards
-from producer.settings import RedisSettings
-from producer.status import JobStore
+from producer.core.settings import RedisSettings
+from producer.core.store import JobStore
+from worker.errors import StorageError, StorageUnavailable
 from worker.jobs import execute_generate
-from worker.local_storage import LocalStorage
 from worker.reporting import RedisReporter
+from worker.retries import RetryLater
 from worker.runtime import Runtime, build_runtime
-from worker.settings import BatchingSettings, WorkerSettings
+from worker.settings import BatchingSettings, CelerySettings, WorkerSettings
+from worker.storage.local import LocalStorage
 
 
 class CompanyReporter(RedisReporter):
@@ -203,3 +205,79 @@ def test_a_redelivered_stored_shard_leaves_the_manifest_to_the_shards_still_runn
     view = runtime.store.get(job.job_id)
     assert view.status is JobStatus.RUNNING and view.manifest_key is None
     assert not runtime.store.awaiting_manifest(job.job_id)
+
+
+class StoreDown(LocalStorage):
+    """An object store that does not answer, as S3Storage reports it once its retry window is used up."""
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        raise StorageUnavailable(f"S3 put of {key!r} still failing after the retry window")
+
+
+def test_a_storage_outage_retries_the_job_later_then_fails_it_with_the_reason(runtime: Runtime) -> None:
+    runtime.settings = runtime.settings.model_copy(
+        update={"celery": CelerySettings(retries=2, retry_backoff_s=10.0, retry_backoff_max_s=15.0)}
+    )
+    runtime.storage = StoreDown(runtime.settings.local_dir)
+    job = _job("job-outage", 3)
+    runtime.store.create(job)
+    reporter = RedisReporter(runtime.store, lambda message: None)
+
+    delays = []
+    for retries in range(2):
+        with pytest.raises(RetryLater) as later:
+            execute_generate(job, runtime, reporter, retries=retries)
+        assert isinstance(later.value.cause, StorageUnavailable)
+        delays.append(later.value.delay_s)
+        assert runtime.store.get(job.job_id).status is JobStatus.RUNNING  # waiting for its retry, not failed
+    assert execute_generate(job, runtime, reporter, retries=2)  # the retries are used up: the job fails
+
+    view = runtime.store.get(job.job_id)
+    assert view.status is JobStatus.FAILED
+    assert view.error is not None and view.error.type == "StorageUnavailable"
+    assert "still failing after the retry window" in view.error.message
+    assert 9.0 <= delays[0] <= 11.0 and 13.5 <= delays[1] <= 16.5  # 10 s, then doubled and capped at 15 s
+
+
+def test_a_retried_run_stores_the_job_once_the_store_is_back(runtime: Runtime) -> None:
+    healthy = runtime.storage
+    runtime.storage = StoreDown(runtime.settings.local_dir)
+    job = _job("job-comeback", 3)
+    runtime.store.create(job)
+    reporter = RedisReporter(runtime.store, lambda message: None)
+    with pytest.raises(RetryLater):
+        execute_generate(job, runtime, reporter)
+
+    runtime.storage = healthy  # the retry arrives after the outage
+    assert execute_generate(job, runtime, reporter, retries=1)
+
+    view = runtime.store.get(job.job_id)
+    assert view.status is JobStatus.SUCCEEDED and [o.index for o in view.outputs] == [0, 1, 2]
+
+
+def test_a_permanent_failure_fails_the_job_without_a_retry(runtime: Runtime) -> None:
+    class Refused(LocalStorage):
+        def put(self, key: str, data: bytes, content_type: str) -> None:
+            raise StorageError(f"access denied to S3 put of {key!r}")
+
+    runtime.storage = Refused(runtime.settings.local_dir)
+    job = _job("job-refused", 2)
+    runtime.store.create(job)
+
+    assert execute_generate(job, runtime, RedisReporter(runtime.store, lambda message: None))
+
+    view = runtime.store.get(job.job_id)
+    assert view.status is JobStatus.FAILED and view.error is not None and view.error.type == "StorageError"
+
+
+def test_retries_do_not_count_as_deaths_of_the_worker(runtime: Runtime) -> None:
+    # Every retry is one more delivery of the message; only deliveries beyond the retries are the worker dying.
+    limit = runtime.settings.celery.max_deliveries
+    job = _job("job-many-retries", 1)
+    runtime.store.create(job)
+    for _ in range(limit):  # the worker "died" this many times, then the runner asked for 2 retries
+        runtime.store.count_delivery(job.job_id, 0)
+    runtime.store.count_delivery(job.job_id, 0)
+
+    assert execute_generate(job, runtime, RedisReporter(runtime.store, lambda message: None), retries=2)
+    assert runtime.store.get(job.job_id).status is JobStatus.SUCCEEDED

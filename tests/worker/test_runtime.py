@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from producer.settings import S3Settings
+from producer.core.settings import S3Settings
 from worker.runtime import make_registry, s3_pool_size
 from worker.settings import BatchingSettings, WorkerSettings
-from worker.storage import S3Storage
+from worker.storage.s3 import S3Storage
 
 POOL_FULL = "Connection pool is full"
 

@@ -17,13 +17,14 @@ from api_server import publish_catalog
 from kombu import Connection
 from stack import LOOPBACK_ALLOWED
 
-from producer import constants
 from producer.client import Client
-from producer.contract import GenerateRequest, JobStatus
+from producer.contract import FineTuneRequest, GenerateRequest, JobStatus
+from producer.core import constants
+from producer.core.callbacks.pending import PendingCallbacks
+from producer.core.messages import JobMessage
+from producer.core.settings import RedisSettings, WebhookSettings
 from producer.errors import ConfigurationError
-from producer.finetune import FineTuneRequest
-from producer.messages import JobMessage, PendingCallbacks
-from producer.settings import ClientSettings, RedisSettings, WebhookSettings
+from producer.settings import ClientSettings
 from worker.settings import SweeperSettings
 from worker.sweeper import MAX_CALLBACK_RESENDS, Stranded, StrandedCallback, Sweeper, task_ids_in
 

@@ -1,7 +1,7 @@
 """Model registry: which models and versions this worker can serve, and a per-process cache of loaded ones.
 
 Versions come from local model roots (the shipped ``models/zoo`` first, then ``GENQ_MODEL_DIRS``) and, when the
-registry has a :class:`~worker.model_store.ModelStore`, from versions published into object storage by training
+registry has a :class:`~worker.catalog.store.ModelStore`, from versions published into object storage by training
 workers. Layout of every model root::
 
     <root>/<name>/<version>/config.json + weights.safetensors
@@ -28,12 +28,12 @@ import redis
 import models
 from models.errors import ModelsError
 from models.generator import CONFIG_FILE, Acceleration, ImageGenerator, load_generator, read_config
-from producer import constants
 from producer.contract import ModelEntry, ModelVersionInfo
+from producer.core import constants
 from producer.errors import ModelNotFound
-from worker import metrics
+from worker import telemetry
+from worker.catalog.store import METRICS_FILE, ModelStore, version_info, version_key
 from worker.errors import ModelLoadError, StorageError, StorageUnavailable
-from worker.model_store import METRICS_FILE, ModelStore, version_info, version_key
 
 log = logging.getLogger("genq.registry")
 
@@ -189,7 +189,7 @@ class ModelRegistry:
             except ModelsError as exc:
                 raise ModelLoadError(f"model {name}@{version} failed to load: {exc}") from exc
             elapsed = time.perf_counter() - started
-            metrics.MODEL_LOAD_SECONDS.observe(elapsed)
+            telemetry.MODEL_LOAD_SECONDS.observe(elapsed)
             log.info("loaded %s@%s from %s in %.0f ms", name, version, path, 1e3 * elapsed)
             self._loaded[key] = generator
             while len(self._loaded) > self.max_loaded:
@@ -228,7 +228,7 @@ class ModelRegistry:
 
 
 def _read_metrics(version_dir: Path) -> Any:
-    """A local version's ``metrics.json``, or None when it has none (or it is not JSON)."""
+    """A local version's ``telemetry.json``, or None when it has none (or it is not JSON)."""
     try:
         return json.loads((version_dir / METRICS_FILE).read_text())
     except (OSError, ValueError):

@@ -1,8 +1,8 @@
 """Published model versions in object storage, and a local cache of the ones this process serves.
 
 Training workers publish fine-tuned versions here; generation workers find them by listing (see
-:class:`worker.registry.ModelRegistry`) and download a version once, on first use. Layout under the
-:class:`~worker.storage.Storage` (S3 in production, a local folder in embedded mode)::
+:class:`worker.catalog.registry.ModelRegistry`) and download a version once, on first use. Layout under the
+:class:`~worker.storage.base.Storage` (S3 in production, a local folder in embedded mode)::
 
     models/<name>/<version>/config.json, weights.safetensors, metrics.json, samples.png, MODEL_CARD.md, ...
     models/<name>/aliases.json              {"latest": "3", "production": "2"}
@@ -30,11 +30,12 @@ from typing import Any
 import redis
 
 from models.generator import CONFIG_FILE
-from producer import constants
 from producer.contract import ModelEntry, ModelVersionInfo, headline_metrics
-from producer.errors import ModelNotFound
-from worker.errors import ObjectNotFound, Permanent
-from worker.storage import Storage
+from producer.core import constants
+from producer.core.scripts import read_lua
+from producer.errors import ModelNotFound, Permanent
+from worker.errors import ObjectNotFound
+from worker.storage.base import Storage
 
 __all__ = ["ModelStore", "ModelVersionExists", "version_info", "version_key"]
 
@@ -51,16 +52,7 @@ _CONTENT_TYPES = {
     ".png": "image/png",
     ".safetensors": "application/octet-stream",
 }
-# Raise the counter to the highest version already published (the floor) before incrementing, in one atomic step:
-# two publishers starting at once on a counter Redis lost (or never had) still get distinct numbers above the floor.
-_ALLOCATE_SCRIPT = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-local floor = tonumber(ARGV[1])
-if current < floor then
-    redis.call('SET', KEYS[1], floor)
-end
-return redis.call('INCR', KEYS[1])
-"""
+_ALLOCATE_SCRIPT = read_lua(__package__, "allocate_version.lua")
 
 
 class ModelVersionExists(Permanent, FileExistsError):

@@ -1,8 +1,8 @@
 """The inference thread: one per worker process, merging sample requests from many job threads into forward passes.
 
 Job threads (Celery's threads pool) call :meth:`InferenceEngine.submit` and get a future; the engine's single thread
-groups pending requests with :class:`~worker.batcher.Collector` and runs each due batch. Why a thread of our own
-and not celery-batches: each job stays its own Celery message, acknowledged only after *its* outputs are stored,
+groups pending requests with :class:`~worker.generate.batcher.Collector` and runs each due batch. Why a thread of
+our own and not celery-batches: each job stays its own Celery message, acknowledged only after *its* outputs are stored,
 and a failing forward pass can be bisected so one poisoned request fails alone (celery-batches acks a whole batch
 even when it raised, and pins ``celery<5.7``).
 """
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from models.generator import ImageGenerator
-from worker import metrics
-from worker.batcher import Batch, BatchKey, Collector, Request
+from worker import telemetry
+from worker.generate.batcher import Batch, BatchKey, Collector, Request
 
 log = logging.getLogger("genq.inference")
 
@@ -140,8 +140,8 @@ class InferenceEngine:
                 self._fail(batch, exc)
             return
         self.batch_sizes[batch.size] += 1
-        metrics.BATCH_SIZE.observe(batch.size)
-        metrics.FORWARD_SECONDS.labels(batch.key.model_name).observe(time.perf_counter() - started)
+        telemetry.BATCH_SIZE.observe(batch.size)
+        telemetry.FORWARD_SECONDS.labels(batch.key.model_name).observe(time.perf_counter() - started)
         self._deliver(batch, images)
 
     def _deliver(self, batch: Batch, images: torch.Tensor) -> None:

@@ -18,14 +18,14 @@ from typing import IO, Protocol, cast
 import numpy as np
 import torch
 
-from producer import constants
 from producer.contract import GenerateJob, Manifest, OutputRef, Shard, plan_shards
-from producer.seeds import image_seed
-from producer.status import VIEW_OUTPUTS_MAX
-from worker.encode import encode_image, provenance
+from producer.core import constants
+from producer.core.seeds import image_seed
+from producer.core.store import VIEW_OUTPUTS_MAX
 from worker.errors import IncompleteJob
-from worker.storage import Storage
-from worker.webdataset import ShardWriter, shard_key
+from worker.generate.encode import encode_image, provenance
+from worker.generate.webdataset import ShardWriter, shard_key
+from worker.storage.base import Storage
 
 
 class Reporter(Protocol):

@@ -1,4 +1,4 @@
-"""Object storage in a local folder: the embedded mode's :class:`~worker.storage.Storage`.
+"""Object storage in a local folder: the embedded mode's :class:`~worker.storage.base.Storage`.
 
 Keys are relative POSIX paths confined to the root: absolute keys, ``..``, empty segments, backslashes and
 symlinks out of the root are refused. Writes are atomic (temp file in the same folder, then ``os.replace``).

@@ -1,5 +1,5 @@
-"""Object storage of job outputs: S3 (the only boto3 user in genq) or a local folder (embedded mode, in
-:mod:`worker.local_storage`).
+"""Object storage of job outputs on S3 (clients from :func:`producer.core.s3.make_s3_client`), and
+:func:`make_storage`, which picks S3 or a local folder (embedded mode, :mod:`worker.storage.local`).
 
 The pipeline sees only the :class:`Storage` protocol. :class:`S3Storage` retries transient faults (connection
 refused, timeouts, 5xx, throttling) with tenacity inside a time window and turns what is left into
@@ -13,10 +13,8 @@ import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Literal, Protocol, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Literal, TypeVar, cast
 
-import boto3
-import botocore.config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -29,12 +27,12 @@ from botocore.exceptions import (
 )
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
+from producer.core.s3 import make_s3_client
 from producer.errors import ConfigurationError
 from worker.errors import ObjectNotFound, StorageError, StorageUnavailable
-from worker.local_storage import LocalStorage
 from worker.settings import StorageRetrySettings
-
-__all__ = ["LocalStorage", "S3Storage", "Storage", "is_transient", "make_storage"]
+from worker.storage.base import Storage
+from worker.storage.local import LocalStorage
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -77,71 +75,6 @@ _DENIED_CODES = frozenset({"AccessDenied", "403", "Forbidden", "InvalidAccessKey
 _DELETE_BATCH = 1000  # DeleteObjects takes at most 1,000 keys per request
 
 
-class Storage(Protocol):
-    """Where a job's images and manifest go. Keys are ``/``-separated relative paths like ``jobs/<id>/00000.png``."""
-
-    def put(self, key: str, data: bytes, content_type: str) -> None:
-        """Store ``data`` under ``key``, replacing any object there.
-
-        Raises:
-            StorageUnavailable: the store did not answer within the retry window (retry the job later).
-            StorageError: the store refused the request for good (bad key, no bucket, access denied).
-        """
-        ...
-
-    def put_file(self, key: str, source: IO[bytes], content_type: str) -> None:
-        """Store everything ``source`` holds from its start under ``key``, read in pieces (a manifest of 100,000
-        outputs is never one bytes object in memory). ``source`` must be seekable: a retry reads it again.
-
-        Raises:
-            StorageUnavailable, StorageError: as for :meth:`put`.
-        """
-        ...
-
-    def get(self, key: str) -> bytes:
-        """Return the bytes stored under ``key``.
-
-        Raises:
-            ObjectNotFound: nothing is stored under ``key``.
-            StorageUnavailable, StorageError: as for :meth:`put`.
-        """
-        ...
-
-    def exists(self, key: str) -> bool:
-        """Return whether an object is stored under ``key``.
-
-        Raises:
-            StorageUnavailable, StorageError: as for :meth:`put`.
-        """
-        ...
-
-    def list(self, prefix: str) -> builtins.list[str]:
-        """Return every key starting with ``prefix`` (a plain string prefix, as in S3), sorted.
-
-        Raises:
-            StorageUnavailable, StorageError: as for :meth:`put`.
-        """
-        ...
-
-    def url(self, key: str, expires_s: int) -> str:
-        """Return a URL that reads ``key``: presigned GET valid ``expires_s`` seconds (S3) or a ``file://`` URI.
-
-        The object is not checked for existence.
-
-        Raises:
-            StorageError: ``key`` is not a valid key.
-        """
-        ...
-
-    def delete_prefix(self, prefix: str) -> int:
-        """Delete every object whose key starts with ``prefix`` and return how many were deleted.
-
-        Raises:
-            StorageUnavailable, StorageError: as for :meth:`put`.
-        """
-        ...
-
-
 def is_transient(exc: BaseException) -> bool:
     """Return whether ``exc`` is a fault worth retrying: connection errors, timeouts, 5xx and throttling."""
     if isinstance(exc, _TRANSIENT_EXCEPTIONS):
@@ -155,24 +88,6 @@ def is_transient(exc: BaseException) -> bool:
 
 def _error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def make_s3_client(*, max_pool_connections: int = 16) -> S3Client:
-    """Return a boto3 S3 client configured from the standard ``AWS_*`` variables (endpoint, credentials, region).
-
-    Args:
-        max_pool_connections: HTTP connections kept per client; at least the number of threads sharing it.
-    """
-    config = botocore.config.Config(
-        connect_timeout=5,
-        read_timeout=30,
-        max_pool_connections=max_pool_connections,
-        # Presigned URLs with SigV4 (boto3 presigns S3 with legacy SigV2 otherwise; newer regions refuse it).
-        signature_version="s3v4",
-        # One attempt per call: tenacity owns retrying, inside a window the operator sets.
-        retries={"total_max_attempts": 1, "mode": "standard"},
-    )
-    return boto3.client("s3", config=config)
 
 
 class S3Storage:
@@ -276,20 +191,12 @@ class S3Storage:
             Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True}
         )
 
-    def check(self) -> None:
-        """Check that the bucket exists and is reachable (readiness probe).
-
-        Raises:
-            StorageUnavailable: no answer within the retry window.
-            StorageError: the bucket does not exist or access is denied.
-        """
-        self._call("check", "", lambda: self.client.head_bucket(Bucket=self.bucket))
-
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (dev, docker-compose and tests; production buckets are made by ops).
 
         Raises:
-            StorageUnavailable, StorageError: as for :meth:`check`, or the bucket cannot be created.
+            StorageUnavailable: no answer within the retry window.
+            StorageError: access is denied, or the bucket cannot be created.
         """
 
         def bucket_exists() -> bool:

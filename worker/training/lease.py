@@ -14,20 +14,14 @@ import uuid
 
 import redis
 
-from producer import constants
+from producer.core import constants
+from producer.core.scripts import read_lua
 
 log = logging.getLogger("genq.lease")
 
-# KEYS[1] lease. ARGV: token, ttl ms. Extend only a lease we still hold.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-# KEYS[1] lease. ARGV: token. Delete only a lease we still hold.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+# Extend / delete the lease only while we still hold it; each script's header names its KEYS, ARGV and returns.
+_RENEW = read_lua(__package__, "renew.lua")
+_RELEASE = read_lua(__package__, "release.lua")
 
 
 class Lease:

@@ -1,7 +1,7 @@
 """The fine-tune pipeline: fetch the data set, resume or start from the base, train step by step, publish a version.
 
-Plain function over injected side effects (storage, model store, reporter), like :mod:`worker.pipeline`; the Celery
-task in :mod:`worker.tasks` only decodes the payload, and :mod:`worker.jobs` holds the lease and maps errors.
+Plain function over injected side effects (storage, model store, reporter), like :mod:`worker.generate.pipeline`; the
+Celery task in :mod:`worker.tasks` only decodes the payload, and :mod:`worker.jobs` holds the lease and maps errors.
 
 Crash safety: a checkpoint goes to storage every ``checkpoint_every`` steps; a redelivered job resumes from it (the
 view says ``resumed_from``). The version to publish is recorded in the job before any file is written, so a worker
@@ -27,13 +27,12 @@ from models.evaluate import reference_scores
 from models.finetune import FineTuneConfig, FineTuner, init_from_base
 from models.generator import load_generator
 from models.grid import class_grid, encode_png
-from producer import constants
-from producer.contract import TrainingView
-from producer.finetune import FineTuneJob
+from producer.contract import FineTuneJob, TrainingView
+from producer.core import constants
+from worker.catalog.store import ModelStore
 from worker.errors import ObjectNotFound, UnsafeUpload
-from worker.ingest import ArchiveLimits, extract_archive, load_dataset_dir, safe_relative_key
-from worker.model_store import ModelStore
-from worker.storage import Storage
+from worker.storage.base import Storage
+from worker.training.ingest import ArchiveLimits, extract_archive, load_dataset_dir, safe_relative_key
 
 log = logging.getLogger("genq.training")
 

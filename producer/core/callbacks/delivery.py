@@ -9,7 +9,7 @@ record), nothing depends on Celery's ``max_retries`` and retry headers, and a lo
 Splitting is needed on Redis: a ``countdown`` message sits unacknowledged in a worker's memory until it is due, and
 after ``GENQ_CELERY__VISIBILITY_TIMEOUT_S`` Redis hands it to another worker as well (Celery's docs: ETA tasks longer
 than the visibility timeout run again, and again), so no hop is longer than half the timeout
-(:func:`worker.callbacks.hop_countdown`). A message that arrives before ``due_at`` is put back for the rest.
+(:func:`producer.core.callbacks.send.hop_countdown`). A message that arrives before ``due_at`` is put back for the rest.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from enum import StrEnum
 
 import redis
 
-from producer import constants
+from producer.core import constants
+from producer.core.callbacks.events import CallbackDeadLetter, CallbackMessage, DeliveryRecord
+from producer.core.callbacks.send import DeliveryResult, deliver, hop_countdown, next_delay
+from producer.core.callbacks.ssrf import vetted_addresses
+from producer.core.clock import utcnow
+from producer.core.settings import WebhookSettings
 from producer.errors import CallbackHostUnresolved, CallbackUrlRefused
-from producer.events import CallbackDeadLetter, CallbackMessage, DeliveryRecord
-from producer.settings import WebhookSettings
-from producer.ssrf import vetted_addresses
-from producer.status import utcnow
-from worker.callbacks import DeliveryResult, deliver, hop_countdown, next_delay
 
 log = logging.getLogger("genq.callbacks")
 
@@ -99,11 +99,11 @@ def run_delivery(
     """Make one attempt at delivering ``message`` (if it is due and may be sent), record it, and enqueue what follows.
 
     In order: a retry that is not due yet is put back (``requeue``) and nothing else happens; an event of a job whose
-    receiver answered 410 earlier is not sent; a URL that now reaches a refused address (``producer.ssrf``, with
+    receiver answered 410 earlier is not sent; a URL that now reaches a refused address (:mod:`.ssrf`, with
     ``webhook.allow_hosts``) is not sent and not retried; otherwise one signed POST, to the addresses just vetted.
     Only 2xx counts. A 410 stops every later event of the job. Any other failure (including a host that does not
-    resolve) is retried after :func:`~worker.callbacks.next_delay`, or, once ``webhook.retry_schedule_s`` is used
-    up, dead-lettered.
+    resolve) is retried after :func:`.send.next_delay`, or, once ``webhook.retry_schedule_s`` is used up,
+    dead-lettered.
     Every attempt, and every event not sent, is recorded with its attempt number and next retry time.
 
     Args:

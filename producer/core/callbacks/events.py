@@ -9,15 +9,15 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from producer.contract import Callback, EventType, JobView, WebhookEvent
-from producer.status import utcnow
-from producer.webhooks import msg_id_for
+from producer.core.callbacks.signing import msg_id_for
+from producer.core.clock import utcnow
 
 
 class CallbackMessage(BaseModel):
     """One event to deliver to one URL; ``msg_id`` stays the same across retries of this event.
 
     A retry is the same message sent again with ``attempt`` counted up and ``due_at`` set: a worker that receives
-    it before ``due_at`` puts it back to wait (see ``worker.delivery``).
+    it before ``due_at`` puts it back to wait (see ``producer.core.callbacks.delivery``).
     """
 
     job_id: str

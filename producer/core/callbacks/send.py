@@ -2,7 +2,7 @@
 
 ``deliver`` makes exactly one attempt and reports what happened without raising; ``next_delay`` and
 ``hop_countdown`` decide when the next attempt is due and how long a message may wait on the broker;
-``worker.delivery`` puts them together with the records kept in Redis.
+``producer.core.callbacks.delivery`` puts them together with the records kept in Redis.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import httpx
 
 from producer.contract import WebhookEvent
-from producer.webhooks import signed_headers
+from producer.core.callbacks.signing import signed_headers
 
 USER_AGENT = "genq-webhooks/1"
 

@@ -69,7 +69,7 @@ def decode_secret(secret: str) -> bytes:
     except (binascii.Error, ValueError):
         raise ValueError(
             f"malformed webhook secret ({len(secret)} characters): expected {SECRET_PREFIX!r} followed by "
-            "standard base64 with padding; make one with producer.webhooks.generate_secret()"
+            "standard base64 with padding; make one with producer.core.callbacks.signing.generate_secret()"
         ) from None
     if not key:
         raise ValueError(f"empty webhook secret: expected {SECRET_PREFIX!r} followed by a base64 key")

@@ -8,8 +8,8 @@ import httpx
 import redis
 from api_server import ApiServer, make_key, session_for
 
-from producer import constants
-from producer.status import JobStore
+from producer.core import constants
+from producer.core.store import JobStore
 
 SNEAKERS = {"model": "fmnist-cgan", "label": "sneaker", "count": 2, "seed": 42}
 

@@ -11,7 +11,7 @@ import pytest
 import redis
 from api_server import ServeApi, make_key, session_for
 
-from producer import constants
+from producer.core import constants
 
 
 @pytest.fixture

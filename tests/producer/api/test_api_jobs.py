@@ -12,7 +12,7 @@ import pytest
 import redis
 from api_server import ApiServer, ServeApi, make_key, session_for
 
-from producer import constants
+from producer.core import constants
 
 SNEAKERS = {"model": "fmnist-cgan", "label": "sneaker", "count": 2, "seed": 42}
 
@@ -83,7 +83,8 @@ def test_a_tenant_never_sees_another_tenants_jobs(
 def test_a_job_submitted_without_a_tenant_is_invisible_to_the_api(acme: httpx.Client, catalog: redis.Redis) -> None:
     from producer.client import Client
     from producer.contract import GenerateRequest
-    from producer.settings import ClientSettings, RedisSettings
+    from producer.core.settings import RedisSettings
+    from producer.settings import ClientSettings
 
     url = catalog.connection_pool.connection_kwargs
     client = Client(ClientSettings(redis=RedisSettings(url=f"redis://{url['host']}:{url['port']}/{url['db']}")))

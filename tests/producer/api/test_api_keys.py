@@ -10,9 +10,9 @@ import redis
 from api_server import ApiServer, make_key, session_for
 from typer.testing import CliRunner
 
-from producer import constants
-from producer.auth import ApiKey, KeyStore, key_id
+from producer.api.auth import ApiKey, KeyStore, key_id
 from producer.cli import app
+from producer.core import constants
 from producer.errors import KeyNotFound, Unauthorized
 
 

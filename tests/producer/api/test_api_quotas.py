@@ -13,13 +13,13 @@ import pytest
 import redis
 from api_server import ServeApi, make_key, session_for
 
-from producer import constants
-from producer.auth import KeyQuotas, KeyStore
+from producer.api.auth import KeyQuotas, KeyStore
+from producer.api.quotas import Quotas
 from producer.contract import JobError
+from producer.core import constants
+from producer.core.store import JobStore
 from producer.errors import QuotaExceeded
-from producer.quotas import Quotas
 from producer.settings import ApiSettings
-from producer.status import JobStore
 
 SNEAKERS = {"model": "fmnist-cgan", "label": "sneaker", "count": 2}
 

@@ -11,7 +11,6 @@ import redis
 from api_server import publish_catalog
 from factories import output_refs
 
-from producer import constants
 from producer.client import Client
 from producer.contract import (
     Callback,
@@ -24,9 +23,11 @@ from producer.contract import (
     OutputRef,
     WebhookEvent,
 )
+from producer.core import constants
+from producer.core.settings import RedisSettings
+from producer.core.store import JobStore
 from producer.errors import JobEnded, JobNotFound
-from producer.settings import ClientSettings, RedisSettings
-from producer.status import JobStore
+from producer.settings import ClientSettings
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 import pytest
 import redis
 
-from producer import constants
 from producer.contract import GenerateJob, JobError, JobStatus, LabelCount, OutputRef
+from producer.core import constants
+from producer.core.store import JobStore
 from producer.errors import JobNotFound
-from producer.status import JobStore
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 NONE = {status: 0 for status in JobStatus}
@@ -96,7 +96,7 @@ def test_the_counters_live_in_one_hash_that_never_expires(store: JobStore) -> No
 def test_started_at_is_when_the_first_shard_started(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
     store.create(_job("job-0001"), shards=3)
     clock = iter([datetime(2026, 1, 1, 0, 0, s, tzinfo=UTC) for s in (1, 2, 3)])
-    monkeypatch.setattr("producer.status.utcnow", lambda: next(clock))
+    monkeypatch.setattr("producer.core.store.utcnow", lambda: next(clock))
     for _ in range(3):  # three shards start, one after another (or one is redelivered)
         assert store.start("job-0001") is not None
     assert store.get("job-0001").started_at == datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC)

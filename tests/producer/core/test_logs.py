@@ -6,7 +6,7 @@ import io
 import json
 import logging
 
-from producer.logs import JobIdFilter, JsonFormatter, current_job
+from producer.core.logs import JobIdFilter, JsonFormatter, current_job
 
 
 def _capture(formatter: logging.Formatter) -> tuple[logging.Logger, io.StringIO]:

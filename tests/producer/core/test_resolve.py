@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 import pytest
 
 from producer.contract import GenerateRequest, ModelEntry, ModelVersionInfo
+from producer.core.resolve import resolve_request
+from producer.core.settings import Limits
 from producer.errors import InvalidJob
-from producer.resolve import resolve_request
-from producer.settings import Limits
 
 CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
 INFO = ModelVersionInfo(arch="cgan", class_names=CLASSES, resolution=28, channels=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from producer.contract import MAX_SEED, plan_shards
-from producer.seeds import image_seed, new_job_seed
+from producer.core.seeds import image_seed, new_job_seed
 
 
 def test_image_seed_is_a_pure_function_of_job_seed_and_index() -> None:

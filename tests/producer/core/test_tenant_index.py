@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis
 
-from producer import constants
 from producer.contract import GenerateJob, JobError, JobStatus, LabelCount
-from producer.status import JobStore
+from producer.core import constants
+from producer.core.store import JobStore
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -15,12 +15,13 @@ import torch
 from tiny_model import TINY_NAME, make_tiny_model
 
 from models.generator import load_generator
-from producer import constants
+from producer.core import constants
 from producer.errors import ModelNotFound
-from worker.local_storage import LocalStorage
-from worker.model_store import ModelStore, ModelVersionExists
+from worker.catalog.store import ModelStore, ModelVersionExists
 from worker.settings import StorageRetrySettings
-from worker.storage import S3Storage, Storage
+from worker.storage.base import Storage
+from worker.storage.local import LocalStorage
+from worker.storage.s3 import S3Storage
 
 FAST_RETRY = StorageRetrySettings(window_s=10.0, initial_s=0.1, max_s=0.5)
 

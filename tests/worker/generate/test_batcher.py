@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from worker.batcher import Batch, BatchKey, Collector, Request, Slice
-from worker.inference import InferenceEngine, is_out_of_memory
+from worker.generate.batcher import Batch, BatchKey, Collector, Request, Slice
+from worker.generate.inference import InferenceEngine, is_out_of_memory
 
 A, B = BatchKey("cgan", "1"), BatchKey("cvae", "1")
 

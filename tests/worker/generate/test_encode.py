@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from producer.contract import OutputFormat
-from worker.encode import IPTC_TRAINED_ALGORITHMIC, encode_image, provenance
+from worker.generate.encode import IPTC_TRAINED_ALGORITHMIC, encode_image, provenance
 
 INFO = provenance(generator="fmnist-cgan", version="fmnist-cgan@1", label="sneaker", seed=123)
 

@@ -17,12 +17,13 @@ from factories import output_refs
 from tiny_model import TINY_NAME, make_tiny_model
 
 from producer.contract import GenerateJob, LabelCount, Manifest, OutputFormat, OutputRef, Shard, plan_shards
-from worker import pipeline
+from worker.catalog.registry import ModelRegistry
 from worker.errors import IncompleteJob, StorageUnavailable
-from worker.inference import InferenceEngine
-from worker.pipeline import GenerateResult, run_generate
-from worker.registry import ModelRegistry
-from worker.storage import LocalStorage, Storage
+from worker.generate import pipeline
+from worker.generate.inference import InferenceEngine
+from worker.generate.pipeline import GenerateResult, run_generate
+from worker.storage.base import Storage
+from worker.storage.local import LocalStorage
 
 
 class RecordingReporter:

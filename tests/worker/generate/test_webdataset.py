@@ -6,7 +6,7 @@ import io
 import json
 import tarfile
 
-from worker.webdataset import ShardWriter, shard_key
+from worker.generate.webdataset import ShardWriter, shard_key
 
 
 def test_shard_is_a_tar_of_image_and_json_per_sample_in_order() -> None:

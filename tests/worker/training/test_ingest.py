@@ -15,8 +15,9 @@ from PIL import Image
 
 from models.datasets import IngestLimits
 from models.errors import DatasetError
-from worker.errors import InvalidArchive, Permanent, UnsafeUpload
-from worker.ingest import ArchiveLimits, extract_archive, load_dataset_dir, safe_relative_key
+from producer.errors import Permanent
+from worker.errors import InvalidArchive, UnsafeUpload
+from worker.training.ingest import ArchiveLimits, extract_archive, load_dataset_dir, safe_relative_key
 
 FEW = IngestLimits(min_per_class=2)
 _MIB = 1024 * 1024

@@ -12,11 +12,10 @@ import pytest
 from PIL import Image
 from tiny_model import make_tiny_base
 
-from producer.contract import TrainingView
-from producer.finetune import AugmentSpec, FineTuneJob, PromotionGate
-from worker.local_storage import LocalStorage
-from worker.model_store import ModelStore
-from worker.training import CHECKPOINT_NAME, run_finetune, training_prefix
+from producer.contract import AugmentSpec, FineTuneJob, PromotionGate, TrainingView
+from worker.catalog.store import ModelStore
+from worker.storage.local import LocalStorage
+from worker.training.pipeline import CHECKPOINT_NAME, run_finetune, training_prefix
 
 
 class Reporter:

@@ -10,12 +10,12 @@ import pytest
 import redis
 from webhook_receiver import WebhookReceiver
 
-from producer import constants
 from producer.contract import Callback, EventType, JobStatus, JobView, Progress
-from producer.events import CallbackMessage, DeliveryRecord, callback_message
-from producer.settings import STANDARD_RETRY_SCHEDULE_S, WebhookSettings
-from worker.callbacks import hop_countdown, next_delay
-from worker.delivery import CallbackLedger, Outcome, run_delivery
+from producer.core import constants
+from producer.core.callbacks.delivery import CallbackLedger, Outcome, run_delivery
+from producer.core.callbacks.events import CallbackMessage, DeliveryRecord, callback_message
+from producer.core.callbacks.send import hop_countdown, next_delay
+from producer.core.settings import STANDARD_RETRY_SCHEDULE_S, WebhookSettings
 
 SHORT = [0.0, 0.2, 0.2, 0.2]
 STANDARD = list(STANDARD_RETRY_SCHEDULE_S)
@@ -243,7 +243,7 @@ def test_a_host_that_stops_resolving_is_a_failed_attempt_and_retried(
     def no_dns(host: str) -> list[str]:
         raise OSError(-3, "Temporary failure in name resolution")
 
-    monkeypatch.setattr("producer.ssrf.resolve_host", no_dns)
+    monkeypatch.setattr("producer.core.callbacks.ssrf.resolve_host", no_dns)
     harness = Harness(redis_client, _webhook())
     assert harness.run(_message("https://hooks.shop.test/genq")) is Outcome.RETRYING
     [record] = harness.records()
@@ -282,7 +282,7 @@ def test_the_post_goes_to_the_vetted_address_without_a_second_lookup(
         lookups.append(host)
         return next(answers)
 
-    monkeypatch.setattr("producer.ssrf.resolve_host", rebinding)
+    monkeypatch.setattr("producer.core.callbacks.ssrf.resolve_host", rebinding)
     port = webhook_receiver.url.rsplit(":", 1)[1].split("/")[0]
     harness = Harness(redis_client, _webhook())
     assert harness.run(_message(f"http://hooks.shop.test:{port}/hook")) is Outcome.DELIVERED

@@ -11,9 +11,9 @@ import pytest
 from webhook_receiver import WebhookReceiver
 
 from producer.contract import EventType, JobStatus, JobView, Progress, WebhookEvent
-from producer.settings import DEV_WEBHOOK_SECRET
-from producer.webhooks import msg_id_for, sign
-from worker.callbacks import USER_AGENT, DeliveryResult, deliver
+from producer.core.callbacks.send import USER_AGENT, DeliveryResult, deliver
+from producer.core.callbacks.signing import msg_id_for, sign
+from producer.core.settings import DEV_WEBHOOK_SECRET
 
 JOB_ID = "job_12345678"
 MSG_ID = msg_id_for(JOB_ID, EventType.SUCCEEDED, 2)

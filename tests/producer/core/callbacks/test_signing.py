@@ -11,9 +11,7 @@ import sys
 import pytest
 
 from producer.contract import EventType
-from producer.errors import GenqError
-from producer.settings import DEV_WEBHOOK_SECRET
-from producer.webhooks import (
+from producer.core.callbacks.signing import (
     WebhookVerificationError,
     decode_secret,
     generate_secret,
@@ -22,6 +20,8 @@ from producer.webhooks import (
     signed_headers,
     verify,
 )
+from producer.core.settings import DEV_WEBHOOK_SECRET
+from producer.errors import GenqError
 
 # The reference vector of the Standard Webhooks test suite (libraries/python/tests/test_webhooks.py,
 # test_sign_function, in github.com/standard-webhooks/standard-webhooks).
@@ -37,7 +37,7 @@ MSG_ID = "msg_test_1"
 
 
 def _independent_signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
-    """The signature computed here from the spec's definition, without producer.webhooks."""
+    """The signature computed here from the spec's definition, without producer.core.callbacks.signing."""
     mac = hmac.new(key, msg_id.encode() + b"." + str(timestamp).encode() + b"." + body, hashlib.sha256)
     return "v1," + base64.b64encode(mac.digest()).decode()
 

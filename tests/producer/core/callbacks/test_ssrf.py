@@ -8,10 +8,11 @@ from datetime import UTC, datetime
 import pytest
 
 from producer.contract import GenerateRequest, LabelCount, ModelEntry, ModelVersionInfo
+from producer.core.callbacks.ssrf import AllowList, address_refusal, check_callback_url
+from producer.core.resolve import resolve_request
+from producer.core.settings import Limits, WebhookSettings
 from producer.errors import CallbackHostUnresolved, CallbackUrlRefused, InvalidJob
-from producer.resolve import resolve_request
-from producer.settings import ClientSettings, Limits, WebhookSettings
-from producer.ssrf import AllowList, address_refusal, check_callback_url
+from producer.settings import ClientSettings
 
 
 def _resolver(table: dict[str, list[str]]):  # type: ignore[no-untyped-def]

@@ -1,0 +1,66 @@
+-- transition(keys=[job, counts], args=[status, ttl, guard, n, allowed..., m, set..., k, set_if_absent..., p, prefixes...])
+--
+-- Moves a job to a new status only when its current status allows it, so a terminal status is never overwritten: a
+-- job redelivered after it succeeded cannot be dragged back to running. The counters move in the same script, so
+-- they move exactly when the status does. One round trip answers what a worker starting a shard needs: whether to
+-- run it, and whether it is the job's first start.
+--
+-- KEYS[1]: the job hash (genq:job:<id>)
+-- KEYS[2]: the jobs-by-status counters (a hash: status -> jobs)
+--
+-- ARGV[1]: the new status
+-- ARGV[2]: the job hash's TTL in seconds, set again on every applied transition
+-- ARGV[3]: a guard field: refuse when the job has it ("" for none)
+-- ARGV[4]: n, the number of statuses the job may be in, then those n statuses
+-- then m, the number of fields to set, then m field, value pairs (HSET)
+-- then k, the number of fields to set only if the job lacks them, then k field, value pairs (HSETNX)
+-- then p, the number of field prefixes to drop, then those p prefixes: every field starting with one is deleted
+-- The groups are applied in that order: set, set if absent, then drop.
+--
+-- Returns: the status the job had when the transition applied; 0 when its current status or the guard forbids it;
+-- -1 when the job does not exist. An error, before anything is written, when ARGV does not match its counts.
+
+local job = KEYS[1]
+local counts = KEYS[2]
+
+local status = ARGV[1]
+local ttl = ARGV[2]
+local guard = ARGV[3]
+
+-- Where each counted group starts in ARGV.
+local allowed_at = 4
+local set_at = allowed_at + tonumber(ARGV[allowed_at]) + 1
+local keep_at = set_at + 2 * tonumber(ARGV[set_at]) + 1
+local drop_at = keep_at + 2 * tonumber(ARGV[keep_at]) + 1
+if drop_at + tonumber(ARGV[drop_at]) ~= #ARGV then
+  return redis.error_reply('transition: ARGV does not match its group counts')
+end
+
+local current = redis.call('HGET', job, 'status')
+if not current then return -1 end
+local allowed = false
+for i = allowed_at + 1, set_at - 1 do
+  if ARGV[i] == current then allowed = true end
+end
+if not allowed then return 0 end
+if guard ~= '' and redis.call('HEXISTS', job, guard) == 1 then return 0 end
+
+redis.call('HSET', job, 'status', status)
+if current ~= status then
+  redis.call('HINCRBY', counts, current, -1)
+  redis.call('HINCRBY', counts, status, 1)
+end
+for i = set_at + 1, keep_at - 1, 2 do
+  redis.call('HSET', job, ARGV[i], ARGV[i + 1])
+end
+for i = keep_at + 1, drop_at - 1, 2 do
+  redis.call('HSETNX', job, ARGV[i], ARGV[i + 1])
+end
+for i = drop_at + 1, #ARGV do
+  local prefix = ARGV[i]
+  for _, field in ipairs(redis.call('HKEYS', job)) do
+    if string.sub(field, 1, #prefix) == prefix then redis.call('HDEL', job, field) end
+  end
+end
+redis.call('EXPIRE', job, ttl)
+return current

@@ -1,0 +1,90 @@
+"""The settings base both sides share, read from ``GENQ_*`` variables (nested groups with ``__``): where Redis and S3
+are, request limits, callbacks, record lifetimes. :class:`producer.settings.ClientSettings` and
+:class:`worker.settings.WorkerSettings` extend :class:`GenqSettings`.
+
+S3 endpoint and credentials are *not* here: boto3 reads the standard ``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and ``AWS_DEFAULT_REGION`` itself.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from producer.core.callbacks.ssrf import AllowList
+
+DEV_WEBHOOK_SECRET = "whsec_ZGV2LW9ubHktc2VjcmV0LWRvLW5vdC11c2U="  # base64("dev-only-secret-do-not-use")
+
+
+class RedisSettings(BaseModel):
+    """Broker and status store. No URL means embedded mode: the CLI runs jobs in-process."""
+
+    url: str | None = Field(default=None, description="e.g. redis://127.0.0.1:6379/0")
+
+
+class S3Settings(BaseModel):
+    """Where outputs live."""
+
+    bucket: str = "genq"
+    presign_expires_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+
+
+class Limits(BaseModel):
+    """Per-request limits, enforced before anything is enqueued."""
+
+    max_images_per_job: int = Field(default=10_000, ge=1)
+    max_metadata_bytes: int = Field(default=4096, ge=0)
+
+
+# The Standard Webhooks schedule: at once, then 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h and 24 h after the
+# previous attempt; about three days in all, long enough to outlast a receiver's weekend outage.
+STANDARD_RETRY_SCHEDULE_S = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0)
+
+
+class WebhookSettings(BaseModel):
+    """Signing, delivery, retries and allowed destinations of callbacks (Standard Webhooks v1)."""
+
+    secret: str = DEV_WEBHOOK_SECRET
+    timeout_s: float = Field(default=10.0, gt=0)
+    retry_schedule_s: list[float] = Field(
+        default_factory=lambda: list(STANDARD_RETRY_SCHEDULE_S),
+        description="Delay before each attempt of an event, in seconds, after the previous one; the first is 0.",
+    )
+    jitter: float = Field(
+        default=0.1, ge=0, le=1, description="Each retry delay is scaled by a random factor in 1 ± jitter."
+    )
+    progress_interval_s: float = Field(default=0.5, ge=0, description="At most one progress event per job this often.")
+    allow_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts, addresses and networks (CIDR) callbacks may reach although they are not public.",
+    )
+
+    @field_validator("retry_schedule_s")
+    @classmethod
+    def _schedule(cls, schedule: list[float]) -> list[float]:
+        if not schedule or schedule[0] != 0:
+            raise ValueError("the retry schedule starts with 0 (the first attempt is made at once), e.g. [0, 5, 300]")
+        if any(delay < 0 for delay in schedule):
+            raise ValueError("retry delays must be >= 0 seconds")
+        return schedule
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _allow_list(cls, entries: list[str]) -> list[str]:
+        AllowList.parse(entries)  # refuse a malformed entry at start-up, not at the first callback
+        return entries
+
+
+class GenqSettings(BaseSettings):
+    """The groups every genq process reads; each process's settings class adds its own."""
+
+    model_config = SettingsConfigDict(env_prefix="GENQ_", env_nested_delimiter="__", extra="ignore")
+
+    env: Literal["dev", "prod"] = "dev"
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    s3: S3Settings = Field(default_factory=S3Settings)
+    limits: Limits = Field(default_factory=Limits)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)  # clients check callback URLs (allow_hosts)
+    job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="How long job records live in Redis.")
