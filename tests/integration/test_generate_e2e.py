@@ -106,6 +106,10 @@ def test_download_writes_outputs_and_manifest(stack: Stack, module_worker: Worke
     assert sorted(p.name for p in paths) == ["00000.png", "00001.png", "00002.png", "manifest.json"]
     urls = stack.client.with_urls(view).outputs
     assert all(o.url and o.key in o.url for o in urls)
+    # SigV4, as every region accepts (the client builds its S3 client where the workers do); not legacy SigV2
+    assert all(
+        "X-Amz-Algorithm=AWS4-HMAC-SHA256" in (o.url or "") and "AWSAccessKeyId" not in (o.url or "") for o in urls
+    )
 
 
 @pytest.mark.parametrize(
