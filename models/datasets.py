@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 _LITTER = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 _RESAMPLE = Image.Resampling.LANCZOS
 _MIB = 1024 * 1024
+_NPY_HEADER_MAX = 10_000  # bytes; numpy's own default cap on .npy headers
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,10 @@ class IngestLimits:
     max_images: int = 100_000  # files in a folder, or images in an .npz
     min_per_class: int = 8  # fewer usable images than this in any class refuses the data set
     max_file_bytes: int = 32 * _MIB  # per image file
-    max_array_bytes: int = 2 * 1024 * _MIB  # per uncompressed array in an .npz
+    max_array_bytes: int = 1024 * _MIB  # per uncompressed array in an .npz ...
+    max_npz_bytes: int = 1024 * _MIB  # ... and all of them together
+    max_ratio: float = 100.0  # .npz: uncompressed / compressed size of one array, as for zip archives ...
+    ratio_floor_bytes: int = _MIB  # ... once it is at least this big (a blank image set may compress 50:1)
 
 
 @dataclass(frozen=True)
@@ -349,17 +354,65 @@ def _to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
 
 
 def _check_npz_members(fileobj: Path | io.BytesIO, what: str, limits: IngestLimits) -> None:
-    """Refuse an .npz whose arrays would inflate past ``limits.max_array_bytes`` before numpy reads any of them."""
+    """Refuse an .npz before numpy allocates any of its arrays.
+
+    numpy sizes an array by its ``.npy`` header (shape and dtype), not by the zip entry: a 488 kB file can declare a
+    1.5 TiB array, or hold 500 MB of zeros compressed 1,000:1. So every member's header is read from the stream
+    (a few hundred bytes) and refused when its byte count disagrees with the zip entry, passes ``max_array_bytes``
+    (or, with the others, ``max_npz_bytes``), compresses past ``max_ratio``, or holds Python objects (pickle).
+    """
     try:
         with zipfile.ZipFile(fileobj) as archive:
+            total = 0
             for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
                 if info.file_size > limits.max_array_bytes:
                     raise DatasetError(
-                        f"{what}: array {info.filename.removesuffix('.npy')!r} is {info.file_size / _MIB:.0f} MiB "
-                        f"uncompressed, over the limit of {limits.max_array_bytes / _MIB:.0f} MiB; split the data set"
+                        f"{what}: array {name!r} is {info.file_size / _MIB:.0f} MiB uncompressed, over the limit of "
+                        f"{limits.max_array_bytes / _MIB:.0f} MiB; split the data set"
                     )
-    except (OSError, zipfile.BadZipFile) as exc:
+                total += info.file_size
+                if total > limits.max_npz_bytes:
+                    raise DatasetError(
+                        f"{what}: its arrays add up to more than {limits.max_npz_bytes / _MIB:.0f} MiB uncompressed; "
+                        "split the data set"
+                    )
+                ratio = info.file_size / max(info.compress_size, 1)
+                if info.file_size >= limits.ratio_floor_bytes and ratio > limits.max_ratio:
+                    raise DatasetError(
+                        f"{what}: array {name!r} compresses {ratio:.0f}:1 (limit {limits.max_ratio:g}:1): a "
+                        "decompression bomb? Save it with numpy.savez (uncompressed) or savez_compressed of real data"
+                    )
+                with archive.open(info) as member:
+                    _check_npy_header(member, info.file_size, name, what)
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise DatasetError(f"{what} is not an .npz file ({exc}); save it with numpy.savez") from exc
+
+
+def _check_npy_header(member: IO[bytes], entry_bytes: int, name: str, what: str) -> None:
+    """The ``.npy`` header of one member: its data must be exactly what the zip entry holds after the header."""
+    try:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(member, max_header_size=_NPY_HEADER_MAX)
+        else:
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(member, max_header_size=_NPY_HEADER_MAX)
+    except ValueError as exc:
+        raise DatasetError(
+            f"{what}: array {name!r} has no valid .npy header ({exc}); save it with numpy.savez"
+        ) from exc
+    if dtype.hasobject:
+        raise DatasetError(
+            f"{what}: array {name!r} cannot be read without pickle (it holds Python objects); store plain numbers "
+            "or strings"
+        )
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize  # Python ints: a hostile shape cannot overflow
+    header_bytes = member.tell()
+    if declared != entry_bytes - header_bytes:
+        raise DatasetError(
+            f"{what}: array {name!r} declares shape {tuple(shape)} of {dtype} ({declared:,} bytes) but holds "
+            f"{entry_bytes - header_bytes:,}: a corrupt or crafted file; save it again with numpy.savez"
+        )
 
 
 def _npz_array(npz: np.lib.npyio.NpzFile, key: str, what: str) -> np.ndarray:

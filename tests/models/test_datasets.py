@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import struct
+import tracemalloc
+import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +271,60 @@ def test_npz_array_over_the_size_limit_is_refused_before_loading() -> None:
     source = npz_bytes(images=np.zeros((4, 64, 64), np.uint8), labels=np.zeros(4, int))
     with pytest.raises(DatasetError, match="array 'images' is .* uncompressed, over the limit"):
         load_npz(source, resolution=8, channels=1, limits=IngestLimits(max_array_bytes=1024))
+
+
+def _npz_of(members: dict[str, bytes], *, compress: bool) -> bytes:
+    buffer = io.BytesIO()
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(buffer, "w", compression=method) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _labels(n: int) -> bytes:
+    return _raw_npy((n,), "<i8", (np.arange(n) % 2).astype("<i8").tobytes())
+
+
+def _raw_npy(shape: tuple[int, ...], dtype: str, body: bytes) -> bytes:
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return out.getvalue() + body
+
+
+def _peak_bytes_of(call: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError):
+            call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_an_npz_bomb_is_refused_before_numpy_inflates_it() -> None:
+    # ~500 MB of zeros deflates to ~0.5 MB: the attack that took a training worker from 0.76 to 2.2 GB.
+    zeros = np.zeros((2000, 256, 256, 4), dtype=np.uint8)
+    members = {"images.npy": _raw_npy(zeros.shape, "|u1", zeros.tobytes()), "labels.npy": _labels(2000)}
+    bomb = _npz_of(members, compress=True)
+    del zeros
+    assert len(bomb) < 1024 * 1024
+
+    peak = _peak_bytes_of(lambda: load_npz(bomb, resolution=8, channels=1))
+
+    assert peak < 16 * 1024 * 1024  # the header is read, the 500 MB never allocated
+
+
+def test_an_npy_header_declaring_more_than_the_file_holds_is_refused_before_allocation() -> None:
+    # The header claims 1.5 TiB; the entry holds 1 kB. numpy would try to allocate the declared shape.
+    lie = _raw_npy((200_000, 2048, 2048, 2), "|u1", b"\0" * 1024)
+    with pytest.raises(DatasetError, match=r"declares shape \(200000, 2048, 2048, 2\).*crafted"):
+        load_npz(_npz_of({"images.npy": lie, "labels.npy": _labels(200_000)}, compress=False), resolution=8, channels=1)
+
+
+def test_arrays_that_together_pass_the_npz_limit_are_refused() -> None:
+    images = np.full((40, 16, 16), 7, dtype=np.uint8)
+    labels = np.arange(40) % 2
+    data = npz_bytes(images=images, labels=labels, extra=np.random.default_rng(0).integers(0, 255, 20_000))
+    with pytest.raises(DatasetError, match="add up to more than"):
+        load_npz(data, resolution=8, channels=1, limits=IngestLimits(max_npz_bytes=20_000))
