@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import os
 import re
 import stat
@@ -26,6 +27,8 @@ from models.data import LabelledImages
 from models.datasets import IngestLimits, IngestReport, is_hidden, load_image_folder, load_npz
 from models.errors import DatasetError
 from worker.errors import InvalidArchive, UnsafeUpload
+
+log = logging.getLogger("genq.ingest")
 
 # Suffixes extract_archive accepts, longest first so ".tar.gz" is not read as ".gz".
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".npz")
@@ -50,6 +53,7 @@ class ArchiveLimits:
     max_member_bytes: int = 512 * _MIB  # uncompressed, one member
     max_ratio: float = 100.0  # zip: uncompressed / compressed size of one member ...
     ratio_floor_bytes: int = _MIB  # ... once it is at least this big (a blank 1 kB PNG may compress 50:1)
+    max_depth: int = 32  # folders a member path may nest: an ImageFolder tree is two deep; 1,000 deep breaks tools
 
 
 def archive_kind(name: str) -> str:
@@ -101,6 +105,36 @@ def extract_archive(
         writer.undo()
         raise
     return writer.skipped
+
+
+def remove_tree(root: Path) -> None:
+    """Remove ``root`` and everything below it, however deep, never following a link; never raises.
+
+    ``shutil.rmtree`` recurses once per folder level, so a tree a thousand folders deep (an upload's, or one built
+    on purpose) raises ``RecursionError`` and is left on disk. This walks with a stack of its own instead; what
+    cannot be removed is logged and left.
+    """
+    stack = [root]
+    seen_dirs: list[Path] = []
+    try:
+        while stack:
+            path = stack.pop()
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    seen_dirs.append(path)
+                    with os.scandir(path) as entries:
+                        stack.extend(Path(entry.path) for entry in entries)
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove %s: %s", path, exc)
+        for folder in reversed(seen_dirs):  # deepest first: each is empty once its children are gone
+            try:
+                folder.rmdir()
+            except OSError as exc:
+                log.warning("could not remove %s: %s", folder, exc)
+    except Exception:  # a cleanup must never turn a finished job into a failed task
+        log.exception("could not remove %s", root)
 
 
 def safe_relative_key(key: str, prefix: str) -> str:
@@ -234,7 +268,13 @@ class _Writer:
         problem = _name_problem(member)
         if problem is not None:
             raise self.refuse(member, problem)
-        return [part for part in member.split("/") if part not in ("", ".")]
+        parts = [part for part in member.split("/") if part not in ("", ".")]
+        if len(parts) > self.limits.max_depth:
+            raise self.refuse(
+                member[:200] + ("..." if len(member) > 200 else ""),
+                f"is nested {len(parts)} folders deep, past the limit of {self.limits.max_depth}",
+            )
+        return parts
 
     def count_member(self) -> None:
         self.members += 1

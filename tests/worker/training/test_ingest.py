@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
+import shutil
 import stat
 import tarfile
 import zipfile
@@ -17,7 +19,7 @@ from models.datasets import IngestLimits
 from models.errors import DatasetError
 from producer.errors import Permanent
 from worker.errors import InvalidArchive, UnsafeUpload
-from worker.training.ingest import ArchiveLimits, extract_archive, load_dataset_dir, safe_relative_key
+from worker.training.ingest import ArchiveLimits, extract_archive, load_dataset_dir, remove_tree, safe_relative_key
 
 FEW = IngestLimits(min_per_class=2)
 _MIB = 1024 * 1024
@@ -310,3 +312,34 @@ def test_two_npz_files_are_ambiguous(tmp_path: Path) -> None:
         np.savez(tmp_path / name, images=np.zeros((2, 4, 4), np.uint8), labels=np.zeros(2, int))
     with pytest.raises(DatasetError, match="2 .npz files in the upload"):
         load_dataset_dir(tmp_path, resolution=4, channels=1)
+
+
+def test_a_directory_chain_past_the_depth_limit_refuses_the_archive_and_leaves_nothing(dest: Path) -> None:
+    # The attack: a 1 MB tar.gz of folders ~1,050 deep, which shutil.rmtree could not remove (RecursionError).
+    chain = "/".join(f"d{i}" for i in range(1050))
+    members: list[tarfile.TarInfo | tuple[str, bytes]] = [
+        tar_entry("/".join(f"d{i}" for i in range(depth)), tarfile.DIRTYPE) for depth in range(1, 40)
+    ]
+    members.append((f"{chain}/x.png", png()))
+    with pytest.raises(UnsafeUpload, match="nested 33 folders deep, past the limit of 32"):
+        extract_archive(make_tar(members, compress=True), "deep.tar.gz", dest)
+    assert_contained(dest)
+
+
+def test_remove_tree_removes_a_tree_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
+    root = tmp_path / "work"
+    folder = root
+    for i in range(1500):  # past Python's default recursion limit of 1,000
+        folder = folder / "d"
+        if i % 100 == 0:
+            os.makedirs(folder, exist_ok=True)
+            (folder / "f.bin").write_bytes(b"x")
+    os.makedirs(folder, exist_ok=True)
+    (folder / "last.bin").write_bytes(b"x")
+    (root / "link").symlink_to(tmp_path.parent)  # a link is removed, never followed
+    with pytest.raises(RecursionError):
+        shutil.rmtree(root)  # what the worker used before: raises, and leaves the tree
+
+    remove_tree(root)
+
+    assert not root.exists() and tmp_path.parent.exists()
