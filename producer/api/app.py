@@ -18,6 +18,7 @@ from fastapi import Depends, FastAPI, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from producer.api.auth import KeyStore
@@ -194,11 +195,22 @@ class Observe:
             self.metrics.observe(route, scope["method"], status, time.perf_counter() - start)
 
 
-class BodyLimit:
-    """ASGI middleware: refuse bodies over ``max_bytes`` with 413 before the app parses them.
+class BodyTooLarge(StarletteHTTPException):
+    """Raised by :class:`BodyLimit`'s ``receive`` once a body passes its limit: answered 413 wherever it surfaces
+    (FastAPI passes an HTTP exception raised while it reads a body through unchanged)."""
 
-    A declared ``Content-Length`` over the limit is refused unread; a chunked body is buffered up to the limit
-    (at most ``max_bytes`` held) and refused as soon as it passes it.
+    def __init__(self, limit: int, setting: str) -> None:
+        msg = f"request body is larger than that; the limit is {limit} bytes ({setting})"
+        super().__init__(413, msg, headers={"Connection": "close"})
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over ``max_bytes`` with 413, holding none of them.
+
+    A declared ``Content-Length`` over the limit is refused unread. Any other body (chunked, or under a declared
+    length that lies) is counted as the app reads it: the chunk that passes the limit raises inside the app's read,
+    and the caller gets 413. Nothing is buffered here, so work done before a route authenticates is a few bytes
+    whatever the body's size: routes check the key before reading the body.
     """
 
     def __init__(
@@ -222,41 +234,33 @@ class BodyLimit:
         if special is not None:
             await special(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        if declared is not None:
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                await self._refuse(scope, receive, send, int(declared))
-                return
-            await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send, int(declared))
             return
-        if b"chunked" not in headers.get(b"transfer-encoding", b""):
-            await self.app(scope, receive, send)
-            return
-        chunks: list[bytes] = []
         size = 0
-        while True:
+        started = False
+
+        async def counted() -> Message:
+            nonlocal size
             message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send, None)
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes, self.setting)
+            return message
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except BodyTooLarge:
+            if started:  # the app answered before it read the whole body: nothing more to say
                 return
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+            await self._refuse(scope, receive, send, None)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: int | None) -> None:
         what = f"{size} bytes" if size is not None else "larger than that"

@@ -141,6 +141,8 @@ def install_error_handlers(app: FastAPI) -> None:
             # Starlette lists the methods of the first route matching the path only; /v1/jobs has two routes.
             headers["Allow"] = ", ".join(_allowed_methods(request))
             return error_response(405, ["method"], f"{request.method} is not allowed here", "http_error", headers)
+        if exc.status_code == 413:  # a body past its limit, found while it was read (producer.api.app.BodyLimit)
+            return error_response(413, ["body"], str(exc.detail), "body_too_large", headers)
         if exc.status_code == 400:  # FastAPI's only 400: a body it cannot decode at all (not UTF-8)
             msg = "the body could not be read: send UTF-8 JSON"
             return error_response(400, ["body"], msg, "body_unreadable", headers)
