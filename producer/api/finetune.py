@@ -2,7 +2,9 @@
 
 A fine-tune is then a job like any other: ``GET /v1/jobs/{id}`` (its ``training`` field has step, losses, the
 latest sample grid and, once done, the published version), its events, cancel. The data set lives under the
-caller's tenant prefix, so a job can only train on its own tenant's uploads.
+caller's tenant prefix, so a job can only train on its own tenant's uploads, and the model it publishes is the
+tenant's own (``producer.core.resolve.resolve_finetune``): a system model's name is refused, another tenant's names
+another model.
 """
 
 from __future__ import annotations
@@ -113,11 +115,15 @@ def create_finetune(
 
     Progress (step, losses, ETA, sample grids) comes through `GET /v1/jobs/{id}`, its events and callbacks; when it
     succeeds, `training.model` names the published version, servable at once by `POST /v1/jobs`.
+
+    `base` is a system model or one of the tenant's own; `name` is published as the tenant's own model, seen and
+    used by this tenant only: a system model's name is refused (422, read-only), and the aliases that move (`latest`,
+    the gate's) are that model's. A `gate` must set at least one threshold (an empty one is refused).
     """
     request = with_idempotency_header(request, idempotency_key)
     view, replayed = submit_with_quota(
         lambda admit: services.client.submit_finetune(request, principal.tenant, admit=admit),
-        lambda job: services.quotas.reserve(principal, job.job_id, 0),  # a queued-job slot, no images
+        lambda job: services.quotas.admit(principal, job),  # training images, a fine-tune slot, a queued slot
         services,
         idempotency_key,
     )

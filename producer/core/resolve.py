@@ -3,6 +3,10 @@
 Pure but for one DNS lookup: the model catalogue and the limits come in as arguments, so the Python client
 (catalogue in Redis) and the embedded mode (catalogue from local model folders) share every check; a callback URL's
 host is resolved to refuse internal addresses (``producer.core.callbacks.ssrf``). Every refusal names the field.
+
+Model ownership: a caller sees the catalogue through :func:`visible_models`, the system's models and its tenant's
+own, so another tenant's model answers exactly like one that does not exist, and the job pins the owner-qualified
+key (:attr:`ModelEntry.key`) the worker loads. A tenant's fine-tune publishes into its own namespace only.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ def resolve_request(
 ) -> GenerateJob:
     """Validate ``request`` against the catalogue and limits and pin model version, labels and seed.
 
-    ``tenant`` (the HTTP API's caller) is recorded on the job: it owns the job and its outputs' prefix.
+    ``tenant`` (the HTTP API's caller) is recorded on the job: it owns the job and its outputs' prefix, and the
+    request may name the system's models and the tenant's own only (None: the system's; see :func:`visible_models`).
     ``allow_hosts`` (``GENQ_WEBHOOK__ALLOW_HOSTS``) lists the non-public hosts a callback may reach.
 
     Raises:
@@ -48,7 +53,7 @@ def resolve_request(
             ``metadata``, ``callback.url``: an address genq will not call, or a host that does not resolve).
     """
     check_limits(request, limits)
-    ref, version, info = resolve_model(request.model, catalog, field="model")
+    ref, entry, version, info = resolve_model(request.model, visible_models(catalog, tenant), field="model")
     field = "label" if request.counts is None else "counts"
     items: list[LabelCount] = []
     for key, count in request.label_counts(len(info.class_names)):
@@ -68,7 +73,7 @@ def resolve_request(
     return GenerateJob(
         job_id=job_id,
         model=request.model,
-        model_name=ref.name,
+        model_name=entry.key,
         model_version=version,
         items=items,
         seed=request.seed if request.seed is not None else new_job_seed(),
@@ -82,20 +87,42 @@ def resolve_request(
     )
 
 
+def visible_models(catalog: Mapping[str, ModelEntry], tenant: str | None) -> dict[str, ModelEntry]:
+    """The models ``tenant`` may name, by the name it names them: the system's and its own, sorted by name.
+
+    ``catalog`` is the whole catalogue (any keys; each entry's ``owner`` decides). Another tenant's models are left
+    out, so naming one answers exactly like naming a model that does not exist (no existence oracle). Without a
+    tenant (the operator's client, the CLI, embedded mode), the system's models only. A tenant's own model shadows a
+    system model of the same name (one an operator published later): the name it used keeps naming its model.
+    """
+    system: dict[str, ModelEntry] = {}
+    own: dict[str, ModelEntry] = {}
+    for entry in catalog.values():
+        if entry.owner is None:
+            system[entry.name] = entry
+        elif tenant is not None and entry.owner == tenant:
+            own[entry.name] = entry
+    merged = {**system, **own}
+    return {name: merged[name] for name in sorted(merged)}
+
+
 def resolve_model(
-    reference: str, catalog: Mapping[str, ModelEntry], *, field: str, what: str = "model"
-) -> tuple[ModelRef, str, ModelVersionInfo]:
-    """The parsed reference, the version it names and that version's info. Raises InvalidJob on ``field``."""
+    reference: str, models: Mapping[str, ModelEntry], *, field: str, what: str = "model"
+) -> tuple[ModelRef, ModelEntry, str, ModelVersionInfo]:
+    """The parsed reference, its model, the version it names and that version's info.
+
+    ``models`` are the caller's, by name (:func:`visible_models`). Raises InvalidJob on ``field``.
+    """
     ref = ModelRef.parse(reference)
-    entry = catalog.get(ref.name)
+    entry = models.get(ref.name)
     if entry is None:
-        known = ", ".join(sorted(catalog)) or "none published; is a worker running?"
+        known = ", ".join(sorted(models)) or "none published; is a worker running?"
         raise InvalidJob(f"unknown {what} {ref.name!r} (known: {known})", field=field)
     try:
         version = entry.resolve(ref)
     except KeyError as exc:
         raise InvalidJob(str(exc.args[0]), field=field) from exc
-    return ref, version, entry.versions[version]
+    return ref, entry, version, entry.versions[version]
 
 
 def check_limits(request: GenerateRequest, limits: Limits) -> None:
@@ -146,16 +173,27 @@ def resolve_finetune(
 ) -> FineTuneJob:
     """Check ``request`` against the catalogue and pin the base version, the data set's key and the seed.
 
+    The base is one of the caller's models (:func:`visible_models`); the new version is published as ``name`` in
+    the caller's namespace: the tenant's own models under the HTTP API, the system's without a tenant (operators).
+
     Raises:
-        InvalidJob: with ``field`` naming the offending field (``base``: unknown, or not a cGAN; ``name``: the name
-            of a model of another architecture; ``freeze_d``; ``callback.url``).
+        InvalidJob: with ``field`` naming the offending field (``base``: unknown, or not a cGAN; ``name``: a system
+            model's name asked by a tenant (read-only), or the name of a model of another architecture;
+            ``freeze_d``; ``callback.url``).
     """
-    ref, version, info = resolve_model(request.base, catalog, field="base", what="base model")
+    models = visible_models(catalog, tenant)
+    ref, base, version, info = resolve_model(request.base, models, field="base", what="base model")
     if info.arch != "cgan":
         raise InvalidJob(
             f"fine-tuning needs a cgan base; {ref.name}@{version} is a {info.arch} (try fmnist-cgan)", field="base"
         )
-    target = catalog.get(request.name)
+    target = models.get(request.name)
+    if target is not None and target.owner != tenant:  # a system model, seen by a tenant
+        raise InvalidJob(
+            f"model {request.name!r} is a system model, read-only to tenants: publish your fine-tune under a name "
+            "of your own (it stays yours: other tenants neither see nor use it)",
+            field="name",
+        )
     if target is not None and any(v.arch != "cgan" for v in target.versions.values()):
         raise InvalidJob(f"model {request.name!r} exists and is not a cgan: choose another name", field="name")
     if request.callback is not None:
@@ -163,7 +201,7 @@ def resolve_finetune(
     return FineTuneJob(
         job_id=job_id,
         base=request.base,
-        base_name=ref.name,
+        base_name=base.key,
         base_version=version,
         dataset_key=dataset_prefix(tenant) + request.dataset,
         name=request.name,

@@ -11,6 +11,10 @@ Local roots win over the store for the same (name, version), and a local ``alias
 the aliases it sets, except ``latest`` once versions of the name are published: then ``latest`` is the store's, or
 the highest version of all. Without either, ``latest`` names the highest version. A version published after
 start-up is found by :meth:`ModelRegistry.path`, which rescans on a miss: no restart needed.
+
+Models are named by their catalogue key (:attr:`producer.contract.ModelEntry.key`): local roots hold system models
+(``<name>``); a tenant's fine-tuned models exist only in the store, as ``<tenant>/<name>``, and a worker loads one
+only by that key, which a job pins (and validates against its tenant) at submit.
 """
 
 from __future__ import annotations
@@ -69,17 +73,17 @@ class ModelRegistry:
         self.store = store
         self.accel = accel
         self.max_loaded = max_loaded
-        self._paths: _Paths = {}  # local versions
-        self._published: set[tuple[str, str]] = set()  # versions served from the store (none of them local)
+        self._paths: _Paths = {}  # local versions (system models: the key is the name)
+        self._published: set[tuple[str, str]] = set()  # (key, version) served from the store (none of them local)
         self._store_entries: dict[str, ModelEntry] = {}  # the store's last good listing, kept while it is down
-        self._entries: dict[str, ModelEntry] = {}
+        self._entries: dict[str, ModelEntry] = {}  # by catalogue key
         self._loaded: OrderedDict[tuple[str, str], ImageGenerator] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         self._scan_lock = threading.Lock()
         self.scan()
 
     def scan(self) -> dict[str, ModelEntry]:
-        """Re-read every root and the store, and return the merged catalogue.
+        """Re-read every root and the store, and return the merged catalogue, by catalogue key.
 
         A store that cannot be listed (S3 down) is logged and its last good listing kept: the worker goes on
         serving what it knew.
@@ -94,26 +98,27 @@ class ModelRegistry:
                     log.warning("cannot list published models (serving the %d known): %s", known, exc)
             entries: dict[str, ModelEntry] = {}
             published: set[tuple[str, str]] = set()
-            for name in sorted(local.keys() | self._store_entries.keys()):
-                stored = self._store_entries.get(name)
-                entry = ModelEntry(name=name, versions=dict(local.get(name, {})))
+            for key in sorted(local.keys() | self._store_entries.keys()):
+                stored = self._store_entries.get(key)
+                owner, name = (stored.owner, stored.name) if stored is not None else (None, key)
+                entry = ModelEntry(name=name, owner=owner, versions=dict(local.get(key, {})))
                 if stored is not None:
                     for version, info in stored.versions.items():
                         if version not in entry.versions:
                             entry.versions[version] = info
-                            published.add((name, version))
+                            published.add((key, version))
                     entry.aliases.update(stored.aliases)
-                own = local_aliases.get(name, {})
+                own = local_aliases.get(key, {})  # local roots hold system models only (no key with an owner)
                 if stored is not None:  # versions were published since: "latest" is the newest of all
                     own = {a: v for a, v in own.items() if a != "latest"}
                 entry.aliases.update(own)
                 dangling = {a: v for a, v in entry.aliases.items() if v not in entry.versions}
                 if dangling:
-                    log.warning("model %s: ignoring aliases of unknown versions %s", name, dangling)
+                    log.warning("model %s: ignoring aliases of unknown versions %s", key, dangling)
                     entry.aliases = {a: v for a, v in entry.aliases.items() if a not in dangling}
                 if "latest" not in entry.aliases:
                     entry.aliases["latest"] = max(entry.versions, key=version_key)
-                entries[name] = entry
+                entries[key] = entry
             self._paths = paths
             self._published = published
             self._entries = entries
@@ -152,25 +157,31 @@ class ModelRegistry:
     def catalog(self) -> dict[str, ModelEntry]:
         return dict(self._entries)
 
-    def path(self, name: str, version: str) -> Path:
+    def path(self, model: str, version: str) -> Path:
         """Folder of a model version, downloading a published one on first use.
 
+        ``model`` is a catalogue key: ``<name>`` (a system model) or ``<tenant>/<name>`` (only that tenant's).
+
         Raises:
-            ModelNotFound: no root and no store has that version.
+            ModelNotFound: no root and no store has that version (the message lists the versions of the same
+                owner's and the system's models only: a job's error never names another tenant's models).
             StorageUnavailable, StorageError: a published version could not be downloaded.
         """
-        key = (name, version)
+        key = (model, version)
         if key not in self._paths and key not in self._published:
             self.scan()  # a version published after start-up
         if key in self._paths:
             return self._paths[key]
         if key in self._published and self.store is not None:
-            return self.store.fetch(name, version)  # downloads once; later calls find the cached folder
-        known = ", ".join(f"{n}@{v}" for n, v in sorted(self._paths.keys() | self._published)) or "none"
-        raise ModelNotFound(f"unknown model {name}@{version} (known: {known})")
+            return self.store.fetch(model, version)  # downloads once; later calls find the cached folder
+        owner, _ = ModelEntry.split_key(model)
+        same = [(n, v) for n, v in self._paths.keys() | self._published if ModelEntry.split_key(n)[0] in (None, owner)]
+        known = ", ".join(f"{n}@{v}" for n, v in sorted(same)) or "none"
+        raise ModelNotFound(f"unknown model {model}@{version} (known: {known})")
 
     def load(self, name: str, version: str) -> ImageGenerator:
-        """The loaded generator for (name, version), loading (and for a published version, downloading) it on first use.
+        """The loaded generator for (catalogue key, version), loading (and for a published version, downloading) it
+        on first use.
 
         Raises:
             ModelNotFound: no root and no store has that version.
@@ -209,17 +220,18 @@ class ModelRegistry:
         A version that fails to load or download is logged and left for the first job that needs it.
         """
         for entry in self._entries.values():
-            if (entry.name, entry.aliases["latest"]) not in self._paths:
+            if (entry.key, entry.aliases["latest"]) not in self._paths:
                 continue  # a published (fine-tuned) version: loaded by the first job that asks for it
             try:
-                self.load(entry.name, entry.aliases["latest"])
+                self.load(entry.key, entry.aliases["latest"])
             except (ModelLoadError, ModelNotFound, StorageUnavailable, StorageError) as exc:
                 log.error("%s", exc)
 
     def publish(self, client: redis.Redis) -> None:
-        """Write the catalogue (local and published models) to Redis, where clients validate requests against it."""
+        """Write the catalogue (local and published models, by catalogue key) to Redis, where clients validate
+        requests against it (each caller sees the system's models and its tenant's own)."""
         if self._entries:
-            client.hset(constants.CATALOG_KEY, mapping={n: e.model_dump_json() for n, e in self._entries.items()})
+            client.hset(constants.CATALOG_KEY, mapping={k: e.model_dump_json() for k, e in self._entries.items()})
 
     def refresh(self, client: redis.Redis) -> None:
         """Rescan roots and store, then publish the catalogue: call after publishing a version, or periodically."""

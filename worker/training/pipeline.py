@@ -6,6 +6,10 @@ Celery task in :mod:`worker.tasks` only decodes the payload, and :mod:`worker.jo
 Crash safety: a checkpoint goes to storage every ``checkpoint_every`` steps; a redelivered job resumes from it (the
 view says ``resumed_from``). The version to publish is recorded in the job before any file is written, so a worker
 that dies while publishing is followed by one that finishes that same version instead of allocating another.
+
+Ownership: the version is published into the job's owner's namespace (:attr:`FineTuneJob.target`: the tenant's own
+model, or the system's for a job without a tenant) and only that model's aliases move. A gate passes only when it
+measured at least one threshold: an empty gate never promotes.
 """
 
 from __future__ import annotations
@@ -143,20 +147,23 @@ def run_finetune(
     on_published: Callable[[str, str], None],
     keep_going: Callable[[], bool] = lambda: True,
     limits: ArchiveLimits | None = None,
+    url_expires_s: int = 3600,
 ) -> FineTuneResult:
     """Run (or resume) ``job`` to the end and publish its model; see the module docstring.
 
     Args:
         base_dir: the base model's folder (weights, config, and discriminator when it has one).
         workdir: scratch space for this delivery (data set, checkpoint, export); the caller removes it.
-        allocate_version: the next version number of a model name (atomic across workers).
-        on_published: told (name, version) once the version is stored, to refresh catalogues.
+        allocate_version: the next version number of a model, by catalogue key (atomic across workers).
+        on_published: told (catalogue key, version) once the version is stored, to refresh catalogues.
         keep_going: False once this worker lost its lease: stop without touching the job.
+        url_expires_s: how long the presigned URL of each sample grid lives (``GENQ_S3__PRESIGN_EXPIRES_S``).
     """
     if not reporter.begin(job):
         return FineTuneResult(view=None, skipped=True)
     earlier = reporter.current(job)
-    if earlier is not None and earlier.model is not None and models.has_version(*earlier.model.split("@", 1)):
+    claimed = _claimed_version(job, earlier)
+    if earlier is not None and claimed is not None and models.has_version(job.target, claimed):
         return _finish(job, earlier, models, reporter, on_published)  # published by a worker that died right after
 
     base_cfg = json.loads((base_dir / "config.json").read_text())
@@ -220,7 +227,7 @@ def run_finetune(
         if tuner.step % job.sample_every == 0 or last:
             key = f"{prefix}samples/step-{tuner.step:06d}.png"
             storage.put(key, _grid_png(tuner), "image/png")
-            view = view.model_copy(update={"samples_key": key, "samples_url": storage.url(key, 7 * 24 * 3600)})
+            view = view.model_copy(update={"samples_key": key, "samples_url": storage.url(key, url_expires_s)})
             announce = True
         if job.eval_every and tuner.step % job.eval_every == 0 and not last:
             view = view.model_copy(update={"metrics": _evaluate(tuner, data, workdir / "eval", job.seed)})
@@ -235,17 +242,24 @@ def run_finetune(
     tuner.export(export_dir)
     scores = _scores(export_dir, data, job.seed)
     gate_passed = _gate(job, scores)
-    claimed = earlier.model.split("@", 1) if earlier is not None and earlier.model else None
     # A version claimed by a delivery that died before its config.json landed is finished, not claimed again.
-    version = claimed[1] if claimed is not None and claimed[0] == job.name else allocate_version(job.name)
+    version = claimed if claimed is not None else allocate_version(job.target)
     view = view.model_copy(update={"metrics": scores, "gate_passed": gate_passed, "model": f"{job.name}@{version}"})
     reporter.training(job, view)  # the version is claimed before any file is written (see module docstring)
     files = {name: (export_dir / name).read_bytes() for name in _MODEL_FILES if (export_dir / name).is_file()}
     files["metrics.json"] = (json.dumps(scores, indent=2) + "\n").encode()
     files["samples.png"] = _grid_png(tuner)
     files["MODEL_CARD.md"] = model_card(job, version, view, scores, gate_passed).encode()
-    models.publish(job.name, version, files)
+    models.publish(job.target, version, files)
     return _finish(job, view, models, reporter, on_published)
+
+
+def _claimed_version(job: FineTuneJob, view: TrainingView | None) -> str | None:
+    """The version an earlier delivery of ``job`` claimed (the view names it ``<name>@<version>``), if any."""
+    if view is None or view.model is None:
+        return None
+    name, _, version = view.model.partition("@")
+    return version if name == job.name and version else None
 
 
 def _finish(
@@ -255,13 +269,13 @@ def _finish(
     reporter: TrainingReport,
     on_published: Callable[[str, str], None],
 ) -> FineTuneResult:
-    assert view.model is not None
-    name, version = view.model.split("@", 1)
+    version = _claimed_version(job, view)
+    assert version is not None
     aliases = ["latest"]
     if job.gate is not None and view.gate_passed:
         aliases.append(job.gate.alias)
-    models.set_aliases(name, {alias: version for alias in aliases})
-    on_published(name, version)
+    models.set_aliases(job.target, {alias: version for alias in aliases})  # the job's own model only
+    on_published(job.target, version)
     view = view.model_copy(update={"aliases": aliases})
     reporter.trained(job, view)
     log.info("job %s published %s (aliases: %s)", job.job_id, view.model, ", ".join(aliases))
@@ -286,7 +300,11 @@ def _scores(export_dir: Path, data: LabelledImages, seed: int) -> dict[str, floa
 
 
 def _gate(job: FineTuneJob, scores: dict[str, float]) -> bool | None:
-    """Whether the promotion gate passes; None without a gate. A threshold on a metric not measured fails."""
+    """Whether the promotion gate passes; None without a gate.
+
+    A threshold on a metric not measured fails, and so does a gate with no threshold at all (requests refuse one;
+    a job queued with one never promotes): a gate passes only on at least one measured threshold.
+    """
     gate = job.gate
     if gate is None:
         return None
@@ -295,6 +313,9 @@ def _gate(job: FineTuneJob, scores: dict[str, float]) -> bool | None:
         checks.append(scores.get("label_consistency", -1.0) >= gate.min_label_consistency)
     if gate.max_fid is not None:
         checks.append(scores.get("fid", float("inf")) <= gate.max_fid)
+    if not checks:
+        log.warning("job %s: its gate sets no threshold; %r does not move", job.job_id, gate.alias)
+        return False
     return all(checks)
 
 

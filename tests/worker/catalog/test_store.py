@@ -225,7 +225,10 @@ def test_alias_of_an_unpublished_version_is_refused_and_a_stored_one_ignored(sto
     assert store.entries()[TINY_NAME].aliases == {"latest": "1", "production": "1"}
 
 
-@pytest.mark.parametrize(("name", "version"), [("..", "1"), ("a/b", "1"), (TINY_NAME, ".."), (TINY_NAME, "1/../2")])
+@pytest.mark.parametrize(
+    ("name", "version"),
+    [("..", "1"), ("a/b/c", "1"), ("../b", "1"), ("a/..", "1"), ("/b", "1"), (TINY_NAME, ".."), (TINY_NAME, "1/../2")],
+)
 def test_names_that_could_leave_their_folder_are_refused(tmp_path: Path, name: str, version: str) -> None:
     store = ModelStore(LocalStorage(tmp_path / "store"), tmp_path / "cache")
 

@@ -163,3 +163,38 @@ def test_a_lost_lease_stops_without_publishing(setup: Setup, tmp_path: Path) -> 
     reporter = Reporter()
     result, allocated = run(setup, job(), reporter, tmp_path / "a", keep_going=lambda: False)
     assert result.stopped and allocated == [] and reporter.done is None
+
+
+def test_a_tenants_fine_tune_publishes_into_its_namespace_and_moves_only_its_own_aliases(
+    setup: Setup, tmp_path: Path
+) -> None:
+    storage, models, _, _ = setup
+    system = make_tiny_base(tmp_path / "system")  # a system model "brand", published by the operator
+    models.publish("brand", "1", {p.name: p.read_bytes() for p in system.iterdir()})
+    models.set_aliases("brand", {"latest": "1", "production": "1"})
+    system_keys = storage.list("models/")
+
+    reporter = Reporter()
+    result, allocated = run(setup, job(tenant="acme", gate=PromotionGate(max_fid=1e9)), reporter, tmp_path / "a")
+
+    assert result.published == "brand@5" and allocated == ["acme/brand"]
+    assert reporter.done is not None and reporter.done.aliases == ["latest", "production"]
+    assert "tenant-models/acme/brand/5/weights.safetensors" in storage.list("tenant-models/")
+    assert storage.list("models/") == system_keys  # nothing of the system model moved
+    entries = models.entries()
+    assert entries["brand"].aliases == {"latest": "1", "production": "1"} and set(entries["brand"].versions) == {"1"}
+    assert entries["acme/brand"].aliases == {"latest": "5", "production": "5"}
+
+    again = Reporter(earlier=reporter.done)  # a redelivery after publishing finishes in the same namespace
+    finished, allocated = run(setup, job(tenant="acme", gate=PromotionGate(max_fid=1e9)), again, tmp_path / "b")
+    assert finished.published == "brand@5" and allocated == [] and again.views == []
+
+
+def test_a_gate_without_a_threshold_never_promotes(setup: Setup, tmp_path: Path) -> None:
+    _, models, _, _ = setup
+    reporter = Reporter()  # a job queued before requests refused empty gates
+    result, _ = run(setup, job(gate=PromotionGate(alias="production")), reporter, tmp_path / "a")
+
+    assert result.published == "brand@5"
+    assert reporter.done is not None and reporter.done.gate_passed is False and reporter.done.aliases == ["latest"]
+    assert models.entries()["brand"].aliases == {"latest": "5"}
