@@ -41,6 +41,20 @@ class JobNotFound(GenqError, KeyError):
         return str(self.args[0]) if self.args else "job not found"
 
 
+class UnreadableRecord(JobNotFound):
+    """A job record genq cannot read back (written by an older version or a bug); kept in ``genq:deadletter``.
+
+    A :class:`JobNotFound`: whoever handles a job it cannot find (the sweeper, the watchdog, ``genq status``) handles
+    this one the same way, with a message that says what happened."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(
+            f"job {job_id!r} has a record genq cannot read ({reason}); it was kept in genq:deadletter for an operator"
+        )
+        self.job_id = job_id
+        self.reason = reason
+
+
 class JobEnded(GenqError):
     """The job already ended (succeeded, failed or canceled): only a queued or running job can be canceled."""
 

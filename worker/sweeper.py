@@ -34,12 +34,14 @@ from dataclasses import dataclass
 from typing import TypeVar, cast
 
 import redis
+from kombu.exceptions import OperationalError
 
 from producer.core import constants
 from producer.core.callbacks.pending import PendingCallbacks
 from producer.core.messages import JobMessage, job_messages, task_id
-from producer.core.store import JobStore, as_text
-from producer.errors import JobNotFound
+from producer.core.records import as_text
+from producer.core.store import JobStore
+from producer.errors import JobNotFound, UnreadableRecord
 from worker import telemetry
 from worker.settings import SweeperSettings
 
@@ -170,10 +172,10 @@ class Sweeper:
         if shards:
             first = set(shards)
             still = self._missing(self._waiting({s.job_id for s in shards}))
-            sent += [s for s in still if s in first and self._resend(s)]
+            sent += [s for s in still if s in first and self._resend_one(s)]
         if callbacks:
             again = self._missing(self._callbacks_due({c.task_id for c in callbacks}))
-            sent += [c for c in again if self._resend_callback(c)]
+            sent += [c for c in again if self._resend_callback_one(c)]
         return sent
 
     def _waiting(self, only: set[str] | None = None) -> list[Stranded]:
@@ -241,11 +243,37 @@ class Sweeper:
             start += _CHUNK
         return left
 
+    def _resend_one(self, stranded: Stranded) -> bool:
+        """:meth:`_resend`, where one job's failure never stops the sweep for the others (Redis or the broker away
+        still does: every other job would fail the same way).
+
+        A job whose record cannot be read (the store dead-lettered it) leaves the queued index: nothing can rebuild
+        its message, and reading it again every interval would change nothing."""
+        try:
+            return self._resend(stranded)
+        except UnreadableRecord as exc:
+            self.redis.zrem(constants.QUEUED_JOBS_KEY.format(queue=stranded.queue), stranded.job_id)
+            log.error(
+                "job %s: shard %d lost by the broker cannot be sent again: %s", stranded.job_id, stranded.shard, exc
+            )
+            return False
+        except (redis.RedisError, OperationalError):  # Redis or the broker away: so for every job; the next sweep
+            raise
+        except Exception:  # a bug met on one job: the others are still owed their messages
+            log.exception("job %s: shard %d lost by the broker could not be sent again", *_at(stranded))
+            return False
+
     def _resend(self, stranded: Stranded) -> bool:
-        """Rebuild the shard's message from the job record and send it; False when that is no longer possible."""
+        """Rebuild the shard's message from the job record and send it; False when that is no longer possible.
+
+        Raises:
+            UnreadableRecord: the job's record cannot be read.
+        """
         try:
             job = self.store.spec(stranded.job_id)
             record = self.store.undelivered([stranded.job_id])[stranded.job_id]
+        except UnreadableRecord:
+            raise
         except JobNotFound:
             return False
         if record is None or stranded.shard not in record.waiting:
@@ -270,6 +298,16 @@ class Sweeper:
             stranded.queue,
         )
         return True
+
+    def _resend_callback_one(self, stranded: StrandedCallback) -> bool:
+        """:meth:`_resend_callback`, where one message's failure never stops the sweep for the others."""
+        try:
+            return self._resend_callback(stranded)
+        except (redis.RedisError, OperationalError):  # Redis or the broker away: so for every job; the next sweep
+            raise
+        except Exception:  # a bug met on one kept message: the others are still owed theirs
+            log.exception("callback message %s lost by the broker could not be sent again", stranded.task_id)
+            return False
 
     def _resend_callback(self, stranded: StrandedCallback) -> bool:
         """Send a kept callback message again, as it was sent; False when a worker started it meanwhile, or when it

@@ -55,6 +55,9 @@ class _JobsByStatus(Collector):
         except redis.RedisError as exc:  # as for the queue depth: an empty family, not a failed scrape
             log.warning("jobs by status unavailable: %s", exc)
             counts = {}
+        except Exception:  # a bug or a corrupt counter must not fail the scrape of every other metric
+            log.exception("jobs by status unavailable")
+            counts = {}
         for status, count in counts.items():
             family.add_metric([status.value], float(count))
         yield family

@@ -6,6 +6,17 @@ resolved payload a worker runs, and ``JobView`` goes out. ``jobs`` holds generat
 (statuses, views, the model catalogue); ``finetune`` the fine-tuning requests and jobs.
 """
 
+from producer.contract.fields import (
+    MAX_JSON_BYTES,
+    MAX_JSON_DEPTH,
+    MAX_SEED,
+    MAX_URL_CHARS,
+    MODEL_REF_PATTERN,
+    TENANT_PATTERN,
+    FreeFormJson,
+    NotBool,
+    OutputLayout,
+)
 from producer.contract.finetune import (
     ARCHIVE_SUFFIXES,
     FINETUNE_EXAMPLE,
@@ -17,9 +28,6 @@ from producer.contract.finetune import (
 )
 from producer.contract.jobs import (
     HEADLINE_METRICS,
-    MAX_SEED,
-    MODEL_REF_PATTERN,
-    TENANT_PATTERN,
     Callback,
     EventType,
     GenerateJob,
@@ -33,9 +41,7 @@ from producer.contract.jobs import (
     ModelEntry,
     ModelRef,
     ModelVersionInfo,
-    NotBool,
     OutputFormat,
-    OutputLayout,
     OutputRef,
     Priority,
     Progress,
@@ -55,6 +61,7 @@ __all__ = [
     "FINETUNE_EXAMPLE",
     "FineTuneJob",
     "FineTuneRequest",
+    "FreeFormJson",
     "GenerateJob",
     "GenerateRequest",
     "HEADLINE_METRICS",
@@ -63,7 +70,10 @@ __all__ = [
     "JobView",
     "LabelCount",
     "LabelKey",
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
     "MAX_SEED",
+    "MAX_URL_CHARS",
     "MODEL_REF_PATTERN",
     "Manifest",
     "ModelEntry",

@@ -14,13 +14,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
-from producer.contract.jobs import MAX_SEED, TENANT_PATTERN, Callback, ModelRef, NotBool, Priority
+from producer.contract.fields import MAX_JSON_DEPTH, MAX_SEED, TENANT_PATTERN, FreeFormJson, NotBool
+from producer.contract.jobs import Callback, ModelEntry, ModelRef, Priority, check_model_owner
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".npz")
 _NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _CLASS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$"
 # A dataset reference: an upload's folder ("<id>/", ImageFolder layout) or one archive object in it.
-_DATASET_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9 ._-]{0,127})*/?$")
+_DATASET_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9 ._-]{0,127})*/?\Z")
 
 FINETUNE_EXAMPLE: dict[str, JsonValue] = {
     "base": "fmnist-cgan",
@@ -61,7 +62,8 @@ class AugmentSpec(BaseModel):
 class PromotionGate(BaseModel):
     """Metric thresholds a new version must meet before ``alias`` (default ``production``) moves to it.
 
-    ``latest`` always moves. A threshold left out is not checked; a gate whose metric cannot be measured for this
+    ``latest`` always moves. A threshold left out is not checked, but a gate must set at least one: a request with
+    an empty gate is refused, and a job holding one never promotes. A gate whose metric cannot be measured for this
     model (label consistency needs class names the in-domain classifier knows) fails closed.
     """
 
@@ -89,7 +91,14 @@ class FineTuneRequest(BaseModel):
             "layout (one sub-folder per class), or one .zip, .tar, .tar.gz, .tgz or .npz object in it.",
         ),
     ]
-    name: Annotated[str, Field(pattern=_NAME_PATTERN, description="Model to publish the new version under.")]
+    name: Annotated[
+        str,
+        Field(
+            pattern=_NAME_PATTERN,
+            description="Model to publish the new version under, in the caller's own namespace: a system model's "
+            "name is refused (read-only), another tenant's is another model.",
+        ),
+    ]
     classes: list[Annotated[str, Field(pattern=_CLASS_PATTERN)]] | None = Field(
         default=None,
         min_length=1,
@@ -116,7 +125,10 @@ class FineTuneRequest(BaseModel):
     gate: PromotionGate | None = None
     seed: Annotated[int, NotBool, Field(ge=0, le=MAX_SEED)] | None = None
     callback: Callback | None = None
-    metadata: dict[str, JsonValue] = Field(default_factory=dict, description="Echoed back in the job view.")
+    metadata: FreeFormJson = Field(
+        default_factory=dict,
+        description=f"Echoed back in the job view: a JSON object of at most {MAX_JSON_DEPTH} levels, no NaN/Infinity.",
+    )
     idempotency_key: Annotated[str, Field(min_length=1, max_length=128)] | None = None
 
     @field_validator("base")
@@ -128,7 +140,7 @@ class FineTuneRequest(BaseModel):
     @field_validator("dataset")
     @classmethod
     def _valid_dataset(cls, value: str) -> str:
-        if not _DATASET_PATTERN.match(value) or ".." in value.split("/"):
+        if not _DATASET_PATTERN.fullmatch(value) or ".." in value.split("/"):
             raise ValueError(
                 "dataset must be an upload's folder like '3f2a9c0e1b/' or an archive in it like '3f2a9c0e1b/data.zip'"
             )
@@ -145,6 +157,17 @@ class FineTuneRequest(BaseModel):
             raise ValueError("class names must be unique")
         return value
 
+    @field_validator("gate")
+    @classmethod
+    def _gate_measures_something(cls, value: PromotionGate | None) -> PromotionGate | None:
+        # A gate that checks nothing would promote whatever was trained: refuse it rather than pass it.
+        if value is not None and value.min_label_consistency is None and value.max_fid is None:
+            raise ValueError(
+                f"the gate sets no threshold, so it would promote {value.alias!r} unchecked: give "
+                "min_label_consistency and/or max_fid, or leave the gate out (then only 'latest' moves)"
+            )
+        return value
+
 
 class FineTuneJob(BaseModel):
     """The resolved payload a training worker runs: base version pinned, data set key absolute, seed fixed."""
@@ -154,10 +177,10 @@ class FineTuneJob(BaseModel):
     kind: Literal["finetune"] = "finetune"
     job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
     base: str  # the reference as asked
-    base_name: str
+    base_name: str  # its catalogue key (ModelEntry.key): a system model or the job's tenant's own
     base_version: str
     dataset_key: str  # storage key of the folder (ends with '/') or archive object
-    name: str
+    name: str  # published into the job's tenant's namespace (see target), the system's without a tenant
     classes: list[str] | None = None
     steps: int
     batch_size: int
@@ -175,6 +198,16 @@ class FineTuneJob(BaseModel):
     created_at: datetime
     tenant: str | None = Field(default=None, pattern=TENANT_PATTERN)
     priority: Priority = "normal"  # fine-tunes share one queue; kept for a uniform job view
+
+    @model_validator(mode="after")
+    def _base_of_the_system_or_the_tenant(self) -> FineTuneJob:
+        check_model_owner(self.base_name, self.tenant)
+        return self
+
+    @property
+    def target(self) -> str:
+        """The catalogue key the new version is published under: ``name`` in the job's tenant's namespace."""
+        return ModelEntry.key_of(self.tenant, self.name)
 
     @property
     def model_name(self) -> str:

@@ -6,7 +6,6 @@ worker runs, and ``JobView`` goes out. Import these from :mod:`producer.contract
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -14,30 +13,24 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     JsonValue,
+    UrlConstraints,
     field_validator,
     model_validator,
 )
 
-MAX_SEED = 2**63 - 1
-
-
-def _not_a_boolean(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("a number is required, not true/false")
-    return value
-
-
-# Numbers in requests: pydantic's lax mode would read JSON's true/false as 1/0 ("seed": false as seed 0).
-NotBool = BeforeValidator(_not_a_boolean)
-OutputLayout = Literal["objects", "webdataset"]
-_NAME = r"[a-z0-9][a-z0-9._-]{0,63}"
-# A tenant name becomes part of Redis keys and S3 prefixes (tenants/<tenant>/jobs/...): no '/', no leading dot.
-TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-MODEL_REF_PATTERN = re.compile(rf"^(?P<name>{_NAME})(?:@(?P<version>[A-Za-z0-9._-]{{1,64}})|:(?P<alias>{_NAME}))?$")
+from producer.contract.fields import (
+    MAX_JSON_DEPTH,
+    MAX_SEED,
+    MAX_URL_CHARS,
+    MODEL_REF_PATTERN,
+    TENANT_PATTERN,
+    FreeFormJson,
+    NotBool,
+    OutputLayout,
+)
 
 
 class JobStatus(StrEnum):
@@ -91,7 +84,7 @@ class ModelRef(BaseModel):
 
     @classmethod
     def parse(cls, ref: str) -> ModelRef:
-        match = MODEL_REF_PATTERN.match(ref)
+        match = MODEL_REF_PATTERN.fullmatch(ref)  # fullmatch: no trailing newline
         if match is None:
             raise ValueError(
                 f"invalid model reference {ref!r}: use name, name@version or name:alias "
@@ -110,7 +103,9 @@ class Callback(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: AnyHttpUrl = Field(description="http(s) URL that receives Standard Webhooks v1 signed POSTs.")
+    url: Annotated[AnyHttpUrl, UrlConstraints(max_length=MAX_URL_CHARS)] = Field(
+        description=f"http(s) URL that receives Standard Webhooks v1 signed POSTs (at most {MAX_URL_CHARS} characters)."
+    )
     events: set[EventType] = Field(
         default_factory=lambda: set(EventType), description="Events to deliver; others are skipped."
     )
@@ -122,6 +117,8 @@ class Callback(BaseModel):
             raise ValueError("callback URL must use http or https")
         if not url.host:
             raise ValueError("callback URL needs a host")
+        if url.port == 0:  # no server listens there: every delivery would fail
+            raise ValueError("callback URL port must be 1-65535, not 0")
         return url
 
 
@@ -158,7 +155,10 @@ class GenerateRequest(BaseModel):
     )
     format: OutputFormat = OutputFormat.PNG
     callback: Callback | None = None
-    metadata: dict[str, JsonValue] = Field(default_factory=dict, description="Echoed back in the job view.")
+    metadata: FreeFormJson = Field(
+        default_factory=dict,
+        description=f"Echoed back in the job view: a JSON object of at most {MAX_JSON_DEPTH} levels, no NaN/Infinity.",
+    )
     idempotency_key: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     output: OutputLayout = Field(
         default="objects",
@@ -232,6 +232,8 @@ class GenerateJob(BaseModel):
     kind: Literal["generate"] = "generate"
     job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
     model: str  # the reference as asked, e.g. "fmnist-cgan"
+    # The catalogue key the worker loads (ModelEntry.key): "fmnist-cgan" for a system model, "acme/brand-x" for a
+    # model of tenant acme. Only the system's or the job's own tenant's (checked below): never another tenant's files.
     model_name: str
     model_version: str
     items: list[LabelCount] = Field(min_length=1)
@@ -251,6 +253,11 @@ class GenerateJob(BaseModel):
     def image_labels(self) -> list[LabelCount]:
         """The label of every output image, by output index (items expanded in order)."""
         return [item for item in self.items for _ in range(item.count)]
+
+    @model_validator(mode="after")
+    def _model_of_the_system_or_the_tenant(self) -> GenerateJob:
+        check_model_owner(self.model_name, self.tenant)
+        return self
 
 
 class Shard(BaseModel):
@@ -383,11 +390,35 @@ class ModelVersionInfo(BaseModel):
 
 
 class ModelEntry(BaseModel):
-    """A model name with its versions and aliases, as published by workers into the catalogue."""
+    """A model name with its owner, versions and aliases, as published by workers into the catalogue.
+
+    Every model has an owner: the system (``owner`` None: shipped and operator-published models, read-only to
+    tenants) or one tenant. The catalogue holds it under :attr:`key`, so tenant A's ``brand-x`` and tenant B's
+    ``brand-x`` are two models, and neither is the system's ``brand-x``.
+    """
 
     name: str
+    owner: str | None = Field(
+        default=None, pattern=TENANT_PATTERN, description="The tenant that owns it; null: a system model."
+    )
     versions: dict[str, ModelVersionInfo]
     aliases: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """Its key in the catalogue and its identity on workers: ``name``, or ``<owner>/<name>`` for a tenant's."""
+        return self.key_of(self.owner, self.name)
+
+    @staticmethod
+    def key_of(owner: str | None, name: str) -> str:
+        """The catalogue key of ``owner``'s model ``name`` (owner None: the system). Names never hold ``/``."""
+        return name if owner is None else f"{owner}/{name}"
+
+    @staticmethod
+    def split_key(key: str) -> tuple[str | None, str]:
+        """``(owner, name)`` of a catalogue key; owner None for a system model."""
+        owner, _, name = key.rpartition("/")
+        return owner or None, name
 
     def resolve(self, ref: ModelRef) -> str:
         """The concrete version a reference names; raises KeyError with a helpful message."""
@@ -399,6 +430,17 @@ class ModelEntry(BaseModel):
         if alias not in self.aliases:
             raise KeyError(f"model {ref.name!r} has no alias {alias!r} (known: {_known(self.aliases)})")
         return self.aliases[alias]
+
+
+def check_model_owner(key: str, tenant: str | None) -> None:
+    """Refuse a job of ``tenant`` (None: outside the HTTP API) pinning a model that is neither the system's nor its own.
+
+    Raises:
+        ValueError: the model key names another owner.
+    """
+    owner, _ = ModelEntry.split_key(key)
+    if owner is not None and owner != tenant:
+        raise ValueError(f"model {key!r} is not the system's nor the job's tenant's: a job uses only those")
 
 
 HEADLINE_METRICS = ("label_consistency", "fid", "precision", "recall", "cas")

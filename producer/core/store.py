@@ -2,18 +2,23 @@
 
 Status changes go through one Lua script that checks the current status, so a terminal status is never
 overwritten: a job redelivered after it succeeded cannot be dragged back to ``running``.
+
+Every reader survives a record it cannot read (the format and its failures: :mod:`producer.core.records`):
+:meth:`JobStore.get` and :meth:`JobStore.spec` raise :class:`~producer.errors.UnreadableRecord`, the lists
+(:meth:`JobStore.page`, :meth:`JobStore.undelivered`) skip it, and the first reader to meet it records it once in
+``genq:deadletter`` (stage ``record``) for an operator. :meth:`JobStore.create` refuses to write a spec that would not
+read back.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Annotated, Any, cast
+from typing import Any, cast
 
 import redis
-from pydantic import Field, TypeAdapter
 
 from producer.contract import (
     FineTuneJob,
@@ -22,18 +27,26 @@ from producer.contract import (
     JobStatus,
     JobView,
     OutputRef,
-    Progress,
     TrainingView,
 )
 from producer.core import constants
 from producer.core.clock import utcnow
 from producer.core.messages import queue_for
+from producer.core.records import (
+    CORRUPT,
+    JOB_SPEC,
+    OUTPUT_LIST,
+    VIEW_OUTPUTS_MAX,
+    as_text,
+    matches,
+    quarantine,
+    readable_spec,
+    record_view,
+)
 from producer.core.scripts import read_lua
-from producer.errors import JobNotFound
+from producer.errors import JobNotFound, UnreadableRecord
 
-AnyJob = Annotated[GenerateJob | FineTuneJob, Field(discriminator="kind")]
-"""Any job a worker runs; the record's ``spec`` holds one, told apart by ``kind``."""
-JOB_SPEC: TypeAdapter[GenerateJob | FineTuneJob] = TypeAdapter(AnyJob)
+log = logging.getLogger("genq.store")
 
 # Each script's header names its KEYS, ARGV and what it returns.
 _TRANSITION = read_lua(__package__, "transition.lua")
@@ -52,12 +65,6 @@ class Undelivered:
     shards: int
     shard_size: int | None  # None in records written before it was recorded
     waiting: tuple[int, ...]  # shards never delivered to a task (always empty once the job ended)
-
-
-# A job view lists at most this many outputs (a 100,000-image job's view would be megabytes); the manifest has all.
-VIEW_OUTPUTS_MAX = 1000
-
-_OUTPUT_LIST = TypeAdapter(list[OutputRef])
 
 
 class JobStore:
@@ -82,7 +89,8 @@ class JobStore:
         The job is listed in its queue's index of queued jobs (``QUEUED_JOBS_KEY``), where the workers' sweeper finds
         a job whose message the broker lost."""
         key = self.key(job.job_id)
-        if not self.redis.hsetnx(key, "spec", job.model_dump_json()):
+        spec = readable_spec(job)
+        if not self.redis.hsetnx(key, "spec", spec):
             raise ValueError(f"job id {job.job_id} already exists")
         created = job.created_at.timestamp()
         pipe = self.redis.pipeline()
@@ -142,13 +150,20 @@ class JobStore:
             pipe = self.redis.pipeline()
             for job_id, _ in entries:
                 pipe.hgetall(self.key(job_id))
-            for (job_id, score), raw in zip(entries, pipe.execute(), strict=True):
+            # raise_on_error=False: a key of another type (a bug) answers an error for itself, not for the page
+            for (job_id, score), raw in zip(entries, pipe.execute(raise_on_error=False), strict=True):
                 scanned += 1
                 position = (score, job_id)
+                if isinstance(raw, redis.ResponseError):
+                    log.error("job %s: its record is not a hash (%s); left out of the list", job_id, raw)
+                    continue
                 if not raw or b"spec" not in raw:  # expired record; the index entry goes at the next create
                     continue
-                view = _view(job_id, {as_text(k): as_text(v) for k, v in raw.items()})
-                if _matches(view, status, model):
+                try:
+                    view = self._read(job_id, raw)
+                except UnreadableRecord:  # logged and dead-lettered: the tenant's other jobs are listed
+                    continue
+                if matches(view, status, model):
                     views.append(view)
                     if len(views) == limit:
                         break
@@ -176,17 +191,43 @@ class JobStore:
         return bool(self.redis.exists(self.key(job_id)))
 
     def get(self, job_id: str) -> JobView:
-        """The job's current view. Raises JobNotFound."""
+        """The job's current view.
+
+        Raises:
+            JobNotFound: no record (unknown id, or expired).
+            UnreadableRecord: a record genq cannot read (dead-lettered the first time a reader meets it).
+        """
         raw = self.redis.hgetall(self.key(job_id))
-        if not raw or b"spec" not in raw:
+        # create() claims the id (spec) before it writes the rest: a record without a status is not recorded yet
+        if not raw or b"spec" not in raw or b"status" not in raw:
             raise JobNotFound(f"no job {job_id!r} (unknown id, or its record expired)")
-        return _view(job_id, {as_text(k): as_text(v) for k, v in raw.items()})
+        return self._read(job_id, raw)
 
     def spec(self, job_id: str) -> GenerateJob | FineTuneJob:
+        """The job as its worker runs it.
+
+        Raises:
+            JobNotFound: no record.
+            UnreadableRecord: a spec genq cannot read (dead-lettered the first time a reader meets it).
+        """
         raw = self.redis.hget(self.key(job_id), "spec")
         if raw is None:
             raise JobNotFound(f"no job {job_id!r}")
-        return JOB_SPEC.validate_json(raw)
+        try:
+            return JOB_SPEC.validate_json(raw)
+        except CORRUPT as exc:
+            raise quarantine(self.redis, self.key(job_id), job_id, {b"spec": raw}, exc) from exc
+
+    def in_tenant_index(self, tenant: str, job_id: str) -> bool:
+        """Whether ``tenant``'s index lists the job: who owns a job whose record cannot be read."""
+        return self.redis.zscore(constants.TENANT_JOBS_KEY.format(tenant=tenant), job_id) is not None
+
+    def _read(self, job_id: str, raw: Mapping[bytes | str, bytes | str]) -> JobView:
+        """The view of a record read from Redis; UnreadableRecord (dead-lettered once) if it cannot be read."""
+        try:
+            return record_view(job_id, {as_text(k): as_text(v) for k, v in raw.items()})
+        except CORRUPT as exc:
+            raise quarantine(self.redis, self.key(job_id), job_id, raw, exc) from exc
 
     def transition(
         self,
@@ -287,7 +328,7 @@ class JobStore:
             payload = self.redis.hget(self.key(job_id), f"shard:{shard}")
             if payload is None:
                 raise JobNotFound(f"job {job_id}: no stored outputs recorded for shard {shard + 1}/{shards}")
-            yield sorted(_OUTPUT_LIST.validate_json(payload), key=lambda o: o.index)
+            yield sorted(OUTPUT_LIST.validate_json(payload), key=lambda o: o.index)
 
     def record_stopped_shard(self, job_id: str, shard: int, outputs: list[OutputRef]) -> None:
         """Record what a shard stored before it stopped because its job ended (canceled, or failed elsewhere): the
@@ -352,89 +393,52 @@ class JobStore:
         return None if int(count) < 0 else int(count)
 
     def undelivered(self, job_ids: list[str]) -> dict[str, Undelivered | None]:
-        """Each job's status and its shards no task has started yet (None: no record). One pipelined round trip."""
+        """Each job's status and its shards no task has started yet. One pipelined round trip.
+
+        None for a job with no record, or with one that cannot be read (dead-lettered): either way nothing is owed.
+        """
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
             self._undelivered(keys=[self.key(job_id)], client=pipe)
         found: dict[str, Undelivered | None] = {}
-        for job_id, raw in zip(job_ids, pipe.execute(), strict=True):
+        # raise_on_error=False: a record the script cannot read (shards not a number) fails alone
+        for job_id, raw in zip(job_ids, pipe.execute(raise_on_error=False), strict=True):
+            found[job_id] = None
             if not raw:
-                found[job_id] = None
                 continue
-            status, shards, shard_size, *waiting = (as_text(v) for v in raw)
-            found[job_id] = Undelivered(
-                JobStatus(status), int(shards), int(shard_size) if shard_size else None, tuple(int(k) for k in waiting)
-            )
+            try:
+                if isinstance(raw, redis.ResponseError):
+                    raise ValueError(f"the undelivered script failed on it: {raw}")
+                status, shards, shard_size, *waiting = (as_text(v) for v in raw)
+                found[job_id] = Undelivered(
+                    JobStatus(status),
+                    int(shards),
+                    int(shard_size) if shard_size else None,
+                    tuple(int(k) for k in waiting),
+                )
+            except CORRUPT as exc:
+                quarantine(self.redis, self.key(job_id), job_id, self._raw_record(job_id), exc)
         return found
+
+    def _raw_record(self, job_id: str) -> dict[bytes | str, bytes | str]:
+        """The record's fields as stored, for a dead letter; empty if it cannot be read as a hash."""
+        try:
+            return cast(dict[bytes | str, bytes | str], self.redis.hgetall(self.key(job_id)))
+        except redis.ResponseError:
+            return {}
 
     def counts_by_status(self) -> dict[JobStatus, int]:
         """Jobs per status: queued and running are current counts; succeeded, failed and canceled count every job
         that ended that way since the Redis DB was created (job records expire, the counters do not)."""
         raw = self.redis.hgetall(constants.JOBS_BY_STATUS_KEY)
-        counts = {as_text(k): int(v) for k, v in raw.items()}
+        counts: dict[str, int] = {}
+        for name, value in raw.items():
+            try:
+                counts[as_text(name)] = int(value)
+            except ValueError:  # a counter a bug or a hand overwrote: the others are still worth reporting
+                log.error("jobs-by-status counter %r holds %r, not a number; left out", name, value)
         return {status: counts.get(status.value, 0) for status in JobStatus}
 
     def next_event_seq(self, job_id: str) -> int:
         """A per-job sequence number for callback events (stable message ids)."""
         return int(self.redis.hincrby(self.key(job_id), "event_seq", 1))
-
-
-def as_text(value: bytes | str) -> str:
-    """Redis answers bytes (or str with decode_responses); genq works in str."""
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _stored_outputs(h: dict[str, str], prefixes: tuple[str, ...]) -> list[OutputRef]:
-    """Outputs recorded per shard in fields starting with ``prefixes``, by index, each index once."""
-    merged = {o["index"]: o for field, value in h.items() if field.startswith(prefixes) for o in json.loads(value)}
-    return [OutputRef.model_validate(merged[i]) for i in sorted(merged)]
-
-
-def _view(job_id: str, h: dict[str, str]) -> JobView:
-    spec = JOB_SPEC.validate_json(h["spec"])
-    error = JobError(type=h["error_type"], message=h.get("error_message", "")) if "error_type" in h else None
-    status = JobStatus(h["status"])
-    if status is JobStatus.CANCELED:  # what finished shards and stopped shards stored before the cancel
-        stored = _stored_outputs(h, ("shard:", "partial:"))
-        outputs, truncated = stored[:VIEW_OUTPUTS_MAX], len(stored) > VIEW_OUTPUTS_MAX
-    else:
-        outputs = [OutputRef.model_validate(o) for o in json.loads(h.get("outputs", "[]"))]
-        truncated = h.get("outputs_truncated") == "1"
-    if isinstance(spec, FineTuneJob):
-        model, version = spec.base, f"{spec.base_name}@{spec.base_version}"
-        training = TrainingView.model_validate_json(h["training"]) if "training" in h else None
-    else:
-        model, version, training = spec.model, f"{spec.model_name}@{spec.model_version}", None
-    return JobView(
-        id=job_id,
-        kind=spec.kind,
-        tenant=spec.tenant,
-        status=status,
-        priority=spec.priority,
-        model=model,
-        model_version=version,
-        seed=spec.seed,
-        training=training,
-        progress=Progress(
-            done=sum(int(v) for k, v in h.items() if k.startswith("progress:")),
-            total=int(h.get("total", spec.total_images)),
-        ),
-        shards=int(h.get("shards", 1)),
-        outputs_truncated=truncated,
-        outputs=outputs,
-        manifest_key=h.get("manifest_key"),
-        error=error,
-        metadata=spec.metadata,
-        created_at=datetime.fromisoformat(h["created_at"]),
-        started_at=datetime.fromisoformat(h["started_at"]) if "started_at" in h else None,
-        finished_at=datetime.fromisoformat(h["finished_at"]) if "finished_at" in h else None,
-    )
-
-
-def _matches(view: JobView, status: JobStatus | None, model: str | None) -> bool:
-    if status is not None and view.status is not status:
-        return False
-    if model is None:
-        return True
-    name = (view.model_version or "").split("@", 1)[0]
-    return model in (view.model, view.model_version, name)

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
-from pydantic import ValidationError
+import math
 
-from producer.contract import GenerateRequest, JobStatus, ModelRef
+import pytest
+from pydantic import BaseModel, JsonValue, ValidationError
+
+from producer.contract import (
+    MAX_JSON_BYTES,
+    MAX_JSON_DEPTH,
+    MAX_URL_CHARS,
+    MODEL_REF_PATTERN,
+    FineTuneRequest,
+    GenerateRequest,
+    JobStatus,
+    ModelEntry,
+    ModelRef,
+)
 
 
 @pytest.mark.parametrize(
@@ -99,3 +111,147 @@ def test_request_round_trips_through_json() -> None:
 def test_terminal_statuses() -> None:
     assert {s for s in JobStatus if s.is_terminal()} == {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED}
     assert JobStatus("queued") == "queued"
+
+
+# -- free-form JSON, patterns and callback URLs: nothing is accepted that genq could not store and read back --------
+
+_GENERATE = {"model": "fmnist-cgan", "label": "sneaker"}
+_FINETUNE = {"base": "fmnist-cgan", "dataset": "3f2a9c0e1b/", "name": "brand-x"}
+_REQUESTS = pytest.mark.parametrize(
+    ("request_type", "fields"),
+    [(GenerateRequest, _GENERATE), (FineTuneRequest, _FINETUNE)],
+    ids=["generate", "finetune"],
+)
+
+
+def nested(depth: int, leaf: JsonValue = None) -> dict[str, JsonValue]:
+    """A JSON object nesting ``depth`` objects and arrays, itself the first: {"a": [{"a": [... leaf ...]}]}."""
+    value: JsonValue = [leaf] if depth % 2 == 0 else {"a": leaf}
+    for level in range(depth - 1, 1, -1):
+        value = [value] if level % 2 == 0 else {"a": value}
+    return {"a": value} if depth > 1 else {"a": leaf}
+
+
+def _refusal(request_type: type[BaseModel], fields: dict[str, object]) -> tuple[list[str], str]:
+    """Where and why pydantic refused ``fields`` (without the input: printing a value of 2**30 shared parts takes
+    pydantic minutes)."""
+    with pytest.raises(ValidationError) as info:
+        request_type.model_validate(fields)
+    errors = info.value.errors(include_input=False)
+    return _error_locs(info.value), " ".join(e["msg"] for e in errors)
+
+
+@_REQUESTS
+def test_metadata_nested_32_deep_is_accepted_and_reads_back(
+    request_type: type[GenerateRequest | FineTuneRequest], fields: dict[str, object]
+) -> None:
+    metadata = nested(MAX_JSON_DEPTH, leaf="deepest")
+    request = request_type.model_validate({**fields, "metadata": metadata})
+    assert request_type.model_validate_json(request.model_dump_json()).metadata == metadata == request.metadata
+
+
+@_REQUESTS
+@pytest.mark.parametrize(
+    ("metadata", "why"),
+    [
+        (nested(MAX_JSON_DEPTH + 1), "more than 32 levels deep"),
+        (nested(450), "more than 32 levels deep"),  # the review's request: stored, then unreadable by every reader
+        (nested(100_000), "more than 32 levels deep"),  # refused before pydantic recurses into it
+        ({"x": math.nan}, "holds NaN"),  # json.loads reads NaN; pydantic would have stored null
+        ({"x": [1.0, math.inf]}, "holds Infinity"),
+        ({"x": {"y": -math.inf}}, "holds -Infinity"),
+        ({"x": "\ud800"}, "not valid Unicode"),  # "\ud800" in JSON text: stored, then no serializer writes it
+        ({"\udc00": 1}, "not valid Unicode"),
+        ({"x": 10**4300}, "more than 4300 digits"),  # written, then refused by the JSON parser as out of range
+        ({"x": "y" * MAX_JSON_BYTES}, f"is {MAX_JSON_BYTES + 8} bytes as JSON, the limit is {MAX_JSON_BYTES}"),
+        ({"x": list(range(MAX_JSON_BYTES))}, f"is larger than {MAX_JSON_BYTES} bytes"),
+    ],
+    ids=[
+        "depth-33",
+        "depth-450",
+        "depth-100000",
+        "nan",
+        "inf",
+        "minus-inf",
+        "lone-surrogate",
+        "lone-surrogate-key",
+        "huge-int",
+        "too-large",
+        "too-many-values",
+    ],
+)
+def test_metadata_genq_could_not_read_back_is_refused_naming_the_field(
+    request_type: type[BaseModel], fields: dict[str, object], metadata: dict[str, JsonValue], why: str
+) -> None:
+    locs, message = _refusal(request_type, {**fields, "metadata": metadata})
+    assert locs == ["metadata"]
+    assert message.startswith("Value error, metadata ") and why in message
+
+
+def test_metadata_that_refers_to_itself_or_shares_values_is_refused_without_walking_forever() -> None:
+    cycle: dict[str, JsonValue] = {}
+    cycle["a"] = cycle
+    shared: JsonValue = []
+    for _ in range(30):  # 2**30 values as JSON, 30 levels deep
+        shared = [shared, shared]
+    assert "more than 32 levels deep" in _refusal(GenerateRequest, {**_GENERATE, "metadata": cycle})[1]
+    assert (
+        f"larger than {MAX_JSON_BYTES} bytes" in _refusal(GenerateRequest, {**_GENERATE, "metadata": {"a": shared}})[1]
+    )
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_non_finite_numbers_in_json_text_are_refused(literal: str) -> None:
+    with pytest.raises(ValidationError, match="metadata holds -?(NaN|Infinity)"):
+        GenerateRequest.model_validate_json(f'{{"model": "fmnist-cgan", "label": 1, "metadata": {{"x": {literal}}}}}')
+
+
+@pytest.mark.parametrize(
+    ("request_type", "fields", "loc"),
+    [
+        (GenerateRequest, {**_GENERATE, "model": "fmnist-cgan\n"}, "model"),  # `$` matched before the newline
+        (GenerateRequest, {**_GENERATE, "model": "fmnist-cgan@1\n"}, "model"),
+        (GenerateRequest, {**_GENERATE, "model": "fmnist-cgan:production\n"}, "model"),
+        (FineTuneRequest, {**_FINETUNE, "base": "fmnist-cgan\n"}, "base"),
+        (FineTuneRequest, {**_FINETUNE, "name": "brand-x\n"}, "name"),
+        (FineTuneRequest, {**_FINETUNE, "dataset": "3f2a9c0e1b\n"}, "dataset"),
+        (FineTuneRequest, {**_FINETUNE, "dataset": "3f2a9c0e1b/data.zip\n"}, "dataset"),
+        (FineTuneRequest, {**_FINETUNE, "classes": ["bag\n"]}, "classes.0"),
+        (FineTuneRequest, {**_FINETUNE, "gate": {"max_fid": 50, "alias": "production\n"}}, "gate.alias"),
+        (ModelEntry, {"name": "brand-x", "owner": "acme\n", "versions": {}}, "owner"),
+    ],
+)
+def test_a_trailing_newline_is_refused_by_every_pattern(
+    request_type: type[BaseModel], fields: dict[str, object], loc: str
+) -> None:
+    assert loc in _refusal(request_type, fields)[0]
+
+
+@pytest.mark.parametrize("ref", ["fmnist-cgan\n", "fmnist-cgan@1\n", "brand-x:production\n"])
+def test_model_ref_refuses_a_trailing_newline(ref: str) -> None:
+    with pytest.raises(ValueError, match="invalid model reference"):
+        ModelRef.parse(ref)
+    assert MODEL_REF_PATTERN.match(ref) is None  # safe with .match too: the pattern ends with \Z
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("https://hooks.example/" + "x" * (MAX_URL_CHARS + 1 - len("https://hooks.example/")), "at most 2048"),
+        ("https://hooks.example/" + "x" * 60_000, "at most 2048"),
+        ("https://hooks.example:0/x", "port must be 1-65535"),
+        ("http://hooks.example:0", "port must be 1-65535"),
+    ],
+    ids=["2049-chars", "60kb", "port-0", "port-0-no-path"],
+)
+def test_callback_urls_too_long_or_to_port_0_are_refused(url: str, why: str) -> None:
+    locs, message = _refusal(GenerateRequest, {**_GENERATE, "callback": {"url": url}})
+    assert locs == ["callback.url"] and why in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://hooks.example/" + "x" * (MAX_URL_CHARS - len("https://hooks.example/")), "https://hooks.example:1/"],
+)
+def test_callback_urls_at_the_limits_are_accepted(url: str) -> None:
+    assert len(str(GenerateRequest.model_validate({**_GENERATE, "callback": {"url": url}}).callback.url)) <= 2048  # type: ignore[union-attr]

@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from producer.contract import FineTuneRequest, ModelEntry, ModelVersionInfo
+from producer.core.records import JOB_SPEC
 from producer.core.resolve import resolve_finetune
-from producer.core.store import JOB_SPEC
 from producer.errors import InvalidJob
 from producer.uploads import archive_reference, dataset_files, upload_dataset
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import redis
 
-from producer.core import constants
+from producer.core import constants, records
 from producer.core.settings import RedisSettings
 from worker import deadletter
 from worker.app import create_app
@@ -48,3 +48,11 @@ def test_the_app_serves_queues_in_order_and_dead_letters_poison(url: str, guarde
     assert app.conf.worker_consumer == "worker.deadletter:Consumer"
     transport = app.connection_for_read().transport_cls
     assert (transport == "worker.deadletter:Transport") is guarded
+
+
+def test_dead_letters_of_unreadable_job_records_are_truncated_and_capped_like_the_workers() -> None:
+    # producer.core.records writes stage "record" entries itself (the producer never imports the worker).
+    assert (records.DEADLETTER_BODY_CHARS, records.DEADLETTER_MAX_ENTRIES) == (
+        deadletter.MAX_BODY_CHARS,
+        deadletter.MAX_ENTRIES,
+    )

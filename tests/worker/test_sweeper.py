@@ -25,6 +25,7 @@ from producer.core.messages import JobMessage
 from producer.core.settings import RedisSettings, WebhookSettings
 from producer.errors import ConfigurationError
 from producer.settings import ClientSettings
+from worker.deadletter import DeadLetter
 from worker.settings import SweeperSettings
 from worker.sweeper import MAX_CALLBACK_RESENDS, Stranded, StrandedCallback, Sweeper, task_ids_in
 
@@ -295,3 +296,63 @@ def _element(client: Client, task_id: str) -> Iterator[bytes]:
     for raw in client.redis.lrange(constants.GENERATE_QUEUE, 0, -1):
         if json.loads(raw)["headers"]["id"] == task_id:
             yield raw
+
+
+def test_a_job_record_that_cannot_be_read_is_dead_lettered_once_and_never_stops_the_sweep(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The review's attack: a tenant's job whose record an older version stored with metadata 300 deep (pydantic's
+    # JSON parser stops at 200), and whose message the broker lost. The sweep raised on it at every interval, in every
+    # worker, so the lost job and callback of another tenant, recorded after it, were never sent again.
+    poisoned = client.submit(GenerateRequest(model="fmnist-cgan", label="bag", seed=7), "mallory").id
+    lose_front(client)
+    key = constants.JOB_KEY.format(job_id=poisoned)
+    spec = json.loads(client.redis.hget(key, "spec") or b"")
+    deep: Any = []
+    for _ in range(299):
+        deep = [deep]
+    client.redis.hset(key, "spec", json.dumps({**spec, "metadata": {"a": deep}}))
+    lost = client.submit(GenerateRequest(model="fmnist-cgan", label="bag", seed=7, callback={"url": HOOK}), "acme").id
+    lose_front(client)
+    event = json.loads(client.redis.rpop(constants.CALLBACK_QUEUE) or b"{}")  # its queued event, lost too
+    sent = Sent()
+
+    with caplog.at_level(logging.ERROR):
+        first = sweeper(client, sent).sweep()
+        second = sweeper(client, sent).sweep()  # the next interval: the poisoned job is not read again
+
+    resent = [Stranded(lost, 0, constants.GENERATE_QUEUE), StrandedCallback(event["headers"]["id"])]
+    assert first == second == resent
+    assert [m.task_id for m in sent] == [f"{lost}.0", event["headers"]["id"]] * 2
+    index = constants.QUEUED_JOBS_KEY.format(queue=constants.GENERATE_QUEUE)
+    assert client.redis.zscore(index, poisoned) is None  # quarantined: no sweep reads it again
+    (letter,) = [DeadLetter.model_validate_json(raw) for raw in client.redis.lrange(constants.DEADLETTER_KEY, 0, -1)]
+    assert (letter.stage, letter.job_id) == ("record", poisoned)
+    assert f"job {poisoned}: shard 0 lost by the broker cannot be sent again" in caplog.text
+
+
+def test_a_bug_met_on_one_job_does_not_stop_the_sweep_for_the_others(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = submit(client), submit(client)
+    lose_front(client)
+    lose_front(client)
+    sent = Sent()
+
+    def send(message: JobMessage) -> None:
+        if message.task_id == f"{first}.0":
+            raise RuntimeError("a bug")
+        sent(message)
+
+    with caplog.at_level(logging.ERROR):
+        swept = Sweeper(
+            client.redis,
+            client.store,
+            send,
+            SweeperSettings(interval_s=30.0, stranded_after_s=60.0, confirm_s=5.0),
+            clock=lambda: time.time() + HOUR,
+            sleep=lambda _: None,
+        ).sweep()
+
+    assert swept == [Stranded(second, 0, constants.GENERATE_QUEUE)] and [m.task_id for m in sent] == [f"{second}.0"]
+    assert f"job {first}: shard 0 lost by the broker could not be sent again" in caplog.text

@@ -20,8 +20,8 @@ import torch
 
 from producer.contract import GenerateJob, Manifest, OutputRef, Shard, plan_shards
 from producer.core import constants
+from producer.core.records import VIEW_OUTPUTS_MAX
 from producer.core.seeds import image_seed
-from producer.core.store import VIEW_OUTPUTS_MAX
 from worker.errors import IncompleteJob
 from worker.generate.encode import encode_image, provenance
 from worker.generate.webdataset import ShardWriter, shard_key
