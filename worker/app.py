@@ -38,6 +38,11 @@ def create_app(settings: WorkerSettings) -> Celery:
         # A prefork child loads its models before it reports up; Celery's default 4 s kills slow starters.
         worker_proc_alive_timeout=60.0,
         broker_connection_retry_on_startup=True,
+        # A lost broker connection (Redis restarting) leaves running jobs running: each acks its message when it
+        # ends, or hands it back if it met the outage (worker.tasks), through its channel once Redis answers (the
+        # unacked hash lives in Redis; worker.deadletter.Channel). Celery 6 turns this on by default; it would
+        # cancel them.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_transport_options={
             # Must exceed the longest job, or Redis redelivers a job while it still runs (see CelerySettings).
             "visibility_timeout": settings.celery.visibility_timeout_s,

@@ -14,6 +14,8 @@ worker goes on serving. Where each kind is caught:
   a 3-item list raises out of Celery's handler and stops the worker, the message coming back for the next one).
 - the task (:func:`record_task`, from ``worker.tasks``): arguments that are not a job, a job with no record, a task
   that raised; and ``worker.jobs`` for a job delivered more than ``GENQ_CELERY__MAX_DELIVERIES`` times.
+- the job record (stage ``record``, written by ``producer.core.store``, which cannot import this module): a record
+  no reader can parse, recorded once by the first reader that meets it; the readers skip it.
 """
 
 from __future__ import annotations
@@ -36,20 +38,25 @@ from pydantic import BaseModel
 
 from producer.core import constants
 from producer.core.clock import utcnow
+from worker.outage import OUTAGES, Backlog
 
 log = logging.getLogger("genq.deadletter")
 
 MAX_BODY_CHARS = 4096  # of a dead letter's body; enough to see what it was, bounded whatever was pushed
 MAX_ENTRIES = 10_000  # the list is trimmed to this many: a flood of garbage cannot fill Redis
+# Dead letters recorded while Redis is away, written once it answers (at most as many as the list keeps).
+BACKLOG = Backlog("dead-letters", limit=MAX_ENTRIES)
 
-Stage = Literal["transport", "consumer", "task"]
+Stage = Literal["transport", "consumer", "task", "record"]
 
 
 class DeadLetter(BaseModel):
     """One message a worker gave up on: why, what it was (raw body, truncated), where it was caught, when."""
 
     reason: str
-    stage: Stage  # transport: not a kombu message; consumer: Celery refused it; task: genq refused or it raised
+    # transport: not a kombu message; consumer: Celery refused it; task: genq refused or it raised; record: a job
+    # record genq cannot read (written by producer.core.store, which the first reader to meet it records)
+    stage: Stage
     queue: str | None = None
     task: str | None = None  # Celery task name, when the message had one
     message_id: str | None = None  # Celery task id, when the message had one
@@ -70,8 +77,8 @@ def record(
     message_id: str | None = None,
     job_id: str | None = None,
 ) -> DeadLetter:
-    """Log and push a dead letter onto ``genq:deadletter``; returns it. Never raises for Redis being away (the
-    entry is then only logged): the worker must go on either way."""
+    """Log and push a dead letter onto ``genq:deadletter``; returns it. Never raises for Redis being away: the
+    entry then waits in memory (:data:`BACKLOG`) and is written once Redis answers; the worker goes on either way."""
     raw = body if isinstance(body, bytes) else body.encode()
     entry = DeadLetter(
         reason=reason,
@@ -85,14 +92,26 @@ def record(
         at=utcnow(),
     )
     log.error("dead-lettered a message from %s (%s stage): %s", queue or "?", stage, reason)
+    payload = entry.model_dump_json()
     try:
-        pipe = client.pipeline()
-        pipe.lpush(constants.DEADLETTER_KEY, entry.model_dump_json())
-        pipe.ltrim(constants.DEADLETTER_KEY, 0, MAX_ENTRIES - 1)
-        pipe.execute()
-    except redis.RedisError as exc:
-        log.error("could not store the dead letter (%s): %s", exc, entry.model_dump_json())
+        _push(client, payload)
+    except OUTAGES as exc:  # Redis is away: the entry waits in memory and is written once Redis answers
+        if BACKLOG.add(
+            functools.partial(_push, client, payload), what=f"the dead letter of {message_id or queue or 'a message'}"
+        ):
+            log.warning("could not store the dead letter yet (%s); it is written once Redis answers", exc)
+        else:
+            log.error("could not store the dead letter (%s) and %d wait already: %s", exc, BACKLOG.limit, payload)
+    except redis.RedisError as exc:  # an answer (out of memory, a wrong type): retrying the same write cannot help
+        log.error("could not store the dead letter (%s): %s", exc, payload)
     return entry
+
+
+def _push(client: redis.Redis, payload: str) -> None:
+    pipe = client.pipeline()
+    pipe.lpush(constants.DEADLETTER_KEY, payload)
+    pipe.ltrim(constants.DEADLETTER_KEY, 0, MAX_ENTRIES - 1)
+    pipe.execute()
 
 
 @functools.cache
@@ -131,7 +150,24 @@ def _field(request: Any, name: str) -> Any:
 class Channel(kombu_redis.Channel):
     """kombu's Redis channel, except that a list element that is not a kombu message is dead-lettered instead of
     raising out of the event loop (which stops the worker). Only the event loop's read (BRPOP) is guarded: every
-    pool ``genq worker`` offers (threads, prefork, solo) consumes through it."""
+    pool ``genq worker`` offers (threads, prefork, solo) consumes through it.
+
+    It also keeps working after Celery collected its connection. When the broker connection is lost (Redis
+    restarting), Celery's consumer collects the connection, which forgets the broker's address, then closes this
+    channel: kombu's channel then needs that address to restore its unacknowledged messages and raised
+    AttributeError, an "Unrecoverable error" that stopped the worker (kombu 5.7); and the tasks still running
+    acknowledge (or hand back) their messages through this channel when they end. The channel keeps the address, so
+    these reach Redis once it answers (the unacked hash lives in Redis, so an ack by delivery tag works from any
+    connection)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._broker = self.connection.client  # kombu's Connection: the broker URL and its options
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        if self.connection.client is None:  # collected after a connection loss: this channel outlives it
+            self.connection.client = getattr(self, "_broker", None)
+        return super()._connparams(asynchronous=asynchronous)
 
     def _brpop_read(self, **options: Any) -> bool:
         # kombu 5.7's _brpop_read with the decoding guarded; keep in step with kombu when upgrading it

@@ -1,32 +1,51 @@
 """Running one delivered job: count the delivery, run the pipeline, and decide what a failure means: a
 :class:`~producer.errors.Retryable` one runs the job again later (:class:`~worker.retries.RetryLater`, up to
-``GENQ_CELERY__RETRIES`` times), any other fails the job loudly with its reason."""
+``GENQ_CELERY__RETRIES`` times), Redis being away hands the job back untouched (:class:`RedisUnavailable`), any
+other fails the job loudly with its reason. While a shard runs, its process's heartbeat lists it
+(``worker.watchdog``)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from enum import Enum
 from pathlib import Path
 
 from producer.contract import FineTuneJob, GenerateJob, JobError, OutputRef, Shard, plan_shards
 from producer.core.constants import FINETUNE_TASK, GENERATE_TASK
 from producer.core.logs import current_job
+from producer.core.messages import task_id
 from worker import telemetry
 from worker.deadletter import record
 from worker.generate.pipeline import run_generate
+from worker.outage import OUTAGES
 from worker.reporting import RedisReporter, TrainingReporter
 from worker.retries import RetryLater, retry_delay
 from worker.runtime import Runtime
-from worker.training.ingest import ArchiveLimits
+from worker.training.ingest import ArchiveLimits, remove_tree
 from worker.training.lease import Lease
 from worker.training.pipeline import run_finetune
+from worker.watchdog import heart_for
 
 log = logging.getLogger("genq.jobs")
+
+
+class RedisUnavailable(Exception):
+    """Raised by the job runner, caught by the task: Redis (the job store and the broker) did not answer while the job
+    ran. The job is neither failed nor finished for it (that would need Redis too): it stays ``running``, and the task
+    hands its message back to the queue, unacknowledged, once Redis answers."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"Redis did not answer: {type(cause).__name__}: {cause}")
+        self.cause = cause
+
+
+def heartbeat(runtime: Runtime, job_id: str, shard: int = 0) -> AbstractContextManager[None]:
+    """List the shard as running in this process's heartbeat while the block runs (``worker.watchdog``)."""
+    return heart_for(runtime.redis, runtime.settings.sweeper.heartbeat_s).beating(task_id(job_id, shard))
 
 
 def execute_generate(
@@ -45,10 +64,14 @@ def execute_generate(
 
     Raises:
         RetryLater: the run failed with a transient fault and the retry policy allows another run.
+        RedisUnavailable: Redis did not answer; the job was left as it was (not failed).
     """
     token = current_job.set(job.job_id)  # every log line of this job carries its id
     try:
-        return _execute(job, runtime, reporter, shard, retries)
+        with heartbeat(runtime, job.job_id, shard.index if shard else 0):
+            return _execute(job, runtime, reporter, shard, retries)
+    except OUTAGES as exc:
+        raise RedisUnavailable(exc) from exc
     finally:
         current_job.reset(token)
 
@@ -134,6 +157,8 @@ def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard:
                 stored=stored,
             )
     except Exception as exc:  # a transient fault runs again later; any other ends the job loudly, with its reason
+        if isinstance(exc, OUTAGES):  # Redis is away: no fault of the job, and failing it would need Redis anyway
+            raise
         try:
             _fail_or_retry(job, exc, runtime, reporter, stored, retries)
         except RetryLater:
@@ -165,6 +190,10 @@ def execute_finetune(job: FineTuneJob, runtime: Runtime, reporter: TrainingRepor
     A delivery that finds the job leased (the broker redelivered a job that outlived its visibility timeout, while
     the first worker still trains) waits: it acks once the job ends, or takes over when the holder stops renewing
     its lease (that worker died) and resumes from the last checkpoint. Two workers never train one job at once.
+
+    Raises:
+        RetryLater: as :func:`execute_generate`.
+        RedisUnavailable: as :func:`execute_generate`.
     """
     token = current_job.set(job.job_id)
     try:
@@ -174,8 +203,10 @@ def execute_finetune(job: FineTuneJob, runtime: Runtime, reporter: TrainingRepor
                 log.info("job %s ended while this delivery waited for its lease; nothing to do", job.job_id)
                 return
             time.sleep(runtime.settings.train.lease_ttl_s / 3)
-        with lease.heartbeat():
+        with lease.heartbeat(), heartbeat(runtime, job.job_id):
             _execute_finetune(job, runtime, reporter, lease, retries)
+    except OUTAGES as exc:
+        raise RedisUnavailable(exc) from exc
     finally:
         current_job.reset(token)
 
@@ -205,8 +236,11 @@ def _execute_finetune(
             on_published=lambda _name, _version: runtime.registry.refresh(runtime.redis),
             keep_going=lambda: not lease.lost.is_set(),
             limits=ArchiveLimits(max_total_bytes=settings.train.max_dataset_bytes),
+            url_expires_s=settings.s3.presign_expires_s,
         )
     except Exception as exc:  # a transient fault runs again later (from its checkpoint); any other ends the job
+        if isinstance(exc, OUTAGES):  # Redis is away: resumed from the checkpoint once it answers
+            raise
         try:
             _fail_or_retry(job, exc, runtime, reporter, [], retries)
         except RetryLater:
@@ -215,7 +249,7 @@ def _execute_finetune(
         telemetry.FINETUNES.labels("failed").inc()
         return
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_tree(workdir)  # never raises, however deep the upload's folders went
     outcome = "skipped" if result.skipped else "stopped" if result.stopped else "published"
     telemetry.FINETUNES.labels(outcome).inc()
     log.info("fine-tune %s %s%s", job.job_id, outcome, f" {result.published}" if result.published else "")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 
 from producer.contract import EventType, FineTuneJob, GenerateJob, JobError, JobStatus, OutputRef, Shard, TrainingView
 from producer.core.callbacks.events import CallbackMessage, callback_message
 from producer.core.store import JobStore
+from worker.outage import OUTAGES, Backlog
+
+log = logging.getLogger("genq.reporting")
 
 SendCallback = Callable[[CallbackMessage], None]
 
@@ -16,7 +20,8 @@ class RedisReporter:
     """The pipeline's :class:`~worker.generate.pipeline.Reporter` for Celery workers.
 
     A callback event is sent only for a transition that actually happened, so a late redelivery of a finished
-    job announces nothing. Progress events are throttled: receivers want news, not a storm.
+    job announces nothing. Progress events are throttled: receivers want news, not a storm. An event that cannot be
+    sent because Redis is away waits in :data:`EVENTS` and is sent once Redis answers (with the view as it is then).
     """
 
     def __init__(self, store: JobStore, send: SendCallback, progress_interval_s: float = 0.5) -> None:
@@ -69,12 +74,50 @@ class RedisReporter:
     def _emit(self, job: GenerateJob | FineTuneJob, event: EventType) -> None:
         if job.callback is None or event not in job.callback.events:
             return
+        unsent = _Event(self, job, event)
+        try:
+            unsent()
+        except OUTAGES as exc:  # the transition happened: its event must not be lost with Redis away
+            if EVENTS.add(unsent, what=f"the {event.value} event of job {job.job_id}"):
+                log.warning("job %s: %s event not sent yet (%s); sent once Redis answers", job.job_id, event.value, exc)
+            else:
+                log.error(
+                    "job %s: %s event lost: Redis away (%s), %d events waiting already",
+                    job.job_id,
+                    event.value,
+                    exc,
+                    EVENTS.limit,
+                )
+
+    def _message(self, job: GenerateJob | FineTuneJob, event: EventType) -> CallbackMessage | None:
+        """The event's message, with the job's view as it is now and its next sequence number."""
         view = self.store.get(job.job_id)
         if event is EventType.PROGRESS and view.status.is_terminal():
-            return  # the chunk that landed after a cancel: receivers already heard the job's last word
-        message = callback_message(job.callback, event, view, self.store.next_event_seq(job.job_id))
-        if message is not None:
-            self.send(message)
+            return None  # the chunk that landed after a cancel: receivers already heard the job's last word
+        return callback_message(job.callback, event, view, self.store.next_event_seq(job.job_id))
+
+
+# Callback events that could not be sent while Redis was away, sent once it answers.
+EVENTS = Backlog("callback-events", limit=10_000)
+
+
+class _Event:
+    """Sending one callback event: its message is built once (view, sequence number, so its ``webhook-id``), then
+    sent; called again after an outage, it builds what it has not built yet and sends the same message."""
+
+    def __init__(self, reporter: RedisReporter, job: GenerateJob | FineTuneJob, event: EventType) -> None:
+        self.reporter = reporter
+        self.job = job
+        self.event = event
+        self.message: CallbackMessage | None = None
+        self.built = False
+
+    def __call__(self) -> None:
+        if not self.built:
+            self.message = self.reporter._message(self.job, self.event)
+            self.built = True
+        if self.message is not None:
+            self.reporter.send(self.message)
 
 
 class TrainingReporter(RedisReporter):

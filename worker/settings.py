@@ -92,6 +92,14 @@ class CelerySettings(BaseModel):
     unacked_restore_interval_s: int = Field(
         default=10, ge=1, description="How often kombu looks for unacked messages of dead workers."
     )
+    redis_wait_s: float = Field(
+        default=60.0,
+        ge=0,
+        description=(
+            "How long a task that lost Redis (the job store and the broker) while running a job waits for it to "
+            "answer before it hands the job's message back to its queue; the job is never failed for it."
+        ),
+    )
     task_events: bool = Field(
         default=False,
         description=(
@@ -103,7 +111,8 @@ class CelerySettings(BaseModel):
 
 
 class SweeperSettings(BaseModel):
-    """The sweep for jobs whose message the broker lost (``worker.sweeper``): one worker per interval looks."""
+    """The sweep for jobs whose message the broker lost (``worker.sweeper``), and for running shards whose worker and
+    message are gone (``worker.watchdog``): one worker per interval looks."""
 
     enabled: bool = Field(default=True, description="Run the sweeper thread in this worker.")
     interval_s: float = Field(default=30.0, gt=0, description="How often one worker of the fleet sweeps.")
@@ -112,6 +121,17 @@ class SweeperSettings(BaseModel):
     )
     confirm_s: float = Field(default=5.0, ge=0, description="A message missing twice, this far apart, is sent again.")
     max_jobs: int = Field(default=1000, ge=1, description="Oldest queued jobs per queue looked at in one sweep.")
+    heartbeat_s: float = Field(
+        default=10.0, gt=0, description="How often each worker process records the shards it runs (worker.watchdog)."
+    )
+    orphaned_after_s: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "A running shard whose heartbeat is older than this, whose job is still active and whose message is "
+            "nowhere in the broker is sent again (its worker is gone)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _confirm_inside_interval(self) -> SweeperSettings:
@@ -119,6 +139,11 @@ class SweeperSettings(BaseModel):
             raise ConfigurationError(
                 f"GENQ_SWEEPER__CONFIRM_S ({self.confirm_s}) must be below GENQ_SWEEPER__INTERVAL_S "
                 f"({self.interval_s}): a sweep holds its turn for one interval"
+            )
+        if self.orphaned_after_s < 2 * self.heartbeat_s:
+            raise ConfigurationError(
+                f"GENQ_SWEEPER__ORPHANED_AFTER_S ({self.orphaned_after_s}) must be at least twice "
+                f"GENQ_SWEEPER__HEARTBEAT_S ({self.heartbeat_s}): one late heartbeat must not look like a dead worker"
             )
         return self
 
