@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings
 
 import producer.cli
 from producer.core import constants
-from producer.core.settings import DEV_WEBHOOK_SECRET
+from producer.core.settings import DEV_WEBHOOK_SECRET, WebhookSettings
 from producer.errors import ConfigurationError
 from producer.settings import ClientSettings
 from worker.settings import WorkerSettings
@@ -249,6 +249,17 @@ def test_workers_consume_every_queue_in_the_order_genq_worker_does(service: str)
     assert queues == list(constants.WORKER_QUEUES)
     default = next(p.default for p in genq_commands()["worker"].params if p.name == "queues")
     assert default.split(",") == queues, "the compose workers and `genq worker` should consume alike"
+
+
+@pytest.mark.parametrize("service", WORKERS)
+def test_workers_deliver_callbacks_beside_generation_and_give_deliveries_time_to_end(service: str) -> None:
+    command = argv(SERVICES[service].get("command"))
+    # `genq worker` hands the callbacks queue to a callbacks worker of its own unless told to serve it inline.
+    assert "--inline-callbacks" not in command, f"{service}: a slow receiver would hold generation threads"
+    grace = str(SERVICES[service].get("stop_grace_period", "10s"))
+    assert grace.endswith("s") and grace[:-1].isdigit(), f"{service}: stop_grace_period in seconds, e.g. 60s"
+    # genq worker gives the callbacks worker the attempt deadline and 15 s before it kills it.
+    assert int(grace[:-1]) >= WebhookSettings().attempt_deadline_s + 15
 
 
 def test_compose_build_args_are_declared_in_the_dockerfile() -> None:

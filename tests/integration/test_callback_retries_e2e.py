@@ -1,7 +1,7 @@
 """Callback retries through a real worker: a receiver that fails, one that is gone, and one that never recovers.
 
-One worker with a short retry schedule and a single thread, so the events of a job are delivered in the order they
-were enqueued (the ``queued`` event is always handled before the job's later events).
+One worker with a short retry schedule and a single delivery thread, so the events of a job are delivered in the
+order they were enqueued (the ``queued`` event is always handled before the job's later events).
 """
 
 from __future__ import annotations
@@ -30,7 +30,12 @@ SCHEDULE = [0, 0.2, 0.2, 0.2]  # four attempts, 0.2 s apart
 
 @pytest.fixture(scope="module")
 def retry_worker(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    env = worker_env(stack, GENQ_WEBHOOK__RETRY_SCHEDULE_S=json.dumps(SCHEDULE), GENQ_WEBHOOK__JITTER="0")
+    env = worker_env(
+        stack,
+        GENQ_WEBHOOK__RETRY_SCHEDULE_S=json.dumps(SCHEDULE),
+        GENQ_WEBHOOK__JITTER="0",
+        GENQ_WEBHOOK__CONCURRENCY="1",  # the callbacks worker beside it: one delivery at a time
+    )
     log = tmp_path_factory.mktemp("retry-worker") / "worker.log"
     worker = WorkerProcess(env, log, queues="callbacks,generate", pool="threads", concurrency=1)
     try:

@@ -125,7 +125,10 @@ def lost_body(message: dict[str, object]) -> dict[str, str]:
 
 
 def test_pool_process_killed_mid_job_is_redelivered_and_completes(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
-    worker = start_worker(worker_env(stack, GENQ_BATCHING__MAX_BATCH="8"), pool="prefork", concurrency=1)
+    # Generation queues only: the callbacks worker `genq worker` would start beside it is a child process too.
+    generation = ",".join(constants.GENERATE_QUEUES.values())
+    env = worker_env(stack, GENQ_BATCHING__MAX_BATCH="8")
+    worker = start_worker(env, queues=generation, pool="prefork", concurrency=1)
     job = stack.client.submit(GenerateRequest(model="fmnist-cgan", label="coat", count=BIG, seed=4))
     wait_until(lambda: stack.client.status(job.id).progress.done >= 16, 60, "the first batches to be stored")
     (child,) = worker.children()

@@ -1,7 +1,14 @@
 """One attempt at delivering a callback event, and what follows it: the record, then a retry, a stop or a dead letter.
 
-:func:`run_delivery` is a plain function with its side effects injected (the Redis :class:`CallbackLedger` and a
-``requeue`` callable), called by the thin ``genq.deliver_callback`` task and tested directly.
+:func:`run_delivery` is a plain function with its side effects injected (the Redis :class:`CallbackLedger`, a
+``requeue`` callable and the process's :class:`Deliverer`), called by the thin ``genq.deliver_callback`` task and
+tested directly.
+
+A :class:`Deliverer` is what a delivery process keeps between attempts: one :class:`.send.WebhookClient` per thread
+(connections kept alive per receiver host) and :class:`HostSlots`, at most ``GENQ_WEBHOOK__MAX_IN_FLIGHT_PER_HOST``
+attempts at once to one receiver host. An event whose host has them all in flight goes back on the broker for a
+later turn instead of holding a thread: a receiver that hangs holds that many threads, each for at most
+``GENQ_WEBHOOK__ATTEMPT_DEADLINE_S``, and delays its own events only.
 
 Retries are explicit re-enqueues of the same message with ``attempt`` counted up and ``due_at`` set, not Celery's
 ``self.retry``: the attempt number and the due time travel in genq's own validated payload (and so in the dead-letter
@@ -16,15 +23,19 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from enum import StrEnum
+from urllib.parse import urlsplit
 
 import redis
 
 from producer.core import constants
 from producer.core.callbacks.events import CallbackDeadLetter, CallbackMessage, DeliveryRecord
-from producer.core.callbacks.send import DeliveryResult, deliver, hop_countdown, next_delay
+from producer.core.callbacks.send import DeliveryResult, WebhookClient, deliver, hop_countdown, next_delay
 from producer.core.callbacks.ssrf import vetted_addresses
 from producer.core.clock import utcnow
 from producer.core.settings import WebhookSettings
@@ -34,6 +45,10 @@ log = logging.getLogger("genq.callbacks")
 
 DEAD_LETTER_CAP = 10_000  # newest kept: a receiver down for days must not grow Redis without bound
 HOP_SLACK_S = 0.5  # a retry due this soon is sent now rather than put back for a moment (timer granularity, skew)
+HOST_WAIT_S = 0.5  # how long an attempt waits for a slot of a host that answers faster than this; slower: none
+MIN_TURN_S = 0.2  # the shortest a deferred event waits on the broker before its next turn
+PACE_WEIGHT = 0.3  # the weight of the latest attempt in a host's moving average of attempt durations
+MAX_HOSTS_PACED = 10_000  # hosts whose pace a process remembers (the oldest forgotten first)
 
 Requeue = Callable[[CallbackMessage, float], None]  # (message, countdown in seconds)
 
@@ -50,6 +65,7 @@ class Outcome(StrEnum):
     GONE = "gone"  # the receiver answered 410: no more events for this job
     SKIPPED = "skipped"  # not sent: the receiver answered 410 to an earlier event of this job
     REFUSED = "refused"  # not sent: the URL now reaches an address genq does not call (no retry)
+    DEFERRED = "deferred"  # not sent yet: its host had its most attempts in flight; put back for a later turn
 
 
 class CallbackLedger:
@@ -86,6 +102,123 @@ class CallbackLedger:
         return [CallbackDeadLetter.model_validate_json(item) for item in raw]
 
 
+class HostSlots:
+    """At most ``per_host`` attempts at once to one receiver host in this process, and when a deferred one may return.
+
+    An attempt that finds its host's slots taken waits up to ``wait_s`` for one while the host answers faster than
+    that (a burst to a healthy receiver), and otherwise is deferred at once (:meth:`turn_in`), so a receiver that
+    hangs holds ``per_host`` threads, never the pool. Thread-safe.
+    """
+
+    def __init__(self, per_host: int, *, wait_s: float = HOST_WAIT_S, clock: Callable[[], float] = time.monotonic):
+        if per_host < 1:
+            raise ValueError(f"per_host must be >= 1, got {per_host}")
+        self.per_host = per_host
+        self.wait_s = wait_s
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._running: dict[str, list[float]] = {}  # host -> start times of its attempts in flight
+        self._pace: dict[str, float] = {}  # host -> moving average of its attempts' durations, in seconds
+        self._next_turn: dict[str, float] = {}  # host -> the latest turn given to a deferred event (clock time)
+
+    def acquire(self, host: str) -> float | None:
+        """Take a slot of ``host``: its start time (to give to :meth:`release`), or None when none came free."""
+        with self._cond:
+            now = self._clock()
+            give_up = now + (0.0 if self._slow(host, now) else self.wait_s)
+            while len(self._running.get(host, ())) >= self.per_host:
+                left = give_up - self._clock()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+            started = self._clock()
+            self._running.setdefault(host, []).append(started)
+            return started
+
+    def release(self, host: str, started: float) -> None:
+        """Give back the slot taken at ``started``; the attempt's duration updates the host's pace."""
+        with self._cond:
+            running = self._running.get(host, [])
+            running.remove(started)
+            if not running:
+                del self._running[host]
+                self._forget_turns(host)
+            took = max(0.0, self._clock() - started)
+            previous = self._pace.pop(host, None)  # re-inserted last: the dict keeps hosts in order of use
+            self._pace[host] = took if previous is None else (1 - PACE_WEIGHT) * previous + PACE_WEIGHT * took
+            while len(self._pace) > MAX_HOSTS_PACED:
+                del self._pace[next(iter(self._pace))]
+            self._cond.notify_all()
+
+    def in_flight(self, host: str) -> int:
+        with self._cond:
+            return len(self._running.get(host, ()))
+
+    def turn_in(self, host: str) -> float:
+        """Seconds a deferred event of ``host`` should wait before it tries again.
+
+        Deferred events get turns one after another, spaced by the time an attempt at this host takes (its moving
+        average, or the age of its oldest attempt in flight if that is longer: a host that hangs has no finished
+        attempt yet) divided by ``per_host``: about when a slot frees, in their order of arrival, and a host that
+        hangs costs its events' turns at that pace only.
+        """
+        with self._cond:
+            now = self._clock()
+            spacing = max(self._pace.get(host, 0.0), self._oldest_age(host, now)) / self.per_host
+            turn = max(now, self._next_turn.get(host, now)) + max(spacing, MIN_TURN_S / self.per_host)
+            self._next_turn[host] = turn
+            return max(MIN_TURN_S, turn - now)
+
+    def _slow(self, host: str, now: float) -> bool:
+        return max(self._pace.get(host, 0.0), self._oldest_age(host, now)) >= self.wait_s
+
+    def _oldest_age(self, host: str, now: float) -> float:
+        running = self._running.get(host)
+        return now - min(running) if running else 0.0
+
+    def _forget_turns(self, host: str) -> None:
+        # Turns handed out and not due yet still pace the events holding them; past ones pace nothing.
+        if self._next_turn.get(host, 0.0) <= self._clock():
+            self._next_turn.pop(host, None)
+
+
+class Deliverer:
+    """What a delivery process keeps between attempts: a :class:`WebhookClient` per thread and the host slots."""
+
+    def __init__(self, webhook: WebhookSettings) -> None:
+        self.slots = HostSlots(webhook.max_in_flight_per_host)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._clients: list[WebhookClient] = []
+
+    def client(self) -> WebhookClient:
+        """The calling thread's client, made on its first attempt."""
+        client: WebhookClient | None = getattr(self._local, "client", None)
+        if client is None or client.is_closed:
+            client = WebhookClient()
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    @contextmanager
+    def turn(self, host: str) -> Iterator[bool]:
+        """Hold a slot of ``host`` for the block; yields False (and holds nothing) when none came free."""
+        started = self.slots.acquire(host)
+        try:
+            yield started is not None
+        finally:
+            if started is not None:
+                self.slots.release(host, started)
+
+    def close(self) -> None:
+        """Close every thread's connections."""
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
+
+
 def run_delivery(
     message: CallbackMessage,
     *,
@@ -93,25 +226,29 @@ def run_delivery(
     ledger: CallbackLedger,
     requeue: Requeue,
     max_hop_s: float,
+    deliverer: Deliverer | None = None,
     rng: random.Random | None = None,
     now: Callable[[], datetime] = utcnow,
 ) -> Outcome:
     """Make one attempt at delivering ``message`` (if it is due and may be sent), record it, and enqueue what follows.
 
     In order: a retry that is not due yet is put back (``requeue``) and nothing else happens; an event of a job whose
-    receiver answered 410 earlier is not sent; a URL that now reaches a refused address (:mod:`.ssrf`, with
-    ``webhook.allow_hosts``) is not sent and not retried; otherwise one signed POST, to the addresses just vetted.
+    receiver answered 410 earlier is not sent; an event whose receiver host has its most attempts in flight in this
+    process (``deliverer.slots``) is put back for a later turn, unrecorded and not counted as an attempt; a URL that
+    now reaches a refused address (:mod:`.ssrf`, with ``webhook.allow_hosts``) is not sent and not retried;
+    otherwise one signed POST, to the addresses just vetted, cut off at ``webhook.attempt_deadline_s``.
     Only 2xx counts. A 410 stops every later event of the job. Any other failure (including a host that does not
-    resolve) is retried after :func:`.send.next_delay`, or, once ``webhook.retry_schedule_s`` is used up,
-    dead-lettered.
+    resolve and a passed deadline) is retried after :func:`.send.next_delay`, or, once ``webhook.retry_schedule_s``
+    is used up, dead-lettered.
     Every attempt, and every event not sent, is recorded with its attempt number and next retry time.
 
     Args:
         message: the event, its URL, its ``webhook-id`` and attempt number.
-        webhook: secret, timeout, schedule, jitter and allow-list.
+        webhook: secret, timeouts, schedule, jitter and allow-list.
         ledger: where records, the 410 flag and dead letters live.
         requeue: sends a message back to the callbacks queue to run after a countdown (seconds).
         max_hop_s: the longest countdown a message may wait on the broker (half the visibility timeout).
+        deliverer: the process's clients and host slots; None: a client for this attempt alone, no host limit.
         rng: the jitter's random source (tests pass a seeded one).
         now: the clock.
 
@@ -134,23 +271,33 @@ def run_delivery(
         record(ok=False, sent=False, error=f"not sent: {gone} answered 410 Gone to an earlier event", at=started)
         return Outcome.SKIPPED
 
-    try:
-        addresses = vetted_addresses(message.url, webhook.allow_hosts)
-    except CallbackUrlRefused as exc:
-        record(ok=False, sent=False, error=f"not sent: {_reason(exc)}", at=started)
-        log.warning("callback %s of job %s refused: %s", message.msg_id, message.job_id, _reason(exc))
-        return Outcome.REFUSED
-    except CallbackHostUnresolved as exc:  # DNS may be back for the next attempt
-        result = DeliveryResult(ok=False, status_code=None, error=_reason(exc), duration_ms=0.0)
-    else:
-        result = deliver(
-            message.url,
-            message.event,
-            secret=webhook.secret,
-            msg_id=message.msg_id,
-            timeout_s=webhook.timeout_s,
-            connect_to=addresses,  # the vetted addresses: no second lookup that could answer differently
-        )
+    host = _host_of(message.url)
+    with _turn(deliverer, host) as busy_for:
+        if busy_for is not None:  # the host has its most attempts in flight: back on the broker for a later turn
+            later = message.model_copy(update={"due_at": started + timedelta(seconds=busy_for)})
+            requeue(later, hop_countdown(busy_for, max_hop_s))
+            log.debug("callback %s of job %s deferred %.1f s: %s busy", message.msg_id, message.job_id, busy_for, host)
+            return Outcome.DEFERRED
+        try:
+            addresses = vetted_addresses(message.url, webhook.allow_hosts)
+        except CallbackUrlRefused as exc:
+            refusal = _reason(exc)
+            record(ok=False, sent=False, error=f"not sent: {refusal}", at=started)
+            log.warning("callback %s of job %s refused: %s", message.msg_id, message.job_id, refusal)
+            return Outcome.REFUSED
+        except CallbackHostUnresolved as exc:  # DNS may be back for the next attempt
+            result = DeliveryResult(ok=False, status_code=None, error=_reason(exc), duration_ms=0.0)
+        else:
+            result = deliver(
+                message.url,
+                message.event,
+                secret=webhook.secret,
+                msg_id=message.msg_id,
+                timeout_s=webhook.timeout_s,
+                deadline_s=webhook.attempt_deadline_s,
+                client=None if deliverer is None else deliverer.client(),
+                connect_to=addresses,  # the vetted addresses: no second lookup that could answer differently
+            )
 
     attempted = {
         "ok": result.ok,
@@ -206,3 +353,21 @@ def run_delivery(
 
 def _reason(exc: Exception) -> str:
     return str(exc).removeprefix("callback.url: ")
+
+
+def _host_of(url: str) -> str:
+    try:
+        return (urlsplit(url).hostname or "").lower()
+    except ValueError:  # malformed: the SSRF check refuses it, under one shared key
+        return ""
+
+
+@contextmanager
+def _turn(deliverer: Deliverer | None, host: str) -> Iterator[float | None]:
+    # Holds a slot of the host for the block and yields None; or, none free, holds nothing and yields how long the
+    # event should wait before its next turn.
+    if deliverer is None:
+        yield None
+        return
+    with deliverer.turn(host) as admitted:
+        yield None if admitted else deliverer.slots.turn_in(host)

@@ -1,23 +1,48 @@
-"""Delivering callback events: one signed POST per attempt, and the retry policy, as pure functions.
+"""Delivering callback events: one signed POST per attempt over connections kept alive per receiver host, and the
+retry policy, as pure functions.
 
-``deliver`` makes exactly one attempt and reports what happened without raising; ``next_delay`` and
-``hop_countdown`` decide when the next attempt is due and how long a message may wait on the broker;
-``producer.core.callbacks.delivery`` puts them together with the records kept in Redis.
+``deliver`` makes exactly one attempt and reports what happened without raising; a :class:`WebhookClient` carries
+the attempts of one delivery thread (a connection pool per receiver host, pinned to the addresses the SSRF guard
+vetted, every attempt held to a wall-clock deadline); ``next_delay`` and ``hop_countdown`` decide when the next
+attempt is due and how long a message may wait on the broker; ``producer.core.callbacks.delivery`` puts them
+together with the records kept in Redis.
 """
 
 from __future__ import annotations
 
+import functools
 import random
+import ssl
+import threading
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
 
+import httpcore
 import httpx
 
 from producer.contract import WebhookEvent
 from producer.core.callbacks.signing import signed_headers
 
 USER_AGENT = "genq-webhooks/1"
+# An idle connection is dropped after this long, before the receiver's own idle timeout is likely to close it under
+# a request (Node's default is 5 s, nginx's 75 s).
+KEEPALIVE_S = 4.0
+MAX_HOSTS = 16  # receiver hosts one client keeps connections to; the least recently used host's pool is closed
+MAX_ANSWER_BYTES = 64 * 1024  # an answer body is read (for the connection to carry the next event) up to this much
+
+# What a failed POST raises: the network, the protocol, a timeout (ours or the receiver's), a URL it cannot use.
+_HTTP_ERRORS = (
+    httpcore.TimeoutException,
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.UnsupportedProtocol,
+    httpx.InvalidURL,
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +60,227 @@ class DeliveryResult:
         return self.status_code == 410
 
 
+@functools.cache
+def shared_ssl_context() -> ssl.SSLContext:
+    """The TLS context (CA bundle, verification on) every :class:`WebhookClient` of this process shares.
+
+    Loading the CA bundle costs about 20 ms of CPU; a context made per attempt cost more than the POST itself
+    (23 ms against 1.4 ms, issue 17). An ``SSLContext`` is safe to share between threads.
+    """
+    return httpx.create_ssl_context()
+
+
+class WebhookClient:
+    """The HTTP connections of one delivery thread: a pool per receiver host, reused from attempt to attempt.
+
+    A pool is keyed by the URL's scheme, host name and port, and connects only to the addresses an attempt passes
+    (the ones the SSRF guard vetted for it), so a connection is reused only by the same host at an address vetted
+    again for this attempt, and a TLS connection verified for one name never carries another host's events. Every
+    read, write, connect and TLS handshake of an attempt is cut to what is left of the attempt's deadline, so a
+    receiver that trickles its answer a byte at a time cannot hold the thread past it (a per-read timeout alone
+    would never fire). A host's pool is closed once unused for ``keepalive_s`` (at the next attempt) and the least
+    recently used beyond ``max_hosts``: a thread holds at most ``max_hosts`` idle connections.
+
+    Not for several threads at once: give each delivery thread its own (:class:`.delivery.Deliverer` does).
+    """
+
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        keepalive_s: float = KEEPALIVE_S,
+        max_hosts: int = MAX_HOSTS,
+    ) -> None:
+        self._ssl_context = ssl_context or shared_ssl_context()
+        self._keepalive_s = keepalive_s
+        self._max_hosts = max_hosts
+        self._backend = _DeadlineBackend()
+        # Least recently used first: (scheme, host, port) -> (the pool, when it was last used: time.monotonic()).
+        self._pools: OrderedDict[tuple[bytes, bytes, int | None], tuple[httpcore.ConnectionPool, float]] = OrderedDict()
+        self._closed = False
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def connections(self) -> int:
+        """Connections open now, over every host (idle ones included)."""
+        return sum(len(pool.connections) for pool, _ in self._pools.values())
+
+    def post(
+        self,
+        url: httpx.URL,
+        addresses: Sequence[str],
+        body: bytes,
+        headers: dict[str, str],
+        *,
+        timeout_s: float,
+        deadline_at: float | None,
+    ) -> int:
+        """POST ``body`` to ``url`` at the first of ``addresses`` that accepts a connection; return the status code.
+
+        ``addresses`` empty: connect to the URL's host by name. ``deadline_at`` (``time.monotonic()``): nothing of
+        the attempt runs past it. Raises httpcore's errors (:data:`_HTTP_ERRORS`).
+        """
+        if self._closed:
+            raise RuntimeError("this WebhookClient is closed")
+        if url.scheme not in ("http", "https"):
+            raise httpcore.UnsupportedProtocol(f"callbacks are sent over http or https, not {url.scheme!r}")
+        if not url.host:
+            raise httpx.InvalidURL(f"callback URL {str(url)[:200]!r} has no host")
+        pool = self._pool(url)
+        # The request goes to the address; the receiver still sees its own name in Host, and TLS checks the
+        # certificate against that name (SNI), not against the address.
+        request_headers = [("host", url.netloc.decode("ascii")), *headers.items()]
+        extensions: dict[str, Any] = {"timeout": dict.fromkeys(("connect", "read", "write", "pool"), timeout_s)}
+        if url.scheme == "https":
+            extensions["sni_hostname"] = url.host
+        targets = [_origin(url, address) for address in addresses] or [_origin(url, None)]
+        with self._backend.deadline(deadline_at):
+            for target in targets[:-1]:
+                try:
+                    return _send(pool, target, body, request_headers, extensions)
+                except (httpcore.ConnectError, httpcore.ConnectTimeout):
+                    continue  # nothing was sent: try the next address
+            return _send(pool, targets[-1], body, request_headers, extensions)
+
+    def close(self) -> None:
+        """Close every connection; the client cannot be used afterwards."""
+        self._closed = True
+        while self._pools:
+            _, (pool, _used) = self._pools.popitem()
+            pool.close()
+
+    def __enter__(self) -> WebhookClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _pool(self, url: httpx.URL) -> httpcore.ConnectionPool:
+        key = (url.raw_scheme, url.raw_host.lower(), url.port)
+        now = time.monotonic()
+        found = self._pools.pop(key, None)
+        pool = found[0] if found is not None else None
+        # The others, oldest first: close those idle past the keep-alive (their connections would be stale anyway)
+        # and those beyond the host cap, so an idle thread does not sit on sockets the receivers closed.
+        while self._pools:
+            oldest, (idle, used) = next(iter(self._pools.items()))
+            if now - used < self._keepalive_s and len(self._pools) < self._max_hosts:
+                break
+            del self._pools[oldest]
+            idle.close()
+        if pool is None:
+            pool = httpcore.ConnectionPool(
+                ssl_context=self._ssl_context,
+                max_connections=4,  # one attempt at a time per thread; a few addresses of one host
+                max_keepalive_connections=2,  # a host whose name answers with two addresses in turn
+                keepalive_expiry=self._keepalive_s,
+                network_backend=self._backend,
+            )
+        self._pools[key] = (pool, now)
+        return pool
+
+
+def _origin(url: httpx.URL, address: str | None) -> httpcore.URL:
+    host = url.raw_host if address is None else address.encode("ascii")
+    return httpcore.URL(scheme=url.raw_scheme, host=host, port=url.port, target=url.raw_path)
+
+
+def _send(
+    pool: httpcore.ConnectionPool,
+    target: httpcore.URL,
+    body: bytes,
+    headers: list[tuple[str, str]],
+    extensions: dict[str, Any],
+) -> int:
+    with pool.stream("POST", target, headers=headers, content=body, extensions=extensions) as response:
+        status = response.status
+        # Read a short answer to its end, so the connection can carry the next event; a long one is cut off (the
+        # connection is closed instead). The answer is in already: a receiver that stalls here loses nothing.
+        try:
+            read = 0
+            for chunk in response.iter_stream():
+                read += len(chunk)
+                if read > MAX_ANSWER_BYTES:
+                    break
+        except _HTTP_ERRORS:
+            pass
+        return status
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's socket backend, with every operation's timeout cut to what is left of the calling thread's
+    attempt deadline (``socket.settimeout`` per operation; CPython's TLS handshake and reads honour it as a whole)."""
+
+    def __init__(self) -> None:
+        self._sockets = httpcore.SyncBackend()
+        self._local = threading.local()
+
+    @contextmanager
+    def deadline(self, at: float | None) -> Iterator[None]:
+        self._local.at = at
+        try:
+            yield
+        finally:
+            self._local.at = None
+
+    def timeout(self, timeout: float | None, expired: type[Exception]) -> float | None:
+        at: float | None = getattr(self._local, "at", None)
+        if at is None:
+            return timeout
+        left = at - time.monotonic()
+        if left <= 0:
+            raise expired("the attempt's deadline has passed")
+        return left if timeout is None else min(timeout, left)
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        stream = self._sockets.connect_tcp(
+            host, port, self.timeout(timeout, httpcore.ConnectTimeout), local_address, socket_options
+        )
+        return _DeadlineStream(stream, self)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        raise httpcore.UnsupportedProtocol("callbacks are sent over TCP only")
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, stream: httpcore.NetworkStream, backend: _DeadlineBackend) -> None:
+        self._stream = stream
+        self._backend = backend
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, self._backend.timeout(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, self._backend.timeout(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        tls = self._stream.start_tls(
+            ssl_context, server_hostname, self._backend.timeout(timeout, httpcore.ConnectTimeout)
+        )
+        return _DeadlineStream(tls, self._backend)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
 def deliver(
     url: str,
     event: WebhookEvent,
@@ -42,28 +288,32 @@ def deliver(
     secret: str,
     msg_id: str,
     timeout_s: float,
-    client: httpx.Client | None = None,
+    deadline_s: float | None = None,
+    client: WebhookClient | None = None,
     connect_to: Sequence[str] = (),
 ) -> DeliveryResult:
     """POST one event to ``url``, signed with Standard Webhooks v1 headers; make a single attempt.
 
     The body is ``event.model_dump_json()`` and is sent byte for byte as signed. Redirects are not followed
-    (a 3xx is a failed delivery), and the response body is never read.
+    (a 3xx is a failed delivery), and at most :data:`MAX_ANSWER_BYTES` of the answer body are read (and dropped).
 
     Args:
         url: the callback URL.
         event: the event to send.
         secret: the ``whsec_`` signing secret.
         msg_id: the ``webhook-id``; the same on every retry of this event.
-        timeout_s: limit for each phase of the request (connect, write, read), in seconds.
-        client: an ``httpx.Client`` to reuse connections; by default a new one is made and closed.
+        timeout_s: limit for each phase of the request (connect, each write, each read), in seconds.
+        deadline_s: wall-clock limit for the whole attempt (connect, TLS, send, the answer's headers and body), in
+            seconds; None: only ``timeout_s`` applies, which a receiver sending a byte now and then never reaches.
+        client: the delivery thread's :class:`WebhookClient`, whose connections are reused; by default a new one is
+            made and closed.
         connect_to: the addresses to connect to, in order, instead of looking the host up again (the ones the SSRF
             guard vetted, so DNS cannot answer differently in between); ``Host`` and TLS SNI stay the URL's host.
             The next address is tried only when connecting fails, before anything is sent.
 
     Returns:
-        A ``DeliveryResult``. Network errors and timeouts come back as ``ok=False`` with the error text; they are
-        never raised.
+        A ``DeliveryResult``. Network errors, timeouts and a passed deadline come back as ``ok=False`` with the
+        error text; they are never raised.
 
     Raises:
         ValueError: the secret is malformed (a configuration error, raised before anything is sent).
@@ -72,14 +322,19 @@ def deliver(
     headers = signed_headers(secret, msg_id, body)
     headers["user-agent"] = USER_AGENT
     started = time.perf_counter()
+    deadline_at = None if deadline_s is None else time.monotonic() + deadline_s
+    own = client is None
+    http = WebhookClient() if client is None else client
     try:
-        if client is None:
-            with httpx.Client(follow_redirects=False) as own_client:
-                status = _post_to_first(own_client, url, connect_to, body, headers, timeout_s)
-        else:
-            status = _post_to_first(client, url, connect_to, body, headers, timeout_s)
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        return DeliveryResult(ok=False, status_code=None, error=_describe(exc), duration_ms=_elapsed_ms(started))
+        status = http.post(httpx.URL(url), connect_to, body, headers, timeout_s=timeout_s, deadline_at=deadline_at)
+    except _HTTP_ERRORS as exc:
+        error = _describe(exc)
+        if deadline_at is not None and isinstance(exc, httpcore.TimeoutException) and time.monotonic() >= deadline_at:
+            error = f"no answer within the attempt deadline of {deadline_s:g} s ({error})"
+        return DeliveryResult(ok=False, status_code=None, error=error, duration_ms=_elapsed_ms(started))
+    finally:
+        if own:
+            http.close()
     ok = 200 <= status < 300
     return DeliveryResult(
         ok=ok,
@@ -89,50 +344,8 @@ def deliver(
     )
 
 
-def _post_to_first(
-    client: httpx.Client,
-    url: str,
-    addresses: Sequence[str],
-    body: bytes,
-    headers: dict[str, str],
-    timeout_s: float,
-) -> int:
-    if not addresses:
-        return _post(client, httpx.URL(url), body, headers, timeout_s, {})
-    target = httpx.URL(url)
-    # The request goes to the address; the receiver still sees its own name in Host, and TLS checks the
-    # certificate against that name (SNI), not against the address.
-    pinned_headers = {**headers, "host": target.netloc.decode("ascii")}
-    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-    for address in addresses[:-1]:
-        try:
-            return _post(client, target.copy_with(host=address), body, pinned_headers, timeout_s, extensions)
-        except httpx.ConnectError:
-            continue  # nothing was sent: try the next address
-    return _post(client, target.copy_with(host=addresses[-1]), body, pinned_headers, timeout_s, extensions)
-
-
-def _post(
-    client: httpx.Client,
-    url: httpx.URL,
-    body: bytes,
-    headers: dict[str, str],
-    timeout_s: float,
-    extensions: dict[str, str],
-) -> int:
-    # Stream and close without reading: a receiver's answer body is of no use and could be arbitrarily large.
-    request = client.build_request(
-        "POST", url, content=body, headers=headers, timeout=httpx.Timeout(timeout_s), extensions=extensions
-    )
-    response = client.send(request, stream=True, follow_redirects=False)
-    try:
-        return response.status_code
-    finally:
-        response.close()
-
-
 def _describe(exc: Exception) -> str:
-    # httpx timeouts often carry an empty message; the class name (ReadTimeout, ConnectError) says what happened.
+    # Timeouts often carry an empty message; the class name (ReadTimeout, ConnectError) says what happened.
     detail = str(exc)
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
+from keepalive_receiver import KeepAliveReceiver
 from webhook_receiver import WebhookReceiver
 
 from producer.contract import Callback, EventType, JobStatus, JobView, Progress
 from producer.core import constants
-from producer.core.callbacks.delivery import CallbackLedger, Outcome, run_delivery
+from producer.core.callbacks.delivery import CallbackLedger, Deliverer, HostSlots, Outcome, run_delivery
 from producer.core.callbacks.events import CallbackMessage, DeliveryRecord, callback_message
 from producer.core.callbacks.send import hop_countdown, next_delay
 from producer.core.settings import STANDARD_RETRY_SCHEDULE_S, WebhookSettings
@@ -95,6 +97,51 @@ def test_hop_countdown_needs_a_positive_hop() -> None:
         hop_countdown(10.0, 0.0)
 
 
+# -- host slots: pure, with a fake clock -------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_host_gets_at_most_its_slots_and_other_hosts_are_unaffected() -> None:
+    slots = HostSlots(2, wait_s=0.0, clock=Clock())
+    first, second = slots.acquire("slow.example"), slots.acquire("slow.example")
+    assert first is not None and second is not None
+    assert slots.acquire("slow.example") is None  # full: turned away at once, no thread held
+    assert slots.acquire("fast.example") is not None
+    slots.release("slow.example", first)
+    assert slots.acquire("slow.example") is not None and slots.in_flight("slow.example") == 2
+
+
+def test_deferred_turns_follow_each_other_at_the_pace_of_the_hosts_attempts() -> None:
+    clock = Clock()
+    slots = HostSlots(2, wait_s=0.0, clock=clock)
+    started = [slots.acquire("hang.example") for _ in range(2)]
+    clock.t += 10.0  # both still in flight after 10 s: the host takes at least that long per attempt
+    assert [round(slots.turn_in("hang.example"), 6) for _ in range(3)] == [5.0, 10.0, 15.0]
+    for start in started:
+        assert start is not None
+        slots.release("hang.example", start)  # each took 10 s
+    clock.t += 15.0  # the turns handed out are past: the next one starts from now, at the measured pace
+    assert slots.turn_in("hang.example") == pytest.approx(5.0)
+    assert slots.turn_in("quick.example") == pytest.approx(0.2)  # unknown and idle: the shortest wait
+
+
+def test_an_attempt_waits_briefly_for_a_quick_hosts_slot() -> None:
+    slots = HostSlots(1, wait_s=2.0)
+    held = slots.acquire("quick.example")
+    assert held is not None
+    timer = threading.Timer(0.1, slots.release, ("quick.example", held))
+    timer.start()
+    assert slots.acquire("quick.example") is not None  # waited ~0.1 s instead of going back on the broker
+    timer.join()
+
+
 # -- one delivery run, against real Redis and a real receiver ---------------------------------------------------
 
 JOB_ID = "job-delivery-1"
@@ -119,10 +166,17 @@ def _message(url: str, event: EventType = EventType.SUCCEEDED, seq: int = 3, job
 class Harness:
     """run_delivery with a controllable clock and the requeued messages collected instead of sent."""
 
-    def __init__(self, client: redis.Redis, webhook: WebhookSettings, max_hop_s: float = 1800.0) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        webhook: WebhookSettings,
+        max_hop_s: float = 1800.0,
+        deliverer: Deliverer | None = None,
+    ) -> None:
         self.ledger = CallbackLedger(client, ttl_s=3600)
         self.webhook = webhook
         self.max_hop_s = max_hop_s
+        self.deliverer = deliverer
         self.now = T0
         self.requeued: list[tuple[CallbackMessage, float]] = []
 
@@ -134,6 +188,7 @@ class Harness:
             ledger=self.ledger,
             requeue=lambda m, countdown: self.requeued.append((m, countdown)),
             max_hop_s=self.max_hop_s,
+            deliverer=self.deliverer,
             rng=random.Random(7),
             now=clock,
         )
@@ -289,3 +344,64 @@ def test_the_post_goes_to_the_vetted_address_without_a_second_lookup(
     assert lookups == ["hooks.shop.test"]  # one lookup: checked and connected to the same answer
     [received] = webhook_receiver.wait_for(1)
     assert received.headers["host"] == f"hooks.shop.test:{port}" and received.verified
+
+
+def test_an_event_whose_host_is_busy_goes_back_for_a_later_turn_unsent_and_unrecorded(
+    redis_client: redis.Redis, webhook_receiver: WebhookReceiver
+) -> None:
+    webhook = _webhook(max_in_flight_per_host=1)
+    deliverer = Deliverer(webhook)
+    harness = Harness(redis_client, webhook, deliverer=deliverer)
+    held = deliverer.slots.acquire("127.0.0.1")  # another thread's attempt, hanging
+    assert held is not None
+    message = _message(webhook_receiver.url)
+    assert harness.run(message) is Outcome.DEFERRED
+    [(later, countdown)] = harness.requeued
+    assert later.attempt == 1 and later.msg_id == message.msg_id  # not an attempt: the same one, later
+    assert later.due_at == T0 + timedelta(seconds=countdown) and countdown >= 0.2
+    assert harness.records() == [] and webhook_receiver.received == []
+
+    deliverer.slots.release("127.0.0.1", held)
+    harness.now = later.due_at or T0
+    assert harness.run(later) is Outcome.DELIVERED
+    assert [r.attempt for r in harness.records()] == [1]
+    deliverer.close()
+
+
+def test_a_reused_client_still_refuses_a_host_that_rebinds_to_an_internal_address(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers = iter([["127.0.0.1"], ["10.0.0.1"], ["127.0.0.1"]])  # public (allow-listed), rebound, back again
+    monkeypatch.setattr("producer.core.callbacks.ssrf.resolve_host", lambda host: next(answers))
+    webhook = _webhook()
+    deliverer = Deliverer(webhook)
+    harness = Harness(redis_client, webhook, deliverer=deliverer)
+    with KeepAliveReceiver() as receiver:
+        url = f"http://hooks.shop.test:{receiver.port}/hook"
+        assert harness.run(_message(url, seq=1)) is Outcome.DELIVERED
+        assert deliverer.client().connections() == 1  # kept alive, to 127.0.0.1
+        assert harness.run(_message(url, seq=2)) is Outcome.REFUSED  # vetted again: the live connection is no pass
+        assert harness.run(_message(url, seq=3)) is Outcome.DELIVERED
+    first, third = receiver.requests  # the refused event never reached the receiver
+    assert first.peer == third.peer  # the connection had stayed open all along
+    refused = harness.records()[1]
+    assert not refused.sent and refused.error is not None and "10.0.0.1 (private)" in refused.error
+    deliverer.close()
+
+
+def test_a_trickling_receiver_fails_the_attempt_at_its_deadline_and_it_is_retried(redis_client: redis.Redis) -> None:
+    webhook = _webhook(timeout_s=5.0, attempt_deadline_s=0.8, retry_schedule_s=[0, 0.2])
+    deliverer = Deliverer(webhook)
+    harness = Harness(redis_client, webhook, deliverer=deliverer)
+    with KeepAliveReceiver(trickle_s=0.25) as tarpit:
+        assert harness.run(_message(tarpit.url())) is Outcome.RETRYING
+        [(retry, _)] = harness.requeued
+        harness.now = retry.due_at or T0
+        assert harness.run(retry) is Outcome.DEAD_LETTERED
+    first, last = harness.records()
+    assert first.error is not None and first.error.startswith("no answer within the attempt deadline of 0.8 s")
+    assert 750 <= first.duration_ms < 2000 and last.dead_lettered
+    assert deliverer.slots.in_flight("127.0.0.1") == 0  # both slots given back
+    [letter] = harness.ledger.dead_letters()
+    assert letter.attempts == 2 and letter.last_error == last.error
+    deliverer.close()

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import time
 from datetime import UTC, datetime
 
-import httpx
 import pytest
+from keepalive_receiver import KeepAliveReceiver
 from webhook_receiver import WebhookReceiver
 
 from producer.contract import EventType, JobStatus, JobView, Progress, WebhookEvent
-from producer.core.callbacks.send import USER_AGENT, DeliveryResult, deliver
+from producer.core.callbacks.send import USER_AGENT, DeliveryResult, WebhookClient, deliver
 from producer.core.callbacks.signing import msg_id_for, sign
 from producer.core.settings import DEV_WEBHOOK_SECRET
 
@@ -137,12 +138,72 @@ def test_unusable_url_gives_an_error_instead_of_raising(url: str) -> None:
 
 
 def test_a_given_client_is_used_and_left_open(webhook_receiver: WebhookReceiver) -> None:
-    with httpx.Client() as client:
+    with WebhookClient() as client:
         first = _deliver(webhook_receiver.url, client=client)
         second = _deliver(webhook_receiver.url, client=client)
         assert not client.is_closed
+    assert client.is_closed
     assert first.ok and second.ok
     assert all(r.verified for r in webhook_receiver.wait_for(2))
+
+
+def test_a_reused_client_sends_a_hosts_events_over_one_kept_alive_connection() -> None:
+    with KeepAliveReceiver() as receiver, WebhookClient() as client:
+        results = [_deliver(receiver.url(), client=client) for _ in range(5)]
+        assert client.connections() == 1
+    assert all(r.ok for r in results), results
+    assert len({request.peer for request in receiver.requests}) == 1  # one client socket carried all five
+
+
+def test_two_host_names_at_one_address_never_share_a_connection() -> None:
+    # TLS would verify a connection for one name only: another host's events must not ride on it.
+    with KeepAliveReceiver() as receiver, WebhookClient() as client:
+        for name in ("hooks.a.invalid", "hooks.b.invalid", "hooks.a.invalid", "hooks.b.invalid"):
+            assert _deliver(f"http://{name}:{receiver.port}/hook", client=client, connect_to=["127.0.0.1"]).ok
+    first_a, first_b, second_a, second_b = receiver.requests
+    assert first_a.peer == second_a.peer and first_b.peer == second_b.peer and first_a.peer != first_b.peer
+    assert [r.host.split(":")[0] for r in receiver.requests] == ["hooks.a.invalid", "hooks.b.invalid"] * 2
+
+
+def test_a_kept_alive_connection_is_used_only_for_an_address_vetted_again() -> None:
+    # The same host, vetted to 127.0.0.2 this time: the pooled connection to 127.0.0.1 must not carry it.
+    with KeepAliveReceiver(hosts=("127.0.0.1", "127.0.0.2")) as receiver, WebhookClient() as client:
+        url = f"http://hooks.shop.invalid:{receiver.port}/hook"
+        for address in ("127.0.0.1", "127.0.0.2", "127.0.0.1"):
+            assert _deliver(url, client=client, connect_to=[address]).ok
+    assert [r.local_address for r in receiver.requests] == ["127.0.0.1", "127.0.0.2", "127.0.0.1"]
+    assert receiver.requests[0].peer == receiver.requests[2].peer  # back on 127.0.0.1's kept-alive connection
+
+
+def test_idle_hosts_and_hosts_beyond_the_cap_have_their_connections_closed() -> None:
+    with KeepAliveReceiver() as receiver, WebhookClient(keepalive_s=0.3, max_hosts=2) as client:
+
+        def send(name: str) -> None:
+            assert _deliver(f"http://{name}:{receiver.port}/hook", client=client, connect_to=["127.0.0.1"]).ok
+
+        send("hooks.a.invalid")
+        time.sleep(0.4)
+        send("hooks.b.invalid")
+        assert client.connections() == 1  # a's, idle past the keep-alive, closed at this attempt
+        send("hooks.c.invalid")
+        send("hooks.d.invalid")
+        assert client.connections() == 2  # b's closed too: two hosts at most
+
+
+def test_a_receiver_trickling_its_answer_is_cut_off_at_the_attempt_deadline() -> None:
+    # One byte every 0.3 s never trips the 5 s per-read timeout; the 1 s deadline for the whole attempt does.
+    with KeepAliveReceiver(trickle_s=0.3) as tarpit, WebhookClient() as client:
+        result = _deliver(tarpit.url(), client=client, timeout_s=5.0, deadline_s=1.0)
+        assert client.connections() == 0  # a connection cut off mid-answer is never reused
+    assert not result.ok and result.status_code is None
+    assert result.error is not None and result.error.startswith("no answer within the attempt deadline of 1 s")
+    assert 950 <= result.duration_ms < 2000
+
+
+def test_without_a_deadline_only_the_per_read_timeout_applies() -> None:
+    with KeepAliveReceiver(trickle_s=0.05) as slow:
+        result = _deliver(slow.url(), timeout_s=1.0)  # 38 bytes, 0.05 s apart: ~2 s in all, no read over 1 s
+    assert result.ok and result.duration_ms > 1500
 
 
 def test_malformed_secret_raises_before_anything_is_sent(webhook_receiver: WebhookReceiver) -> None:
