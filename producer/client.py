@@ -37,9 +37,10 @@ from producer.core.callbacks.events import CallbackMessage, callback_message
 from producer.core.callbacks.pending import PendingCallbacks
 from producer.core.clock import utcnow
 from producer.core.messages import JobMessage, callback_task, job_messages
-from producer.core.resolve import dataset_prefix, resolve_finetune, resolve_request
+from producer.core.records import as_text
+from producer.core.resolve import dataset_prefix, resolve_finetune, resolve_request, visible_models
 from producer.core.s3 import make_s3_client
-from producer.core.store import JobStore, as_text
+from producer.core.store import JobStore
 from producer.errors import IdempotencyConflict, InvalidJob, JobEnded, JobNotFound, JobTimeout
 from producer.settings import ClientSettings
 from producer.uploads import ProgressFn, Upload, archive_reference, upload_dataset
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
     from celery import Celery
 
 log = logging.getLogger("genq.client")
+# How long identical requests sent at once wait for the first one's job to be recorded (it takes milliseconds).
+_REPLAY_WAIT_S = 10.0
 
 Request = TypeVar("Request", GenerateRequest, FineTuneRequest)
 Job = TypeVar("Job", GenerateJob, FineTuneJob)
@@ -74,9 +77,25 @@ class Client:
     # -- submitting ---------------------------------------------------------------------------------------
 
     def models(self) -> dict[str, ModelEntry]:
-        """The model catalogue published by workers."""
-        raw = self.redis.hgetall(constants.CATALOG_KEY)
-        return {as_text(k): ModelEntry.model_validate_json(v) for k, v in raw.items()}
+        """The whole model catalogue published by workers, every owner's, by catalogue key (``ModelEntry.key``).
+
+        The operator's view; what a tenant may see and name is :meth:`visible_models`. A record that does not parse
+        is logged and left out, so one bad entry never refuses every request.
+        """
+        catalog: dict[str, ModelEntry] = {}
+        for key, raw in self.redis.hgetall(constants.CATALOG_KEY).items():
+            try:
+                catalog[as_text(key)] = ModelEntry.model_validate_json(raw)
+            except ValueError as exc:  # pydantic's ValidationError is a ValueError
+                log.warning("ignoring catalogue entry %r: %s", as_text(key), exc)
+        return catalog
+
+    def visible_models(self, tenant: str | None) -> dict[str, ModelEntry]:
+        """The models ``tenant`` may see and name, by name: the system's and its own (None: the system's only).
+
+        Another tenant's models are not there at all (see :func:`producer.core.resolve.visible_models`).
+        """
+        return visible_models(self.models(), tenant)
 
     def submit(
         self,
@@ -181,10 +200,14 @@ class Client:
     ) -> JobView:
         """Claim the idempotency key, resolve, admit, then record and enqueue; a replayed key answers its job."""
         job_id = uuid.uuid4().hex
-        if request.idempotency_key is not None:
+        while request.idempotency_key is not None:
             existing = self._claim_idempotency_key(request, job_id, tenant)
-            if existing is not None:
-                return self.store.get(existing)
+            if existing is None:
+                break  # the key is ours: submit
+            view = self._replay(request, existing, tenant)
+            if view is not None:
+                return view
+            # the request that held the key was refused and let it go: try to claim it ourselves
         try:
             job = resolve(job_id)
             if admit is not None:
@@ -289,6 +312,29 @@ class Client:
                 f"(job {earlier['job_id']})"
             )
         return str(earlier["job_id"])
+
+    def _replay(self, request: GenerateRequest | FineTuneRequest, job_id: str, tenant: str | None) -> JobView | None:
+        """The view of the job an earlier request with the same key made; None if that request let the key go.
+
+        Identical requests sent at once all find the first one's claim before its job is recorded (it is still
+        resolving and admitting): each waits for the record rather than answering "not found".
+        """
+        key = self._idempotency_redis_key(request, tenant)
+        deadline = time.monotonic() + _REPLAY_WAIT_S
+        while True:
+            try:
+                return self.store.get(job_id)
+            except JobNotFound:
+                pass
+            raw = self.redis.get(key)
+            if raw is None or json.loads(raw)["job_id"] != job_id:
+                return None
+            if time.monotonic() >= deadline:
+                raise IdempotencyConflict(
+                    f"idempotency key {request.idempotency_key!r}: the request that first used it is still being "
+                    f"submitted after {_REPLAY_WAIT_S:g} s; retry in a moment"
+                )
+            time.sleep(0.02)
 
     def _release_idempotency_key(self, request: GenerateRequest | FineTuneRequest, tenant: str | None) -> None:
         if request.idempotency_key is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from producer.contract import Priority
 from producer.core.settings import GenqSettings
 
 
@@ -20,7 +21,18 @@ class ApiSettings(BaseModel):
     burst: int = Field(default=20, ge=1, description="Requests a key may make at once (token bucket size).")
     max_queued: int = Field(default=100, ge=1, description="Default per-key limit of queued or running jobs.")
     images_per_day: int = Field(default=100_000, ge=1, description="Default per-key images per UTC day.")
+    max_priority: Priority = Field(
+        default="normal",
+        description="Default highest priority a key may ask for; `high` only for keys granted it (genq keys create).",
+    )
+    train_images_per_day: int = Field(
+        default=2_000_000,
+        ge=1,
+        description="Default per-key training images (steps x batch size of its fine-tunes) per UTC day.",
+    )
+    max_finetunes: int = Field(default=2, ge=1, description="Default per-key fine-tunes queued or running at once.")
     events_poll_s: float = Field(default=0.5, gt=0, description="How often an SSE stream re-reads its job.")
+    max_streams: int = Field(default=10, ge=1, description="Event streams (SSE) one key may hold open at once.")
     ready_timeout_s: float = Field(default=2.0, gt=0, description="Timeout of each readiness probe (Redis, S3).")
 
 

@@ -86,7 +86,7 @@ def api_settings(redis_url: str, bucket: str = "genq", **api: Any) -> ClientSett
     )
 
 
-def make_key(client: redis.Redis, tenant: str, **quotas: int) -> str:
+def make_key(client: redis.Redis, tenant: str, **quotas: Any) -> str:
     secret, _ = KeyStore(client).create(tenant, name="test", quotas=KeyQuotas(**quotas))
     return secret
 

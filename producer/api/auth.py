@@ -18,10 +18,10 @@ from datetime import datetime
 import redis
 from pydantic import BaseModel, Field, ValidationError
 
-from producer.contract import TENANT_PATTERN
+from producer.contract import TENANT_PATTERN, Priority
 from producer.core import constants
 from producer.core.clock import utcnow
-from producer.core.store import as_text
+from producer.core.records import as_text
 from producer.errors import KeyNotFound, Unauthorized
 
 log = logging.getLogger("genq.auth")
@@ -37,6 +37,11 @@ class KeyQuotas(BaseModel):
 
     max_queued: int | None = Field(default=None, ge=1, description="Jobs queued or running at once.")
     images_per_day: int | None = Field(default=None, ge=1, description="Images submitted per UTC day.")
+    max_priority: Priority | None = Field(default=None, description="The highest priority its jobs may ask for.")
+    train_images_per_day: int | None = Field(
+        default=None, ge=1, description="Training images (steps x batch size) of fine-tunes submitted per UTC day."
+    )
+    max_finetunes: int | None = Field(default=None, ge=1, description="Fine-tunes queued or running at once.")
 
 
 class ApiKey(BaseModel):

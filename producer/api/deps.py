@@ -96,3 +96,12 @@ def owned_job(job_id: JobId, principal: PrincipalDep, services: ServicesDep) -> 
 
 
 OwnedJob = Annotated[JobView, Depends(owned_job)]
+
+
+def stream_slot(job: OwnedJob, principal: PrincipalDep, services: ServicesDep) -> str:
+    """One of the caller's ``GENQ_API__MAX_STREAMS`` event streams, taken before the stream starts (429 beyond);
+    the route gives it back when the stream ends. Taken after the job is found: a 404 holds no slot."""
+    return services.quotas.open_stream(principal)
+
+
+StreamSlot = Annotated[str, Depends(stream_slot)]

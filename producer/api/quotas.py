@@ -1,12 +1,17 @@
 """Per-key quotas and the request rate limit, kept in Redis so every API process enforces the same numbers.
 
-Three limits, each checked and taken atomically by one Lua script:
+The limits, each checked and taken atomically by one Lua script:
 
 - **rate**: a token bucket per key (``GENQ_API__RATE_PER_S`` refill, ``GENQ_API__BURST`` size), clocked by Redis
   ``TIME`` so API processes with skewed clocks agree;
 - **images per day**: a counter per key and UTC day (``INCRBY`` + ``EXPIRE``), given back if the submit fails;
 - **queued jobs**: a sorted set of the key's jobs that are still queued or running. Members are pruned when their
-  job record says terminal (or is gone), so the count heals itself without workers knowing about keys.
+  job record says terminal (or is gone), so the count heals itself without workers knowing about keys;
+- **training**: fine-tunes are metered by what they cost, the images they train on (steps x batch size, per key and
+  UTC day, ``GENQ_API__TRAIN_IMAGES_PER_DAY``), and how many run at once (``GENQ_API__MAX_FINETUNES``), a sorted set
+  like the queued jobs';
+- **priority**: a key asks for at most its ``max_priority`` (``GENQ_API__MAX_PRIORITY``, ``normal`` by default), so
+  one tenant cannot put its bulk work ahead of everyone's by asking for ``high``.
 
 The scripts read job records by key name (``genq:job:<id>``) they are not handed in ``KEYS``: fine on one Redis,
 not on Redis Cluster.
@@ -15,15 +20,18 @@ not on Redis Cluster.
 from __future__ import annotations
 
 import math
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import redis
 
 from producer.api.auth import Principal
+from producer.contract import FineTuneJob, GenerateJob, Priority
 from producer.core import constants
 from producer.core.scripts import read_lua
-from producer.errors import QuotaExceeded
+from producer.errors import InvalidJob, QuotaExceeded
 from producer.settings import ApiSettings
 
 # Each script's header names its KEYS, ARGV and what it returns.
@@ -32,6 +40,7 @@ _TAKE_IMAGES = read_lua(__package__, "take_images.lua")
 _TAKE_SLOT = read_lua(__package__, "take_slot.lua")
 
 _IN_FLIGHT_GRACE_S = 60  # a submit takes milliseconds; a slot with no job record after this was abandoned
+_STREAM_STALE_S = 60.0  # an event stream not kept alive this long was left by an API process that died
 _QUEUED_RETRY_AFTER_S = 5  # when a slot frees depends on the workers; ask the caller to look again soon
 
 
@@ -43,6 +52,10 @@ class Reservation:
     job_id: str
     images: int
     day: str
+    train_images: int = 0  # a fine-tune's steps x batch size, taken from the day's training allowance
+
+
+_PRIORITY_RANK = {"low": 0, "normal": 1, "high": 2}
 
 
 class Quotas:
@@ -68,6 +81,71 @@ class Quotas:
                 retry_after_s=wait,
             )
 
+    def open_stream(self, principal: Principal) -> str:
+        """Hold one of the key's ``max_streams`` event streams; returns its token (pass it to keep/close).
+
+        A stream not kept alive for ``_STREAM_STALE_S`` (its API process died) no longer counts.
+
+        Raises:
+            QuotaExceeded: the key holds ``max_streams`` streams already (limit ``max_streams``).
+        """
+        key = constants.API_KEY_STREAMS_KEY.format(key_id=principal.key_id)
+        token = uuid.uuid4().hex
+        now = time.time()
+        pipe = self.redis.pipeline()  # MULTI/EXEC: prune, add and count in one step
+        pipe.zremrangebyscore(key, "-inf", now - _STREAM_STALE_S)
+        pipe.zadd(key, {token: now})
+        pipe.zcard(key)
+        pipe.expire(key, int(_STREAM_STALE_S * 2))
+        open_now = int(pipe.execute()[2])
+        if open_now > self.settings.max_streams:
+            self.redis.zrem(key, token)
+            raise QuotaExceeded(
+                f"max streams: the key has {open_now - 1} event streams open, its limit is "
+                f"{self.settings.max_streams} (GENQ_API__MAX_STREAMS); close one",
+                limit="max_streams",
+                retry_after_s=_QUEUED_RETRY_AFTER_S,
+            )
+        return token
+
+    def keep_stream(self, principal: Principal, token: str) -> None:
+        """Mark the stream alive (call at least every ``_STREAM_STALE_S`` / 2)."""
+        key = constants.API_KEY_STREAMS_KEY.format(key_id=principal.key_id)
+        pipe = self.redis.pipeline()
+        pipe.zadd(key, {token: time.time()}, xx=True)
+        pipe.expire(key, int(_STREAM_STALE_S * 2))
+        pipe.execute()
+
+    def close_stream(self, principal: Principal, token: str) -> None:
+        """Give the stream's slot back."""
+        self.redis.zrem(constants.API_KEY_STREAMS_KEY.format(key_id=principal.key_id), token)
+
+    def check_priority(self, principal: Principal, priority: Priority) -> None:
+        """Refuse a priority above the key's ``max_priority``.
+
+        Raises:
+            InvalidJob: on field ``priority`` (the API answers 422), naming the highest the key may use.
+        """
+        allowed = principal.key.quotas.max_priority or self.settings.max_priority
+        if _PRIORITY_RANK[priority] > _PRIORITY_RANK[allowed]:
+            raise InvalidJob(
+                f"this API key may ask for priority {allowed!r} at most, not {priority!r} (an operator grants more "
+                "with `genq keys create --max-priority high`)",
+                field="priority",
+            )
+
+    def admit(self, principal: Principal, job: GenerateJob | FineTuneJob, now: datetime | None = None) -> Reservation:
+        """Everything a job must pass before it is recorded: its priority, then its quotas (taken here).
+
+        Raises:
+            InvalidJob: a priority above the key's (field ``priority``).
+            QuotaExceeded: a quota is used up (nothing is taken).
+        """
+        self.check_priority(principal, job.priority)
+        if isinstance(job, FineTuneJob):
+            return self.reserve_finetune(principal, job, now)
+        return self.reserve(principal, job.job_id, job.total_images, now)
+
     def reserve(self, principal: Principal, job_id: str, images: int, now: datetime | None = None) -> Reservation:
         """Take ``images`` from today's allowance and one queued-job slot for ``job_id``.
 
@@ -77,29 +155,11 @@ class Quotas:
         now = now or datetime.now(UTC)
         day = now.strftime("%Y%m%d")
         per_day = principal.key.quotas.images_per_day or self.settings.images_per_day
-        max_queued = principal.key.quotas.max_queued or self.settings.max_queued
         counter = constants.API_KEY_IMAGES_KEY.format(key_id=principal.key_id, day=day)
-        total = int(self._take_images(keys=[counter], args=[images, per_day, 2 * 24 * 3600]))
-        if total < 0:
-            used = -total - images
-            midnight = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
-            raise QuotaExceeded(
-                f"images per day: this job needs {images} images and {max(0, per_day - used)} of the key's "
-                f"{per_day} are left today (UTC); the allowance resets at midnight UTC",
-                limit="images_per_day",
-                retry_after_s=(midnight - now).total_seconds(),
-            )
+        self._take_daily(counter, images, per_day, now, "images_per_day", "images")
+        max_queued = principal.key.quotas.max_queued or self.settings.max_queued
         active = constants.API_KEY_ACTIVE_KEY.format(key_id=principal.key_id)
-        prefix = constants.JOB_KEY.format(job_id="")  # the script reads genq:job:<id> of each active job
-        args: list[str | int | float] = [
-            prefix,
-            max_queued,
-            job_id,
-            now.timestamp(),
-            _IN_FLIGHT_GRACE_S,
-            self.job_ttl_s,
-        ]
-        queued = int(self._take_slot(keys=[active], args=args))
+        queued = self._take_a_slot(active, max_queued, job_id, now)
         if queued < 0:
             self.redis.decrby(counter, images)
             raise QuotaExceeded(
@@ -110,13 +170,68 @@ class Quotas:
             )
         return Reservation(key_id=principal.key_id, job_id=job_id, images=images, day=day)
 
+    def reserve_finetune(self, principal: Principal, job: FineTuneJob, now: datetime | None = None) -> Reservation:
+        """Take a fine-tune's training images (steps x batch size) from today's allowance, a fine-tune slot and a
+        queued-job slot.
+
+        Raises:
+            QuotaExceeded: ``train_images_per_day``, ``max_finetunes`` or ``max_queued`` is used up (nothing taken).
+        """
+        now = now or datetime.now(UTC)
+        day = now.strftime("%Y%m%d")
+        cost = job.steps * job.batch_size
+        per_day = principal.key.quotas.train_images_per_day or self.settings.train_images_per_day
+        counter = constants.API_KEY_TRAIN_IMAGES_KEY.format(key_id=principal.key_id, day=day)
+        self._take_daily(counter, cost, per_day, now, "train_images_per_day", "training images (steps x batch size)")
+        max_finetunes = principal.key.quotas.max_finetunes or self.settings.max_finetunes
+        running = constants.API_KEY_FINETUNES_KEY.format(key_id=principal.key_id)
+        taken = self._take_a_slot(running, max_finetunes, job.job_id, now)
+        if taken < 0:
+            self.redis.decrby(counter, cost)
+            raise QuotaExceeded(
+                f"max fine-tunes: the key has {-taken} fine-tunes queued or running, its limit is {max_finetunes}; "
+                "wait for one to finish",
+                limit="max_finetunes",
+                retry_after_s=_QUEUED_RETRY_AFTER_S,
+            )
+        try:
+            queued = self.reserve(principal, job.job_id, 0, now)
+        except QuotaExceeded:
+            self._give_back(principal.key_id, job.job_id, day, 0, cost)
+            raise
+        return Reservation(key_id=queued.key_id, job_id=job.job_id, images=0, day=day, train_images=cost)
+
     def refund(self, reservation: Reservation) -> None:
-        """Give back what :meth:`reserve` took (the job was not submitted)."""
-        counter = constants.API_KEY_IMAGES_KEY.format(key_id=reservation.key_id, day=reservation.day)
+        """Give back what :meth:`reserve` or :meth:`reserve_finetune` took (the job was not submitted)."""
+        self._give_back(
+            reservation.key_id, reservation.job_id, reservation.day, reservation.images, reservation.train_images
+        )
+
+    def _give_back(self, key_id: str, job_id: str, day: str, images: int, train_images: int) -> None:
         pipe = self.redis.pipeline()
-        pipe.decrby(counter, reservation.images)
-        pipe.zrem(constants.API_KEY_ACTIVE_KEY.format(key_id=reservation.key_id), reservation.job_id)
+        pipe.decrby(constants.API_KEY_IMAGES_KEY.format(key_id=key_id, day=day), images)
+        pipe.zrem(constants.API_KEY_ACTIVE_KEY.format(key_id=key_id), job_id)
+        if train_images:
+            pipe.decrby(constants.API_KEY_TRAIN_IMAGES_KEY.format(key_id=key_id, day=day), train_images)
+            pipe.zrem(constants.API_KEY_FINETUNES_KEY.format(key_id=key_id), job_id)
         pipe.execute()
+
+    def _take_daily(self, counter: str, amount: int, per_day: int, now: datetime, limit: str, what: str) -> None:
+        total = int(self._take_images(keys=[counter], args=[amount, per_day, 2 * 24 * 3600]))
+        if total < 0:
+            used = -total - amount
+            midnight = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
+            raise QuotaExceeded(
+                f"{limit.replace('_', ' ')}: this job needs {amount:,} {what} and {max(0, per_day - used):,} of the "
+                f"key's {per_day:,} are left today (UTC); the allowance resets at midnight UTC",
+                limit=limit,
+                retry_after_s=(midnight - now).total_seconds(),
+            )
+
+    def _take_a_slot(self, members: str, limit: int, job_id: str, now: datetime) -> int:
+        prefix = constants.JOB_KEY.format(job_id="")  # the script reads genq:job:<id> of each member
+        args: list[str | int | float] = [prefix, limit, job_id, now.timestamp(), _IN_FLIGHT_GRACE_S, self.job_ttl_s]
+        return int(self._take_slot(keys=[members], args=args))
 
 
 def retry_after_header(seconds: float) -> str:

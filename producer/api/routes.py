@@ -9,19 +9,34 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import math
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
 
+import anyio
 from fastapi import APIRouter, Body, Depends, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.api.deps import OwnedJob, PrincipalDep, Services, ServicesDep, strict_query
-from producer.api.problems import ENDED, INVALID, NOT_FOUND, SUBMIT_ERRORS, UNAUTHORIZED, UNAVAILABLE, ApiError, as_json
+from producer.api.deps import JobId, OwnedJob, PrincipalDep, Services, ServicesDep, StreamSlot, owned_job, strict_query
+from producer.api.problems import (
+    ENDED,
+    INVALID,
+    NOT_FOUND,
+    SUBMIT_ERRORS,
+    UNAUTHORIZED,
+    UNAVAILABLE,
+    ApiError,
+    ErrorBody,
+    as_json,
+)
 from producer.api.quotas import Reservation
 from producer.contract import FineTuneRequest, GenerateRequest, JobStatus, JobView, ModelEntry
-from producer.errors import IdempotencyConflict, JobNotFound
+from producer.errors import IdempotencyConflict, JobNotFound, UnreadableRecord
+
+_KEEPALIVE_S = 2.0  # a quiet event stream sends a comment this often
 
 router = APIRouter(prefix="/v1", responses={**UNAUTHORIZED, **UNAVAILABLE})
 _NO_QUERY = [Depends(strict_query())]
@@ -132,7 +147,7 @@ def create_job(
     request = with_idempotency_header(request, idempotency_key)
     view, replayed = submit_with_quota(
         lambda admit: services.client.submit(request, principal.tenant, admit=admit),
-        lambda job: services.quotas.reserve(principal, job.job_id, job.total_images),
+        lambda job: services.quotas.admit(principal, job),
         services,
         idempotency_key,
     )
@@ -186,16 +201,36 @@ def submit_with_quota(
     return view, not taken
 
 
+_UNREADABLE: dict[int | str, dict[str, Any]] = {
+    500: {
+        "model": ErrorBody,
+        "description": "The job's record cannot be read (`type` `record_unreadable`): written by an older version or "
+        "a bug, and kept for the operator. Permanent for the record's lifetime: retrying does not help.",
+    },
+}
+
+
 @router.get(
     "/jobs/{job_id}",
     response_model=JobView,
     summary="Get a job",
     dependencies=_NO_QUERY,
-    responses={200: {"content": _JOB_CONTENT}, **NOT_FOUND, **INVALID},
+    responses={200: {"content": _JOB_CONTENT}, **NOT_FOUND, **INVALID, **_UNREADABLE},
 )
-def get_job(job: OwnedJob) -> JobView:
-    """The job's current view: status, progress, outputs (keys and sha256), error."""
-    return job
+def get_job(job_id: JobId, principal: PrincipalDep, services: ServicesDep) -> JobView:
+    """The job's current view: status, progress, outputs (keys and sha256), error.
+
+    A job whose record genq cannot read (written by an older version or a bug) answers 500 with `type`
+    `record_unreadable` to its tenant: the server's fault, like gRPC's DATA_LOSS, and permanent, so no `Retry-After`
+    (503 is the status to retry). Its tenant's list leaves it out. Another tenant gets the 404 of an unknown id.
+    """
+    try:
+        return owned_job(job_id, principal, services)
+    except UnreadableRecord as exc:
+        # Whose it is cannot be read from the record: the tenant's index says it (no oracle for other tenants).
+        if not services.client.store.in_tenant_index(principal.tenant, job_id):
+            raise JobNotFound(f"no job {job_id!r} (unknown id, or its record expired)") from None
+        raise ApiError(500, ["path", "job_id"], str(exc), "record_unreadable") from None
 
 
 _CANCELED_CONTENT = {"application/json": {"example": {**_JOB_EXAMPLE, "status": "canceled"}}}
@@ -224,9 +259,12 @@ def _encode_cursor(position: tuple[float, str]) -> str:
 def _decode_cursor(cursor: str) -> tuple[float, str]:
     try:
         score, _, job_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition(":")
-        return float(score), job_id
+        position = float(score)
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise ApiError(422, ["query", "cursor"], "not a cursor this API returned", "invalid_cursor") from None
+        position, job_id = math.nan, ""
+    if not math.isfinite(position) or not job_id:  # "nan:x" parses as a float, and Redis refuses it as a score
+        raise ApiError(422, ["query", "cursor"], "not a cursor this API returned", "invalid_cursor")
+    return position, job_id
 
 
 @router.get(
@@ -247,7 +285,8 @@ def list_jobs(
     cursor: Annotated[str | None, Query(max_length=200, description="`next_cursor` of the previous page.")] = None,
 ) -> JobPage:
     """The tenant's jobs, newest first. With a filter a page may hold fewer than `limit` jobs (even none) and
-    still have a `next_cursor`: keep going until it is null."""
+    still have a `next_cursor`: keep going until it is null. A job whose record cannot be read is left out (its
+    `GET` says why)."""
     after = _decode_cursor(cursor) if cursor else None
     views, position = services.client.store.page(principal.tenant, limit, after=after, status=status, model=model)
     return JobPage(items=views, next_cursor=_encode_cursor(position) if position else None)
@@ -260,25 +299,40 @@ def list_jobs(
     dependencies=_NO_QUERY,
     responses=as_json({**UNAUTHORIZED, **UNAVAILABLE, **NOT_FOUND, **INVALID}),
 )
-async def job_events(job: OwnedJob, services: ServicesDep) -> AsyncIterator[ServerSentEvent]:
+async def job_events(
+    job: OwnedJob, principal: PrincipalDep, services: ServicesDep, stream: StreamSlot
+) -> AsyncIterator[ServerSentEvent]:
     """A `job` event with the job view whenever it changes (status, progress, outputs); the stream ends after
-    the event with a terminal status (`succeeded`, `failed`, `canceled`)."""
+    the event with a terminal status (`succeeded`, `failed`, `canceled`). A comment line keeps a quiet stream alive
+    every few seconds. A key holds at most `GENQ_API__MAX_STREAMS` streams at once (429 beyond)."""
     poll_s = services.settings.api.events_poll_s
     view: JobView | None = job
     last = ""
     seq = 0
-    while view is not None:
-        current = view.model_dump_json()
-        if current != last:
-            last, seq = current, seq + 1
-            yield ServerSentEvent(raw_data=current, event="job", id=str(seq))
-        if view.status.is_terminal():
-            return
-        await asyncio.sleep(poll_s)
-        try:
-            view = await run_in_threadpool(services.client.status, job.id)
-        except JobNotFound:  # the record expired while followed: nothing more will happen
-            view = None
+    sent = kept = time.monotonic()
+    try:
+        while view is not None:
+            current = view.model_dump_json()
+            if current != last:
+                last, seq, sent = current, seq + 1, time.monotonic()
+                yield ServerSentEvent(raw_data=current, event="job", id=str(seq))
+            elif time.monotonic() - sent >= _KEEPALIVE_S:
+                # A write is how a stream learns its client left: a quiet one would hold its slot until the job ends.
+                sent = time.monotonic()
+                yield ServerSentEvent(comment="keepalive")
+            if view.status.is_terminal():
+                return
+            await asyncio.sleep(poll_s)
+            if time.monotonic() - kept > _KEEPALIVE_S:
+                await run_in_threadpool(services.quotas.keep_stream, principal, stream)
+                kept = time.monotonic()
+            try:
+                view = await run_in_threadpool(services.client.status, job.id)
+            except JobNotFound:  # the record expired while followed: nothing more will happen
+                view = None
+    finally:
+        with anyio.CancelScope(shield=True):  # a stream closed by its client is cancelled: still give the slot back
+            await run_in_threadpool(services.quotas.close_stream, principal, stream)
 
 
 @router.get(
@@ -297,5 +351,9 @@ def job_deliveries(job: OwnedJob, services: ServicesDep) -> list[dict[str, Any]]
     "/models", response_model=list[ModelEntry], summary="List models", dependencies=_NO_QUERY, responses=INVALID
 )
 def list_models(principal: PrincipalDep, services: ServicesDep) -> list[ModelEntry]:
-    """The models workers serve: versions (with their classes) and aliases (`latest`, ...)."""
-    return [entry for _, entry in sorted(services.client.models().items())]
+    """The models this key may use: versions (with their classes) and aliases (`latest`, ...).
+
+    The system's models (`owner` null: shipped and operator-published, read-only) and the key's tenant's own
+    fine-tuned ones; another tenant's models are never listed, nor usable by name.
+    """
+    return list(services.client.visible_models(principal.tenant).values())

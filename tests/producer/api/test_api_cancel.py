@@ -54,17 +54,30 @@ def test_a_canceled_job_frees_its_queued_slot(api: ApiServer, catalog: redis.Red
         assert acme.post("/v1/jobs", json=SNEAKERS).status_code == 202
 
 
-def test_priority_picks_the_queue_and_shows_in_the_view(acme: httpx.Client, catalog: redis.Redis) -> None:
-    for priority in ("high", "low", "normal"):
-        view = acme.post("/v1/jobs", json={**SNEAKERS, "priority": priority}).json()
-        assert view["priority"] == priority
-    assert acme.post("/v1/jobs", json=SNEAKERS).json()["priority"] == "normal"
-    depths = {queue: catalog.llen(queue) for queue in constants.GENERATE_QUEUES.values()}
-    assert depths == {"generate.high": 1, "generate": 2, "generate.low": 1}
+def test_priority_picks_the_queue_and_shows_in_the_view(api: ApiServer, catalog: redis.Redis) -> None:
+    with session_for(api, make_key(catalog, "acme", max_priority="high")) as acme:
+        for priority in ("high", "low", "normal"):
+            view = acme.post("/v1/jobs", json={**SNEAKERS, "priority": priority}).json()
+            assert view["priority"] == priority
+        assert acme.post("/v1/jobs", json=SNEAKERS).json()["priority"] == "normal"
+        depths = {queue: catalog.llen(queue) for queue in constants.GENERATE_QUEUES.values()}
+        assert depths == {"generate.high": 1, "generate": 2, "generate.low": 1}
 
-    refused = acme.post("/v1/jobs", json={**SNEAKERS, "priority": "urgent"})
-    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "priority"]
-    assert sum(catalog.llen(queue) for queue in constants.GENERATE_QUEUES.values()) == 4
+        refused = acme.post("/v1/jobs", json={**SNEAKERS, "priority": "urgent"})
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "priority"]
+        assert sum(catalog.llen(queue) for queue in constants.GENERATE_QUEUES.values()) == 4
+
+
+def test_a_key_cannot_ask_for_a_priority_above_its_own(api: ApiServer, catalog: redis.Redis) -> None:
+    # The attack: a tenant's bulk jobs at "high" delayed another tenant's 1-image job from 0.5 s to 16.9 s.
+    with session_for(api, make_key(catalog, "acme")) as acme:  # the default: normal at most
+        refused = acme.post("/v1/jobs", json={**SNEAKERS, "priority": "high"})
+        assert refused.status_code == 422, refused.text
+        detail = refused.json()["detail"][0]
+        assert detail["loc"] == ["body", "priority"] and "'normal' at most" in detail["msg"]
+        assert sum(catalog.llen(queue) for queue in constants.GENERATE_QUEUES.values()) == 0
+        assert acme.get("/v1/jobs").json()["items"] == []  # nothing recorded either
+        assert acme.post("/v1/jobs", json={**SNEAKERS, "priority": "low"}).status_code == 202
 
 
 def _jobs_gauge(metrics_text: str) -> dict[str, float]:

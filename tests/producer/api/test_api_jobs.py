@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -60,6 +63,9 @@ def test_list_pages_newest_first_with_an_opaque_cursor_and_filters(acme: httpx.C
         ({"limit": 0}, ["query", "limit"]),
         ({"status": "done"}, ["query", "status"]),
         ({"cursor": "not-a-cursor!"}, ["query", "cursor"]),
+        ({"cursor": "bmFuOng="}, ["query", "cursor"]),  # "nan:x": a float, but no score Redis takes (was a 503)
+        ({"cursor": "aW5mOng="}, ["query", "cursor"]),  # "inf:x"
+        ({"cursor": "MTIzOg=="}, ["query", "cursor"]),  # "123:" with no job id
     ],
 )
 def test_list_refuses_bad_parameters_naming_them(acme: httpx.Client, params: dict[str, Any], loc: list[str]) -> None:
@@ -272,3 +278,47 @@ def test_keys_are_stored_only_as_their_sha256(api: ApiServer, catalog: redis.Red
     assert record is not None and key.encode() not in record
     assert json.loads(record)["tenant"] == "initech" and json.loads(record)["quotas"]["max_queued"] == 3
     assert not any(key in k.decode() for k in catalog.keys("*"))
+
+
+def test_identical_idempotent_requests_sent_at_once_all_answer_the_one_job(
+    api: ApiServer, catalog: redis.Redis
+) -> None:
+    # The attack (or a retrying client): 20 identical requests at once made one job, but up to 9 callers got 404.
+    key = make_key(catalog, "acme", max_queued=50)
+    barrier = threading.Barrier(20)
+
+    def submit(_: int) -> httpx.Response:
+        with session_for(api, key) as session:
+            barrier.wait(10)
+            return session.post("/v1/jobs", json=SNEAKERS, headers={"Idempotency-Key": "burst-1"})
+
+    with ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(submit, range(20)))
+
+    assert sorted(r.status_code for r in responses) == [200] * 19 + [202], [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert len(catalog.keys("genq:job:*")) == 1 and catalog.llen(constants.GENERATE_QUEUE) == 1
+
+
+def test_a_key_holds_at_most_max_streams_event_streams(serve_api: ServeApi, catalog: redis.Redis) -> None:
+    # The attack: 300 open streams of one key took the API's latency from 11 to 75 ms for everyone.
+    server = serve_api(max_streams=2)
+    key = make_key(catalog, "acme")
+    with session_for(server, key) as acme:
+        job_id = acme.post("/v1/jobs", json=SNEAKERS).json()["id"]  # stays queued: no worker here
+        path = f"/v1/jobs/{job_id}/events"
+        with acme.stream("GET", path) as first, acme.stream("GET", path) as second:
+            assert first.status_code == second.status_code == 200
+            third = acme.get(path)
+            assert third.status_code == 429 and third.json()["detail"][0]["loc"] == ["quota", "max_streams"]
+            with session_for(server, make_key(catalog, "globex")) as globex:  # per key: another's are its own
+                assert globex.get(path).status_code == 404
+        deadline = time.monotonic() + 10  # closing a stream gives its slot back
+        while catalog.zcard(constants.API_KEY_STREAMS_KEY.format(key_id=_key_id(key))) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with acme.stream("GET", path) as again:
+            assert again.status_code == 200
+
+
+def _key_id(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import pytest
@@ -15,7 +16,7 @@ from api_server import ServeApi, make_key, session_for
 
 from producer.api.auth import KeyQuotas, KeyStore
 from producer.api.quotas import Quotas
-from producer.contract import JobError
+from producer.contract import FineTuneJob, JobError
 from producer.core import constants
 from producer.core.store import JobStore
 from producer.errors import QuotaExceeded
@@ -83,12 +84,17 @@ def test_a_reservation_is_refunded_when_the_submit_fails(catalog: redis.Redis) -
 def test_keys_create_prints_a_key_once_that_authenticates(redis_url: str, catalog: redis.Redis) -> None:
     env = {"GENQ_REDIS__URL": redis_url, "PATH": "/usr/bin:/bin"}
     argv = [sys.executable, "-m", "producer.cli", "keys", "create", "--tenant", "acme", "--name", "shop backend"]
-    result = subprocess.run([*argv, "--max-queued", "7"], env=env, capture_output=True, text=True, timeout=60)
+    granted = ["--max-queued", "7", "--max-priority", "high", "--train-images-per-day", "5000", "--max-finetunes", "3"]
+    result = subprocess.run([*argv, *granted], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     key = result.stdout.strip()
     principal = KeyStore(catalog).authenticate(key)
     assert principal.tenant == "acme" and principal.key.name == "shop backend"
-    assert principal.key.quotas == KeyQuotas(max_queued=7)
+    assert principal.key.quotas == KeyQuotas(
+        max_queued=7, max_priority="high", train_images_per_day=5000, max_finetunes=3
+    )
+    urgent = subprocess.run([*argv, "--max-priority", "urgent"], env=env, capture_output=True, text=True, timeout=60)
+    assert urgent.returncode == 2 and "max_priority" in urgent.stderr
 
     bad = subprocess.run([*argv[:-4], "--tenant", "../etc"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "tenant" in bad.stderr
@@ -116,3 +122,72 @@ def test_genq_api_command_serves_the_app_on_the_given_port(redis_url: str, catal
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+FINETUNE: dict[str, Any] = {"base": "fmnist-cgan", "dataset": "abc123/data.zip", "name": "brand-x", "steps": 50}
+
+
+def test_training_is_metered_by_steps_times_batch_and_refusals_take_nothing(
+    serve_api: ServeApi, catalog: redis.Redis
+) -> None:
+    # The attack: a key limited to 50 images a day was accepted for a fine-tune of 200,000 steps x batch 512.
+    server = serve_api()
+    with session_for(server, make_key(catalog, "acme", images_per_day=50, train_images_per_day=10_000)) as acme:
+        huge = acme.post("/v1/finetunes", json={**FINETUNE, "steps": 200_000, "batch_size": 512})
+        assert huge.status_code == 429, huge.text
+        detail = huge.json()["detail"][0]
+        assert detail["loc"] == ["quota", "train_images_per_day"]
+        assert "102,400,000 training images" in detail["msg"] and "10,000" in detail["msg"]
+        assert catalog.llen(constants.TRAIN_QUEUE) == 0 and not catalog.keys("genq:job:*")
+
+        fits = acme.post("/v1/finetunes", json={**FINETUNE, "steps": 100, "batch_size": 64})  # 6,400
+        assert fits.status_code == 202, fits.text
+        over = acme.post("/v1/finetunes", json={**FINETUNE, "steps": 100, "batch_size": 64})  # 12,800 > 10,000
+        assert over.status_code == 429 and over.json()["detail"][0]["loc"] == ["quota", "train_images_per_day"]
+        assert catalog.llen(constants.TRAIN_QUEUE) == 1
+
+
+def test_fine_tunes_at_once_are_limited_per_key(serve_api: ServeApi, catalog: redis.Redis) -> None:
+    server = serve_api()
+    with session_for(server, make_key(catalog, "acme", max_finetunes=1)) as acme:
+        assert acme.post("/v1/finetunes", json=FINETUNE).status_code == 202
+        second = acme.post("/v1/finetunes", json=FINETUNE)
+        assert second.status_code == 429 and second.json()["detail"][0]["loc"] == ["quota", "max_finetunes"]
+        with session_for(server, make_key(catalog, "globex", max_finetunes=1)) as globex:  # per key
+            assert globex.post("/v1/finetunes", json=FINETUNE).status_code == 202
+        assert acme.post("/v1/jobs", json={"model": "fmnist-cgan", "label": 7, "count": 1}).status_code == 202
+
+
+def test_a_refused_fine_tune_gives_every_quota_back(catalog: redis.Redis) -> None:
+    principal = KeyStore(catalog).authenticate(make_key(catalog, "acme", max_queued=1, max_finetunes=2))
+    quotas = Quotas(catalog, ApiSettings(), job_ttl_s=3600)
+    job = FineTuneJob.model_validate(
+        {
+            "job_id": "job-ft-0000001",
+            "base": "fmnist-cgan",
+            "base_name": "fmnist-cgan",
+            "base_version": "1",
+            "dataset_key": "tenants/acme/datasets/x/",
+            "name": "brand-x",
+            "steps": 10,
+            "batch_size": 8,
+            "lr_g": 2e-4,
+            "lr_d": 2e-4,
+            "augment": {},
+            "freeze_d": 0,
+            "sample_every": 5,
+            "checkpoint_every": 5,
+            "seed": 1,
+            "tenant": "acme",
+            "created_at": "2026-12-07T00:00:00Z",
+        }
+    )
+    first = quotas.admit(principal, job)
+    with pytest.raises(QuotaExceeded) as info:  # the queued slot is taken: the fine-tune slot goes back too
+        quotas.admit(principal, job.model_copy(update={"job_id": "job-ft-0000002"}))
+    assert info.value.limit == "max_queued"
+    assert catalog.zcard(constants.API_KEY_FINETUNES_KEY.format(key_id=principal.key_id)) == 1
+    quotas.refund(first)
+    assert catalog.zcard(constants.API_KEY_FINETUNES_KEY.format(key_id=principal.key_id)) == 0
+    day = first.day
+    assert int(catalog.get(constants.API_KEY_TRAIN_IMAGES_KEY.format(key_id=principal.key_id, day=day)) or 0) == 0
