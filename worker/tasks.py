@@ -3,29 +3,34 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from typing import Any
 
 import redis
 from celery import signals
+from celery.exceptions import Reject
 from pydantic import ValidationError
 
 from producer.contract import FineTuneJob, GenerateJob, Shard
 from producer.core import constants
-from producer.core.callbacks.delivery import CallbackLedger, run_delivery
+from producer.core.callbacks.delivery import CallbackLedger, Deliverer, run_delivery
 from producer.core.callbacks.events import CallbackMessage
 from producer.core.callbacks.pending import PendingCallbacks
-from producer.core.messages import JobMessage, callback_task
+from producer.core.messages import JobMessage, callback_task, task_id
+from producer.core.settings import dev_mode_problem
 from producer.core.store import JobStore
 from worker import telemetry
 from worker.app import app, settings_of
 from worker.deadletter import record_task
-from worker.jobs import execute_finetune, execute_generate
+from worker.jobs import RedisUnavailable, execute_finetune, execute_generate
 from worker.memory import tune_malloc
+from worker.outage import wait_for_redis
 from worker.reporting import RedisReporter, TrainingReporter
 from worker.retries import RetryLater
 from worker.runtime import Runtime, get_runtime, make_registry, reset_runtime
 from worker.settings import WorkerSettings
-from worker.sweeper import Sweeper
+from worker.watchdog import Watchdog, heart_for
 
 log = logging.getLogger("genq.tasks")
 
@@ -50,7 +55,16 @@ def _publish(message: JobMessage, countdown: float = 0.0) -> None:
     )
 
 
-@app.task(name=constants.GENERATE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+# max_retries=None: genq's retry policy (GENQ_CELERY__RETRIES) bounds retries; Celery's default of 3 would raise the
+# job's error out of the fourth retry instead (acked, and the job left running).
+@app.task(
+    name=constants.GENERATE_TASK,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    max_retries=None,
+)
 def generate(self: Any, payload: dict[str, Any], shard: dict[str, Any] | None = None) -> None:
     """Run a generate job, or one shard of it (payloads: :class:`GenerateJob` and :class:`Shard` as JSON)."""
     try:
@@ -66,13 +80,22 @@ def generate(self: Any, payload: dict[str, Any], shard: dict[str, Any] | None = 
     try:
         ran = execute_generate(job, runtime, reporter, part, retries)
     except RetryLater as later:  # a transient fault: the same message again, after the backoff
-        raise self.retry(countdown=later.delay_s, exc=later.cause, max_retries=None) from later
+        raise _retry(self, later, runtime, task_id(job.job_id, part.index if part else 0)) from later
+    except RedisUnavailable as down:  # never acknowledged: the message goes back to its queue
+        raise _hand_back(runtime, task_id(job.job_id, part.index if part else 0), down.cause) from down
     if not ran:  # clients record a job before they enqueue it
         reason = f"no record of job {job.job_id} (never created, or expired after GENQ_JOB_TTL_S)"
         record_task(generate, reason, [payload, shard], job_id=job.job_id)
 
 
-@app.task(name=constants.FINETUNE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+@app.task(
+    name=constants.FINETUNE_TASK,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    max_retries=None,
+)
 def finetune(self: Any, payload: dict[str, Any]) -> None:
     """Run or resume a fine-tune job (payload: :class:`FineTuneJob` as JSON) and publish its model version."""
     try:
@@ -89,7 +112,49 @@ def finetune(self: Any, payload: dict[str, Any]) -> None:
     try:
         execute_finetune(job, runtime, reporter, self.request.retries or 0)
     except RetryLater as later:  # resumes from the job's last checkpoint
-        raise self.retry(countdown=later.delay_s, exc=later.cause, max_retries=None) from later
+        raise _retry(self, later, runtime, task_id(job.job_id, 0)) from later
+    except RedisUnavailable as down:  # resumed from its checkpoint once Redis answers
+        raise _hand_back(runtime, task_id(job.job_id, 0), down.cause) from down
+
+
+def _retry(task: Any, later: RetryLater, runtime: Runtime, shard_task_id: str) -> Exception:
+    """What the task raises to run the same message again after the backoff: Celery's Retry, once it published the
+    retry (this message is then acked). Celery drops the message when it cannot publish (its Reject(requeue=False)):
+    Redis, the broker, is then away, and the message is handed back instead (:func:`_hand_back`)."""
+    try:
+        return task.retry(countdown=later.delay_s, exc=later.cause, throw=False)
+    except Reject as unsent:
+        if unsent.requeue:
+            raise
+        return _hand_back(runtime, shard_task_id, unsent.reason)
+
+
+def _hand_back(runtime: Runtime, shard_task_id: str, cause: Any) -> Reject:
+    """The Reject that puts a message back on its queue (kombu moves it out of ``unacked`` in one transaction), once
+    Redis answers again: wait for it up to ``GENQ_CELERY__REDIS_WAIT_S``. If it still does not answer, the reject
+    fails, Celery logs that, and the message stays in ``unacked``, restored after the visibility timeout. The shard
+    is listed as running (``worker.watchdog``): should its message be gone (Redis lost it), it is sent again."""
+    wait_s = runtime.settings.celery.redis_wait_s
+    log.warning(
+        "%s: Redis did not answer (%s); the job stays as it is and its message goes back to its queue once "
+        "Redis answers (waiting up to %g s)",
+        shard_task_id,
+        cause,
+        wait_s,
+    )
+    if wait_for_redis(runtime.redis, wait_s):
+        try:
+            heart_for(runtime.redis, runtime.settings.sweeper.heartbeat_s).watch(shard_task_id)
+        except redis.RedisError as exc:  # Redis went away again: the reject meets the same fate
+            log.warning("%s: not listed for the watchdog (%s)", shard_task_id, exc)
+    else:
+        log.error(
+            "%s: Redis still did not answer after %g s; the message stays unacknowledged and Redis restores it "
+            "to its queue after GENQ_CELERY__VISIBILITY_TIMEOUT_S",
+            shard_task_id,
+            wait_s,
+        )
+    return Reject(cause, requeue=True)
 
 
 def _errors(exc: ValidationError) -> str:
@@ -117,23 +182,40 @@ def _generate_raised(
 @app.task(name=constants.CALLBACK_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def deliver_callback(self: Any, payload: dict[str, Any]) -> None:
     """Deliver one signed callback event (one attempt), record it, and enqueue its retry if it failed."""
-    runtime = _runtime()
-    PendingCallbacks(runtime.redis).started(self.request.id)  # kombu's unacked hash holds the message from now on
+    client, deliverer = _callback_deps()
+    pending = PendingCallbacks(client)
+    pending.started(self.request.id)  # kombu's unacked hash holds the message from now on
     try:
         message = CallbackMessage.model_validate(payload)
     except ValidationError as exc:
         log.error("dropping malformed callback payload: %s", exc)
         return
-    settings = runtime.settings
+    settings = settings_of(app)
     outcome = run_delivery(
         message,
         webhook=settings.webhook,
-        ledger=CallbackLedger(runtime.redis, settings.job_ttl_s),
-        requeue=send_callback,
+        ledger=CallbackLedger(client, settings.job_ttl_s),
+        requeue=lambda later, countdown: pending.send(callback_task(later), _publish, countdown),
         # Retries wait on the broker in hops well inside the visibility timeout (see producer.core.callbacks.delivery).
         max_hop_s=settings.celery.visibility_timeout_s / 2,
+        deliverer=deliverer,
     )
     telemetry.CALLBACKS.labels(outcome.value).inc()
+
+
+_callbacks: tuple[redis.Redis, Deliverer] | None = None
+_callbacks_lock = threading.Lock()
+
+
+def _callback_deps() -> tuple[redis.Redis, Deliverer]:
+    # Redis and the delivery threads' HTTP clients and host slots, built on the first delivery; not the runtime,
+    # whose models and S3 client a callbacks-only worker has no use for.
+    global _callbacks
+    with _callbacks_lock:
+        if _callbacks is None:
+            settings = settings_of(app)
+            _callbacks = (redis.Redis.from_url(settings.redis.url or ""), Deliverer(settings.webhook))
+        return _callbacks
 
 
 @signals.worker_init.connect
@@ -144,6 +226,11 @@ def _before_the_pool_starts(sender: Any = None, **_: Any) -> None:
     if isinstance(concurrency, int) and "thread" in str(getattr(sender, "pool_cls", "")):
         _task_threads = concurrency  # every task thread may store a manifest or a shard at once: see s3_pool_size
     settings = settings_of(app)
+    if settings.storage == "s3":
+        problem = dev_mode_problem(settings, s3_endpoint=os.environ.get("AWS_ENDPOINT_URL", ""))
+        if problem is not None:  # the placeholder webhook secret is public: never sign real outputs' callbacks with it
+            log.critical("refusing to start: %s", problem)
+            raise SystemExit(2)  # Celery logs and ignores a signal handler's exceptions, not an exit
     tuned = tune_malloc(settings.malloc_arena_max, settings.malloc_policy)
     if tuned:
         log.info("malloc: %s", ", ".join(f"{k}={v}" for k, v in tuned.items()))
@@ -165,6 +252,11 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
     settings = settings_of(app)
     client = redis.Redis.from_url(settings.redis.url or "")
     _start_sweeper(settings, client)
+    if _serves_only_callbacks(sender):  # loads no model: deliveries need none (worker.tasks.deliver_callback)
+        if settings.metrics_port is not None:
+            telemetry.serve(settings.metrics_port)
+        log.info("worker ready: callbacks only")
+        return
     if type(getattr(sender, "pool", None)).__module__.endswith("prefork"):
         _storage, _store, registry = make_registry(settings)
         registry.publish(client)
@@ -179,19 +271,27 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
     log.info("worker ready: models %s", ", ".join(sorted(registry.catalog())) or "none")
 
 
-_sweeper: Sweeper | None = None
+def _serves_only_callbacks(consumer: Any) -> bool:
+    consumed = getattr(getattr(getattr(consumer, "app", None), "amqp", None), "queues", None)
+    names = set(getattr(consumed, "consume_from", None) or ())
+    return names == {constants.CALLBACK_QUEUE}
+
+
+_sweeper: Watchdog | None = None
 
 
 def _start_sweeper(settings: WorkerSettings, client: redis.Redis) -> None:
-    # In the worker's main process, whatever the pool: it only reads Redis and sends messages (worker.sweeper).
+    # In the worker's main process, whatever the pool: it only reads Redis and sends messages (worker.sweeper), and
+    # looks after running shards whose worker and message are gone (worker.watchdog).
     global _sweeper
     if not settings.sweeper.enabled or _sweeper is not None:
         return
 
-    _sweeper = Sweeper(client, JobStore(client, settings.job_ttl_s), _publish, settings.sweeper)
+    _sweeper = Watchdog(client, JobStore(client, settings.job_ttl_s), _publish, settings.sweeper)
     _sweeper.start()
     log.info(
-        "sweeping for lost messages every %g s (jobs queued over %g s)",
+        "sweeping for lost messages every %g s (jobs queued over %g s, running shards unbeaten for %g s)",
         settings.sweeper.interval_s,
         settings.sweeper.stranded_after_s,
+        settings.sweeper.orphaned_after_s,
     )

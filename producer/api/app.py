@@ -29,6 +29,7 @@ from producer.api.problems import ErrorBody, as_json, error_response, install_er
 from producer.api.quotas import Quotas
 from producer.api.routes import router
 from producer.api.telemetry import CONTENT_TYPE, ApiMetrics
+from producer.api.webhooks import router as webhooks_router
 from producer.client import Client
 from producer.core.s3 import make_s3_client
 from producer.errors import ConfigurationError
@@ -92,6 +93,7 @@ def create_app(settings: ClientSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router, tags=["jobs"])
     app.include_router(finetune_router, tags=["fine-tuning"])
+    app.include_router(webhooks_router, tags=["webhooks"])
     operations: dict[str, Any] = {"methods": ["GET"], "tags": ["operations"], "dependencies": [Depends(strict_query())]}
     invalid: dict[int | str, dict[str, Any]] = {
         422: {"model": ErrorBody, "description": "An unknown or repeated query parameter."}

@@ -26,15 +26,31 @@ def keys_create(
     name: str = typer.Option("", "--name", help="A note for humans (who or what uses the key)."),
     max_queued: int | None = typer.Option(None, "--max-queued", min=1, help="Jobs queued or running at once."),
     images_per_day: int | None = typer.Option(None, "--images-per-day", min=1, help="Images per UTC day."),
+    max_priority: str | None = typer.Option(
+        None, "--max-priority", help="Highest priority its jobs may ask for: low, normal (the default) or high."
+    ),
+    train_images_per_day: int | None = typer.Option(
+        None, "--train-images-per-day", min=1, help="Training images (fine-tune steps x batch size) per UTC day."
+    ),
+    max_finetunes: int | None = typer.Option(None, "--max-finetunes", min=1, help="Fine-tunes queued or running."),
 ) -> None:
     """Create an API key and print it once (only its sha256 is stored)."""
     from pydantic import ValidationError
 
     from producer.api.auth import KeyQuotas
+    from producer.core.callbacks.secrets import TenantSecrets
 
     store = _key_store()
     try:
-        quotas = KeyQuotas(max_queued=max_queued, images_per_day=images_per_day)
+        quotas = KeyQuotas.model_validate(
+            {
+                "max_queued": max_queued,
+                "images_per_day": images_per_day,
+                "max_priority": max_priority,
+                "train_images_per_day": train_images_per_day,
+                "max_finetunes": max_finetunes,
+            }
+        )
         secret, record = store.create(tenant, name, quotas)
     except ValidationError as exc:
         for err in exc.errors():
@@ -42,6 +58,12 @@ def keys_create(
         raise typer.Exit(2) from None
     console.print(f"API key for tenant [bold]{record.tenant}[/]; it is shown only now, store it safely:")
     print(secret)
+    webhook = TenantSecrets(store.redis).ensure(record.tenant)
+    if webhook is not None:  # the tenant's first key: its callbacks are signed with a secret of its own
+        console.print(
+            f"webhook signing secret of tenant [bold]{record.tenant}[/] (verify its callbacks with it; shown only "
+            f"now, rotate with `genq keys rotate-webhook-secret`): {webhook}"
+        )
 
 
 @app.command("list")
@@ -89,6 +111,30 @@ def keys_revoke(
         console.print(f"{what} revoked; requests with it are refused from now on")
     else:
         console.print(f"{what} was already revoked at {_utc_minute(stored.key.revoked_at)} UTC")
+
+
+@app.command("rotate-webhook-secret")
+def keys_rotate_webhook_secret(
+    tenant: str = typer.Option(..., "--tenant", help="The tenant whose callbacks the new secret signs."),
+    overlap_hours: float = typer.Option(
+        24.0, "--overlap-hours", min=0, help="How long the old secret keeps signing too (both signatures are sent)."
+    ),
+) -> None:
+    """Give a tenant a new webhook signing secret and print it once; the old one signs alongside for the overlap."""
+    from datetime import timedelta
+
+    from producer.core.callbacks.secrets import TenantSecrets
+
+    store = _key_store()
+    if not store.list(tenant):
+        console.print(
+            f"[red]error[/]: no API key of tenant {escape(repr(tenant))} (create one with `genq keys create`)"
+        )
+        raise typer.Exit(1)
+    rotated = TenantSecrets(store.redis).rotate(tenant, timedelta(hours=overlap_hours))
+    until = f"; the old one signs too until {_utc_minute(rotated.previous_until)} UTC" if rotated.previous_until else ""
+    console.print(f"new webhook signing secret of tenant [bold]{escape(tenant)}[/], shown only now{until}:")
+    print(rotated.current)
 
 
 def _key_store() -> KeyStore:

@@ -8,7 +8,9 @@ JOB_EVENTS_KEY = KEY_PREFIX + ":job:{job_id}:events"  # list: callback delivery 
 JOB_CALLBACK_GONE_KEY = KEY_PREFIX + ":job:{job_id}:callback_gone"  # string: URL that answered 410; no more events
 CALLBACK_DEAD_KEY = KEY_PREFIX + ":callbacks:dead"  # list: CallbackDeadLetter JSON, newest first, capped
 IDEMPOTENCY_KEY = KEY_PREFIX + ":idem:{key}"  # string: job id owning an idempotency key
-CATALOG_KEY = KEY_PREFIX + ":catalog"  # hash: model name -> ModelEntry JSON, published by workers
+# hash: model key (ModelEntry.key: "<name>" for a system model, "<tenant>/<name>" for a tenant's) -> ModelEntry JSON,
+# published by workers
+CATALOG_KEY = KEY_PREFIX + ":catalog"
 TENANT_JOBS_KEY = KEY_PREFIX + ":tenant:{tenant}:jobs"  # sorted set: a tenant's job ids, score = created (Unix s)
 TENANT_IDEMPOTENCY_KEY = KEY_PREFIX + ":tenant:{tenant}:idem:{key}"  # string: IDEMPOTENCY_KEY, scoped to a tenant
 API_KEY = KEY_PREFIX + ":apikey:{key_id}"  # string: ApiKey JSON; key_id is the sha256 of the secret key
@@ -16,8 +18,15 @@ API_KEYS_INDEX_KEY = KEY_PREFIX + ":apikeys"  # set: every key_id issued, so lis
 API_KEY_ACTIVE_KEY = KEY_PREFIX + ":apikey:{key_id}:active"  # sorted set: the key's non-terminal job ids
 API_KEY_IMAGES_KEY = KEY_PREFIX + ":apikey:{key_id}:images:{day}"  # counter: images submitted on a UTC day
 API_KEY_BUCKET_KEY = KEY_PREFIX + ":apikey:{key_id}:bucket"  # hash: request rate token bucket
+# counter: training images (steps x batch size) of the fine-tunes submitted on a UTC day
+API_KEY_TRAIN_IMAGES_KEY = KEY_PREFIX + ":apikey:{key_id}:train_images:{day}"
+API_KEY_FINETUNES_KEY = KEY_PREFIX + ":apikey:{key_id}:finetunes"  # sorted set: the key's non-terminal fine-tunes
+API_KEY_STREAMS_KEY = KEY_PREFIX + ":apikey:{key_id}:streams"  # sorted set: open event streams, score = last alive
+# string: the tenant's webhook signing secrets (producer.core.callbacks.secrets.TenantSecret JSON); never expires
+TENANT_WEBHOOK_SECRET_KEY = KEY_PREFIX + ":tenant:{tenant}:webhook"
 TRAIN_LEASE_KEY = KEY_PREFIX + ":job:{job_id}:lease"  # string: token of the worker training the job (expires)
 MODEL_VERSION_COUNTER_KEY = KEY_PREFIX + ":model:{name}:versions"  # counter: last version number given out
+TENANT_MODEL_VERSION_COUNTER_KEY = KEY_PREFIX + ":tenant:{tenant}:model:{name}:versions"  # the same, a tenant's model
 DEADLETTER_KEY = KEY_PREFIX + ":deadletter"  # list: messages workers could not run, newest first (worker.deadletter)
 # hash: status -> jobs in it, kept by JobStore.create and the transition script; never expires (queued and running
 # are current counts, the terminal ones cumulative)
@@ -27,6 +36,10 @@ JOBS_BY_STATUS_KEY = KEY_PREFIX + ":stats:jobs_by_status"
 # was delivered or it ended; JobStore.create prunes entries older than a job record's TTL.
 QUEUED_JOBS_KEY = KEY_PREFIX + ":queued:{queue}"
 SWEEPER_LOCK_KEY = KEY_PREFIX + ":sweeper:lock"  # string (expires): one worker sweeps per interval
+# sorted set: task ids ("<job id>.<shard>") of shards workers run, score = their last heartbeat (Unix s), written by
+# each worker process every GENQ_SWEEPER__HEARTBEAT_S (worker.watchdog); the watchdog sends again a shard whose
+# heartbeat stopped while its job is active and whose message is nowhere in the broker
+RUNNING_SHARDS_KEY = KEY_PREFIX + ":shards:running"
 # Callback messages sent and not started yet (producer.core.callbacks.pending.PendingCallbacks), for the sweeper to
 # find one the broker lost: sorted set of task ids, score = when due (Unix s), and hash: task id -> the task's
 # arguments (JSON)
@@ -61,6 +74,11 @@ MANIFEST_NAME = "manifest.json"
 MODELS_PREFIX = "models/"  # published model versions: models/<name>/<version>/ (see worker.catalog.store)
 MODEL_VERSION_PREFIX = MODELS_PREFIX + "{name}/{version}/"
 MODEL_ALIASES_OBJECT = MODELS_PREFIX + "{name}/aliases.json"
+# Tenants' models, one namespace per tenant: tenant-models/<tenant>/<name>/<version>/. Not under tenants/<tenant>/,
+# whose job outputs a catalogue scan would have to list too; one listing of this prefix finds every tenant's models.
+TENANT_MODELS_PREFIX = "tenant-models/"
+TENANT_MODEL_VERSION_PREFIX = TENANT_MODELS_PREFIX + "{tenant}/{name}/{version}/"
+TENANT_MODEL_ALIASES_OBJECT = TENANT_MODELS_PREFIX + "{tenant}/{name}/aliases.json"
 TRAINING_PREFIX = "training/{job_id}/"  # a fine-tune job's checkpoint and sample grids
 DATASETS_PREFIX = "datasets/"  # data sets uploaded by clients for fine-tuning: datasets/<upload id>/...
 TENANT_DATASETS_PREFIX = "tenants/{tenant}/datasets/"  # the same under the HTTP API, per tenant

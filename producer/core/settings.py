@@ -9,6 +9,7 @@ S3 endpoint and credentials are *not* here: boto3 reads the standard ``AWS_ENDPO
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,7 +48,30 @@ class WebhookSettings(BaseModel):
     """Signing, delivery, retries and allowed destinations of callbacks (Standard Webhooks v1)."""
 
     secret: str = DEV_WEBHOOK_SECRET
-    timeout_s: float = Field(default=10.0, gt=0)
+    timeout_s: float = Field(
+        default=10.0, gt=0, description="Limit of each phase of a POST: connecting, each write, each read."
+    )
+    attempt_deadline_s: float = Field(
+        default=15.0,
+        gt=0,
+        description=(
+            "Wall-clock limit of one delivery attempt as a whole (connect, TLS, send, the answer), however slowly "
+            "the receiver trickles it; then the attempt fails and is retried."
+        ),
+    )
+    max_in_flight_per_host: int = Field(
+        default=4,
+        ge=1,
+        description=(
+            "Attempts one worker process makes at once to one receiver host; its other events wait their turn on "
+            "the broker, so a hanging receiver holds this many delivery threads at most."
+        ),
+    )
+    concurrency: int = Field(
+        default=32,
+        ge=1,
+        description="Delivery threads of a callbacks worker (started by `genq worker`, or `genq worker -Q callbacks`).",
+    )
     retry_schedule_s: list[float] = Field(
         default_factory=lambda: list(STANDARD_RETRY_SCHEDULE_S),
         description="Delay before each attempt of an event, in seconds, after the previous one; the first is 0.",
@@ -88,3 +112,28 @@ class GenqSettings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)  # clients check callback URLs (allow_hosts)
     job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="How long job records live in Redis.")
+
+
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def dev_mode_problem(
+    settings: GenqSettings, *, bind_host: str | None = None, s3_endpoint: str | None = None
+) -> str | None:
+    """Why ``settings`` must not run as they are, or None: development mode (``GENQ_ENV=dev``, which accepts the
+    placeholder webhook secret published in this repository) serving beyond this machine or storing in real S3.
+
+    Args:
+        bind_host: the address an API process listens on (None: not an API process).
+        s3_endpoint: ``AWS_ENDPOINT_URL`` as the process sees it (None or empty: AWS S3 itself).
+    """
+    if settings.env != "dev":
+        return None
+    fix = "set GENQ_ENV=prod and a real GENQ_WEBHOOK__SECRET (producer.webhooks.generate_secret() makes one)"
+    if bind_host is not None and bind_host not in _LOOPBACK_HOSTS:
+        return f"development mode (GENQ_ENV=dev) listens on loopback only, not {bind_host!r}: {fix}"
+    if s3_endpoint is not None:
+        host = (urlsplit(s3_endpoint).hostname or "") if s3_endpoint else ""
+        if not s3_endpoint or host.endswith(".amazonaws.com"):
+            return f"development mode (GENQ_ENV=dev) stores outputs in real S3 ({s3_endpoint or 'AWS'}): {fix}"
+    return None

@@ -27,7 +27,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import Enum
 
 from producer.errors import GenqError
@@ -94,17 +94,22 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return f"{SIGNATURE_VERSION},{_signature(decode_secret(secret), msg_id, str(timestamp), body)}"
 
 
-def signed_headers(secret: str, msg_id: str, body: bytes, now: int | None = None) -> dict[str, str]:
+def signed_headers(secret: str | Sequence[str], msg_id: str, body: bytes, now: int | None = None) -> dict[str, str]:
     """The headers for POSTing ``body``: id, timestamp (``now``, default the current time), signature, JSON type.
+
+    Several secrets (a rotation's overlap) give several space-separated signatures; a receiver accepts any match.
 
     Raises:
         ValueError: the secret is malformed.
     """
     timestamp = int(time.time()) if now is None else now
+    signing = [secret] if isinstance(secret, str) else list(secret)
+    if not signing:
+        raise ValueError("no webhook secret to sign with")
     return {
         HEADER_ID: msg_id,
         HEADER_TIMESTAMP: str(timestamp),
-        HEADER_SIGNATURE: sign(secret, msg_id, timestamp, body),
+        HEADER_SIGNATURE: " ".join(sign(s, msg_id, timestamp, body) for s in signing),
         "content-type": "application/json",
     }
 
