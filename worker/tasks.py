@@ -17,6 +17,8 @@ from producer.core import constants
 from producer.core.callbacks.delivery import CallbackLedger, Deliverer, run_delivery
 from producer.core.callbacks.events import CallbackMessage
 from producer.core.callbacks.pending import PendingCallbacks
+from producer.core.callbacks.secrets import TenantSecrets
+from producer.core.clock import utcnow
 from producer.core.messages import JobMessage, callback_task, task_id
 from producer.core.settings import dev_mode_problem
 from producer.core.store import JobStore
@@ -199,8 +201,15 @@ def deliver_callback(self: Any, payload: dict[str, Any]) -> None:
         # Retries wait on the broker in hops well inside the visibility timeout (see producer.core.callbacks.delivery).
         max_hop_s=settings.celery.visibility_timeout_s / 2,
         deliverer=deliverer,
+        signing_secrets=lambda tenant: _tenant_signing(client, tenant),
     )
     telemetry.CALLBACKS.labels(outcome.value).inc()
+
+
+def _tenant_signing(client: redis.Redis, tenant: str) -> list[str] | None:
+    """The tenant's signing secrets now (two during a rotation's overlap), or None if it has none."""
+    secret = TenantSecrets(client).get(tenant)
+    return secret.signing(utcnow()) if secret is not None else None
 
 
 _callbacks: tuple[redis.Redis, Deliverer] | None = None

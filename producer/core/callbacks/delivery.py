@@ -219,6 +219,16 @@ class Deliverer:
             client.close()
 
 
+def _secrets_of(
+    message: CallbackMessage, webhook: WebhookSettings, signing_secrets: Callable[[str], list[str] | None] | None
+) -> list[str]:
+    """What signs ``message``: its tenant's own secrets, or the deployment's (no tenant, or one made before tenants
+    had secrets)."""
+    tenant = message.event.data.tenant
+    own = signing_secrets(tenant) if tenant is not None and signing_secrets is not None else None
+    return own or [webhook.secret]
+
+
 def run_delivery(
     message: CallbackMessage,
     *,
@@ -227,6 +237,7 @@ def run_delivery(
     requeue: Requeue,
     max_hop_s: float,
     deliverer: Deliverer | None = None,
+    signing_secrets: Callable[[str], list[str] | None] | None = None,
     rng: random.Random | None = None,
     now: Callable[[], datetime] = utcnow,
 ) -> Outcome:
@@ -249,6 +260,8 @@ def run_delivery(
         requeue: sends a message back to the callbacks queue to run after a countdown (seconds).
         max_hop_s: the longest countdown a message may wait on the broker (half the visibility timeout).
         deliverer: the process's clients and host slots; None: a client for this attempt alone, no host limit.
+        signing_secrets: a tenant's signing secrets (:class:`.secrets.TenantSecrets`), None for a tenant without
+            any; events of such tenants and of jobs without one are signed with ``webhook.secret``.
         rng: the jitter's random source (tests pass a seeded one).
         now: the clock.
 
@@ -291,7 +304,7 @@ def run_delivery(
             result = deliver(
                 message.url,
                 message.event,
-                secret=webhook.secret,
+                secret=_secrets_of(message, webhook, signing_secrets),
                 msg_id=message.msg_id,
                 timeout_s=webhook.timeout_s,
                 deadline_s=webhook.attempt_deadline_s,

@@ -285,7 +285,7 @@ def deliver(
     url: str,
     event: WebhookEvent,
     *,
-    secret: str,
+    secret: str | Sequence[str],
     msg_id: str,
     timeout_s: float,
     deadline_s: float | None = None,
@@ -300,7 +300,7 @@ def deliver(
     Args:
         url: the callback URL.
         event: the event to send.
-        secret: the ``whsec_`` signing secret.
+        secret: the ``whsec_`` signing secret, or several (a rotation's overlap: one signature each).
         msg_id: the ``webhook-id``; the same on every retry of this event.
         timeout_s: limit for each phase of the request (connect, each write, each read), in seconds.
         deadline_s: wall-clock limit for the whole attempt (connect, TLS, send, the answer's headers and body), in

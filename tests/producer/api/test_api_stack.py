@@ -15,6 +15,9 @@ from worker_process import WorkerProcess
 
 from producer.api import create_app
 from producer.contract import JobView, Manifest
+from producer.core.callbacks.secrets import TenantSecrets
+from producer.core.settings import DEV_WEBHOOK_SECRET
+from producer.webhooks import WebhookVerificationError, verify
 
 pytestmark = pytest.mark.integration
 
@@ -98,3 +101,36 @@ def test_stream_of_a_failed_job_ends_with_the_failure(
     final = JobView.model_validate_json(last)
     assert final.status.value == "failed" and final.error is not None and final.error.type == "ModelLoadError"
     assert stack.keys(f"tenants/acme/jobs/{job_id}/") == []
+
+
+def test_a_tenants_callbacks_are_signed_with_its_own_secret_and_rotate_with_an_overlap(
+    stack: Stack, module_worker: WorkerProcess, stack_api: ApiServer
+) -> None:
+    # The attack: one signing secret for all tenants let a tenant given it forge "succeeded" events to every other.
+    secrets = TenantSecrets(stack.redis)
+    acme_secret, globex_secret = secrets.ensure("acme-signs"), secrets.ensure("globex-signs")
+    assert acme_secret is not None and globex_secret is not None
+    body = {"model": "fmnist-cgan", "label": "bag", "count": 1, "seed": 9}
+    with WebhookReceiver(acme_secret) as receiver, session_for(stack_api, make_key(stack.redis, "acme-signs")) as acme:
+        job_id = acme.post(
+            "/v1/jobs", json={**body, "callback": {"url": receiver.url, "events": ["succeeded"]}}
+        ).json()["id"]
+        (first,) = receiver.wait_for(1, timeout=60)
+        assert first.verified, first.error  # acme's own secret
+        for other in (globex_secret, DEV_WEBHOOK_SECRET):  # neither another tenant's nor the deployment's verifies it
+            with pytest.raises(WebhookVerificationError):
+                verify(other, first.headers, first.body)
+        assert json.loads(first.body)["data"]["id"] == job_id
+
+        rotated = acme.post("/v1/webhook-secret/rotate", json={"overlap_hours": 1})
+        assert rotated.status_code == 200, rotated.text
+        new_secret = rotated.json()["secret"]
+        assert new_secret != acme_secret and rotated.json()["previous_valid_until"] is not None
+
+        acme.post("/v1/jobs", json={**body, "seed": 10, "callback": {"url": receiver.url, "events": ["succeeded"]}})
+        second = receiver.wait_for(2, timeout=60)[1]
+        assert len(second.headers["webhook-signature"].split()) == 2  # both signatures during the overlap
+        verify(acme_secret, second.headers, second.body)  # a receiver not yet switched
+        verify(new_secret, second.headers, second.body)  # and one that switched
+        with pytest.raises(WebhookVerificationError):
+            verify(globex_secret, second.headers, second.body)
