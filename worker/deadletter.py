@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from queue import Empty
 from typing import Any, Literal
 
@@ -238,6 +238,11 @@ class Consumer(CeleryConsumer):
         connection_errors = self.connection_errors
 
         def on_task_received(message: Message) -> Any:
+            refusal = self._refusal(message)
+            if refusal is not None:  # acked and recorded before Celery runs it or holds it in memory
+                self._dead_letter(message, refusal)
+                message.reject_log_error(log, connection_errors)  # on Redis: removed for good
+                return None
             try:
                 return handle(message)
             except connection_errors:  # the broker went away: Celery reconnects
@@ -249,6 +254,27 @@ class Consumer(CeleryConsumer):
                 return None
 
         return on_task_received
+
+    def _refusal(self, message: Message) -> str | None:
+        """Why genq will not run a message Celery would: not one of genq's tasks (Celery's own, such as
+        ``celery.backend_cleanup``, are registered in every app), or due so far ahead that it would sit in the
+        worker's memory past the visibility timeout (genq's own retries wait at most half of it)."""
+        headers = _headers(message)
+        task = headers.get("task")
+        if isinstance(task, str) and not task.startswith(constants.TASK_PREFIX):
+            return f"not a genq task: {task!r} (genq workers run genq.* tasks only)"
+        eta = headers.get("eta")
+        if eta:
+            try:
+                due = datetime.fromisoformat(str(eta))
+            except ValueError:
+                return f"an eta that is not a time: {str(eta)[:64]!r}"
+            if due.tzinfo is None:
+                due = due.replace(tzinfo=UTC)
+            horizon = float(self.app.conf.broker_transport_options.get("visibility_timeout", 3600))
+            if (due - datetime.now(UTC)).total_seconds() > horizon:
+                return f"due at {due.isoformat()}, past the visibility timeout ({horizon:g} s) from now"
+        return None
 
     def _dead_letter(self, message: Message, reason: str) -> None:
         headers = _headers(message)

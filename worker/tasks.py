@@ -176,7 +176,7 @@ def _generate_raised(
     # generate never raises for a job (execute_generate fails the job instead); what raises is a message whose
     # arguments do not fit the task (wrong count, kwargs not a mapping) or a worker that cannot build its runtime.
     # Celery acks such a message anyway: keep it as a dead letter rather than lose it.
-    if getattr(sender, "name", None) in (constants.GENERATE_TASK, constants.FINETUNE_TASK):
+    if getattr(sender, "name", None) in (constants.GENERATE_TASK, constants.FINETUNE_TASK, constants.CALLBACK_TASK):
         reason = f"the task raised {type(exception).__name__}: {exception}"
         record_task(sender, reason, [args, kwargs], request=request)
 
@@ -189,8 +189,8 @@ def deliver_callback(self: Any, payload: dict[str, Any]) -> None:
     pending.started(self.request.id)  # kombu's unacked hash holds the message from now on
     try:
         message = CallbackMessage.model_validate(payload)
-    except ValidationError as exc:
-        log.error("dropping malformed callback payload: %s", exc)
+    except ValidationError as exc:  # acked and dead-lettered: a payload that does not validate never will
+        record_task(deliver_callback, f"not a callback event: {_errors(exc)}", [payload])
         return
     settings = settings_of(app)
     outcome = run_delivery(

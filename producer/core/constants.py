@@ -63,9 +63,10 @@ TRAIN_QUEUE = "train"  # fine-tuning: long jobs, one per GPU, on workers of thei
 WORKER_QUEUES = (CALLBACK_QUEUE, GENERATE_HIGH_QUEUE, GENERATE_QUEUE, GENERATE_LOW_QUEUE)
 
 # Celery task names: the client enqueues by name, so it never imports the worker.
-GENERATE_TASK = "genq.generate"
-CALLBACK_TASK = "genq.deliver_callback"
-FINETUNE_TASK = "genq.finetune"
+TASK_PREFIX = "genq."  # every task genq sends; workers refuse others (worker.deadletter)
+GENERATE_TASK = TASK_PREFIX + "generate"
+CALLBACK_TASK = TASK_PREFIX + "deliver_callback"
+FINETUNE_TASK = TASK_PREFIX + "finetune"
 
 # Object keys
 JOB_PREFIX = "jobs/{job_id}/"

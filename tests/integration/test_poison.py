@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from typing import Any
 
@@ -33,10 +34,19 @@ GOOD_JOB = {
 }
 
 
-def envelope(body: bytes, *, content_type: str = "application/json", task: str | None = "genq.generate") -> bytes:
+def envelope(
+    body: bytes,
+    *,
+    content_type: str = "application/json",
+    task: str | None = "genq.generate",
+    eta: str | None = None,
+    queue: str = constants.GENERATE_QUEUE,
+) -> bytes:
     """A kombu/Celery protocol 2 message as kombu's Redis transport stores it."""
     task_id = str(uuid.uuid4())
     headers: dict[str, Any] = {} if task is None else {"lang": "py", "task": task, "id": task_id, "retries": 0}
+    if eta is not None:
+        headers["eta"] = eta
     message = {
         "body": base64.b64encode(body).decode(),
         "content-encoding": "utf-8",
@@ -45,7 +55,7 @@ def envelope(body: bytes, *, content_type: str = "application/json", task: str |
         "properties": {
             "correlation_id": task_id,
             "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": constants.GENERATE_QUEUE},
+            "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
             "body_encoding": "base64",
             "delivery_tag": str(uuid.uuid4()),
@@ -66,7 +76,19 @@ POISON = [
     ("pickle", envelope(b"\x80\x04\x95garbage", content_type="application/x-python-serialize"), "consumer", "pickle"),
     ("a body that is not JSON", envelope(b"{not json"), "consumer", "could not be decoded"),
     ("a body that is not [args, kwargs, embed]", envelope(b'"hello"'), "consumer", "not a task message Celery can run"),
-    ("an unknown task", envelope(b"[[], {}, {}]", task="evil.task"), "consumer", "unknown task 'evil.task'"),
+    ("an unknown task", envelope(b"[[], {}, {}]", task="evil.task"), "consumer", "not a genq task: 'evil.task'"),
+    (
+        "Celery's own task",
+        envelope(b"[[], {}, {}]", task="celery.backend_cleanup"),
+        "consumer",
+        "not a genq task: 'celery.backend_cleanup'",
+    ),
+    (
+        "due in the year 2999",
+        envelope(json.dumps([[GOOD_JOB], {}, {}]).encode(), eta="2999-01-01T00:00:00+00:00"),
+        "consumer",
+        "past the visibility timeout",
+    ),
     ("no task header", envelope(b"[[], {}, {}]", task=None), "consumer", "no task header"),
     ("too many arguments", call(1, 2, 3, 4), "task", "TypeError"),
     ("kwargs not a mapping", envelope(b"[[], [], {}]"), "task", "keyword arguments is not a mapping"),
@@ -106,3 +128,19 @@ def test_poison_messages_are_dead_lettered_with_the_reason_and_the_worker_keeps_
 
     assert stack.redis.llen(constants.GENERATE_QUEUE) == 0
     assert worker.proc.poll() is None and "Unrecoverable error" not in worker.log()
+
+
+def test_poison_callback_messages_are_dead_lettered_not_dropped(stack: Stack, start_worker) -> None:  # type: ignore[no-untyped-def]
+    start_worker(worker_env(stack), concurrency=1)  # its callbacks worker serves the callbacks queue
+    before = stack.redis.llen(constants.DEADLETTER_KEY)  # the module's stack keeps the other test's letters
+    task = constants.CALLBACK_TASK
+    for body in ([[{"job_id": "x"}], {}, {}], [[1, 2, 3], {}, {}]):  # not an event; too many arguments
+        element = envelope(json.dumps(body).encode(), task=task, queue=constants.CALLBACK_QUEUE)
+        stack.redis.lpush(constants.CALLBACK_QUEUE, element)
+    deadline = time.monotonic() + 60
+    while stack.redis.llen(constants.DEADLETTER_KEY) < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    letters = [json.loads(raw) for raw in reversed(stack.redis.lrange(constants.DEADLETTER_KEY, 0, 1))]
+    assert [(letter["stage"], letter["task"]) for letter in letters] == [("task", task), ("task", task)], letters
+    assert "not a callback event" in letters[0]["reason"] and "TypeError" in letters[1]["reason"]
+    assert stack.redis.llen(constants.CALLBACK_QUEUE) == 0
