@@ -128,7 +128,26 @@ def _fail_or_retry(
         )
         raise RetryLater(delay, exc) from exc
     log.exception("job %s failed", job.job_id)
-    reporter.failed(job, JobError(type=type(exc).__name__, message=str(exc)), stored)
+    message = str(exc) if job.tenant is None else tenant_safe(str(exc), runtime)
+    reporter.failed(job, JobError(type=type(exc).__name__, message=message), stored)
+
+
+def tenant_safe(message: str, runtime: Runtime) -> str:
+    """``message`` as a tenant may read it: the deployment's storage endpoint, bucket and worker folders replaced
+    by placeholders (the full text is in the worker's log, beside the job id)."""
+    settings = runtime.settings
+    secrets = {
+        getattr(runtime.storage, "endpoint", None): "<storage>",
+        repr(settings.s3.bucket): "<bucket>",  # quoted, as storage errors name it ("genq" alone is in key names)
+        str(settings.model_cache_dir): "<model cache>",
+        str(settings.local_dir): "<local storage>",
+        str(settings.train.work_dir) if settings.train.work_dir else None: "<work dir>",
+        tempfile.gettempdir(): "<tmp>",
+    }
+    for private, placeholder in sorted(secrets.items(), key=lambda kv: -len(kv[0] or "")):
+        if private:
+            message = message.replace(private, placeholder)
+    return message
 
 
 def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard: Shard | None, retries: int) -> bool:

@@ -281,3 +281,26 @@ def test_retries_do_not_count_as_deaths_of_the_worker(runtime: Runtime) -> None:
 
     assert execute_generate(job, runtime, RedisReporter(runtime.store, lambda message: None), retries=2)
     assert runtime.store.get(job.job_id).status is JobStatus.SUCCEEDED
+
+
+def test_a_tenants_job_error_names_no_storage_endpoint_bucket_or_worker_folder(runtime: Runtime) -> None:
+    class Refused(LocalStorage):
+        endpoint = "http://minio.internal:9000"
+
+        def put(self, key: str, data: bytes, content_type: str) -> None:
+            raise StorageError(
+                f"access denied (AccessDenied) to S3 put of {key!r} in bucket 'genq' at {self.endpoint}; cache "
+                f"{runtime.settings.model_cache_dir}/x"
+            )
+
+    runtime.storage = Refused(runtime.settings.local_dir)
+    job = _job("job-tenant-err", 1).model_copy(update={"tenant": "acme"})
+    runtime.store.create(job)
+
+    execute_generate(job, runtime, RedisReporter(runtime.store, lambda message: None))
+
+    error = runtime.store.get(job.job_id).error
+    assert error is not None and error.type == "StorageError"
+    assert "minio.internal" not in error.message and "'genq'" not in error.message
+    assert str(runtime.settings.model_cache_dir) not in error.message
+    assert "access denied (AccessDenied) to S3 put" in error.message and "<storage>" in error.message
