@@ -17,6 +17,14 @@ class ApiSettings(BaseModel):
     max_dataset_bytes: int = Field(
         default=256 * 2**20, ge=1024, description="Largest data set archive `POST /v1/datasets` accepts."
     )
+    dataset_bytes: int = Field(
+        default=2 * 2**30,
+        ge=1,
+        description="Default per-key bytes of uploaded data sets stored at once (expired ones no longer count).",
+    )
+    dataset_ttl_s: int = Field(
+        default=7 * 24 * 3600, ge=1, description="Uploaded data sets are deleted this long after their upload."
+    )
     rate_per_s: float = Field(default=10.0, gt=0, description="Requests per second per key (token bucket refill).")
     burst: int = Field(default=20, ge=1, description="Requests a key may make at once (token bucket size).")
     max_queued: int = Field(default=100, ge=1, description="Default per-key limit of queued or running jobs.")

@@ -42,6 +42,7 @@ class KeyQuotas(BaseModel):
         default=None, ge=1, description="Training images (steps x batch size) of fine-tunes submitted per UTC day."
     )
     max_finetunes: int | None = Field(default=None, ge=1, description="Fine-tunes queued or running at once.")
+    dataset_bytes: int | None = Field(default=None, ge=1, description="Bytes of uploaded data sets stored at once.")
 
 
 class ApiKey(BaseModel):

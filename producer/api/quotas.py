@@ -10,6 +10,9 @@ The limits, each checked and taken atomically by one Lua script:
 - **training**: fine-tunes are metered by what they cost, the images they train on (steps x batch size, per key and
   UTC day, ``GENQ_API__TRAIN_IMAGES_PER_DAY``), and how many run at once (``GENQ_API__MAX_FINETUNES``), a sorted set
   like the queued jobs';
+- **data sets**: the bytes of a key's uploads stored at once (``GENQ_API__DATASET_BYTES``), recorded with each
+  upload's expiry (``GENQ_API__DATASET_TTL_S``) before it is stored; the API deletes expired uploads and gives their
+  bytes back (``producer.api.finetune``);
 - **priority**: a key asks for at most its ``max_priority`` (``GENQ_API__MAX_PRIORITY``, ``normal`` by default), so
   one tenant cannot put its bulk work ahead of everyone's by asking for ``high``.
 
@@ -24,12 +27,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import redis
 
 from producer.api.auth import Principal
 from producer.contract import FineTuneJob, GenerateJob, Priority
 from producer.core import constants
+from producer.core.records import as_text
 from producer.core.scripts import read_lua
 from producer.errors import InvalidJob, QuotaExceeded
 from producer.settings import ApiSettings
@@ -38,10 +43,13 @@ from producer.settings import ApiSettings
 _TAKE_TOKEN = read_lua(__package__, "take_token.lua")
 _TAKE_IMAGES = read_lua(__package__, "take_images.lua")
 _TAKE_SLOT = read_lua(__package__, "take_slot.lua")
+_TAKE_DATASET = read_lua(__package__, "take_dataset.lua")
+_FORGET_DATASETS = read_lua(__package__, "forget_datasets.lua")
 
 _IN_FLIGHT_GRACE_S = 60  # a submit takes milliseconds; a slot with no job record after this was abandoned
 _STREAM_STALE_S = 60.0  # an event stream not kept alive this long was left by an API process that died
 _QUEUED_RETRY_AFTER_S = 5  # when a slot frees depends on the workers; ask the caller to look again soon
+_DATASETS_KEEP_S = 24 * 3600  # the data set ledger outlives its last upload's expiry by this much, then goes
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,15 @@ class Reservation:
     images: int
     day: str
     train_images: int = 0  # a fine-tune's steps x batch size, taken from the day's training allowance
+
+
+@dataclass(frozen=True)
+class StoredDataset:
+    """One upload in a key's ledger: its reference, size and when it expires (Unix seconds)."""
+
+    reference: str
+    bytes: int
+    expires_at: float
 
 
 _PRIORITY_RANK = {"low": 0, "normal": 1, "high": 2}
@@ -68,6 +85,8 @@ class Quotas:
         self._take_token = client.register_script(_TAKE_TOKEN)
         self._take_images = client.register_script(_TAKE_IMAGES)
         self._take_slot = client.register_script(_TAKE_SLOT)
+        self._take_dataset = client.register_script(_TAKE_DATASET)
+        self._forget_datasets = client.register_script(_FORGET_DATASETS)
 
     def take_request(self, principal: Principal) -> None:
         """Count one request against the key's rate limit. Raises QuotaExceeded (limit ``rate``)."""
@@ -119,6 +138,70 @@ class Quotas:
     def close_stream(self, principal: Principal, token: str) -> None:
         """Give the stream's slot back."""
         self.redis.zrem(constants.API_KEY_STREAMS_KEY.format(key_id=principal.key_id), token)
+
+    def take_dataset(self, principal: Principal, reference: str, size: int, now: float | None = None) -> float:
+        """Record an upload of ``size`` bytes before it is stored; returns when it expires (Unix seconds).
+
+        Raises:
+            QuotaExceeded: the key's data sets would pass its ``dataset_bytes`` (limit ``dataset_bytes``; nothing is
+                taken). ``retry_after_s`` is when its oldest upload expires.
+        """
+        now = time.time() if now is None else now
+        limit = principal.key.quotas.dataset_bytes or self.settings.dataset_bytes
+        expires_at = now + self.settings.dataset_ttl_s
+        keys = self._dataset_keys(principal.key_id)
+        args: list[str | int | float] = [
+            reference,
+            size,
+            limit,
+            expires_at,
+            self.settings.dataset_ttl_s + _DATASETS_KEEP_S,
+        ]
+        taken, used = (int(v) for v in self._take_dataset(keys=keys, args=args))
+        if not taken:
+            oldest = self.redis.zrange(keys[0], 0, 0, withscores=True)
+            wait = float(oldest[0][1]) - now if oldest else float(self.settings.dataset_ttl_s)
+            raise QuotaExceeded(
+                f"data set bytes: this upload is {size:,} bytes and {max(0, limit - used):,} of the key's {limit:,} "
+                "are left; uploads are deleted, and their bytes given back, "
+                f"{self.settings.dataset_ttl_s:,} s after they were made (GENQ_API__DATASET_TTL_S)",
+                limit="dataset_bytes",
+                retry_after_s=max(1.0, wait),
+            )
+        return expires_at
+
+    def expired_datasets(self, principal: Principal, now: float | None = None, limit: int = 1000) -> list[str]:
+        """References of the key's uploads past their expiry, oldest first (at most ``limit``)."""
+        now = time.time() if now is None else now
+        expiries = self._dataset_keys(principal.key_id)[0]
+        found = self.redis.zrangebyscore(expiries, "-inf", now, start=0, num=limit)
+        return [as_text(cast(bytes, r)) for r in found]
+
+    def forget_datasets(self, principal: Principal, references: list[str]) -> int:
+        """Give back the bytes of uploads that are gone (deleted, or never stored); returns the bytes freed."""
+        if not references:
+            return 0
+        return int(self._forget_datasets(keys=self._dataset_keys(principal.key_id), args=references))
+
+    def datasets(self, principal: Principal) -> tuple[list[StoredDataset], int]:
+        """The key's uploads, soonest to expire first, and the bytes they take from its quota."""
+        expiries, sizes, total = self._dataset_keys(principal.key_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrange(expiries, 0, -1, withscores=True)
+        pipe.hgetall(sizes)
+        pipe.get(total)
+        members, by_reference, used = pipe.execute()
+        size_of = {as_text(k): int(v) for k, v in by_reference.items()}
+        stored = [StoredDataset(as_text(r), size_of.get(as_text(r), 0), float(at)) for r, at in members]
+        return stored, int(used or 0)
+
+    @staticmethod
+    def _dataset_keys(key_id: str) -> list[str]:
+        return [
+            constants.API_KEY_DATASETS_KEY.format(key_id=key_id),
+            constants.API_KEY_DATASET_SIZES_KEY.format(key_id=key_id),
+            constants.API_KEY_DATASET_BYTES_KEY.format(key_id=key_id),
+        ]
 
     def check_priority(self, principal: Principal, priority: Priority) -> None:
         """Refuse a priority above the key's ``max_priority``.

@@ -33,6 +33,9 @@ def keys_create(
         None, "--train-images-per-day", min=1, help="Training images (fine-tune steps x batch size) per UTC day."
     ),
     max_finetunes: int | None = typer.Option(None, "--max-finetunes", min=1, help="Fine-tunes queued or running."),
+    dataset_bytes: int | None = typer.Option(
+        None, "--dataset-bytes", min=1, help="Bytes of uploaded data sets stored at once (expired ones free theirs)."
+    ),
 ) -> None:
     """Create an API key and print it once (only its sha256 is stored)."""
     from pydantic import ValidationError
@@ -49,6 +52,7 @@ def keys_create(
                 "max_priority": max_priority,
                 "train_images_per_day": train_images_per_day,
                 "max_finetunes": max_finetunes,
+                "dataset_bytes": dataset_bytes,
             }
         )
         secret, record = store.create(tenant, name, quotas)

@@ -22,6 +22,12 @@ API_KEY_BUCKET_KEY = KEY_PREFIX + ":apikey:{key_id}:bucket"  # hash: request rat
 API_KEY_TRAIN_IMAGES_KEY = KEY_PREFIX + ":apikey:{key_id}:train_images:{day}"
 API_KEY_FINETUNES_KEY = KEY_PREFIX + ":apikey:{key_id}:finetunes"  # sorted set: the key's non-terminal fine-tunes
 API_KEY_STREAMS_KEY = KEY_PREFIX + ":apikey:{key_id}:streams"  # sorted set: open event streams, score = last alive
+# The key's uploaded data sets (POST /v1/datasets), for their quota and expiry: sorted set of references
+# ("<upload id>/<file name>", under TENANT_DATASETS_PREFIX), score = when it expires (Unix s); hash: reference -> bytes;
+# and a counter: the bytes of them all (producer.api.quotas)
+API_KEY_DATASETS_KEY = KEY_PREFIX + ":apikey:{key_id}:datasets"
+API_KEY_DATASET_SIZES_KEY = KEY_PREFIX + ":apikey:{key_id}:datasets:bytes"
+API_KEY_DATASET_BYTES_KEY = KEY_PREFIX + ":apikey:{key_id}:dataset_bytes"
 # string: the tenant's webhook signing secrets (producer.core.callbacks.secrets.TenantSecret JSON); never expires
 TENANT_WEBHOOK_SECRET_KEY = KEY_PREFIX + ":tenant:{tenant}:webhook"
 TRAIN_LEASE_KEY = KEY_PREFIX + ":job:{job_id}:lease"  # string: token of the worker training the job (expires)

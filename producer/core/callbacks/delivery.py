@@ -36,7 +36,7 @@ import redis
 from producer.core import constants
 from producer.core.callbacks.events import CallbackDeadLetter, CallbackMessage, DeliveryRecord
 from producer.core.callbacks.send import DeliveryResult, WebhookClient, deliver, hop_countdown, next_delay
-from producer.core.callbacks.ssrf import vetted_addresses
+from producer.core.callbacks.ssrf import redact_url, vetted_addresses
 from producer.core.clock import utcnow
 from producer.core.settings import WebhookSettings
 from producer.errors import CallbackHostUnresolved, CallbackUrlRefused
@@ -325,7 +325,8 @@ def run_delivery(
     if result.gone:
         ledger.mark_gone(message.job_id, message.url)
         record(**{**attempted, "error": "HTTP 410 Gone: no more events of this job are sent"})
-        log.info("callback receiver %s of job %s answered 410: stopping its events", message.url, message.job_id)
+        receiver = redact_url(message.url)
+        log.info("callback receiver %s of job %s answered 410: stopping its events", receiver, message.job_id)
         return Outcome.GONE
 
     delay = next_delay(message.attempt, webhook.retry_schedule_s, webhook.jitter, rng or _rng)

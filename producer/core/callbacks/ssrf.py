@@ -21,6 +21,9 @@ from urllib.parse import urlsplit
 
 from producer.errors import CallbackHostUnresolved, CallbackUrlRefused
 
+_REDACTED = "\u2026"  # what stands for a URL's query, fragment or userinfo in log lines
+_MAX_LOGGED_URL_CHARS = 200
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str], list[str]]
@@ -152,9 +155,9 @@ def vetted_addresses(url: str, allow: Sequence[str] = (), *, resolve: Resolver |
     try:
         host = urlsplit(url).hostname
     except ValueError as exc:  # e.g. an unbalanced '[' in the netloc
-        raise CallbackUrlRefused(f"callback URL {url[:200]!r} is malformed: {exc}") from None
+        raise CallbackUrlRefused(f"callback URL {redact_url(url)!r} is malformed: {exc}") from None
     if not host:
-        raise CallbackUrlRefused(f"callback URL {url[:200]!r} has no host")
+        raise CallbackUrlRefused(f"callback URL {redact_url(url)!r} has no host")
     if allowed.permits_host(host):
         return []
     addresses = _addresses(host, resolve or resolve_host)
@@ -195,3 +198,25 @@ def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
     if address in _NAT64:
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return address.sixtofour
+
+
+def redact_url(url: str) -> str:
+    """``url`` as a log line may show it: query, fragment and userinfo, where receivers put tokens, replaced by "…".
+
+    ``https://user:pw@shop.example/hook?token=s3cret#x`` gives ``https://…@shop.example/hook?…``; scheme, host, port
+    and path stay, to tell receivers apart. Works on text, not a parsed URL, so it never raises on a malformed one;
+    at most 200 characters come back.
+    """
+    cut = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=len(url))
+    head, rest = url[:cut], url[cut:]
+    scheme, sep, tail = head.partition("//")
+    if sep:
+        authority, slash, path = tail.partition("/")
+        if "@" in authority:
+            authority = _REDACTED + "@" + authority.rpartition("@")[2]
+        head = scheme + sep + authority + slash + path
+    if rest:
+        head += rest[0] + _REDACTED
+    if len(head) > _MAX_LOGGED_URL_CHARS:
+        head = head[: _MAX_LOGGED_URL_CHARS - 1] + _REDACTED
+    return head

@@ -85,13 +85,14 @@ def test_keys_create_prints_a_key_once_that_authenticates(redis_url: str, catalo
     env = {"GENQ_REDIS__URL": redis_url, "PATH": "/usr/bin:/bin"}
     argv = [sys.executable, "-m", "producer.cli", "keys", "create", "--tenant", "acme", "--name", "shop backend"]
     granted = ["--max-queued", "7", "--max-priority", "high", "--train-images-per-day", "5000", "--max-finetunes", "3"]
+    granted += ["--dataset-bytes", "1000000"]
     result = subprocess.run([*argv, *granted], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     key = result.stdout.strip()
     principal = KeyStore(catalog).authenticate(key)
     assert principal.tenant == "acme" and principal.key.name == "shop backend"
     assert principal.key.quotas == KeyQuotas(
-        max_queued=7, max_priority="high", train_images_per_day=5000, max_finetunes=3
+        max_queued=7, max_priority="high", train_images_per_day=5000, max_finetunes=3, dataset_bytes=1_000_000
     )
     urgent = subprocess.run([*argv, "--max-priority", "urgent"], env=env, capture_output=True, text=True, timeout=60)
     assert urgent.returncode == 2 and "max_priority" in urgent.stderr
