@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from producer.core.seeds import image_seed
 from worker.errors import IncompleteJob
 from worker.generate.encode import encode_image, provenance
 from worker.generate.webdataset import ShardWriter, shard_key
-from worker.storage.base import Storage
+from worker.storage.base import SYSTEM_CLOCK, Clock, RetryWindow, Storage, within
 
 
 class Reporter(Protocol):
@@ -84,6 +86,28 @@ class GenerateResult:
         return next((name for name, flag in flags.items() if flag), "stored")
 
 
+# The retry windows of the shards this process runs, by job: when one learns that its job ended, all of the job's
+# stop at once, not at their next look at the job store. Weak: a window goes when its run does.
+_RUNNING: dict[str, weakref.WeakSet[RetryWindow]] = {}
+_RUNNING_LOCK = threading.Lock()
+
+
+def _watch(job_id: str, window: RetryWindow) -> None:
+    with _RUNNING_LOCK:
+        for gone in [j for j, windows in _RUNNING.items() if not windows]:  # jobs with no shard running here now
+            del _RUNNING[gone]
+        _RUNNING.setdefault(job_id, weakref.WeakSet()).add(window)
+
+
+def job_ended(job_id: str) -> None:
+    """The job ended (failed or canceled): this process's running shards of it upload nothing more (those queued
+    are skipped, those waiting to retry stop) and stop after their current chunk."""
+    with _RUNNING_LOCK:
+        windows = list(_RUNNING.get(job_id, ()))
+    for window in windows:
+        window.end()
+
+
 def job_prefix(job: GenerateJob) -> str:
     """Where a job's objects go: ``tenants/<tenant>/jobs/<id>/`` for a tenant's job, else ``jobs/<id>/``."""
     if job.tenant is not None:
@@ -106,6 +130,7 @@ def run_generate(
     shard: Shard | None = None,
     prefix: str | None = None,
     stored: list[OutputRef] | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> GenerateResult:
     """Sample, encode and store the images of one shard of ``job`` (default: all of it); the last shard of the job
     to finish writes the manifest and marks the job succeeded.
@@ -113,11 +138,17 @@ def run_generate(
     The job is sampled in chunks of ``chunk_size`` images; chunk k+1 is queued for its forward pass before chunk k
     is encoded and uploaded (on ``uploads``), so compute and I/O overlap while at most two chunks are in memory.
 
+    The shard's storage calls share one retry window (:class:`~worker.storage.base.RetryWindow`): an outage is
+    waited out once, and the first upload that gives up (or fails for good) stops the others, so the error comes
+    promptly. Once the job ended (it failed elsewhere, or was canceled) the shard uploads nothing more: it stops
+    and returns what it stored.
+
     Args:
         shard: the images this run stores; a retried shard rewrites identical objects.
         sample: queues (model name, version, labels, seeds) for a forward pass and returns a future of uint8 images.
         prefix: object key prefix (default :func:`job_prefix`; the embedded CLI writes at the top of its folder).
         stored: filled in as images are stored, so a caller can report partial outputs when the run fails.
+        clock: the retry window's time (a fake one in tests).
 
     Raises whatever the model, the sampler or the storage raise; nothing is swallowed.
     """
@@ -130,6 +161,16 @@ def run_generate(
             manifest_key = _finish(job, storage, reporter, shard, prefix, None)
             return GenerateResult(outputs=[], manifest_key=manifest_key, recovered=True)
         return GenerateResult(outputs=[], manifest_key=None, skipped=True)
+
+    def keep_going() -> bool:
+        if reporter.active(job):
+            return True
+        job_ended(job.job_id)  # the job store says it ended: this process's other shards of it stop too
+        return False
+
+    window = RetryWindow(clock, keep_going=keep_going)
+    _watch(job.job_id, window)
+    storage = within(storage, window)
     version = f"{job.model_name}@{job.model_version}"
     chunks = [range(s, min(s + chunk_size, shard.stop)) for s in range(shard.start, shard.stop, chunk_size)]
 
@@ -152,9 +193,15 @@ def run_generate(
         )
         return data, ref
 
-    def store(index: int, image: np.ndarray) -> tuple[bytes, OutputRef]:
+    def store(index: int, image: np.ndarray) -> tuple[bytes, OutputRef] | None:
+        if window.stopped:  # an upload of the shard gave up, or the job ended: skipped, not waited for
+            return None
         data, ref = encode(index, image)
-        storage.put(ref.key, data, ref.content_type)
+        try:
+            storage.put(ref.key, data, ref.content_type)
+        except Exception as exc:
+            window.give_up(exc)  # the shard fails with it: its other uploads need not spend their time
+            raise
         return data, ref
 
     tar = ShardWriter() if job.output == "webdataset" else None
@@ -162,7 +209,7 @@ def run_generate(
     in_tar: list[OutputRef] = []  # listed as outputs only once the tar is stored
     pending = queue_chunk(chunks[0])
     for k, indices in enumerate(chunks):
-        if k > 0 and not reporter.active(job):
+        if k > 0 and (window.ended.is_set() or not keep_going()):
             return GenerateResult(outputs=list(outputs), manifest_key=None, stopped=True)
         images = pending.result().numpy()  # (B, C, H, W) uint8
         if k + 1 < len(chunks):
@@ -171,11 +218,13 @@ def run_generate(
         futures = [uploads.submit(work, i, image) for i, image in zip(indices, images, strict=True)]
         wait(futures)
         errors = [exc for f in futures if (exc := f.exception()) is not None]
-        done = [f.result() for f in futures if f.exception() is None]
+        done = [result for f in futures if f.exception() is None and (result := f.result()) is not None]
         if tar is None:
             outputs.extend(ref for _, ref in done)
+        if window.ended.is_set():  # the job ended while this chunk was stored: what failed or was skipped no matter
+            return GenerateResult(outputs=list(outputs), manifest_key=None, stopped=True)
         if errors:
-            raise errors[0]
+            raise window.error or errors[0]
         if tar is not None:
             for data, ref in done:
                 meta = {"label": ref.label, "label_index": ref.label_index, "seed": ref.seed, "model": version}
@@ -184,6 +233,8 @@ def run_generate(
         else:
             reporter.progress(job, shard, len(outputs))
     if tar is not None:
+        if window.ended.is_set():
+            return GenerateResult(outputs=list(outputs), manifest_key=None, stopped=True)
         storage.put(tar_key, tar.finish(), "application/x-tar")
         outputs.extend(in_tar)
         reporter.progress(job, shard, len(outputs))

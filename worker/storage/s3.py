@@ -2,15 +2,19 @@
 :func:`make_storage`, which picks S3 or a local folder (embedded mode, :mod:`worker.storage.local`).
 
 The pipeline sees only the :class:`Storage` protocol. :class:`S3Storage` retries transient faults (connection
-refused, timeouts, 5xx, throttling) with tenacity inside a time window and turns what is left into
-:class:`StorageUnavailable` (the job is retried later) or :class:`StorageError` (the job fails now).
+refused, timeouts, 5xx, throttling) with exponential backoff and full jitter inside a time window and turns what is
+left into :class:`StorageUnavailable` (the job is retried later) or :class:`StorageError` (the job fails now). Each
+call has a window of its own, unless the storage is scoped to a :class:`~worker.storage.base.RetryWindow`
+(:meth:`S3Storage.within`): a shard's uploads then share one.
 """
 
 from __future__ import annotations
 
 import builtins
+import copy
 import functools
 import logging
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Literal, TypeVar, cast
@@ -25,13 +29,12 @@ from botocore.exceptions import (
     ReadTimeoutError,
     ResponseStreamingError,
 )
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from producer.core.s3 import make_s3_client
 from producer.errors import ConfigurationError
 from worker.errors import ObjectNotFound, StorageError, StorageUnavailable
 from worker.settings import StorageRetrySettings
-from worker.storage.base import Storage
+from worker.storage.base import RetryWindow, Storage
 from worker.storage.local import LocalStorage
 
 if TYPE_CHECKING:
@@ -114,6 +117,13 @@ class S3Storage:
         self.retry = retry
         self.client = client if client is not None else make_s3_client(max_pool_connections=max_pool_connections)
         self.page_size = page_size
+        self._window: RetryWindow | None = None  # shared by every call; None: a window per call
+
+    def within(self, window: RetryWindow) -> S3Storage:
+        """This storage (same client and pool), every call retrying inside ``window`` (one shard's uploads)."""
+        scoped = copy.copy(self)
+        scoped._window = window
+        return scoped
 
     @property
     def endpoint(self) -> str:
@@ -229,40 +239,57 @@ class S3Storage:
             self._call("create bucket", "", create)
 
     def _call(self, op: str, key: str, fn: Callable[[], T], *, missing_ok: bool = True) -> T:
-        """Run ``fn``, retrying transient faults, and translate what is left into genq's storage errors.
+        """Run ``fn``, retrying transient faults inside the retry window, and translate what is left into genq's
+        storage errors.
 
         ``missing_ok=False`` turns a 404 into :class:`ObjectNotFound` (the key is missing, not the bucket).
         """
-        retrying = Retrying(
-            retry=retry_if_exception(is_transient),
-            wait=wait_random_exponential(multiplier=self.retry.initial_s, max=self.retry.max_s),
-            stop=stop_after_delay(self.retry.window_s),
-            before_sleep=lambda state: self._log_retry(op, key, state),
-            reraise=True,
-        )
-        try:
-            return retrying(fn)
-        except (BotoCoreError, ClientError) as exc:
-            if is_transient(exc):
-                stats = retrying.statistics
-                raise StorageUnavailable(
-                    f"S3 {op} of {key!r} in bucket {self.bucket!r} at {self.endpoint} still failing after "
-                    f"{stats.get('attempt_number', 1)} attempts in {stats.get('delay_since_first_attempt', 0):.1f} s "
-                    f"(window {self.retry.window_s:g} s): {exc}; check that the object store is up and reachable"
-                ) from exc
-            raise self._permanent(op, key, exc, missing_ok=missing_ok) from exc
+        window = self._window if self._window is not None else RetryWindow()
+        attempt = 0
+        while True:
+            attempt += 1
+            started = window.clock.now()
+            try:
+                result = fn()
+            except (BotoCoreError, ClientError) as exc:
+                if not is_transient(exc):
+                    raise self._permanent(op, key, exc, missing_ok=missing_ok) from exc
+                left = window.fault(started, self.retry.window_s)
+                if left <= 0:
+                    error = StorageUnavailable(
+                        f"S3 {op} of {key!r} in bucket {self.bucket!r} at {self.endpoint} still failing after "
+                        f"{attempt} attempts, {window.opened():.1f} s into the outage (window "
+                        f"{self.retry.window_s:g} s): {exc}; check that the object store is up and reachable"
+                    )
+                    window.give_up(error)
+                    raise error from exc
+                if not window.may_retry():  # another call of the shard gave up, or the job ended
+                    raise self._not_retried(op, key, exc, window) from exc
+                # Full jitter, capped by what is left of the window: the last try comes at its end, not after.
+                sleep = min(left, random.uniform(0, min(self.retry.max_s, self.retry.initial_s * 2 ** (attempt - 1))))
+                self._log_retry(op, key, attempt, window.opened(), exc, sleep)
+                window.sleep(sleep)
+                if window.stopped:  # woken: another call gave up while this one waited
+                    raise self._not_retried(op, key, exc, window) from exc
+                continue
+            window.answered()
+            return result
 
-    def _log_retry(self, op: str, key: str, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        sleep = state.next_action.sleep if state.next_action is not None else 0.0
+    def _not_retried(self, op: str, key: str, exc: BaseException, window: RetryWindow) -> StorageUnavailable:
+        why = "its job ended" if window.ended.is_set() else "another call of its shard gave up"
+        return StorageUnavailable(
+            f"S3 {op} of {key!r} in bucket {self.bucket!r} at {self.endpoint} failed ({exc}) and was not retried: {why}"
+        )
+
+    def _log_retry(self, op: str, key: str, attempt: int, outage_s: float, exc: BaseException, sleep: float) -> None:
         log.warning(
-            "S3 %s of %r in bucket %r at %s failed (attempt %d, %.1f s so far): %s; retrying in %.2f s",
+            "S3 %s of %r in bucket %r at %s failed (attempt %d, %.1f s into the outage): %s; retrying in %.2f s",
             op,
             key,
             self.bucket,
             self.endpoint,
-            state.attempt_number,
-            state.seconds_since_start or 0.0,
+            attempt,
+            outage_s,
             exc,
             sleep,
         )

@@ -7,12 +7,16 @@ import io
 import json
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
+from botocore.exceptions import EndpointConnectionError
 from factories import output_refs
 from tiny_model import TINY_NAME, make_tiny_model
 
@@ -22,8 +26,10 @@ from worker.errors import IncompleteJob, StorageUnavailable
 from worker.generate import pipeline
 from worker.generate.inference import InferenceEngine
 from worker.generate.pipeline import GenerateResult, run_generate
+from worker.settings import StorageRetrySettings
 from worker.storage.base import Storage
 from worker.storage.local import LocalStorage
+from worker.storage.s3 import S3Storage
 
 
 class RecordingReporter:
@@ -259,3 +265,115 @@ def test_webdataset_output_is_one_deterministic_tar_per_shard_with_images_and_js
     again = LocalStorage(tmp_path / "b")
     run(job, again, registry, uploads, shard=plan_shards(10, 6)[1])
     assert again.get(f"{prefix}shard-00001.tar") == storage.get(f"{prefix}shard-00001.tar")  # a retry rewrites it
+
+
+class FakeClock:
+    """A clock whose sleeps take no time: they move it on (one upload thread, so sleeps do not overlap)."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float, wake: threading.Event) -> None:
+        self.t += seconds
+
+
+class DownS3Client:
+    """A boto3 S3 client whose endpoint refuses connections until the fake clock reaches ``back_at``."""
+
+    meta = SimpleNamespace(endpoint_url="http://s3.test", region_name="us-east-1")
+
+    def __init__(self, clock: FakeClock, back_at: float = float("inf")) -> None:
+        self.clock, self.back_at = clock, back_at
+        self.calls: list[tuple[str, float]] = []  # (key, when)
+
+    def put_object(self, *, Bucket: str, Key: str, Body: bytes, ContentType: str) -> dict[str, object]:  # noqa: N803
+        self.calls.append((Key, self.clock.now()))
+        if self.clock.now() < self.back_at:
+            raise EndpointConnectionError(endpoint_url=self.meta.endpoint_url)
+        return {}
+
+
+WINDOW = StorageRetrySettings(window_s=20.0, initial_s=0.5, max_s=8.0)
+
+
+def test_an_outage_past_the_window_costs_the_shard_one_window_not_one_per_upload(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    client = DownS3Client(clock)
+    storage = S3Storage("genq", WINDOW, client=cast(Any, client))
+    with ThreadPoolExecutor(1) as one_thread, pytest.raises(StorageUnavailable, match="00000.png.*still failing"):
+        run(_job(count=12), storage, registry, one_thread, clock=clock)
+
+    # The first upload waited the window out and gave up; the chunk's 3 other uploads were skipped, and the shard's
+    # later chunks never sampled for upload: 20 s, where a window per upload spent 4 x 20 s before the error came.
+    assert {key for key, _ in client.calls} == {"jobs/job-0123456789/00000.png"}
+    assert clock.t - 1000.0 == pytest.approx(WINDOW.window_s)
+    assert 3 <= len(client.calls) <= 40  # backoff 0.5 s doubling up to 8 s with full jitter, inside 20 s
+
+
+def test_an_outage_shorter_than_the_window_is_waited_out_once_and_the_shard_stored(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    client = DownS3Client(clock, back_at=1015.0)
+    storage = S3Storage("genq", WINDOW, client=cast(Any, client))
+    with ThreadPoolExecutor(1) as one_thread:
+        result = run(_job(count=12), storage, registry, one_thread, clock=clock)
+
+    assert sorted(o.index for o in result.outputs) == list(range(12)) and result.manifest_key is not None
+    failed = [key for key, when in client.calls if when < 1015.0]
+    assert set(failed) == {"jobs/job-0123456789/00000.png"}  # the outage was met once, by the first upload
+    assert len(client.calls) == len(failed) + 13  # then every image and the manifest went up at the first try
+    assert 1015.0 <= clock.t < 1000.0 + WINDOW.window_s
+
+
+class CountingStorage(LocalStorage):
+    """Counts puts; each fails (``fail``) or waits for ``release`` and stores."""
+
+    def __init__(self, root: Path, *, fail: bool = False) -> None:
+        super().__init__(root)
+        self.fail = fail
+        self.release = threading.Event()
+        self.keys: list[str] = []
+        self.lock = threading.Lock()
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        with self.lock:
+            self.keys.append(key)
+        if self.fail:
+            raise StorageUnavailable(f"S3 put of {key!r} still failing after the window")
+        assert self.release.wait(10)
+        super().put(key, data, content_type)
+
+
+def test_the_first_upload_that_fails_stops_the_shards_queued_uploads(
+    registry: ModelRegistry, uploads: ThreadPoolExecutor, tmp_path: Path
+) -> None:
+    storage = CountingStorage(tmp_path, fail=True)
+    with pytest.raises(StorageUnavailable):
+        run(_job(count=32), storage, registry, uploads, chunk_size=16)
+    assert 1 <= len(storage.keys) <= 4  # at most one per upload thread; the chunk's other 12 and chunk 2 skipped
+
+
+def test_a_shard_whose_job_ended_puts_nothing_more(registry: ModelRegistry, tmp_path: Path) -> None:
+    job, storage = _job(count=16), CountingStorage(tmp_path)
+    results: list[GenerateResult] = []
+    with ThreadPoolExecutor(2) as two_threads:
+        shard = threading.Thread(target=lambda: results.append(run(job, storage, registry, two_threads, chunk_size=8)))
+        shard.start()
+        deadline = time.monotonic() + 10
+        while len(storage.keys) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pipeline.job_ended(job.job_id)  # failed by another shard of this process (worker.jobs does this)
+        puts_at_the_end = len(storage.keys)
+        storage.release.set()
+        shard.join(10)
+
+    (result,) = results
+    assert puts_at_the_end == 2 and len(storage.keys) == 2  # the 2 in flight went up; the 6 queued were skipped
+    assert result.stopped and sorted(o.index for o in result.outputs) == [0, 1]  # what it stored, to be listed
+    assert storage.list("") == [f"jobs/job-0123456789/{i:05d}.png" for i in (0, 1)]
