@@ -7,6 +7,8 @@ build their own with :func:`create_app`.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from celery import Celery
@@ -15,9 +17,28 @@ from producer.core import constants
 from producer.errors import ConfigurationError
 from worker.settings import WorkerSettings
 
+# The reason of the Reject that hands a bulk shard back to its queue for want of a bulk slot (worker.tasks).
+GIVEN_BACK = "genq: no free bulk slot; handed back to its queue"
+
+
+class _GivenBackFilter(logging.Filter):
+    """Drops Celery's line for a shard handed back for want of a bulk slot: under load that happens several times a
+    second, and Celery logs every Reject as a warning with a traceback (``celery.app.trace``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = record.args
+        return not (isinstance(context, Mapping) and GIVEN_BACK in str(context.get("exc", "")))
+
+
+def _quiet_given_back() -> None:
+    trace = logging.getLogger("celery.app.trace")
+    if not any(isinstance(f, _GivenBackFilter) for f in trace.filters):
+        trace.addFilter(_GivenBackFilter())
+
 
 def create_app(settings: WorkerSettings) -> Celery:
     """A Celery app configured from ``settings`` with genq's tasks registered."""
+    _quiet_given_back()
     broker = settings.redis.url or "redis://127.0.0.1:6379/0"
     app = Celery("genq", broker=broker, include=["worker.tasks"])
     if urlsplit(broker).scheme == "redis":

@@ -10,17 +10,19 @@ import json
 import logging
 import tempfile
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from enum import Enum
 from pathlib import Path
 
 from producer.contract import FineTuneJob, GenerateJob, JobError, OutputRef, Shard, plan_shards
+from producer.core import constants
 from producer.core.constants import FINETUNE_TASK, GENERATE_TASK
 from producer.core.logs import current_job
 from producer.core.messages import task_id
 from worker import telemetry
 from worker.deadletter import record
-from worker.generate.pipeline import run_generate
+from worker.generate.pipeline import job_ended, run_generate
 from worker.outage import OUTAGES
 from worker.reporting import RedisReporter, TrainingReporter
 from worker.retries import RetryLater, retry_delay
@@ -43,13 +45,24 @@ class RedisUnavailable(Exception):
         self.cause = cause
 
 
+class NoBulkSlot(Exception):
+    """Raised by the job runner, caught by the task: a bulk shard waiting for a bulk slot of its process gives way to
+    messages waiting on a queue served before its own. Nothing was counted or run: the task hands its message back to
+    its queue, so the thread serves those (a ``high`` job first) instead of holding this one."""
+
+
 def heartbeat(runtime: Runtime, job_id: str, shard: int = 0) -> AbstractContextManager[None]:
     """List the shard as running in this process's heartbeat while the block runs (``worker.watchdog``)."""
     return heart_for(runtime.redis, runtime.settings.sweeper.heartbeat_s).beating(task_id(job_id, shard))
 
 
 def execute_generate(
-    job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard: Shard | None = None, retries: int = 0
+    job: GenerateJob,
+    runtime: Runtime,
+    reporter: RedisReporter,
+    shard: Shard | None = None,
+    retries: int = 0,
+    give_way: Callable[[], bool] | None = None,
 ) -> bool:
     """Run one shard of ``job`` (default: all of it). Never raises for a job-level failure: the record carries it.
 
@@ -58,6 +71,9 @@ def execute_generate(
 
     Args:
         retries: how many times this message was retried (Celery's ``request.retries``); those runs are not deaths.
+        give_way: asked every ``GENQ_BATCHING__BULK_WAIT_CHECK_S`` while a bulk shard waits for a bulk slot
+            (``GENQ_BATCHING__MAX_BULK_SHARDS`` per process): True gives way (:class:`NoBulkSlot`); None waits as
+            long as it takes (see :func:`messages_ahead`).
 
     Returns False, having done nothing, when the job has no record (never created, or expired after
     ``GENQ_JOB_TTL_S``): clients record a job before they enqueue it, so the message is stale.
@@ -65,15 +81,68 @@ def execute_generate(
     Raises:
         RetryLater: the run failed with a transient fault and the retry policy allows another run.
         RedisUnavailable: Redis did not answer; the job was left as it was (not failed).
+        NoBulkSlot: a bulk shard waiting for a bulk slot gave way; nothing was counted or run.
     """
     token = current_job.set(job.job_id)  # every log line of this job carries its id
     try:
-        with heartbeat(runtime, job.job_id, shard.index if shard else 0):
-            return _execute(job, runtime, reporter, shard, retries)
+        # The slot before the delivery is counted and the shard listed as running: a shard handed back for want of
+        # one was neither delivered to a run nor a death (GENQ_CELERY__MAX_DELIVERIES counts deaths).
+        with _bulk_slot(runtime, _is_bulk(job, shard, runtime), give_way):
+            with heartbeat(runtime, job.job_id, shard.index if shard else 0):
+                return _execute(job, runtime, reporter, shard, retries)
     except OUTAGES as exc:
         raise RedisUnavailable(exc) from exc
     finally:
         current_job.reset(token)
+
+
+def messages_ahead(runtime: Runtime, queue: str, served: Iterable[str]) -> Callable[[], bool]:
+    """A ``give_way`` for :func:`execute_generate`: whether a message waits on a queue this worker serves before
+    ``queue``, the shard's own (in genq's order: callbacks, high, normal, low). One round trip per call.
+
+    Messages on the shard's own queue are no reason: most likely its job's other shards, which would wait the same.
+    A high shard never gives way, so it waits as it always did.
+    """
+    order, serves = constants.WORKER_QUEUES, set(served)
+    ahead = [q for q in order[: order.index(queue)] if q in serves] if queue in order else []
+
+    def waiting() -> bool:
+        if not ahead:
+            return False
+        pipe = runtime.redis.pipeline(transaction=False)
+        for name in ahead:
+            pipe.llen(name)  # kombu's Redis transport keeps a queue's messages in a list of its name
+        return any(pipe.execute())
+
+    return waiting
+
+
+def _is_bulk(job: GenerateJob, shard: Shard | None, runtime: Runtime) -> bool:
+    """More than one forward pass: such shards take turns for the process's bulk slots."""
+    return (shard.size if shard else job.total_images) > runtime.settings.batching.max_batch
+
+
+@contextmanager
+def _bulk_slot(runtime: Runtime, bulk: bool, give_way: Callable[[], bool] | None) -> Iterator[None]:
+    """Hold one of the process's bulk slots while the block runs (nothing for a job of one forward pass).
+
+    A thread pool runs as many shards as it has threads; bulk ones take turns so memory stays flat (a 1-image job
+    never waits behind them). All share one inference thread, so a few in flight keep it busy.
+
+    Raises:
+        NoBulkSlot: ``give_way`` said so, asked every ``bulk_wait_check_s`` while no slot was free.
+    """
+    if not bulk:
+        yield
+        return
+    check_s = runtime.settings.batching.bulk_wait_check_s
+    while not runtime.bulk_slots.acquire(timeout=None if give_way is None else check_s):
+        if give_way is not None and give_way():
+            raise NoBulkSlot(f"all {runtime.settings.batching.max_bulk_shards} bulk slots taken; giving way")
+    try:
+        yield
+    finally:
+        runtime.bulk_slots.release()
 
 
 class Admission(Enum):
@@ -111,9 +180,14 @@ def _fail_or_retry(
     reporter: RedisReporter,
     stored: list[OutputRef],
     retries: int,
+    shard: Shard | None = None,
 ) -> None:
     """Fail the job with ``exc`` (type and message, and the outputs stored so far), or raise :class:`RetryLater`
-    when ``exc`` is :class:`~producer.errors.Retryable` and the retry policy allows another run."""
+    when ``exc`` is :class:`~producer.errors.Retryable` and the retry policy allows another run.
+
+    A generate job that fails lists what every shard stored: ``stored`` is recorded as the shard's (as a stopped
+    shard's are), so it is listed even when another shard failed the job first, and this process's other shards of
+    the job upload nothing more."""
     policy = runtime.settings.celery.retry_policy
     delay = retry_delay(exc, retries, policy)
     if delay is not None:
@@ -128,6 +202,10 @@ def _fail_or_retry(
         )
         raise RetryLater(delay, exc) from exc
     log.exception("job %s failed", job.job_id)
+    if isinstance(job, GenerateJob):
+        job_ended(job.job_id)  # before the failure is recorded: nothing lands under its prefix after it
+        if stored:
+            runtime.store.record_stopped_shard(job.job_id, shard.index if shard else 0, stored)
     message = str(exc) if job.tenant is None else tenant_safe(str(exc), runtime)
     reporter.failed(job, JobError(type=type(exc).__name__, message=message), stored)
 
@@ -160,26 +238,23 @@ def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard:
         telemetry.SHARDS.labels("dead_lettered").inc()
         return True
     stored: list[OutputRef] = []
-    # A thread pool runs as many shards as it has threads; bulk ones take turns so memory stays flat (a 1-image
-    # job never waits behind them). All share one inference thread, so a few in flight keep it busy.
-    bulk = (shard.size if shard else job.total_images) > settings.batching.max_batch
+    bulk = _is_bulk(job, shard, runtime)  # it holds a bulk slot (execute_generate)
     try:
-        with runtime.bulk_slots if bulk else nullcontext():
-            result = run_generate(
-                job,
-                storage=runtime.storage,
-                sample=runtime.engine.submit,
-                reporter=reporter,
-                chunk_size=settings.batching.max_batch,
-                uploads=runtime.uploads,
-                shard=shard,
-                stored=stored,
-            )
+        result = run_generate(
+            job,
+            storage=runtime.storage,
+            sample=runtime.engine.submit,
+            reporter=reporter,
+            chunk_size=settings.batching.max_batch,
+            uploads=runtime.uploads,
+            shard=shard,
+            stored=stored,
+        )
     except Exception as exc:  # a transient fault runs again later; any other ends the job loudly, with its reason
         if isinstance(exc, OUTAGES):  # Redis is away: no fault of the job, and failing it would need Redis anyway
             raise
         try:
-            _fail_or_retry(job, exc, runtime, reporter, stored, retries)
+            _fail_or_retry(job, exc, runtime, reporter, stored, retries, shard)
         except RetryLater:
             telemetry.SHARDS.labels("retried").inc()
             raise

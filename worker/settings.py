@@ -29,6 +29,15 @@ class BatchingSettings(BaseModel):
             "flat whatever the job size. Small jobs never wait."
         ),
     )
+    bulk_wait_check_s: float = Field(
+        default=0.25,
+        gt=0,
+        description=(
+            "How often a bulk shard waiting for a bulk slot looks for messages on queues served before its own; if "
+            "one waits, it hands its message back to its queue and its thread serves them (a high job waits about "
+            "this long for a thread held by waiting bulk shards)."
+        ),
+    )
 
 
 class InferenceSettings(BaseModel):
@@ -50,7 +59,9 @@ class InferenceSettings(BaseModel):
 class StorageRetrySettings(BaseModel):
     """Retries of transient object-store faults: exponential backoff with jitter inside a time window."""
 
-    window_s: float = Field(default=60.0, ge=0, description="Give up (job fails) after this long.")
+    window_s: float = Field(
+        default=60.0, ge=0, description="A shard gives up this long after its storage calls met an outage (shared)."
+    )
     initial_s: float = Field(default=0.5, gt=0)
     max_s: float = Field(default=8.0, gt=0)
 

@@ -10,9 +10,10 @@ index of queued jobs (``QUEUED_JOBS_KEY``, written by ``JobStore.create``) for j
 ``stranded_after_s`` ago, and the job records for their shards that no task has started. It looks for those
 shards' messages (stable task ids, :func:`producer.core.messages.task_id`) on the queue, front first, and in kombu's
 unacked hash; a message found in neither place, twice, ``confirm_s`` apart, is rebuilt from the job record and sent
-again. Jobs that ended, expired or had every shard delivered leave the index. Callback messages have no record to
-rebuild them from: their senders keep each in ``PendingCallbacks`` until a worker starts it, and one kept past its due
-time by ``stranded_after_s`` and missing twice is sent again as it was kept.
+again. A job leaves the index in the transition that ends it (``JobStore``); the sweep drops those it finds expired
+or with every shard delivered. Callback messages have no record to rebuild them from: their senders keep each in
+``PendingCallbacks`` until a worker starts it, and one kept past its due time by ``stranded_after_s`` and missing
+twice is sent again as it was kept.
 
 Costs: nothing while no job waits longer than ``stranded_after_s``; during a backlog, a read of the queue's front
 until every waiting shard is found (the oldest are at the front); a whole queue and the unacked hash only while a
@@ -218,6 +219,11 @@ class Sweeper:
             # A message leaves its queue for a worker's unacked entry: read the queue first, then the entries, so a
             # message moving between the two is seen at least once (or is in flight, and the second look sees it).
             unseen -= task_ids_in(v for _, v in self.redis.hscan_iter(constants.KOMBU_UNACKED_KEY, count=_CHUNK))
+        if unseen:
+            # A message handed back moves the other way, from its unacked entry to its queue (one transaction): a bulk
+            # shard waiting for a bulk slot gives way so to a higher-priority message (worker.jobs.messages_ahead).
+            # Read the queue again for those still unseen; a message that moves this way between the reads is on it.
+            unseen = {t for queue, wanted in by_queue.items() for t in self._not_on_queue(queue, wanted & unseen)}
         return [s for s in waiting if s.task_id in unseen]
 
     def _not_on_queue(self, queue: str, wanted: set[str]) -> set[str]:

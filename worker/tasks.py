@@ -19,13 +19,13 @@ from producer.core.callbacks.events import CallbackMessage
 from producer.core.callbacks.pending import PendingCallbacks
 from producer.core.callbacks.secrets import TenantSecrets
 from producer.core.clock import utcnow
-from producer.core.messages import JobMessage, callback_task, task_id
+from producer.core.messages import JobMessage, callback_task, queue_for, task_id
 from producer.core.settings import dev_mode_problem
 from producer.core.store import JobStore
 from worker import telemetry
-from worker.app import app, settings_of
+from worker.app import GIVEN_BACK, app, settings_of
 from worker.deadletter import record_task
-from worker.jobs import RedisUnavailable, execute_finetune, execute_generate
+from worker.jobs import NoBulkSlot, RedisUnavailable, execute_finetune, execute_generate, messages_ahead
 from worker.memory import tune_malloc
 from worker.outage import wait_for_redis
 from worker.reporting import RedisReporter, TrainingReporter
@@ -80,7 +80,14 @@ def generate(self: Any, payload: dict[str, Any], shard: dict[str, Any] | None = 
     reporter = RedisReporter(runtime.store, send_callback, runtime.settings.webhook.progress_interval_s)
     retries = self.request.retries or 0
     try:
-        ran = execute_generate(job, runtime, reporter, part, retries)
+        served = self.app.amqp.queues.consume_from or ()  # -Q
+        ahead = messages_ahead(runtime, queue_for(job), served)
+        ran = execute_generate(job, runtime, reporter, part, retries, give_way=ahead)
+    except NoBulkSlot as busy:
+        # Back to its queue (kombu: to its end, in one transaction) with its task id, its retries and its delivery
+        # count untouched: the thread takes the next message in -Q order, a high job before it.
+        log.debug("%s: %s; handed back to its queue", task_id(job.job_id, part.index if part else 0), busy)
+        raise Reject(GIVEN_BACK, requeue=True) from None
     except RetryLater as later:  # a transient fault: the same message again, after the backoff
         raise _retry(self, later, runtime, task_id(job.job_id, part.index if part else 0)) from later
     except RedisUnavailable as down:  # never acknowledged: the message goes back to its queue

@@ -42,6 +42,7 @@ from producer.core.records import (
     quarantine,
     readable_spec,
     record_view,
+    stored_outputs,
 )
 from producer.core.scripts import read_lua
 from producer.errors import JobNotFound, UnreadableRecord
@@ -55,6 +56,28 @@ _COUNT_DELIVERY = read_lua(__package__, "count_delivery.lua")
 _UNDELIVERED = read_lua(__package__, "undelivered.lua")
 
 _ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+# Every queue's index of queued jobs. A job leaves its index in the script that ends it: the store is handed a job id,
+# not its queue, and a ZREM of a member an index lacks costs next to nothing.
+QUEUED_INDEXES = tuple(
+    constants.QUEUED_JOBS_KEY.format(queue=queue)
+    for queue in (*constants.GENERATE_QUEUES.values(), constants.TRAIN_QUEUE)
+)
+
+
+def _failed_outputs(h: dict[str, str]) -> dict[str, str]:
+    """A failed job's record with ``outputs`` listing what every shard stored (the failing run's outputs, finished
+    shards' and stopped shards'), by index, at most :data:`VIEW_OUTPUTS_MAX` of them; other records as they are."""
+    if h.get("status") != JobStatus.FAILED.value:
+        return h
+    failing = {o["index"]: o for o in json.loads(h.get("outputs", "[]"))}
+    shards = {o.index: o.model_dump(mode="json") for o in stored_outputs(h, ("shard:", "partial:"))}
+    merged = failing | shards
+    listed = [merged[i] for i in sorted(merged)]
+    return h | {
+        "outputs": json.dumps(listed[:VIEW_OUTPUTS_MAX]),
+        "outputs_truncated": str(int(len(listed) > VIEW_OUTPUTS_MAX)),
+    }
 
 
 @dataclass(frozen=True)
@@ -87,7 +110,8 @@ class JobStore:
         :func:`producer.core.messages.job_messages` needs to rebuild them). Raises ValueError if the id is taken.
 
         The job is listed in its queue's index of queued jobs (``QUEUED_JOBS_KEY``), where the workers' sweeper finds
-        a job whose message the broker lost."""
+        a job whose message the broker lost. It leaves the index in the transition that ends it (:meth:`_apply`), or
+        when the sweeper finds every shard delivered."""
         key = self.key(job.job_id)
         spec = readable_spec(job)
         if not self.redis.hsetnx(key, "spec", spec):
@@ -225,7 +249,7 @@ class JobStore:
     def _read(self, job_id: str, raw: Mapping[bytes | str, bytes | str]) -> JobView:
         """The view of a record read from Redis; UnreadableRecord (dead-lettered once) if it cannot be read."""
         try:
-            return record_view(job_id, {as_text(k): as_text(v) for k, v in raw.items()})
+            return record_view(job_id, _failed_outputs({as_text(k): as_text(v) for k, v in raw.items()}))
         except CORRUPT as exc:
             raise quarantine(self.redis, self.key(job_id), job_id, raw, exc) from exc
 
@@ -242,8 +266,8 @@ class JobStore:
         """Set ``status`` only if the current status is in ``allowed_from``; True if applied.
 
         With it, in one step: set ``fields``, set ``set_if_absent``'s fields the job does not have yet, then delete
-        every field whose name starts with one of ``drop_prefixes``. A value that is neither str nor int is stored
-        as JSON.
+        every field whose name starts with one of ``drop_prefixes``; a terminal ``status`` also takes the job out of
+        its queue's index of queued jobs. A value that is neither str nor int is stored as JSON.
 
         Raises:
             JobNotFound: the job has no record.
@@ -275,7 +299,11 @@ class JobStore:
             for name, value in group.items():
                 args += [name, value if isinstance(value, str | int) else json.dumps(value)]
         args += [len(drop_prefixes), *drop_prefixes]
-        result = self._transition(keys=[self.key(job_id), constants.JOBS_BY_STATUS_KEY], args=args)
+        keys = [self.key(job_id), constants.JOBS_BY_STATUS_KEY]
+        if status.is_terminal():  # in the same step: an ended job is never left in a queued index (nothing is owed)
+            keys += QUEUED_INDEXES
+            args.append(job_id)
+        result = self._transition(keys=keys, args=args)
         if result == -1:
             raise JobNotFound(f"no job {job_id!r}")
         return JobStatus(as_text(result)) if isinstance(result, bytes | str) else None
@@ -353,6 +381,12 @@ class JobStore:
         return applied is not None
 
     def mark_failed(self, job_id: str, error: JobError, outputs: list[OutputRef] | None = None) -> bool:
+        """queued/running -> failed with ``error``; False if the job already ended.
+
+        The view lists every output the job stored: ``outputs`` (the failing run's), beside those of the shards that
+        finished (``shard:``) and of the shards that stopped or failed too (``partial:``,
+        :meth:`record_stopped_shard`), read when the view is.
+        """
         return self.transition(
             job_id,
             JobStatus.FAILED,

@@ -179,7 +179,8 @@ def test_s3_down_past_the_retry_window_and_every_retry_fails_the_job(
     view = stack.client.wait(job.id, timeout=60)
     assert view.status is JobStatus.FAILED
     assert view.error is not None and view.error.type == "StorageUnavailable"
-    assert "put" in view.error.message and f"jobs/{job.id}/00000.png" in view.error.message
+    # It names the upload that used up the shard's window (its 6 uploads ran at once, so any of them).
+    assert "put" in view.error.message and f"jobs/{job.id}/0000" in view.error.message
     assert view.outputs == []
     assert int(stack.redis.hget(f"genq:job:{job.id}", "deliveries:0") or 0) == 2  # the first run and one retry
 
@@ -247,3 +248,38 @@ def test_sharded_webdataset_job_survives_one_of_its_workers_killed(stack: Stack,
     assert members == [f"{i:05d}.png" for i in range(800)]  # every image once, in order, across the shards
     deliveries = [int(stack.redis.hget(f"genq:job:{job.id}", f"deliveries:{k}") or 0) for k in range(8)]
     assert max(deliveries) >= 2, deliveries  # the killed worker's shards ran again elsewhere
+
+
+def test_sharded_job_failing_in_an_outage_lists_every_stored_output_and_stores_nothing_after_it_ended(  # type: ignore[no-untyped-def]
+    stack: Stack, start_worker, s3_proxy: TcpProxy
+) -> None:
+    # Four shards run at once on one worker; S3 goes away mid-job for longer than the 2 s window and no retry is left.
+    env = worker_env(
+        stack,
+        AWS_ENDPOINT_URL=s3_proxy.url,
+        GENQ_STORAGE_RETRY__WINDOW_S="2",
+        GENQ_CELERY__RETRIES="0",
+        GENQ_BATCHING__MAX_BATCH="8",
+    )
+    start_worker(env, concurrency=4)
+    client = Client(stack.client.settings.model_copy(update={"shard_size": 100}))
+    job = client.submit(GenerateRequest(model="fmnist-cgan", label="bag", count=BIG, seed=63))
+    wait_until(lambda: client.status(job.id).progress.done >= 40, 60, "the first batches to be stored")
+    s3_proxy.down()
+    started = time.monotonic()
+    view = client.wait(job.id, timeout=60)
+    failed_after = time.monotonic() - started
+    stored = stack.keys(f"jobs/{job.id}/")
+    s3_proxy.up()
+    time.sleep(3)  # a shard still retrying or with uploads queued would store them now
+
+    assert view.status is JobStatus.FAILED and view.shards == 4
+    assert view.error is not None and view.error.type == "StorageUnavailable"
+    assert failed_after < 10  # one 2 s window per shard, not one per upload queued behind the others
+    assert stack.keys(f"jobs/{job.id}/") == stored  # nothing under its prefix after it ended
+    # The view lists what every shard stored (a shard stopping as the job failed adds its own a moment later).
+    listed = {o.key for o in client.status(job.id).outputs}
+    assert listed <= set(stored)
+    # Only an upload whose answer the outage cut off can be stored unlisted: at most one per upload thread.
+    assert len(set(stored) - listed) <= 8, sorted(key.rsplit("/", 1)[1] for key in set(stored) - listed)
+    assert len({key.rsplit("/", 1)[1][:3] for key in listed}) >= 2  # more shards than the failing one (100 each)

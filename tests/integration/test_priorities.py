@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import pytest
 from api_server import publish_catalog
-from stack import Stack, worker_env
+from stack import Stack, wait_until, worker_env
 
+from producer.client import Client
 from producer.contract import GenerateRequest, JobStatus
 from producer.core import constants
+from producer.core.store import JobStore
 
 pytestmark = pytest.mark.integration
 
@@ -43,3 +45,45 @@ def test_high_jobs_submitted_behind_a_thousand_low_ones_start_before_them(stack:
     high_started, normal_started, low_started = started(high), started(normal), started(low)
     assert len(high_started) == 3 and len(normal_started) == 2 and 3 <= len(low_started) < LOW
     assert high_started[-1] < normal_started[0] < normal_started[-1] < low_started[0]
+
+
+SHARDS = 20  # low bulk shards, more than the worker has threads
+SHARD = 400  # images per shard: 100 forward passes of MAX_BATCH, so a shard runs for seconds
+THREADS = 4
+
+
+def test_a_high_job_starts_while_prefetched_low_bulk_shards_wait_for_a_bulk_slot(  # type: ignore[no-untyped-def]
+    stack: Stack, start_worker
+) -> None:
+    stack.redis.flushdb()  # whatever the test before left queued
+    publish_catalog(stack.redis)
+    client = Client(stack.client.settings.model_copy(update={"shard_size": SHARD}))
+
+    def submit(priority: str, count: int) -> str:
+        request = GenerateRequest(model="fmnist-cgan", label="bag", count=count, seed=3, priority=priority)  # type: ignore[arg-type]
+        return client.submit(request).id
+
+    low = submit("low", SHARDS * SHARD)
+    env = worker_env(
+        stack,
+        GENQ_BATCHING__MAX_BATCH="4",  # every low shard is bulk; the 4-image high job is one forward pass
+        GENQ_BATCHING__MAX_BULK_SHARDS="1",
+        GENQ_BATCHING__BULK_WAIT_CHECK_S="0.2",
+        GENQ_SWEEPER__ENABLED="false",
+    )
+    start_worker(env, concurrency=THREADS)  # each thread takes a low shard; one runs, the others find no free slot
+
+    def every_thread_took_a_low_shard() -> bool:
+        fetched = stack.redis.hlen(constants.KOMBU_UNACKED_KEY)
+        return client.status(low).status is JobStatus.RUNNING and fetched >= THREADS
+
+    wait_until(every_thread_took_a_low_shard, 60, "a low shard running and one fetched by every thread")
+
+    high = submit("high", 4)
+    assert client.wait(high, timeout=60).status is JobStatus.SUCCEEDED
+
+    # Holding their messages, the low shards waiting for the slot would have kept every thread until the running one
+    # finished; handed back, they leave a thread to the high job while the first low shard still runs.
+    shards_done = int(stack.redis.hget(JobStore.key(low), "shards_done") or 0)
+    assert client.status(low).status is JobStatus.RUNNING and shards_done == 0
+    client.cancel(low)

@@ -304,3 +304,52 @@ def test_a_tenants_job_error_names_no_storage_endpoint_bucket_or_worker_folder(r
     assert "minio.internal" not in error.message and "'genq'" not in error.message
     assert str(runtime.settings.model_cache_dir) not in error.message
     assert "access denied (AccessDenied) to S3 put" in error.message and "<storage>" in error.message
+
+
+class ShardStorage(LocalStorage):
+    """Stores the images in ``good`` once ``release`` is set (their uploads wait in flight till then); every other
+    upload fails as one of an S3 outage past the retry window does."""
+
+    def __init__(self, root: Path, good: range) -> None:
+        super().__init__(root)
+        self.good = good
+        self.release = threading.Event()
+        self.keys: list[str] = []
+        self.lock = threading.Lock()
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        with self.lock:
+            self.keys.append(key)
+        if int(key.rsplit("/", 1)[1][:5]) not in self.good:
+            raise StorageUnavailable(f"S3 put of {key!r} still failing after the retry window")
+        assert self.release.wait(10)
+        super().put(key, data, content_type)
+
+
+def test_a_failed_sharded_job_lists_every_stored_output_and_its_other_shards_stop(runtime: Runtime) -> None:
+    runtime.settings = runtime.settings.model_copy(update={"celery": CelerySettings(retries=0)})
+    job = _job("job-split-fail", 20)
+    prefix = f"jobs/{job.job_id}/"
+    first, second, last = plan_shards(20, 8)  # images 0-7, 8-15 (two chunks of 4), 16-19
+    runtime.store.create(job, shards=3, shard_size=8)
+    reporter = RedisReporter(runtime.store, lambda message: None)
+    assert execute_generate(job, runtime, reporter, first)  # stored and recorded before the outage
+
+    storage = ShardStorage(runtime.settings.local_dir, good=range(8, 16))
+    runtime.storage = storage
+    running = threading.Thread(target=execute_generate, args=(job, runtime, reporter, second))
+    running.start()  # its first chunk's uploads (8-11) wait in flight
+    deadline = time.monotonic() + 10
+    while len(storage.keys) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert execute_generate(job, runtime, reporter, last)  # its uploads fail, no retry is left: the job fails
+    storage.release.set()
+    running.join(30)
+
+    view = runtime.store.get(job.job_id)
+    assert view.status is JobStatus.FAILED and view.error is not None and view.error.type == "StorageUnavailable"
+    # Every output stored is listed: the finished shard's and what the stopped shard had in flight, not only the
+    # failing shard's (none); the stopped shard sent nothing of its second chunk.
+    assert [o.index for o in view.outputs] == list(range(12))
+    assert sorted(o.key for o in view.outputs) == runtime.storage.list(prefix)
+    assert not [key for key in storage.keys if int(key.rsplit("/", 1)[1][:5]) in range(12, 16)]

@@ -1,4 +1,5 @@
--- transition(keys=[job, counts], args=[status, ttl, guard, n, allowed..., m, set..., k, set_if_absent..., p, prefixes...])
+-- transition(keys=[job, counts, queued indexes...],
+--            args=[status, ttl, guard, n, allowed..., m, set..., k, set_if_absent..., p, prefixes..., job id if indexes])
 --
 -- Moves a job to a new status only when its current status allows it, so a terminal status is never overwritten: a
 -- job redelivered after it succeeded cannot be dragged back to running. The counters move in the same script, so
@@ -7,6 +8,8 @@
 --
 -- KEYS[1]: the job hash (genq:job:<id>)
 -- KEYS[2]: the jobs-by-status counters (a hash: status -> jobs)
+-- KEYS[3..]: queued-job indexes (genq:queued:<queue>, sorted sets of job ids) to drop the job from when the
+--   transition applies: given for a terminal status, so a job that ended never stays listed as queued
 --
 -- ARGV[1]: the new status
 -- ARGV[2]: the job hash's TTL in seconds, set again on every applied transition
@@ -16,6 +19,7 @@
 -- then k, the number of fields to set only if the job lacks them, then k field, value pairs (HSETNX)
 -- then p, the number of field prefixes to drop, then those p prefixes: every field starting with one is deleted
 -- The groups are applied in that order: set, set if absent, then drop.
+-- then, only when KEYS names queued-job indexes, the job's id: its member in those indexes
 --
 -- Returns: the status the job had when the transition applied; 0 when its current status or the guard forbids it;
 -- -1 when the job does not exist. An error, before anything is written, when ARGV does not match its counts.
@@ -32,7 +36,8 @@ local allowed_at = 4
 local set_at = allowed_at + tonumber(ARGV[allowed_at]) + 1
 local keep_at = set_at + 2 * tonumber(ARGV[set_at]) + 1
 local drop_at = keep_at + 2 * tonumber(ARGV[keep_at]) + 1
-if drop_at + tonumber(ARGV[drop_at]) ~= #ARGV then
+local indexed = #KEYS > 2 and 1 or 0  -- the job id follows the groups when there are indexes to drop it from
+if drop_at + tonumber(ARGV[drop_at]) + indexed ~= #ARGV then
   return redis.error_reply('transition: ARGV does not match its group counts')
 end
 
@@ -56,11 +61,14 @@ end
 for i = keep_at + 1, drop_at - 1, 2 do
   redis.call('HSETNX', job, ARGV[i], ARGV[i + 1])
 end
-for i = drop_at + 1, #ARGV do
+for i = drop_at + 1, #ARGV - indexed do
   local prefix = ARGV[i]
   for _, field in ipairs(redis.call('HKEYS', job)) do
     if string.sub(field, 1, #prefix) == prefix then redis.call('HDEL', job, field) end
   end
+end
+for i = 3, #KEYS do
+  redis.call('ZREM', KEYS[i], ARGV[#ARGV])
 end
 redis.call('EXPIRE', job, ttl)
 return current
