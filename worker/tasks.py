@@ -59,14 +59,16 @@ def _publish(message: JobMessage, countdown: float = 0.0) -> None:
 
 # max_retries=None: genq's retry policy (GENQ_CELERY__RETRIES) bounds retries; Celery's default of 3 would raise the
 # job's error out of the fourth retry instead (acked, and the job left running).
-@app.task(
-    name=constants.GENERATE_TASK,
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    ignore_result=True,
-    max_retries=None,
-)
+_JOB_TASK: dict[str, Any] = {
+    "bind": True,
+    "acks_late": True,  # acknowledged only after the job ended: a killed worker's message comes back
+    "reject_on_worker_lost": True,
+    "ignore_result": True,  # the job record is the result
+    "max_retries": None,
+}
+
+
+@app.task(name=constants.GENERATE_TASK, **_JOB_TASK)
 def generate(self: Any, payload: dict[str, Any], shard: dict[str, Any] | None = None) -> None:
     """Run a generate job, or one shard of it (payloads: :class:`GenerateJob` and :class:`Shard` as JSON)."""
     try:
@@ -97,14 +99,7 @@ def generate(self: Any, payload: dict[str, Any], shard: dict[str, Any] | None = 
         record_task(generate, reason, [payload, shard], job_id=job.job_id)
 
 
-@app.task(
-    name=constants.FINETUNE_TASK,
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    ignore_result=True,
-    max_retries=None,
-)
+@app.task(name=constants.FINETUNE_TASK, **_JOB_TASK)
 def finetune(self: Any, payload: dict[str, Any]) -> None:
     """Run or resume a fine-tune job (payload: :class:`FineTuneJob` as JSON) and publish its model version."""
     try:

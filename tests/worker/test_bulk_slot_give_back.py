@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
@@ -15,46 +14,27 @@ import redis
 from celery.app.trace import LOG_REJECTED
 from celery.exceptions import Reject
 from celery.utils.saferepr import saferepr
-from tiny_model import TINY_NAME, make_tiny_model
+from tiny_runtime import tiny_job as _job
+from tiny_runtime import tiny_runtime
 
-from producer.contract import GenerateJob, JobStatus, LabelCount, plan_shards
+from producer.contract import JobStatus, plan_shards
 from producer.core.constants import WORKER_QUEUES
-from producer.core.settings import RedisSettings
 from worker.app import GIVEN_BACK
 from worker.jobs import NoBulkSlot, execute_generate, messages_ahead
 from worker.reporting import RedisReporter
-from worker.runtime import Runtime, build_runtime
-from worker.settings import BatchingSettings, CelerySettings, WorkerSettings
+from worker.runtime import Runtime
+from worker.settings import BatchingSettings, CelerySettings
 
 
 @pytest.fixture
 def runtime(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> Iterator[Runtime]:
-    make_tiny_model(tmp_path / "zoo")
-    settings = WorkerSettings(
-        redis=RedisSettings(url=redis_url),
-        storage="local",
-        local_dir=tmp_path / "out",
-        model_dirs=[tmp_path / "zoo"],
-        model_cache_dir=tmp_path / "cache",
+    with tiny_runtime(
+        redis_url,
+        tmp_path,
         batching=BatchingSettings(max_batch=4, max_wait_ms=1, max_bulk_shards=1, bulk_wait_check_s=0.01),
         celery=CelerySettings(max_deliveries=2),
-    )
-    runtime = build_runtime(settings)
-    yield runtime
-    runtime.engine.close()
-    runtime.uploads.shutdown()
-
-
-def _job(job_id: str, count: int) -> GenerateJob:
-    return GenerateJob(
-        job_id=job_id,
-        model=TINY_NAME,
-        model_name=TINY_NAME,
-        model_version="1",
-        items=[LabelCount(index=8, name="bag", count=count)],
-        seed=7,
-        created_at=datetime(2026, 11, 30, tzinfo=UTC),
-    )
+    ) as runtime:
+        yield runtime
 
 
 def _reporter(runtime: Runtime) -> RedisReporter:

@@ -5,24 +5,23 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from prometheus_client import REGISTRY
-from tiny_model import TINY_NAME, make_tiny_model
+from tiny_runtime import tiny_job as _job
+from tiny_runtime import tiny_runtime
 
-from producer.contract import GenerateJob, JobStatus, LabelCount, Manifest, OutputRef, Shard, plan_shards
-from producer.core.settings import RedisSettings
+from producer.contract import GenerateJob, JobStatus, Manifest, OutputRef, Shard, plan_shards
 from producer.core.store import JobStore
 from worker.errors import StorageError, StorageUnavailable
 from worker.jobs import execute_generate
 from worker.reporting import RedisReporter
 from worker.retries import RetryLater
-from worker.runtime import Runtime, build_runtime
-from worker.settings import BatchingSettings, CelerySettings, WorkerSettings
+from worker.runtime import Runtime
+from worker.settings import BatchingSettings, CelerySettings
 from worker.storage.local import LocalStorage
 
 
@@ -54,31 +53,12 @@ class CompanyReporter(RedisReporter):
 
 @pytest.fixture
 def runtime(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> Iterator[Runtime]:
-    make_tiny_model(tmp_path / "zoo")
-    settings = WorkerSettings(
-        redis=RedisSettings(url=redis_url),
-        storage="local",
-        local_dir=tmp_path / "out",
-        model_dirs=[tmp_path / "zoo"],
-        model_cache_dir=tmp_path / "cache",
+    with tiny_runtime(
+        redis_url,
+        tmp_path,
         batching=BatchingSettings(max_batch=4, max_wait_ms=1, max_bulk_shards=1),
-    )
-    runtime = build_runtime(settings)
-    yield runtime
-    runtime.engine.close()
-    runtime.uploads.shutdown()
-
-
-def _job(job_id: str, count: int) -> GenerateJob:
-    return GenerateJob(
-        job_id=job_id,
-        model=TINY_NAME,
-        model_name=TINY_NAME,
-        model_version="1",
-        items=[LabelCount(index=8, name="bag", count=count)],
-        seed=7,
-        created_at=datetime(2026, 11, 30, tzinfo=UTC),
-    )
+    ) as runtime:
+        yield runtime
 
 
 def _run_at_once(runtime: Runtime, reporter: RedisReporter, work: list[tuple[GenerateJob, Shard | None]]) -> None:

@@ -20,12 +20,12 @@ from kombu import Connection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from tcp_proxy import TcpProxy
-from tiny_model import TINY_NAME, make_tiny_model
+from tiny_model import TINY_NAME
+from tiny_runtime import tiny_runtime
 
 from producer.contract import Callback, EventType, GenerateJob, JobError, JobStatus, LabelCount, OutputRef, Shard
 from producer.core import constants
 from producer.core.callbacks.events import CallbackMessage
-from producer.core.settings import RedisSettings
 from producer.core.store import JobStore
 from worker import deadletter, reporting, tasks
 from worker.errors import StorageError
@@ -33,27 +33,19 @@ from worker.jobs import RedisUnavailable, execute_generate
 from worker.outage import Backlog, wait_for_redis
 from worker.reporting import RedisReporter
 from worker.retries import RetryLater
-from worker.runtime import Runtime, build_runtime
-from worker.settings import BatchingSettings, CelerySettings, WorkerSettings
+from worker.runtime import Runtime
+from worker.settings import CelerySettings, WorkerSettings
 from worker.storage.local import LocalStorage
 
 
 @pytest.fixture
 def runtime(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> Iterator[Runtime]:
-    make_tiny_model(tmp_path / "zoo")
-    settings = WorkerSettings(
-        redis=RedisSettings(url=redis_url),
-        storage="local",
-        local_dir=tmp_path / "out",
-        model_dirs=[tmp_path / "zoo"],
-        model_cache_dir=tmp_path / "cache",
-        batching=BatchingSettings(max_batch=4, max_wait_ms=1),
+    with tiny_runtime(
+        redis_url,
+        tmp_path,
         celery=CelerySettings(redis_wait_s=5.0),
-    )
-    runtime = build_runtime(settings)
-    yield runtime
-    runtime.engine.close()
-    runtime.uploads.shutdown()
+    ) as runtime:
+        yield runtime
 
 
 @pytest.fixture

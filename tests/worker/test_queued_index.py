@@ -15,7 +15,8 @@ import redis
 from api_server import publish_catalog
 from kombu import Connection
 from stack import LOOPBACK_ALLOWED
-from tiny_model import TINY_NAME, make_tiny_model
+from tiny_model import TINY_NAME
+from tiny_runtime import tiny_runtime
 
 from producer.client import Client
 from producer.contract import GenerateJob, GenerateRequest, JobError, LabelCount, plan_shards
@@ -27,27 +28,19 @@ from producer.core.store import QUEUED_INDEXES
 from producer.settings import ClientSettings
 from worker.jobs import execute_generate
 from worker.reporting import RedisReporter
-from worker.runtime import Runtime, build_runtime
-from worker.settings import BatchingSettings, CelerySettings, SweeperSettings, WorkerSettings
+from worker.runtime import Runtime
+from worker.settings import CelerySettings, SweeperSettings
 from worker.sweeper import Sweeper
 
 
 @pytest.fixture
 def runtime(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> Iterator[Runtime]:
-    make_tiny_model(tmp_path / "zoo")
-    settings = WorkerSettings(
-        redis=RedisSettings(url=redis_url),
-        storage="local",
-        local_dir=tmp_path / "out",
-        model_dirs=[tmp_path / "zoo"],
-        model_cache_dir=tmp_path / "cache",
-        batching=BatchingSettings(max_batch=4, max_wait_ms=1),
+    with tiny_runtime(
+        redis_url,
+        tmp_path,
         celery=CelerySettings(max_deliveries=2),
-    )
-    runtime = build_runtime(settings)
-    yield runtime
-    runtime.engine.close()
-    runtime.uploads.shutdown()
+    ) as runtime:
+        yield runtime
 
 
 def _job(job_id: str, count: int = 2, priority: str = "normal", model: str = TINY_NAME) -> GenerateJob:
