@@ -15,7 +15,7 @@ from producer.api.quotas import Quotas
 from producer.api.telemetry import ApiMetrics
 from producer.client import Client
 from producer.contract import JobView
-from producer.errors import JobNotFound
+from producer.errors import JobNotFound, UnreadableRecord
 from producer.settings import ClientSettings
 
 
@@ -87,12 +87,25 @@ JobId = Annotated[
 
 
 def owned_job(job_id: JobId, principal: PrincipalDep, services: ServicesDep) -> JobView:
-    """The job, if it belongs to the caller's tenant. Another tenant's job is not found (404), never forbidden:
-    a 403 would confirm that the id exists."""
-    view = services.client.status(job_id)
+    """The job, if it belongs to the caller's tenant; every route that names a job reads it through this.
+
+    Another tenant's job is not found (404), never forbidden: a 403 would confirm that the id exists. A record
+    genq cannot read names no owner, so the tenant's index decides: its tenant gets 500 ``record_unreadable``
+    saying why (the server's fault, permanent for the record's lifetime), anyone else the 404 of an unknown id.
+    """
+    try:
+        view = services.client.status(job_id)
+    except UnreadableRecord as exc:
+        if not services.client.store.in_tenant_index(principal.tenant, job_id):
+            raise _not_found(job_id) from None  # no oracle: exactly what a random id answers
+        raise ApiError(500, ["path", "job_id"], str(exc), "record_unreadable") from None
     if view.tenant != principal.tenant:
-        raise JobNotFound(f"no job {job_id!r} (unknown id, or its record expired)")
+        raise _not_found(job_id)
     return view
+
+
+def _not_found(job_id: str) -> JobNotFound:
+    return JobNotFound(f"no job {job_id!r} (unknown id, or its record expired)")  # JobStore.get's, word for word
 
 
 OwnedJob = Annotated[JobView, Depends(owned_job)]

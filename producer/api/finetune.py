@@ -32,7 +32,7 @@ from producer.contract import FINETUNE_EXAMPLE, FineTuneRequest, JobView
 from producer.core.resolve import dataset_prefix
 from producer.core.s3 import make_s3_client
 from producer.errors import InvalidJob
-from producer.uploads import archive_reference, check_archive_name
+from producer.uploads import check_archive_name
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -41,7 +41,6 @@ log = logging.getLogger("genq.api")
 
 router = APIRouter(prefix="/v1", responses={**UNAUTHORIZED, **UNAVAILABLE})
 DATASETS_PATH = "/v1/datasets"
-DATASET_TAG = "genq-kind=dataset"  # on every uploaded data set object
 _SPOOL_BYTES = 8 * 2**20  # uploads larger than this are spooled to disk, not held in memory
 
 _FINETUNE_EXAMPLES = {
@@ -139,21 +138,11 @@ def list_datasets(principal: PrincipalDep, services: ServicesDep) -> DatasetList
 
 def _store(services: Services, principal: Principal, fileobj: BinaryIO, filename: str) -> DatasetUpload:
     """Take the upload's bytes from the key's quota, then store it; the quota is given back if storing fails."""
-    now = time.time()
-    _delete_expired(services, principal, now)  # what expired frees its bytes before this upload is counted
-    size = fileobj.tell()
-    fileobj.seek(0)
-    reference = archive_reference(filename)
-    expires_at = services.quotas.take_dataset(principal, reference, size, now)  # QuotaExceeded: nothing stored
-    try:
-        key = dataset_prefix(principal.tenant) + reference
-        # The tag lets one S3 lifecycle rule expire every tenant's uploads (docs/operations.md, Security model).
-        extra = {"Tagging": DATASET_TAG}
-        _s3(services).upload_fileobj(fileobj, services.settings.s3.bucket, key, ExtraArgs=extra)
-    except BaseException:
-        services.quotas.forget_datasets(principal, [reference])
-        raise
-    return DatasetUpload(dataset=reference, bytes=size, expires_at=datetime.fromtimestamp(expires_at, UTC))
+    _delete_expired(services, principal, time.time())  # what expired frees its bytes before this upload is counted
+    meter = services.quotas.dataset_meter(principal)
+    upload = services.client.upload_dataset_file(fileobj, filename, meter=meter)  # QuotaExceeded: nothing stored
+    expires_at = datetime.fromtimestamp(upload.expires_at, UTC) if upload.expires_at is not None else None
+    return DatasetUpload(dataset=upload.dataset, bytes=upload.bytes, expires_at=expires_at)
 
 
 def _delete_expired(services: Services, principal: Principal, now: float) -> None:

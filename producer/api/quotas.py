@@ -72,6 +72,25 @@ class StoredDataset:
     expires_at: float
 
 
+@dataclass(frozen=True)
+class KeyDatasetMeter:
+    """One key's data set quota as a :class:`producer.uploads.DatasetMeter`: what the client's uploads for the key's
+    tenant count against (``Client.upload_dataset(..., meter=...)``), the HTTP API's and an operator's alike."""
+
+    quotas: Quotas
+    principal: Principal
+
+    @property
+    def tenant(self) -> str:
+        return self.principal.tenant
+
+    def take(self, reference: str, size: int) -> float:
+        return self.quotas.take_dataset(self.principal, reference, size)
+
+    def forget(self, references: list[str]) -> int:
+        return self.quotas.forget_datasets(self.principal, references)
+
+
 _PRIORITY_RANK = {"low": 0, "normal": 1, "high": 2}
 
 
@@ -169,6 +188,14 @@ class Quotas:
                 retry_after_s=max(1.0, wait),
             )
         return expires_at
+
+    def dataset_meter(self, principal: Principal) -> KeyDatasetMeter:
+        """The key's data set quota for the client's uploads (:class:`producer.uploads.DatasetMeter`).
+
+        An operator uploading for a tenant builds it from a key ``genq keys list`` shows:
+        ``stored = KeyStore(redis).find("3f2a9c"); quotas.dataset_meter(Principal(stored.key_id, stored.key))``.
+        """
+        return KeyDatasetMeter(self, principal)
 
     def expired_datasets(self, principal: Principal, now: float | None = None, limit: int = 1000) -> list[str]:
         """References of the key's uploads past their expiry, oldest first (at most ``limit``)."""

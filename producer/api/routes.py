@@ -20,7 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.api.deps import JobId, OwnedJob, PrincipalDep, Services, ServicesDep, StreamSlot, owned_job, strict_query
+from producer.api.deps import OwnedJob, PrincipalDep, Services, ServicesDep, StreamSlot, strict_query
 from producer.api.problems import (
     ENDED,
     INVALID,
@@ -34,7 +34,7 @@ from producer.api.problems import (
 )
 from producer.api.quotas import Reservation
 from producer.contract import FineTuneRequest, GenerateRequest, JobStatus, JobView, ModelEntry
-from producer.errors import IdempotencyConflict, JobNotFound, UnreadableRecord
+from producer.errors import IdempotencyConflict, JobNotFound
 
 _KEEPALIVE_S = 2.0  # a quiet event stream sends a comment this often
 
@@ -217,20 +217,15 @@ _UNREADABLE: dict[int | str, dict[str, Any]] = {
     dependencies=_NO_QUERY,
     responses={200: {"content": _JOB_CONTENT}, **NOT_FOUND, **INVALID, **_UNREADABLE},
 )
-def get_job(job_id: JobId, principal: PrincipalDep, services: ServicesDep) -> JobView:
+def get_job(job: OwnedJob) -> JobView:
     """The job's current view: status, progress, outputs (keys and sha256), error.
 
     A job whose record genq cannot read (written by an older version or a bug) answers 500 with `type`
     `record_unreadable` to its tenant: the server's fault, like gRPC's DATA_LOSS, and permanent, so no `Retry-After`
-    (503 is the status to retry). Its tenant's list leaves it out. Another tenant gets the 404 of an unknown id.
+    (503 is the status to retry). Its tenant's list leaves it out. Another tenant gets the 404 of an unknown id. So do
+    the job's other routes (cancel, events, deliveries).
     """
-    try:
-        return owned_job(job_id, principal, services)
-    except UnreadableRecord as exc:
-        # Whose it is cannot be read from the record: the tenant's index says it (no oracle for other tenants).
-        if not services.client.store.in_tenant_index(principal.tenant, job_id):
-            raise JobNotFound(f"no job {job_id!r} (unknown id, or its record expired)") from None
-        raise ApiError(500, ["path", "job_id"], str(exc), "record_unreadable") from None
+    return job
 
 
 _CANCELED_CONTENT = {"application/json": {"example": {**_JOB_EXAMPLE, "status": "canceled"}}}
@@ -241,7 +236,7 @@ _CANCELED_CONTENT = {"application/json": {"example": {**_JOB_EXAMPLE, "status": 
     response_model=JobView,
     summary="Cancel a job",
     dependencies=_NO_QUERY,
-    responses={200: {"content": _CANCELED_CONTENT}, **NOT_FOUND, **ENDED, **INVALID},
+    responses={200: {"content": _CANCELED_CONTENT}, **NOT_FOUND, **ENDED, **INVALID, **_UNREADABLE},
 )
 def cancel_job(job: OwnedJob, principal: PrincipalDep, services: ServicesDep) -> JobView:
     """Cancel a queued or running job: a queued job never starts, a running one stops after its current batch.
@@ -297,7 +292,7 @@ def list_jobs(
     response_class=EventSourceResponse,
     summary="Follow a job (Server-Sent Events)",
     dependencies=_NO_QUERY,
-    responses=as_json({**UNAUTHORIZED, **UNAVAILABLE, **NOT_FOUND, **INVALID}),
+    responses=as_json({**UNAUTHORIZED, **UNAVAILABLE, **NOT_FOUND, **INVALID, **_UNREADABLE}),
 )
 async def job_events(
     job: OwnedJob, principal: PrincipalDep, services: ServicesDep, stream: StreamSlot
@@ -340,7 +335,7 @@ async def job_events(
     response_model=list[DeliveryAttempt],
     summary="List a job's callback deliveries",
     dependencies=_NO_QUERY,
-    responses={**NOT_FOUND, **INVALID},
+    responses={**NOT_FOUND, **INVALID, **_UNREADABLE},
 )
 def job_deliveries(job: OwnedJob, services: ServicesDep) -> list[dict[str, Any]]:
     """Every attempt to deliver a callback event of the job, oldest first."""

@@ -40,8 +40,8 @@ Far below what every reader of a job record takes (pydantic's JSON parser stops 
 webhook event and a Celery message each wrap the field in a few more)."""
 MAX_JSON_BYTES = 64 * 1024
 """Largest free-form JSON field, as compact JSON (``json.dumps`` with ``separators=(",", ":")``), whoever sends it
-(the HTTP API's default body limit). ``GENQ_LIMITS__MAX_METADATA_BYTES`` sets a lower one for a generate request's
-metadata (:func:`producer.core.resolve.check_limits`)."""
+(the HTTP API's default body limit). ``GENQ_LIMITS__MAX_METADATA_BYTES`` sets a lower one for every job's metadata,
+generate and fine-tune alike (:func:`producer.core.resolve.check_metadata`)."""
 _MAX_JSON_INT = 10**4300  # pydantic's JSON parser, like Python's int(), refuses integers of more than 4300 digits
 _JSON_VALUE: TypeAdapter[JsonValue] = TypeAdapter(JsonValue)
 

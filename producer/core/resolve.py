@@ -135,7 +135,13 @@ def check_limits(request: GenerateRequest, limits: Limits) -> None:
             "(GENQ_LIMITS__MAX_IMAGES_PER_JOB); split the request",
             field=field,
         )
-    size = len(json.dumps(request.metadata, separators=(",", ":")).encode())
+    check_metadata(request.metadata, limits)
+
+
+def check_metadata(metadata: Mapping[str, object], limits: Limits) -> None:
+    """Refuse ``metadata`` larger than ``GENQ_LIMITS__MAX_METADATA_BYTES`` as compact JSON (field ``metadata``): the
+    deployment's bound on every job's metadata, generate or fine-tune, below the contract's own (64 KiB, 32 deep)."""
+    size = len(json.dumps(metadata, separators=(",", ":")).encode())
     if size > limits.max_metadata_bytes:
         raise InvalidJob(
             f"metadata is {size} bytes as JSON, the limit is {limits.max_metadata_bytes} "
@@ -165,6 +171,7 @@ def dataset_prefix(tenant: str | None) -> str:
 def resolve_finetune(
     request: FineTuneRequest,
     catalog: Mapping[str, ModelEntry],
+    limits: Limits,
     *,
     job_id: str,
     now: datetime,
@@ -177,10 +184,11 @@ def resolve_finetune(
     the caller's namespace: the tenant's own models under the HTTP API, the system's without a tenant (operators).
 
     Raises:
-        InvalidJob: with ``field`` naming the offending field (``base``: unknown, or not a cGAN; ``name``: a system
-            model's name asked by a tenant (read-only), or the name of a model of another architecture;
-            ``freeze_d``; ``callback.url``).
+        InvalidJob: with ``field`` naming the offending field (``metadata``: over ``limits.max_metadata_bytes``;
+            ``base``: unknown, or not a cGAN; ``name``: a system model's name asked by a tenant (read-only), or the
+            name of a model of another architecture; ``freeze_d``; ``callback.url``).
     """
+    check_metadata(request.metadata, limits)
     models = visible_models(catalog, tenant)
     ref, base, version, info = resolve_model(request.base, models, field="base", what="base model")
     if info.arch != "cgan":

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from producer.contract import FineTuneRequest, ModelEntry, ModelVersionInfo
 from producer.core.records import JOB_SPEC
 from producer.core.resolve import resolve_finetune
+from producer.core.settings import Limits
 from producer.errors import InvalidJob
 from producer.uploads import archive_reference, dataset_files, upload_dataset
 
@@ -28,6 +29,7 @@ CATALOG = {
     ),
 }
 NOW = datetime(2026, 11, 30, tzinfo=UTC)
+LIMITS = Limits()  # GENQ_LIMITS__*'s defaults
 
 
 def request(**fields: object) -> FineTuneRequest:
@@ -74,16 +76,16 @@ def test_folder_and_archive_references_are_accepted(dataset: str) -> None:
 
 
 def test_resolution_pins_base_version_and_scopes_the_dataset_to_the_tenant() -> None:
-    job = resolve_finetune(request(seed=7), CATALOG, job_id="job-12345678", now=NOW, tenant="acme")
+    job = resolve_finetune(request(seed=7), CATALOG, LIMITS, job_id="job-12345678", now=NOW, tenant="acme")
     assert (job.base_name, job.base_version, job.seed) == ("fmnist-cgan", "1", 7)
     assert job.dataset_key == "tenants/acme/datasets/abc123/"
-    untenanted = resolve_finetune(request(), CATALOG, job_id="job-12345678", now=NOW)
+    untenanted = resolve_finetune(request(), CATALOG, LIMITS, job_id="job-12345678", now=NOW)
     assert untenanted.dataset_key == "datasets/abc123/"
     assert untenanted.seed >= 0  # chosen and recorded
 
 
 def test_job_round_trips_through_the_record_union() -> None:
-    job = resolve_finetune(request(), CATALOG, job_id="job-12345678", now=NOW)
+    job = resolve_finetune(request(), CATALOG, LIMITS, job_id="job-12345678", now=NOW)
     assert JOB_SPEC.validate_json(job.model_dump_json()) == job
 
 
@@ -98,9 +100,24 @@ def test_job_round_trips_through_the_record_union() -> None:
 )
 def test_resolution_refusals_name_the_field(fields: dict[str, object], field: str, words: str) -> None:
     with pytest.raises(InvalidJob) as exc:
-        resolve_finetune(request(**fields), CATALOG, job_id="job-12345678", now=NOW)
+        resolve_finetune(request(**fields), CATALOG, LIMITS, job_id="job-12345678", now=NOW)
     assert exc.value.field == field
     assert words in str(exc.value)
+
+
+def test_metadata_past_max_metadata_bytes_is_refused_naming_the_field_as_for_generate() -> None:
+    # 4,096 bytes by default (GENQ_LIMITS__MAX_METADATA_BYTES): a fine-tune's metadata was bounded only by 64 KiB.
+    metadata = {"notes": "x" * 5000}
+    with pytest.raises(InvalidJob) as refused:
+        resolve_finetune(request(metadata=metadata), CATALOG, LIMITS, job_id="job-12345678", now=NOW, tenant="acme")
+    assert refused.value.field == "metadata"
+    assert "metadata is 5012 bytes as JSON, the limit is 4096 (GENQ_LIMITS__MAX_METADATA_BYTES)" in str(refused.value)
+
+    lower = Limits(max_metadata_bytes=12)  # the deployment's setting decides, not the default
+    with pytest.raises(InvalidJob, match="17 bytes as JSON, the limit is 12 "):
+        resolve_finetune(request(metadata={"sku": "A-12345"}), CATALOG, lower, job_id="job-12345678", now=NOW)
+    job = resolve_finetune(request(metadata={"sku": "A"}), CATALOG, lower, job_id="job-12345678", now=NOW)
+    assert job.metadata == {"sku": "A"}
 
 
 def test_folder_upload_skips_hidden_files_and_links_and_reports_progress(tmp_path: Path) -> None:
@@ -113,12 +130,9 @@ def test_folder_upload_skips_hidden_files_and_links_and_reports_progress(tmp_pat
     (root / "shoe" / "link.png").symlink_to(root / "bag" / "1.png")
     put: dict[str, bytes] = {}
     progress: list[tuple[int, int]] = []
-    upload = upload_dataset(root, put.__setitem__, tenant="acme", on_progress=lambda d, t: progress.append((d, t)))
+    upload = upload_dataset(root, put.__setitem__, on_progress=lambda d, t: progress.append((d, t)))
     upload_id = upload.dataset.rstrip("/")
-    assert sorted(put) == [
-        f"tenants/acme/datasets/{upload_id}/bag/1.png",
-        f"tenants/acme/datasets/{upload_id}/shoe/2.jpg",
-    ]
+    assert sorted(put) == [f"datasets/{upload_id}/bag/1.png", f"datasets/{upload_id}/shoe/2.jpg"]
     assert (upload.files, upload.bytes) == (2, 15)
     assert progress[-1] == (15, 15)
 

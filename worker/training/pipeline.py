@@ -157,7 +157,8 @@ def run_finetune(
         allocate_version: the next version number of a model, by catalogue key (atomic across workers).
         on_published: told (catalogue key, version) once the version is stored, to refresh catalogues.
         keep_going: False once this worker lost its lease: stop without touching the job.
-        url_expires_s: how long the presigned URL of each sample grid lives (``GENQ_S3__PRESIGN_EXPIRES_S``).
+        url_expires_s: how long the presigned URL of each sample grid lives (``GENQ_S3__PRESIGN_EXPIRES_S``); only
+            jobs without a tenant get one (``samples_url``).
     """
     if not reporter.begin(job):
         return FineTuneResult(view=None, skipped=True)
@@ -227,7 +228,10 @@ def run_finetune(
         if tuner.step % job.sample_every == 0 or last:
             key = f"{prefix}samples/step-{tuner.step:06d}.png"
             storage.put(key, _grid_png(tuner), "image/png")
-            view = view.model_copy(update={"samples_key": key, "samples_url": storage.url(key, url_expires_s)})
+            # A presigned URL names the deployment's storage endpoint, bucket and credentials' key id (a local
+            # store's, a worker folder): the operator's to see, never a tenant's, which gets the key like its outputs.
+            url = storage.url(key, url_expires_s) if job.tenant is None else None
+            view = view.model_copy(update={"samples_key": key, "samples_url": url})
             announce = True
         if job.eval_every and tuner.step % job.eval_every == 0 and not last:
             view = view.model_copy(update={"metrics": _evaluate(tuner, data, workdir / "eval", job.seed)})

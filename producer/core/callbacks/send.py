@@ -27,6 +27,7 @@ import httpx
 
 from producer.contract import WebhookEvent
 from producer.core.callbacks.signing import signed_headers
+from producer.core.callbacks.ssrf import redact_url
 
 USER_AGENT = "genq-webhooks/1"
 # An idle connection is dropped after this long, before the receiver's own idle timeout is likely to close it under
@@ -127,7 +128,7 @@ class WebhookClient:
         if url.scheme not in ("http", "https"):
             raise httpcore.UnsupportedProtocol(f"callbacks are sent over http or https, not {url.scheme!r}")
         if not url.host:
-            raise httpx.InvalidURL(f"callback URL {str(url)[:200]!r} has no host")
+            raise httpx.InvalidURL(f"callback URL {redact_url(str(url))!r} has no host")  # logged: no secret
         pool = self._pool(url)
         # The request goes to the address; the receiver still sees its own name in Host, and TLS checks the
         # certificate against that name (SNI), not against the address.

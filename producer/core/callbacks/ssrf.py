@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from producer.errors import CallbackHostUnresolved, CallbackUrlRefused
 
-_REDACTED = "\u2026"  # what stands for a URL's query, fragment or userinfo in log lines
+_REDACTED = "\u2026"  # what stands for everything after a URL's host in log lines
 _MAX_LOGGED_URL_CHARS = 200
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -201,22 +201,21 @@ def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
 
 
 def redact_url(url: str) -> str:
-    """``url`` as a log line may show it: query, fragment and userinfo, where receivers put tokens, replaced by "…".
+    """``url`` as a log line may show it: ``scheme://host[:port]``, and ``/…`` for whatever followed.
 
-    ``https://user:pw@shop.example/hook?token=s3cret#x`` gives ``https://…@shop.example/hook?…``; scheme, host, port
-    and path stay, to tell receivers apart. Works on text, not a parsed URL, so it never raises on a malformed one;
-    at most 200 characters come back.
+    Receivers put their secret anywhere after the host: in the path (Slack's ``/services/T…/B…/<secret>``,
+    ``/hook/<token>``, or a first segment that is itself the token), the query, the fragment, or the userinfo.
+    No part of them is kept, only the receiver's origin: ``https://user:pw@hooks.example:8443/services/T1/B2/x?t=y``
+    gives ``https://hooks.example:8443/…``. The log line's job id leads to the whole URL, in the job's spec.
+    Works on text, not a parsed URL, so it never raises on a malformed one; at most 200 characters come back.
     """
-    cut = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=len(url))
-    head, rest = url[:cut], url[cut:]
-    scheme, sep, tail = head.partition("//")
-    if sep:
-        authority, slash, path = tail.partition("/")
-        if "@" in authority:
-            authority = _REDACTED + "@" + authority.rpartition("@")[2]
-        head = scheme + sep + authority + slash + path
-    if rest:
-        head += rest[0] + _REDACTED
-    if len(head) > _MAX_LOGGED_URL_CHARS:
-        head = head[: _MAX_LOGGED_URL_CHARS - 1] + _REDACTED
-    return head
+    scheme, sep, tail = url.partition("//")
+    if not sep:  # no authority to keep: nothing of it is safe to print
+        return _REDACTED if url else ""
+    end = min((i for i in map(tail.find, "/?#\\") if i >= 0), default=len(tail))
+    authority, rest = tail[:end], tail[end:]
+    host = authority.rpartition("@")[2]  # userinfo (user:password@) dropped
+    shown = scheme + sep + host + ("/" + _REDACTED if rest not in ("", "/") else rest)
+    if len(shown) > _MAX_LOGGED_URL_CHARS:
+        shown = shown[: _MAX_LOGGED_URL_CHARS - 1] + _REDACTED
+    return shown

@@ -103,6 +103,7 @@ def test_a_finetune_idempotency_key_replays_the_job(acme: httpx.Client, catalog:
         ({**FINETUNE, "augment": {"policy": ["rotate"]}}, ["body", "augment", "policy", 0]),
         ({**FINETUNE, "callback": {"url": "http://169.254.169.254/latest"}}, ["body", "callback", "url"]),
         ({k: v for k, v in FINETUNE.items() if k != "name"}, ["body", "name"]),
+        ({**FINETUNE, "metadata": {"notes": "x" * 5000}}, ["body", "metadata"]),  # GENQ_LIMITS__MAX_METADATA_BYTES
     ],
 )
 def test_bad_finetunes_name_the_field_and_enqueue_nothing(

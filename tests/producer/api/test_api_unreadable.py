@@ -151,6 +151,29 @@ def test_a_record_that_cannot_be_read_leaves_the_list_answering_and_get_says_why
     assert [(d["stage"], d["job_id"]) for d in dead] == [("record", poisoned)]
 
 
+@pytest.mark.parametrize(
+    ("method", "route"),
+    [("GET", ""), ("POST", "/cancel"), ("GET", "/events"), ("GET", "/deliveries")],
+    ids=["get", "cancel", "events", "deliveries"],
+)
+def test_every_job_route_answers_another_tenants_unreadable_record_like_an_unknown_id(
+    acme: httpx.Client, globex: httpx.Client, catalog: redis.Redis, method: str, route: str
+) -> None:
+    poisoned = acme.post("/v1/jobs", json=SNEAKERS).json()["id"]
+    catalog.hset(constants.JOB_KEY.format(job_id=poisoned), "spec", '{"kind": "generate", "job_id": ')  # cut short
+
+    foreign = globex.request(method, f"/v1/jobs/{poisoned}{route}")
+    unknown = globex.request(method, f"/v1/jobs/{'0' * 32}{route}")
+    assert foreign.status_code == unknown.status_code == 404
+    assert foreign.json() == json.loads(unknown.text.replace("0" * 32, poisoned))
+    assert "read" not in foreign.text  # nothing says a record is there
+
+    own = acme.request(method, f"/v1/jobs/{poisoned}{route}")  # its tenant learns what is wrong
+    assert own.status_code == 500, own.text
+    (detail,) = own.json()["detail"]
+    assert detail["type"] == "record_unreadable" and f"job {poisoned!r} has a record genq cannot read" in detail["msg"]
+
+
 def test_metrics_answer_with_a_job_counter_that_is_not_a_number(acme: httpx.Client, catalog: redis.Redis) -> None:
     assert acme.post("/v1/jobs", json=SNEAKERS).status_code == 202
     catalog.hset(constants.JOBS_BY_STATUS_KEY, mapping={"queued": "lots", "failed": "2"})

@@ -49,7 +49,7 @@ def generate(tenant: str | None, catalog: dict[str, ModelEntry] | None = None, *
 
 def finetune(tenant: str | None, catalog: dict[str, ModelEntry] | None = None, **fields: Any) -> FineTuneJob:
     request = FineTuneRequest.model_validate({"base": "fmnist-cgan", "dataset": "u1/", "steps": 2, **fields})
-    return resolve_finetune(request, catalog or CATALOG, job_id="job-12345678", now=NOW, tenant=tenant)
+    return resolve_finetune(request, catalog or CATALOG, Limits(), job_id="job-12345678", now=NOW, tenant=tenant)
 
 
 def refusal(call: Any, *args: Any, **kwargs: Any) -> InvalidJob:

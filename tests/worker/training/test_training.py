@@ -190,6 +190,34 @@ def test_a_tenants_fine_tune_publishes_into_its_namespace_and_moves_only_its_own
     assert finished.published == "brand@5" and allocated == [] and again.views == []
 
 
+class PresigningStorage(LocalStorage):
+    """Presigns as S3 does: the URL names the deployment's endpoint and bucket, and the lifetime asked for."""
+
+    def url(self, key: str, expires_s: int) -> str:
+        return f"http://minio.internal:9000/genq/{key}?X-Amz-Expires={expires_s}"
+
+
+@pytest.mark.parametrize(("tenant", "presigned"), [(None, True), ("acme", False)])
+def test_sample_grid_urls_live_presign_expires_s_and_are_never_a_tenants(
+    setup: Setup, tmp_path: Path, tenant: str | None, presigned: bool
+) -> None:
+    # The review: a tenant's view showed the internal endpoint, bucket and worker paths in samples_url, presigned for
+    # 7 days whatever GENQ_S3__PRESIGN_EXPIRES_S said.
+    storage, models, base, versions = setup
+    presigning = PresigningStorage(storage.root)
+    reporter = Reporter()
+    run((presigning, models, base, versions), job(tenant=tenant), reporter, tmp_path / "a", url_expires_s=900)
+
+    grids = {v.samples_key: v.samples_url for v in reporter.views if v.samples_key}
+    assert sorted(k.rsplit("/", 1)[1] for k in grids) == ["step-000002.png", "step-000004.png"]
+    if presigned:  # the operator's job: a URL of the configured lifetime
+        assert grids == {k: f"http://minio.internal:9000/genq/{k}?X-Amz-Expires=900" for k in grids}
+    else:
+        assert set(grids.values()) == {None}
+        assert reporter.done is not None and reporter.done.samples_url is None
+        assert all("minio.internal" not in v.model_dump_json() for v in [*reporter.views, reporter.done])
+
+
 def test_a_gate_without_a_threshold_never_promotes(setup: Setup, tmp_path: Path) -> None:
     _, models, _, _ = setup
     reporter = Reporter()  # a job queued before requests refused empty gates

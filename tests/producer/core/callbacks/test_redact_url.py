@@ -1,4 +1,4 @@
-"""Callback URLs often carry a receiver's token in their query or userinfo: log lines show them redacted."""
+"""Callback URLs often carry a receiver's token in their path, query or userinfo: log lines show only the origin."""
 
 from __future__ import annotations
 
@@ -21,22 +21,29 @@ from producer.errors import CallbackUrlRefused
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("https://shop.example/hook?token=SECRET", "https://shop.example/hook?…"),
-        ("https://user:SECRET@shop.example:8443/hook", "https://…@shop.example:8443/hook"),
-        ("https://u:p@w@shop.example/a?b=c#frag", "https://…@shop.example/a?…"),
-        ("https://shop.example/hook#SECRET", "https://shop.example/hook#…"),
-        ("https://shop.example/hook#x?SECRET", "https://shop.example/hook#…"),
-        ("https://shop.example/hook", "https://shop.example/hook"),
-        ("http://[::1/x?SECRET", "http://[::1/x?…"),  # malformed: redacted all the same, never raises
+        ("https://hooks.example.com/services/T0001/B0002/XXXXsecretXXXX", "https://hooks.example.com/…"),  # Slack
+        ("https://x.example/hook/SECRET", "https://x.example/…"),
+        ("https://webhook.example/SECRET", "https://webhook.example/…"),  # the first segment is the token
+        ("https://shop.example/hook?token=SECRET", "https://shop.example/…"),
+        ("https://shop.example?token=SECRET", "https://shop.example/…"),
+        ("https://user:SECRET@shop.example:8443/hook", "https://shop.example:8443/…"),
+        ("https://u:p@w@shop.example/a?b=c#frag", "https://shop.example/…"),
+        ("https://shop.example/hook#SECRET", "https://shop.example/…"),
+        ("https://shop.example\\SECRET/x", "https://shop.example/…"),  # a backslash ends the host as a slash would
+        ("https://[2001:db8::1]:8443/SECRET", "https://[2001:db8::1]:8443/…"),
+        ("https://shop.example/", "https://shop.example/"),
+        ("https://shop.example", "https://shop.example"),
+        ("http://[::1/x?SECRET", "http://[::1/…"),  # malformed: redacted all the same, never raises
+        ("shop.example/SECRET", "…"),  # no scheme: no host to tell apart from the rest
         ("", ""),
     ],
 )
-def test_redact_url_hides_query_fragment_and_userinfo_and_keeps_the_receiver(url: str, expected: str) -> None:
+def test_redact_url_keeps_only_scheme_host_and_port(url: str, expected: str) -> None:
     assert redact_url(url) == expected
 
 
 def test_redact_url_bounds_what_it_returns() -> None:
-    redacted = redact_url("https://shop.example/" + "a" * 500 + "?token=SECRET")
+    redacted = redact_url("https://" + "a" * 500 + ".example/SECRET")
     assert len(redacted) == 200 and redacted.endswith("…") and "SECRET" not in redacted
 
 
@@ -64,9 +71,10 @@ def _message(url: str, job_id: str) -> CallbackMessage:
 def test_no_delivery_log_line_prints_a_callback_urls_token(
     redis_client: redis.Redis, webhook_receiver: WebhookReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Delivered, retried, dead-lettered, gone (410) and refused: every log line, DEBUG up, with the URL's token."""
+    """Delivered, retried, dead-lettered, gone (410) and refused: no log line, DEBUG up, holds the URL's secrets."""
     webhook_receiver.script([200, 500, 410, 500])
-    secret_url = webhook_receiver.url.replace("http://", "http://hookuser:SECRET1@") + "?token=SECRET2"
+    # A token in each place receivers put one: the userinfo, the path (Slack-style) and the query.
+    secret_url = webhook_receiver.url.replace("http://", "http://hookuser:SECRET1@") + "/T0001/SECRET3?token=SECRET2"
     ledger = CallbackLedger(redis_client, ttl_s=3600)
 
     def run(job_id: str, **webhook: object) -> Outcome:
@@ -88,4 +96,7 @@ def test_no_delivery_log_line_prints_a_callback_urls_token(
     assert outcomes == [Outcome.DELIVERED, Outcome.RETRYING, Outcome.GONE, Outcome.REFUSED, Outcome.DEAD_LETTERED]
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "answered 410" in logged and redact_url(secret_url) in logged  # the receiver is still named
-    assert "SECRET1" not in logged and "SECRET2" not in logged and "hookuser" not in logged
+    assert redact_url(secret_url) == webhook_receiver.url.removesuffix("/hook") + "/…"
+    for secret in ("SECRET1", "SECRET2", "SECRET3", "T0001", "hookuser"):
+        assert secret not in logged, secret
+    assert [r.path for r in webhook_receiver.received][:1] == ["/hook/T0001/SECRET3?token=SECRET2"]  # sent whole
