@@ -4,11 +4,12 @@ attempt (what genq did before) and with the delivery thread's reused one.
 
     python -m benchmarks.callbacks [--jobs 120] [--rounds 3] [-c 16] [--inline-callbacks] [--redis URL]
 
-Each round submits ``--jobs`` 1-image jobs of the shipped fmnist-cgan at once (every event: 4 per job) and measures
+Each round submits ``--jobs`` 1-image jobs of the shipped fmnist-cgan at once (every event: ``queued``, ``running`` and
+``succeeded``, 3 per job; a 1-image job's only chunk has no ``progress`` event of its own) and measures
 jobs/s from the first job's creation to the last one's end, from the job records. Starts its own moto S3 server,
 the receivers (HTTP/1.1 on loopback, in a process of their own at nice 10: they stand in for receivers on other
 machines) and one `genq worker -c 16` (which delivers callbacks from a callbacks worker of its own, unless
---inline-callbacks); needs a Redis DB it may flush. The hanging rounds
+--inline-callbacks); claims the Redis DB of --redis (flushed; refused while a test run holds it). The hanging rounds
 run last: their deliveries stay in flight (cut off at GENQ_WEBHOOK__ATTEMPT_DEADLINE_S) and deferred after them.
 Prints one table, then one ``name=value`` line per figure. Nothing here is asserted.
 """
@@ -38,8 +39,8 @@ from typing import Any
 
 import boto3
 import httpx
-import redis
 
+from benchmarks.uploads import claimed_db
 from producer.client import Client
 from producer.contract import EventType, GenerateRequest, JobStatus, JobView, Progress, WebhookEvent
 from producer.core.callbacks.send import WebhookClient, deliver
@@ -50,6 +51,7 @@ MODEL = "fmnist-cgan"
 AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 HANG_S = 30.0  # the hanging receiver answers after this long (as in issue 17)
 SCHEDULE = [0, 0.5, 0.5, 0.5]  # four attempts, half a second apart: the failing receiver's events all get through
+EVENTS_PER_JOB = 3  # queued, running, succeeded
 
 
 class Receiver:
@@ -241,7 +243,6 @@ def main() -> None:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    redis.Redis.from_url(args.redis).flushdb()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -260,14 +261,18 @@ def main() -> None:
         redis=RedisSettings(url=args.redis), s3=S3Settings(bucket=bucket), webhook=WebhookSettings(allow_hosts=allow)
     )
     client = Client(settings)
-    events = 4 * args.jobs
+    events = EVENTS_PER_JOB * args.jobs
     # "none_hanging": rounds without callbacks between the hanging ones (that receiver's events in flight meanwhile)
     rates: dict[str, list[float]] = {"none": [], "ok": [], "failing": [], "none_hanging": [], "hanging": []}
     cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in rates}
     states: dict[str, dict[str, int]] = {}
     settled_s: dict[str, float] = {}
     try:
-        with receivers() as urls, worker(env, args.concurrency, args.inline_callbacks) as (worker_pid, callbacks_pid):
+        with (
+            claimed_db(args.redis),
+            receivers() as urls,
+            worker(env, args.concurrency, args.inline_callbacks) as (worker_pid, callbacks_pid),
+        ):
             run_round(client, 16, None)  # warm-up: first forward passes, connections
             order = [*(["none", "ok", "failing"] * args.rounds), *(["none_hanging", "hanging"] * args.rounds)]
             for scenario in order:

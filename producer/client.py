@@ -43,7 +43,7 @@ from producer.core.s3 import make_s3_client
 from producer.core.store import JobStore
 from producer.errors import IdempotencyConflict, InvalidJob, JobEnded, JobNotFound, JobTimeout
 from producer.settings import ClientSettings
-from producer.uploads import ProgressFn, Upload, archive_reference, upload_dataset
+from producer.uploads import DatasetMeter, ProgressFn, Upload, archive_reference, metered, upload_dataset
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -134,31 +134,53 @@ class Client:
 
         return self._submit(request, tenant, resolve, admit, enqueue)
 
-    def upload_dataset(self, path: Path, tenant: str | None = None, on_progress: ProgressFn | None = None) -> Upload:
+    def upload_dataset(
+        self, path: Path, on_progress: ProgressFn | None = None, *, meter: DatasetMeter | None = None
+    ) -> Upload:
         """Upload a fine-tune data set (a folder with one sub-folder per class, or one .zip/.tar.gz/.npz) to S3.
 
         Returns the :class:`~producer.uploads.Upload` whose ``dataset`` goes into :class:`FineTuneRequest`.
-        Raises InvalidJob (field ``dataset``) for a path that is not a folder or archive.
+
+        Args:
+            meter: to upload for a tenant, the data set quota of one of its keys
+                (``Quotas(...).dataset_meter(principal)``): one archive, stored under the tenant's prefix, counted,
+                tagged and expired exactly as ``POST /v1/datasets`` does. Without one the upload is the operator's
+                (``datasets/``, for fine-tunes submitted without a tenant): trusted, neither metered nor expired.
+
+        Raises:
+            InvalidJob: (field ``dataset``) a path that is not a folder or archive, or a folder for a tenant.
+            QuotaExceeded: a tenant's upload would pass its key's ``dataset_bytes``; nothing is stored.
         """
         bucket = self.settings.s3.bucket
         s3 = self._s3_client()
+        # Tagged like the API's uploads, so that the bucket's lifecycle rule for data sets covers them too.
+        extra = {} if meter is None else {"Tagging": constants.DATASET_TAG}
         return upload_dataset(
             path,
-            lambda key, data: s3.put_object(Bucket=bucket, Key=key, Body=data),
-            tenant=tenant,
+            lambda key, data: s3.put_object(Bucket=bucket, Key=key, Body=data, **extra),
+            meter=meter,
             on_progress=on_progress,
         )
 
-    def upload_dataset_file(self, fileobj: BinaryIO, filename: str, tenant: str | None = None) -> Upload:
-        """Upload one archive from an open file (the HTTP API's ``POST /v1/datasets``); returns its reference.
+    def upload_dataset_file(self, fileobj: BinaryIO, filename: str, *, meter: DatasetMeter | None = None) -> Upload:
+        """Upload one archive from an open file (``POST /v1/datasets`` stores its body with this); returns it.
 
-        Raises InvalidJob (field ``filename``) for a name that is not a .zip/.tar/.tar.gz/.tgz/.npz file name.
+        ``meter`` as for :meth:`upload_dataset`: with one, the bytes are taken from the key's quota before any is
+        stored, and given back if storing fails.
+
+        Raises:
+            InvalidJob: (field ``filename``) a name that is not a .zip/.tar/.tar.gz/.tgz/.npz file name.
+            QuotaExceeded: a tenant's upload would pass its key's ``dataset_bytes``; nothing is stored.
         """
         reference = archive_reference(filename)
-        size = fileobj.seek(0, io.SEEK_END)
+        fileobj.seek(0, io.SEEK_END)
+        size = fileobj.tell()
         fileobj.seek(0)
-        self._s3_client().upload_fileobj(fileobj, self.settings.s3.bucket, dataset_prefix(tenant) + reference)
-        return Upload(dataset=reference, files=1, bytes=size)
+        key = dataset_prefix(None if meter is None else meter.tenant) + reference
+        extra = None if meter is None else {"Tagging": constants.DATASET_TAG}
+        with metered(meter, reference, size) as expires_at:
+            self._s3_client().upload_fileobj(fileobj, self.settings.s3.bucket, key, ExtraArgs=extra)
+        return Upload(dataset=reference, files=1, bytes=size, expires_at=expires_at)
 
     def submit_finetune(
         self,
@@ -179,6 +201,7 @@ class Client:
             return resolve_finetune(
                 request,
                 self.models(),
+                self.settings.limits,
                 job_id=job_id,
                 now=utcnow(),
                 tenant=tenant,
@@ -274,7 +297,13 @@ class Client:
 
     def _publish(self, message: JobMessage, countdown: float = 0.0) -> None:
         self._celery_app().send_task(
-            message.task, args=message.args, queue=message.queue, task_id=message.task_id, countdown=countdown or None
+            message.task,
+            args=message.args,
+            argsrepr=message.argsrepr,
+            kwargsrepr="{}",
+            queue=message.queue,
+            task_id=message.task_id,
+            countdown=countdown or None,
         )
 
     def _celery_app(self) -> Celery:

@@ -98,10 +98,12 @@ def execute_generate(
 
 def messages_ahead(runtime: Runtime, queue: str, served: Iterable[str]) -> Callable[[], bool]:
     """A ``give_way`` for :func:`execute_generate`: whether a message waits on a queue this worker serves before
-    ``queue``, the shard's own (in genq's order: callbacks, high, normal, low). One round trip per call.
+    ``queue``, the shard's own (in genq's order: callbacks, then per priority high, normal, low its small jobs' queue
+    and its bulk jobs'). One round trip per call.
 
     Messages on the shard's own queue are no reason: most likely its job's other shards, which would wait the same.
-    A high shard never gives way, so it waits as it always did.
+    A bulk shard thus gives way to a small job of its own priority (another tenant's, as a rule) and to anything
+    above it.
     """
     order, serves = constants.WORKER_QUEUES, set(served)
     ahead = [q for q in order[: order.index(queue)] if q in serves] if queue in order else []

@@ -51,6 +51,8 @@ class RedisReporter:
 
     def progress(self, job: GenerateJob, shard: Shard, done: int) -> None:
         self.store.set_progress(job.job_id, shard.index, done)
+        if shard.count == 1 and done == shard.size:
+            return  # the job's last images: its succeeded (or failed) event follows at once and says as much
         now = time.monotonic()
         if now - self._last_progress.get(job.job_id, 0.0) >= self.progress_interval_s:
             self._last_progress[job.job_id] = now

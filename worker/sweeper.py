@@ -49,7 +49,7 @@ from worker.settings import SweeperSettings
 log = logging.getLogger("genq.sweeper")
 
 # Every queue a job's messages go to (callback messages are found through PendingCallbacks instead).
-SWEPT_QUEUES = (*constants.GENERATE_QUEUES.values(), constants.TRAIN_QUEUE)
+SWEPT_QUEUES = constants.JOB_QUEUES
 
 # The task id in a kombu message as its Redis transport stores it (json.dumps: '"id": "<task id>"' in the headers);
 # other keys ending in "id" (root_id, correlation_id) have no quote before "id", and argsrepr's quotes are escaped.

@@ -53,7 +53,13 @@ def send_callback(message: CallbackMessage, countdown: float = 0.0) -> None:
 
 def _publish(message: JobMessage, countdown: float = 0.0) -> None:
     app.send_task(
-        message.task, args=message.args, queue=message.queue, task_id=message.task_id, countdown=countdown or None
+        message.task,
+        args=message.args,
+        argsrepr=message.argsrepr,
+        kwargsrepr="{}",
+        queue=message.queue,
+        task_id=message.task_id,
+        countdown=countdown or None,
     )
 
 

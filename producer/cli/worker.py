@@ -75,6 +75,8 @@ def worker(
     configure_logging(loglevel, json_lines=log_json)
     settings = settings_of(celery_app)
     served = [q for q in (part.strip() for part in queues.split(",")) if q]
+    for missing in unpaired_queues(served):
+        console.print(f"[yellow]warning[/]: {missing}")
     callbacks_beside = constants.CALLBACK_QUEUE in served and len(served) > 1 and not inline_callbacks
     if callbacks_beside:
         served.remove(constants.CALLBACK_QUEUE)
@@ -109,6 +111,22 @@ def worker(
     finally:
         # In-flight deliveries end within their attempt deadline; give them that and a margin.
         callbacks.stop(grace_s=settings.webhook.attempt_deadline_s + 15)
+
+
+def unpaired_queues(served: list[str]) -> list[str]:
+    """What a worker serving ``served`` leaves waiting: a generate priority's small queue without its bulk queue (or
+    the reverse) serves only part of that priority's jobs."""
+    problems = []
+    for priority, small in constants.GENERATE_QUEUES.items():
+        bulk = constants.GENERATE_BULK_QUEUES[priority]
+        if (small in served) != (bulk in served):
+            has, lacks = (small, bulk) if small in served else (bulk, small)
+            what = "jobs of more than" if lacks == bulk else "jobs of at most"
+            problems.append(
+                f"-Q names {has!r} but not {lacks!r}: {priority} {what} {constants.SMALL_JOB_MAX_IMAGES} images "
+                f"wait there for another worker (serve them in the order {small},{bulk})"
+            )
+    return problems
 
 
 CALLBACKS_NICE = 10  # the callbacks worker beside a generation worker yields the CPU to it: deliveries can wait

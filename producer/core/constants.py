@@ -61,12 +61,23 @@ GENERATE_HIGH_QUEUE = "generate.high"
 GENERATE_QUEUE = "generate"  # normal priority
 GENERATE_LOW_QUEUE = "generate.low"
 GENERATE_QUEUES = {"high": GENERATE_HIGH_QUEUE, "normal": GENERATE_QUEUE, "low": GENERATE_LOW_QUEUE}
+# A job of more than SMALL_JOB_MAX_IMAGES images (more than one forward pass at the default max_batch) is bulk work:
+# its messages wait in its priority's bulk queue, served right after that priority's small jobs. So another tenant's
+# bulk backlog never stands between a small job and the next free thread, and a bulk shard waiting for a bulk slot
+# hands its message back when a small job waits (worker.jobs.messages_ahead).
+SMALL_JOB_MAX_IMAGES = 64
+GENERATE_BULK_QUEUES = {"high": "generate.high.bulk", "normal": "generate.bulk", "low": "generate.low.bulk"}
 CALLBACK_QUEUE = "callbacks"
 TRAIN_QUEUE = "train"  # fine-tuning: long jobs, one per GPU, on workers of their own (`genq worker -Q train`)
 # What `genq worker` consumes by default, in the order it serves them. Callbacks come first: with strict order and a
 # backlog of generate jobs, a worker serving callbacks last would announce nothing until the backlog drained, while
 # callback deliveries are short and only as many as the jobs' events.
-WORKER_QUEUES = (CALLBACK_QUEUE, GENERATE_HIGH_QUEUE, GENERATE_QUEUE, GENERATE_LOW_QUEUE)
+WORKER_QUEUES = (
+    CALLBACK_QUEUE,
+    *(queue for priority in GENERATE_QUEUES for queue in (GENERATE_QUEUES[priority], GENERATE_BULK_QUEUES[priority])),
+)
+# Every queue job messages wait in: generate jobs' (small and bulk, by priority) and fine-tunes'.
+JOB_QUEUES = (*WORKER_QUEUES[1:], TRAIN_QUEUE)
 
 # Celery task names: the client enqueues by name, so it never imports the worker.
 TASK_PREFIX = "genq."  # every task genq sends; workers refuse others (worker.deadletter)
@@ -89,3 +100,6 @@ TENANT_MODEL_ALIASES_OBJECT = TENANT_MODELS_PREFIX + "{tenant}/{name}/aliases.js
 TRAINING_PREFIX = "training/{job_id}/"  # a fine-tune job's checkpoint and sample grids
 DATASETS_PREFIX = "datasets/"  # data sets uploaded by clients for fine-tuning: datasets/<upload id>/...
 TENANT_DATASETS_PREFIX = "tenants/{tenant}/datasets/"  # the same under the HTTP API, per tenant
+# S3 tag of every tenant's uploaded data set object, for one lifecycle rule that expires them all (S3 filters match
+# prefixes and tags, not tenants/*/datasets/; docs/operations.md, Security model)
+DATASET_TAG = "genq-kind=dataset"

@@ -28,10 +28,25 @@ class JobMessage:
     args: list[dict[str, Any]]
     task_id: str
 
+    @property
+    def argsrepr(self) -> str:
+        """What Celery shows for the arguments (worker logs, Flower, the message's ``argsrepr`` header): the job and
+        its shard or event, not the payload. Left to Celery, ``saferepr`` of a payload holding a job view costs about
+        0.3 ms of CPU per message and up to 1 KB more on the wire."""
+        first = self.args[0] if self.args else {}
+        if self.task == constants.CALLBACK_TASK:
+            event = first.get("event", {})
+            return f"(event {event.get('type')!r} of job {first.get('job_id')!r}, {first.get('msg_id')!r})"
+        return f"(job {first.get('job_id')!r}, task {self.task_id!r})"
+
 
 def queue_for(job: GenerateJob | FineTuneJob) -> str:
-    """The Celery queue a job's messages go to: one per generate priority, fine-tunes on their own."""
-    return constants.TRAIN_QUEUE if isinstance(job, FineTuneJob) else constants.GENERATE_QUEUES[job.priority]
+    """The Celery queue a job's messages go to: per generate priority, one for small jobs and one for bulk ones
+    (more than ``SMALL_JOB_MAX_IMAGES`` images, served after the small ones); fine-tunes on their own."""
+    if isinstance(job, FineTuneJob):
+        return constants.TRAIN_QUEUE
+    bulk = job.total_images > constants.SMALL_JOB_MAX_IMAGES
+    return (constants.GENERATE_BULK_QUEUES if bulk else constants.GENERATE_QUEUES)[job.priority]
 
 
 def task_id(job_id: str, shard: int) -> str:

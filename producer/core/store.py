@@ -59,10 +59,7 @@ _ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 # Every queue's index of queued jobs. A job leaves its index in the script that ends it: the store is handed a job id,
 # not its queue, and a ZREM of a member an index lacks costs next to nothing.
-QUEUED_INDEXES = tuple(
-    constants.QUEUED_JOBS_KEY.format(queue=queue)
-    for queue in (*constants.GENERATE_QUEUES.values(), constants.TRAIN_QUEUE)
-)
+QUEUED_INDEXES = tuple(constants.QUEUED_JOBS_KEY.format(queue=queue) for queue in constants.JOB_QUEUES)
 
 
 def _failed_outputs(h: dict[str, str]) -> dict[str, str]:

@@ -333,3 +333,30 @@ def test_a_failed_sharded_job_lists_every_stored_output_and_its_other_shards_sto
     assert [o.index for o in view.outputs] == list(range(12))
     assert sorted(o.key for o in view.outputs) == runtime.storage.list(prefix)
     assert not [key for key in storage.keys if int(key.rsplit("/", 1)[1][:5]) in range(12, 16)]
+
+
+@pytest.mark.parametrize(
+    ("count", "shard_size", "expected"),
+    [
+        # 1 image: its only chunk completes the job; "succeeded" says as much a moment later
+        (1, None, ["running", "succeeded"]),
+        # 10 images in chunks of 4: progress for 4 and 8, not for the 10 that "succeeded" reports
+        (10, None, ["running", "progress", "progress", "succeeded"]),
+        # 2 shards of 4: each shard's progress counts, the job's end is the last shard's business
+        (8, 4, ["running", "progress", "progress", "succeeded"]),
+    ],
+)
+def test_events_sent_for_a_job_skip_the_progress_that_succeeded_follows_at_once(
+    runtime: Runtime, count: int, shard_size: int | None, expected: list[str]
+) -> None:
+    job = _job(f"job-events-{count}", count, callback={"url": "http://receiver.example/hook"})
+    shards = plan_shards(count, shard_size or count)
+    runtime.store.create(job, shards=len(shards))
+    sent: list[str] = []
+    reporter = RedisReporter(runtime.store, lambda message: sent.append(message.event.type.value), 0.0)
+
+    for shard in shards:  # one after the other: the second shard's start is not the job's first
+        execute_generate(job, runtime, reporter, shard if len(shards) > 1 else None)
+
+    assert runtime.store.get(job.job_id).status is JobStatus.SUCCEEDED
+    assert sent == expected
