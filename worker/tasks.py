@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -27,7 +28,7 @@ from worker.app import GIVEN_BACK, app, settings_of
 from worker.deadletter import record_task
 from worker.jobs import NoBulkSlot, RedisUnavailable, execute_finetune, execute_generate, messages_ahead
 from worker.memory import tune_malloc
-from worker.outage import wait_for_redis
+from worker.outage import OUTAGES, wait_for_redis
 from worker.reporting import RedisReporter, TrainingReporter
 from worker.retries import RetryLater
 from worker.runtime import Runtime, get_runtime, make_registry, reset_runtime
@@ -140,28 +141,44 @@ def _retry(task: Any, later: RetryLater, runtime: Runtime, shard_task_id: str) -
 
 
 def _hand_back(runtime: Runtime, shard_task_id: str, cause: Any) -> Reject:
-    """The Reject that puts a message back on its queue (kombu moves it out of ``unacked`` in one transaction), once
-    Redis answers again: wait for it up to ``GENQ_CELERY__REDIS_WAIT_S``. If it still does not answer, the reject
-    fails, Celery logs that, and the message stays in ``unacked``, restored after the visibility timeout. The shard
-    is listed as running (``worker.watchdog``): should its message be gone (Redis lost it), it is sent again."""
-    wait_s = runtime.settings.celery.redis_wait_s
-    log.warning(
-        "%s: Redis did not answer (%s); the job stays as it is and its message goes back to its queue once "
-        "Redis answers (waiting up to %g s)",
-        shard_task_id,
-        cause,
-        wait_s,
-    )
-    if wait_for_redis(runtime.redis, wait_s):
+    """The Reject that puts a job's message back on its queue once Redis answers (:func:`_requeue_when_redis_answers`).
+    The shard is listed as running (``worker.watchdog``): should its message be gone (Redis lost it), it is sent
+    again."""
+
+    def watch() -> None:
         try:
             heart_for(runtime.redis, runtime.settings.sweeper.heartbeat_s).watch(shard_task_id)
         except redis.RedisError as exc:  # Redis went away again: the reject meets the same fate
             log.warning("%s: not listed for the watchdog (%s)", shard_task_id, exc)
+
+    what = "the job stays as it is and its message"
+    return _requeue_when_redis_answers(
+        runtime.redis, runtime.settings.celery.redis_wait_s, shard_task_id, cause, what, watch
+    )
+
+
+def _requeue_when_redis_answers(
+    client: redis.Redis, wait_s: float, task: str, cause: Any, what: str, answered: Callable[[], None] | None = None
+) -> Reject:
+    """The Reject that puts a message back on its queue (kombu moves it out of ``unacked`` in one transaction), once
+    Redis answers again: wait for it up to ``GENQ_CELERY__REDIS_WAIT_S`` (then ``answered()``). If it still does not
+    answer, the reject fails, Celery logs that, and the message stays in ``unacked``, restored after the visibility
+    timeout. Never an ack: what the task did not finish is not lost."""
+    log.warning(
+        "%s: Redis did not answer (%s); %s goes back to its queue once Redis answers (waiting up to %g s)",
+        task,
+        cause,
+        what,
+        wait_s,
+    )
+    if wait_for_redis(client, wait_s):
+        if answered is not None:
+            answered()
     else:
         log.error(
             "%s: Redis still did not answer after %g s; the message stays unacknowledged and Redis restores it "
             "to its queue after GENQ_CELERY__VISIBILITY_TIMEOUT_S",
-            shard_task_id,
+            task,
             wait_s,
         )
     return Reject(cause, requeue=True)
@@ -191,10 +208,20 @@ def _generate_raised(
 
 @app.task(name=constants.CALLBACK_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def deliver_callback(self: Any, payload: dict[str, Any]) -> None:
-    """Deliver one signed callback event (one attempt), record it, and enqueue its retry if it failed."""
+    """Deliver one signed callback event (one attempt), record it, and enqueue its retry if it failed. With Redis
+    away the message goes back to its queue, unacknowledged, once Redis answers: the attempt runs again (the receiver
+    may get the event twice, with one ``webhook-id``) rather than be lost."""
     client, deliverer = _callback_deps()
+    try:
+        _deliver(self, payload, client, deliverer)
+    except OUTAGES as exc:
+        wait_s = settings_of(app).celery.redis_wait_s
+        raise _requeue_when_redis_answers(client, wait_s, self.request.id, exc, "the callback event") from exc
+
+
+def _deliver(task: Any, payload: dict[str, Any], client: redis.Redis, deliverer: Deliverer) -> None:
     pending = PendingCallbacks(client)
-    pending.started(self.request.id)  # kombu's unacked hash holds the message from now on
+    pending.started(task.request.id)  # kombu's unacked hash holds the message from now on
     try:
         message = CallbackMessage.model_validate(payload)
     except ValidationError as exc:  # acked and dead-lettered: a payload that does not validate never will

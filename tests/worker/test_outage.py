@@ -25,6 +25,7 @@ from tiny_runtime import tiny_runtime
 
 from producer.contract import Callback, EventType, GenerateJob, JobError, JobStatus, LabelCount, OutputRef, Shard
 from producer.core import constants
+from producer.core.callbacks.delivery import Deliverer
 from producer.core.callbacks.events import CallbackMessage
 from producer.core.store import JobStore
 from worker import deadletter, reporting, tasks
@@ -261,3 +262,18 @@ def test_a_message_fetched_before_the_connection_was_lost_is_acked_through_its_o
         channel.close()
 
     assert redis_client.hlen(constants.KOMBU_UNACKED_KEY) == 0 and redis_client.llen("outage-test") == 0
+
+
+def test_a_callback_delivery_that_meets_the_outage_is_handed_back_not_acked(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = WorkerSettings(celery=CelerySettings(redis_wait_s=0.3))
+    gone = redis.Redis(port=1, retry=Retry(NoBackoff(), 0))
+    monkeypatch.setattr(tasks, "_callbacks", (gone, Deliverer(settings.webhook)))
+    monkeypatch.setattr(tasks, "settings_of", lambda app: settings)
+
+    with pytest.raises(Reject) as rejected:
+        tasks.deliver_callback.run({"job_id": "job-z", "url": "http://receiver.example/hook"})
+
+    assert rejected.value.requeue  # back on its queue once Redis answers (or restored from unacked): not lost
+    assert "the callback event goes back to its queue" in caplog.text
