@@ -39,7 +39,7 @@ from producer.core.clock import utcnow
 from producer.core.messages import JobMessage, callback_task, job_messages
 from producer.core.records import as_text
 from producer.core.resolve import dataset_prefix, resolve_finetune, resolve_request, visible_models
-from producer.core.s3 import make_s3_client
+from producer.core.s3 import ObjectUrls, make_s3_client
 from producer.core.store import JobStore
 from producer.errors import IdempotencyConflict, InvalidJob, JobEnded, JobNotFound, JobTimeout
 from producer.settings import ClientSettings
@@ -73,6 +73,7 @@ class Client:
         self.store = JobStore(self.redis, self.settings.job_ttl_s)
         self._celery: Celery | None = None
         self._s3: Any = None
+        self.urls = ObjectUrls(self.settings.s3)  # makes its boto3 client on the first URL
 
     # -- submitting ---------------------------------------------------------------------------------------
 
@@ -407,20 +408,10 @@ class Client:
         return self._s3
 
     def with_urls(self, view: JobView, expires_s: int | None = None) -> JobView:
-        """A copy of ``view`` whose outputs carry presigned GET URLs."""
-        expires = expires_s or self.settings.s3.presign_expires_s
-        s3 = self._s3_client()
-        outputs = [
-            o.model_copy(
-                update={
-                    "url": s3.generate_presigned_url(
-                        "get_object", Params={"Bucket": self.settings.s3.bucket, "Key": o.key}, ExpiresIn=expires
-                    )
-                }
-            )
-            for o in view.outputs
-        ]
-        return view.model_copy(update={"outputs": outputs})
+        """A copy of ``view`` whose outputs carry GET URLs: SigV4 presigned, living ``expires_s`` (default
+        ``GENQ_S3__PRESIGN_EXPIRES_S``), or ``<GENQ_S3__PUBLIC_BASE_URL>/<key>`` when that is set. The HTTP API's job
+        views carry the same (:class:`producer.core.s3.ObjectUrls`)."""
+        return self.urls.with_urls(view, expires_s)
 
     def download(self, view: JobView, dest: Path, on_file: Callable[[OutputRef], None] | None = None) -> list[Path]:
         """Download a finished job's outputs (images, or webdataset tars) and manifest into ``dest``.

@@ -25,6 +25,8 @@ from producer.api.auth import KeyStore
 from producer.api.deps import Services, ServicesDep, strict_query
 from producer.api.finetune import DATASETS_PATH
 from producer.api.finetune import router as finetune_router
+from producer.api.locate import ManifestIndex, s3_reader
+from producer.api.outputs import router as outputs_router
 from producer.api.problems import ErrorBody, as_json, error_response, install_error_handlers
 from producer.api.quotas import Quotas
 from producer.api.routes import router
@@ -40,7 +42,8 @@ log = logging.getLogger("genq.api")
 API_VERSION = "1.0.0"
 _DESCRIPTION = """Asynchronous image generation. Create a job (`POST /v1/jobs`, answered 202 at once), then follow
 it with `GET /v1/jobs/{id}`, its Server-Sent Events stream, or a signed callback. Outputs are stored in S3 under
-`tenants/<tenant>/jobs/<id>/`; every job view lists their keys and sha256.
+`tenants/<tenant>/jobs/<id>/`; a job's view lists their keys, sha256 and URLs made for each read, and
+`GET /v1/jobs/{id}/outputs/{index}` and `GET /v1/jobs/{id}/manifest` redirect to them.
 
 Authenticate with `Authorization: Bearer genq_...` (`genq keys create --tenant T`). Every error body is
 `{"detail": [{"loc": [...], "msg": "...", "type": "..."}]}`; `loc` names the field, header or quota."""
@@ -75,6 +78,7 @@ def create_app(settings: ClientSettings | None = None) -> FastAPI:
         keys=KeyStore(client.redis),
         quotas=Quotas(client.redis, settings.api, settings.job_ttl_s),
         metrics=ApiMetrics(client.redis, client.store),
+        manifests=ManifestIndex(s3_reader(settings.s3.bucket)),
     )
 
     @asynccontextmanager
@@ -92,6 +96,7 @@ def create_app(settings: ClientSettings | None = None) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     app.include_router(router, tags=["jobs"])
+    app.include_router(outputs_router, tags=["jobs"])
     app.include_router(finetune_router, tags=["fine-tuning"])
     app.include_router(webhooks_router, tags=["webhooks"])
     operations: dict[str, Any] = {"methods": ["GET"], "tags": ["operations"], "dependencies": [Depends(strict_query())]}

@@ -10,6 +10,7 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from producer.api.auth import KeyStore, Principal
+from producer.api.locate import ManifestIndex
 from producer.api.problems import ApiError
 from producer.api.quotas import Quotas
 from producer.api.telemetry import ApiMetrics
@@ -28,6 +29,7 @@ class Services:
     keys: KeyStore
     quotas: Quotas
     metrics: ApiMetrics
+    manifests: ManifestIndex  # outputs past the first 1,000 a view lists (GET /v1/jobs/{id}/outputs/{index})
     s3: dict[str, Any] = field(default_factory=dict)  # the readiness probe's boto3 client, made on first use
 
 

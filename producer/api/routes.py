@@ -157,7 +157,7 @@ def create_job(
     else:
         services.metrics.jobs_submitted.labels((view.model_version or view.model).split("@", 1)[0]).inc()
     response.headers["Location"] = f"/v1/jobs/{view.id}"
-    return view
+    return services.client.with_urls(view)  # a replayed job may have ended: its outputs too
 
 
 Body_ = TypeVar("Body_", GenerateRequest, FineTuneRequest)
@@ -217,15 +217,19 @@ _UNREADABLE: dict[int | str, dict[str, Any]] = {
     dependencies=_NO_QUERY,
     responses={200: {"content": _JOB_CONTENT}, **NOT_FOUND, **INVALID, **_UNREADABLE},
 )
-def get_job(job: OwnedJob) -> JobView:
-    """The job's current view: status, progress, outputs (keys and sha256), error.
+def get_job(job: OwnedJob, services: ServicesDep) -> JobView:
+    """The job's current view: status, progress, outputs (keys, sha256 and URLs), error.
+
+    Each output's `url` is made for this read: a SigV4 presigned GET living `GENQ_S3__PRESIGN_EXPIRES_S`, or
+    `<GENQ_S3__PUBLIC_BASE_URL>/<key>`; read the view again for fresh ones. The outputs of one WebDataset tar share
+    its URL (`member` names the file in it). `GET /v1/jobs/{id}/outputs/{index}` redirects to the same.
 
     A job whose record genq cannot read (written by an older version or a bug) answers 500 with `type`
     `record_unreadable` to its tenant: the server's fault, like gRPC's DATA_LOSS, and permanent, so no `Retry-After`
     (503 is the status to retry). Its tenant's list leaves it out. Another tenant gets the 404 of an unknown id. So do
-    the job's other routes (cancel, events, deliveries).
+    the job's other routes (cancel, events, deliveries, outputs, manifest).
     """
-    return job
+    return services.client.with_urls(job)
 
 
 _CANCELED_CONTENT = {"application/json": {"example": {**_JOB_EXAMPLE, "status": "canceled"}}}
@@ -244,7 +248,7 @@ def cancel_job(job: OwnedJob, principal: PrincipalDep, services: ServicesDep) ->
     Answers the canceled job; its `outputs` list what was stored so far (the batch in flight is added when it
     lands). A `canceled` callback event is sent. 409 if the job already ended (the message names its status).
     """
-    return services.client.cancel(job.id, principal.tenant)
+    return services.client.with_urls(services.client.cancel(job.id, principal.tenant))
 
 
 def _encode_cursor(position: tuple[float, str]) -> str:
@@ -281,7 +285,8 @@ def list_jobs(
 ) -> JobPage:
     """The tenant's jobs, newest first. With a filter a page may hold fewer than `limit` jobs (even none) and
     still have a `next_cursor`: keep going until it is null. A job whose record cannot be read is left out (its
-    `GET` says why)."""
+    `GET` says why). Listed jobs name their outputs by key and sha256 only (`url` null: a page of 100 jobs could
+    hold 100,000 outputs); `GET /v1/jobs/{id}` gives their URLs."""
     after = _decode_cursor(cursor) if cursor else None
     views, position = services.client.store.page(principal.tenant, limit, after=after, status=status, model=model)
     return JobPage(items=views, next_cursor=_encode_cursor(position) if position else None)
@@ -298,7 +303,8 @@ async def job_events(
     job: OwnedJob, principal: PrincipalDep, services: ServicesDep, stream: StreamSlot
 ) -> AsyncIterator[ServerSentEvent]:
     """A `job` event with the job view whenever it changes (status, progress, outputs); the stream ends after
-    the event with a terminal status (`succeeded`, `failed`, `canceled`). A comment line keeps a quiet stream alive
+    the event with a terminal status (`succeeded`, `failed`, `canceled`). Outputs carry URLs made when the event is
+    sent, as in `GET /v1/jobs/{id}` (a URL alone never makes an event). A comment line keeps a quiet stream alive
     every few seconds. A key holds at most `GENQ_API__MAX_STREAMS` streams at once (429 beyond)."""
     poll_s = services.settings.api.events_poll_s
     view: JobView | None = job
@@ -307,9 +313,11 @@ async def job_events(
     sent = kept = time.monotonic()
     try:
         while view is not None:
-            current = view.model_dump_json()
+            current = view.model_dump_json()  # without URLs: a fresh signature is no change
             if current != last:
                 last, seq, sent = current, seq + 1, time.monotonic()
+                if view.outputs:  # up to 1,000 URLs: a few milliseconds, off the event loop
+                    current = (await run_in_threadpool(services.client.with_urls, view)).model_dump_json()
                 yield ServerSentEvent(raw_data=current, event="job", id=str(seq))
             elif time.monotonic() - sent >= _KEEPALIVE_S:
                 # A write is how a stream learns its client left: a quiet one would hold its slot until the job ends.

@@ -26,10 +26,34 @@ class RedisSettings(BaseModel):
 
 
 class S3Settings(BaseModel):
-    """Where outputs live."""
+    """Where outputs live, and the URLs that reach them."""
 
     bucket: str = "genq"
-    presign_expires_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    presign_expires_s: int = Field(
+        default=3600,
+        ge=1,
+        le=7 * 24 * 3600,  # SigV4's limit
+        description="Lifetime of presigned output URLs (job views, the API's redirects, Client.with_urls).",
+    )
+    public_base_url: str | None = Field(
+        default=None,
+        description=(
+            "Where a CDN or a public bucket serves the bucket's objects (https://cdn.example.com): output URLs are "
+            "then <base>/<key>, unsigned, instead of presigned."
+        ),
+    )
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _public_base_url(cls, url: str | None) -> str | None:
+        if not url:  # unset, or set empty (a compose file's "GENQ_S3__PUBLIC_BASE_URL=")
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(
+                f"{url!r} is not a base URL: give scheme, host and an optional path, e.g. https://cdn.example.com/genq"
+            )
+        return url.rstrip("/")
 
 
 class Limits(BaseModel):
