@@ -4,13 +4,15 @@
 
 One real `genq worker` subprocess (its default pool and concurrency unless --concurrency), the shipped fmnist-cgan
 (28 px), a moto S3 server in this process. Tenant B submits ``--b-jobs`` 1-image jobs, one every 0.5 s; each job's
-latency is its record's ``finished_at - created_at``. Three runs on the same worker:
+latency is its record's ``finished_at - created_at``. Four runs on the same worker:
 
 (idle)  nothing else queued;
 (bulk)  tenant A first queues 20,000 images at ``normal`` (the highest priority a key gets by default) the way the
         key's default limits allow in the fewest jobs: 2 jobs of 10,000 (GENQ_LIMITS__MAX_IMAGES_PER_JOB), 20 shards
         of 1,000 (GENQ_SHARD_SIZE), webdataset output;
-(many)  tenant A first queues 20,000 images as 100 jobs of 200 (GENQ_API__MAX_QUEUED, 100 per key), webdataset.
+(many)  tenant A first queues 20,000 images as 100 jobs of 200 (GENQ_API__MAX_QUEUED, 100 per key), webdataset;
+(small) tenant A first queues 100 jobs of 64 images: the most work a key may queue in small jobs (at most 64
+        images, SMALL_JOB_MAX_IMAGES), which wait in B's own queue (bulk jobs wait in the bulk queue behind it).
 
 After B's jobs end, A's leftovers are canceled and the queue drained. Prints B's p50/p95 per run beside idle, the
 ratios, and how much of A's work was still queued or running when B's last job finished (0 would mean B simply
@@ -39,7 +41,11 @@ from producer.core.settings import RedisSettings, S3Settings
 from producer.settings import ClientSettings
 
 MODEL = "fmnist-cgan"
-A_IMAGES = 20_000
+# Tenant A's work per run, (jobs, images per job), queued before B's first job: nothing; 20,000 images in the fewest
+# jobs the default limits allow (GENQ_LIMITS__MAX_IMAGES_PER_JOB 10,000; GENQ_SHARD_SIZE 1,000) and in the most
+# (GENQ_API__MAX_QUEUED, 100 per key); and the most small-job work a key may queue (100 jobs of SMALL_JOB_MAX_IMAGES,
+# 64: they share B's queue, the bulk ones do not).
+SCENARIOS = {"idle": (0, 0), "bulk": (2, 10_000), "many": (100, 200), "small": (100, 64)}
 B_EVERY_S = 0.5
 
 
@@ -65,12 +71,11 @@ def genq_worker(redis_url: str, endpoint: str, bucket: str, concurrency: int | N
         proc.wait(60)
 
 
-def submit_a(client: Client, jobs: int) -> list[str]:
-    """Tenant A's 20,000 images at normal priority in ``jobs`` equal jobs (webdataset output)."""
-    per_job = A_IMAGES // jobs
+def submit_a(client: Client, jobs: int, per_job: int) -> list[str]:
+    """Tenant A's ``jobs`` jobs of ``per_job`` images each at normal priority (webdataset output)."""
     ids = []
     for i in range(jobs):
-        counts = {str(c): per_job // 10 for c in range(10)}
+        counts = {str(c): per_job // 10 + (c < per_job % 10) for c in range(10)}
         request = GenerateRequest(model=MODEL, counts=counts, seed=i, output="webdataset", priority="normal")
         ids.append(client.submit(request, tenant="a").id)
     return ids
@@ -101,7 +106,7 @@ def drain(client: Client, a_ids: list[str]) -> None:
         if not client.status(job_id).status.is_terminal():
             client.cancel(job_id)
     deadline = time.monotonic() + 120
-    while client.redis.llen(constants.GENERATE_QUEUE) and time.monotonic() < deadline:
+    while any(client.redis.llen(q) for q in constants.JOB_QUEUES) and time.monotonic() < deadline:
         time.sleep(0.2)
     for job_id in a_ids:
         client.wait(job_id, timeout=120, poll_s=0.1)
@@ -121,8 +126,8 @@ def main() -> None:
     try:
         with claimed_db(args.redis), genq_worker(args.redis, endpoint, bucket, args.concurrency):
             run_b(client, 4, [])  # warm-up: the model loaded, connections open
-            for name, a_jobs in (("idle", 0), ("bulk", 2), ("many", 100)):
-                a_ids = submit_a(client, a_jobs) if a_jobs else []
+            for name, (a_jobs, per_job) in SCENARIOS.items():
+                a_ids = submit_a(client, a_jobs, per_job) if a_jobs else []
                 started = time.perf_counter()
                 latencies, a_left = run_b(client, args.b_jobs, a_ids)
                 runs[name] = (latencies, a_left, time.perf_counter() - started)
@@ -131,7 +136,7 @@ def main() -> None:
         server.stop()
 
     print(f"machine: {os.cpu_count()} cores; one `genq worker` (-c {args.concurrency or 'default'}), {MODEL}")
-    print(f"tenant B: {args.b_jobs} 1-image jobs, one every {B_EVERY_S} s; tenant A: {A_IMAGES:,} images queued first")
+    print(f"tenant B: {args.b_jobs} 1-image jobs, one every {B_EVERY_S} s; tenant A's work queued first")
     print()
     idle_p50, idle_p95 = percentile(runs["idle"][0], 0.5), percentile(runs["idle"][0], 0.95)
     print(f"{'run':<44}{'B p50 s':>9}{'B p95 s':>9}{'p50/idle':>10}{'p95/idle':>10}{'A left':>8}")
@@ -139,6 +144,7 @@ def main() -> None:
         "idle": "idle: nothing else queued",
         "bulk": "bulk: A's 2 jobs x 10,000 (20 shards)",
         "many": "many: A's 100 jobs x 200",
+        "small": "small: A's 100 jobs x 64",
     }
     figures: list[tuple[str, float]] = []
     for name, (latencies, a_left, _seconds) in runs.items():
