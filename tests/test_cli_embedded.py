@@ -61,6 +61,20 @@ def test_count_zero_is_refused_by_the_contract(tmp_path: Path) -> None:
     assert result.returncode == 2 and "count" in result.stderr
 
 
+def test_embedded_generate_output_webdataset_writes_one_tar_of_images_and_json_and_the_manifest(tmp_path: Path) -> None:
+    import tarfile
+
+    out = tmp_path / "wds"
+    result = _genq(
+        "generate", "--label", "bag", "--count", "3", "--seed", "7", "--output", "webdataset", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote 3 images in 1 tar" in _text(result.stderr)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000.tar"]
+    with tarfile.open(out / "shard-00000.tar") as tar:
+        assert sorted(tar.getnames()) == [f"{i:05d}.{ext}" for i in range(3) for ext in ("json", "png")]
+
+
 def test_models_lists_the_shipped_model_in_embedded_mode() -> None:
     result = _genq("models")
     assert result.returncode == 0, result.stderr

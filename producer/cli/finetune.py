@@ -63,7 +63,7 @@ def finetune(
     """Fine-tune a cGAN on your own images and publish it as a new model version (queue mode: Redis + S3)."""
     from producer.client import Client
 
-    settings = ClientSettings()
+    settings = exits.load(ClientSettings)
     if settings.redis.url is None:
         console.print("[red]error[/]: fine-tuning runs on training workers: set GENQ_REDIS__URL (and S3 settings)")
         raise typer.Exit(2)
@@ -89,7 +89,7 @@ def finetune(
         "callback": {"url": callback} if callback else None,
     }
     request = exits.build(FineTuneRequest, fields)
-    with exits.reported():
+    with exits.reported(settings):
         client = Client(settings)
         upload = _upload(client, data)
         view = client.submit_finetune(request.model_copy(update={"dataset": upload.dataset}))

@@ -1,7 +1,10 @@
-"""``genq keys``: create, list and revoke the HTTP API's keys (``producer.api.auth``), in the configured Redis."""
+"""``genq keys``: create, list and revoke the HTTP API's keys (``producer.api.auth``), in the configured Redis; and
+make webhook signing secrets."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -10,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from producer.cli import exits
 from producer.settings import ClientSettings
 
 if TYPE_CHECKING:
@@ -17,7 +21,7 @@ if TYPE_CHECKING:
 
 console = Console(stderr=True)
 
-app = typer.Typer(help="API keys of the HTTP API.", no_args_is_help=True)
+app = typer.Typer(help="API keys of the HTTP API, and webhook signing secrets.", no_args_is_help=True)
 
 
 @app.command("create")
@@ -43,26 +47,26 @@ def keys_create(
     from producer.api.auth import KeyQuotas
     from producer.core.callbacks.secrets import TenantSecrets
 
-    store = _key_store()
-    try:
-        quotas = KeyQuotas.model_validate(
-            {
-                "max_queued": max_queued,
-                "images_per_day": images_per_day,
-                "max_priority": max_priority,
-                "train_images_per_day": train_images_per_day,
-                "max_finetunes": max_finetunes,
-                "dataset_bytes": dataset_bytes,
-            }
-        )
-        secret, record = store.create(tenant, name, quotas)
-    except ValidationError as exc:
-        for err in exc.errors():
-            console.print(f"[red]invalid[/]: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}")
-        raise typer.Exit(2) from None
-    console.print(f"API key for tenant [bold]{record.tenant}[/]; it is shown only now, store it safely:")
-    print(secret)
-    webhook = TenantSecrets(store.redis).ensure(record.tenant)
+    with _key_store() as store:
+        try:
+            quotas = KeyQuotas.model_validate(
+                {
+                    "max_queued": max_queued,
+                    "images_per_day": images_per_day,
+                    "max_priority": max_priority,
+                    "train_images_per_day": train_images_per_day,
+                    "max_finetunes": max_finetunes,
+                    "dataset_bytes": dataset_bytes,
+                }
+            )
+            secret, record = store.create(tenant, name, quotas)
+        except ValidationError as exc:
+            for err in exc.errors():
+                console.print(f"[red]invalid[/]: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}")
+            raise typer.Exit(2) from None
+        console.print(f"API key for tenant [bold]{record.tenant}[/]; it is shown only now, store it safely:")
+        print(secret)
+        webhook = TenantSecrets(store.redis).ensure(record.tenant)
     if webhook is not None:  # the tenant's first key: its callbacks are signed with a secret of its own
         console.print(
             f"webhook signing secret of tenant [bold]{record.tenant}[/] (verify its callbacks with it; shown only "
@@ -75,7 +79,8 @@ def keys_list(
     tenant: str | None = typer.Option(None, "--tenant", help="Only this tenant's keys."),
 ) -> None:
     """List API keys, revoked ones too: id prefix, tenant, name, created, quotas (never a secret)."""
-    keys = _key_store().list(tenant)
+    with _key_store() as store:
+        keys = store.list(tenant)
     if not keys:
         console.print(f"no API keys{f' for tenant {tenant!r}' if tenant else ''} (create one with `genq keys create`)")
         return
@@ -102,14 +107,15 @@ def keys_revoke(
     """Revoke an API key: the API refuses it (401) from its next request on; `genq keys list` still shows it."""
     from producer.errors import KeyNotFound
 
-    try:
-        stored, revoked = _key_store().revoke(key_id)
-    except ValueError as exc:
-        console.print(f"[red]invalid[/]: {escape(str(exc))}")
-        raise typer.Exit(2) from None
-    except KeyNotFound as exc:
-        console.print(f"[red]error[/]: {escape(str(exc))}")  # it may quote key names
-        raise typer.Exit(1) from None
+    with _key_store() as store:
+        try:
+            stored, revoked = store.revoke(key_id)
+        except ValueError as exc:
+            console.print(f"[red]invalid[/]: {escape(str(exc))}")
+            raise typer.Exit(2) from None
+        except KeyNotFound as exc:
+            console.print(f"[red]error[/]: {escape(str(exc))}")  # it may quote key names
+            raise typer.Exit(1) from None
     what = f"API key {stored.short_id} (tenant {stored.key.tenant}, {escape(repr(stored.key.name))})"
     if revoked:
         console.print(f"{what} revoked; requests with it are refused from now on")
@@ -129,29 +135,41 @@ def keys_rotate_webhook_secret(
 
     from producer.core.callbacks.secrets import TenantSecrets
 
-    store = _key_store()
-    if not store.list(tenant):
-        console.print(
-            f"[red]error[/]: no API key of tenant {escape(repr(tenant))} (create one with `genq keys create`)"
-        )
-        raise typer.Exit(1)
-    rotated = TenantSecrets(store.redis).rotate(tenant, timedelta(hours=overlap_hours))
+    with _key_store() as store:
+        if not store.list(tenant):
+            console.print(
+                f"[red]error[/]: no API key of tenant {escape(repr(tenant))} (create one with `genq keys create`)"
+            )
+            raise typer.Exit(1)
+        rotated = TenantSecrets(store.redis).rotate(tenant, timedelta(hours=overlap_hours))
     until = f"; the old one signs too until {_utc_minute(rotated.previous_until)} UTC" if rotated.previous_until else ""
     console.print(f"new webhook signing secret of tenant [bold]{escape(tenant)}[/], shown only now{until}:")
     print(rotated.current)
 
 
-def _key_store() -> KeyStore:
-    """The API key store on the configured Redis; exits 2 without one."""
+@app.command("webhook-secret")
+def keys_webhook_secret() -> None:
+    """Print a new webhook signing secret for GENQ_WEBHOOK__SECRET: 'whsec_' + base64 of 32 random bytes (Standard
+    Webhooks). Nothing is stored; give the same value to every worker and to your callback receivers."""
+    from producer.webhooks import generate_secret
+
+    print(generate_secret())
+
+
+@contextmanager
+def _key_store() -> Iterator[KeyStore]:
+    """The API key store on the configured Redis, errors reported in one line (:func:`exits.reported`); exits 2
+    without Redis."""
     import redis
 
     from producer.api.auth import KeyStore
 
-    settings = ClientSettings()
+    settings = exits.load(ClientSettings)
     if settings.redis.url is None:
         console.print("[red]error[/]: API keys live in Redis: set GENQ_REDIS__URL")
         raise typer.Exit(2)
-    return KeyStore(redis.Redis.from_url(settings.redis.url))
+    with exits.reported(settings):
+        yield KeyStore(redis.Redis.from_url(settings.redis.url))
 
 
 def _utc_minute(moment: datetime | None) -> str:

@@ -16,18 +16,30 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from producer.cli import exits, finetune, keys, models, training, worker
+from producer.cli.views import summary
 from producer.contract import GenerateRequest, JobStatus, JobView, OutputFormat
 from producer.core.settings import dev_mode_problem
 from producer.errors import GenqError
 from producer.settings import ClientSettings
 
-app = typer.Typer(help="genq: asynchronous image generation on Celery + Redis + S3.", no_args_is_help=True)
+app = typer.Typer(
+    help="genq: asynchronous image generation on Celery + Redis + S3.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # a traceback's locals would print settings: secrets and credentials
+)
 console = Console(stderr=True)
 
 
 @app.callback()
-def main() -> None:
-    """genq: asynchronous image generation on Celery + Redis + S3."""
+def main(
+    debug: bool = typer.Option(False, "--debug", help="Print the traceback of an error above its one-line message."),
+) -> None:
+    """genq: asynchronous image generation on Celery + Redis + S3.
+
+    Exit codes: 0 done; 1 the job failed, or another error; 2 a bad request, option or setting; 3 Redis or S3
+    could not be reached or refused genq (the message names the setting to check).
+    """
+    exits.set_debug(debug)
 
 
 app.command("train")(training.train)
@@ -78,6 +90,11 @@ def generate(
     metadata: str | None = typer.Option(None, "--metadata", help="JSON object echoed back in the job."),
     idempotency_key: str | None = typer.Option(None, "--idempotency-key"),
     priority: str = typer.Option("normal", "--priority", help="high, normal or low: which queue the job waits in."),
+    output: str = typer.Option(
+        "objects",
+        "--output",
+        help="objects (one object per image) or webdataset (one tar per shard: <index>.<ext> + <index>.json).",
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Embedded mode: write images here, no Redis/S3."),
     embedded: bool = typer.Option(False, "--embedded", help="Run in-process even if GENQ_REDIS__URL is set."),
     wait: bool = typer.Option(False, "--wait", help="Queue mode: follow the job to its end with a progress bar."),
@@ -85,8 +102,14 @@ def generate(
         None, "--download", help="Queue mode: download outputs here (implies --wait)."
     ),
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds --wait waits before giving up."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Queue mode: print the job's whole view as JSON instead of its id or its summary line."
+    ),
 ) -> None:
-    """Generate images: in-process into --out (no broker needed), or as a queued job through Redis."""
+    """Generate images: in-process into --out (no broker needed), or as a queued job through Redis.
+
+    Queue mode prints the job id, or with --wait one line when it ends: id, status, images, manifest, time taken.
+    """
     try:
         meta = json.loads(metadata) if metadata else None
     except json.JSONDecodeError as exc:
@@ -103,15 +126,16 @@ def generate(
         metadata=meta,
         idempotency_key=idempotency_key,
         priority=priority,
+        output=output,
     )
-    settings = ClientSettings()
-    with exits.reported():
+    settings = exits.load(ClientSettings)
+    with exits.reported(settings):
         if embedded or settings.redis.url is None:
             _generate_embedded(request, out or Path("./out"))
         else:
             if out is not None:
                 console.print("[yellow]--out is for embedded mode; use --download DIR in queue mode[/]")
-            _generate_queued(request, settings, wait or download is not None, download, timeout)
+            _generate_queued(request, settings, wait or download is not None, download, timeout, as_json)
 
 
 def _generate_embedded(request: GenerateRequest, out: Path) -> None:
@@ -126,14 +150,21 @@ def _generate_embedded(request: GenerateRequest, out: Path) -> None:
             WorkerSettings(),
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
+    tars = len({o.key for o in result.outputs}) if request.output == "webdataset" else 0
+    packed = f" in {tars} tar{'' if tars == 1 else 's'}" if tars else ""
     console.print(
-        f"[green]wrote {len(result.outputs)} images[/] of {job.model_name}@{job.model_version} "
+        f"[green]wrote {len(result.outputs)} images[/]{packed} of {job.model_name}@{job.model_version} "
         f"(seed {job.seed}) and {result.manifest_key} to {out}/"
     )
 
 
 def _generate_queued(
-    request: GenerateRequest, settings: ClientSettings, wait: bool, download: Path | None, timeout: float
+    request: GenerateRequest,
+    settings: ClientSettings,
+    wait: bool,
+    download: Path | None,
+    timeout: float,
+    as_json: bool,
 ) -> None:
     from producer.client import Client
 
@@ -141,20 +172,26 @@ def _generate_queued(
     view = client.submit(request)
     console.print(f"job [bold]{view.id}[/] queued ({view.model_version}, seed {view.seed})")
     if not wait:
-        print(view.id)
+        print(view.model_dump_json(indent=2) if as_json else view.id)
         return
     view = _follow(client, view.id, timeout)
     if download is not None and view.status is JobStatus.SUCCEEDED:
         paths = client.download(view, download)
         console.print(f"downloaded {len(paths)} files to {download}/")
-    print(view.model_dump_json(indent=2))
+    _show(view, as_json)
     if view.status is not JobStatus.SUCCEEDED:
-        raise typer.Exit(1)
+        raise typer.Exit(exits.FAILED)
+
+
+def _show(view: JobView, as_json: bool) -> None:
+    """The job a command followed, on stdout: its whole view as JSON, or one summary line."""
+    print(view.model_dump_json(indent=2) if as_json else summary(view))
 
 
 def _follow(client: Any, job_id: str, timeout: float) -> JobView:
+    first: JobView = client.status(job_id)  # an unknown id or no Redis is said before a progress bar is drawn
     with _progress() as progress:
-        task = progress.add_task("queued", total=None)
+        task = progress.add_task(first.status.value, total=first.progress.total or None)
 
         def update(view: JobView) -> None:
             progress.update(
@@ -172,19 +209,26 @@ def status(job_id: str) -> None:
     """Print a job's current view as JSON."""
     from producer.client import Client
 
-    with exits.reported():
-        print(Client().status(job_id).model_dump_json(indent=2))
+    settings = exits.load(ClientSettings)
+    with exits.reported(settings):
+        print(Client(settings).status(job_id).model_dump_json(indent=2))
 
 
 @app.command("wait")
-def wait_cmd(job_id: str, timeout: float = typer.Option(600.0, "--timeout")) -> None:
-    """Follow a job to its end with a progress bar; exit 0 only if it succeeded."""
+def wait_cmd(
+    job_id: str,
+    timeout: float = typer.Option(600.0, "--timeout"),
+    as_json: bool = typer.Option(False, "--json", help="Print the job's whole view as JSON instead of one line."),
+) -> None:
+    """Follow a job to its end with a progress bar, then print one line (id, status, images, manifest, time taken);
+    exit 0 only if it succeeded."""
     from producer.client import Client
 
-    with exits.reported():
-        view = _follow(Client(), job_id, timeout)
-    print(view.model_dump_json(indent=2))
-    raise typer.Exit(0 if view.status is JobStatus.SUCCEEDED else 1)
+    settings = exits.load(ClientSettings)
+    with exits.reported(settings):
+        view = _follow(Client(settings), job_id, timeout)
+    _show(view, as_json)
+    raise typer.Exit(0 if view.status is JobStatus.SUCCEEDED else exits.FAILED)
 
 
 @app.command()
@@ -192,25 +236,27 @@ def cancel(job_id: str) -> None:
     """Cancel a queued or running job and print its view as JSON (exit 1 if it is unknown or already ended)."""
     from producer.client import Client
 
-    with exits.reported():
-        print(Client().cancel(job_id).model_dump_json(indent=2))
+    settings = exits.load(ClientSettings)
+    with exits.reported(settings):
+        print(Client(settings).cancel(job_id).model_dump_json(indent=2))
 
 
 @app.command("models")
 def models_cmd() -> None:
     """List models, versions, aliases and classes (from Redis, or the local model folders in embedded mode)."""
-    settings = ClientSettings()
+    settings = exits.load(ClientSettings)
     if settings.redis.url is None:
         from worker.catalog.registry import ModelRegistry
         from worker.runtime import model_roots
         from worker.settings import WorkerSettings
 
-        worker_settings = WorkerSettings()
+        worker_settings = exits.load(WorkerSettings)
         catalog = ModelRegistry(model_roots(worker_settings), worker_settings.device).catalog()
     else:
         from producer.client import Client
 
-        catalog = Client(settings).models()
+        with exits.reported(settings):
+            catalog = Client(settings).models()
     table = Table("model", "version", "aliases", "arch", "size", "metrics", "classes")
     for name, entry in sorted(catalog.items()):
         for version, info in sorted(entry.versions.items()):
@@ -232,16 +278,14 @@ def api(
 
     from producer.api import create_app
 
-    settings = ClientSettings()
+    settings = exits.load(ClientSettings)
     problem = dev_mode_problem(settings, bind_host=host or settings.api.host)
     if problem is not None:  # the placeholder webhook secret is public: never serve it beyond this machine
-        console.print(f"[red]error[/]: {problem}")
-        raise typer.Exit(2)
+        exits.fail(problem, exits.INVALID)
     try:
         application = create_app(settings)
     except GenqError as exc:
-        console.print(f"[red]error[/]: {exc}")
-        raise typer.Exit(2) from None
+        exits.fail(str(exc), exits.INVALID, exc)
     uvicorn.run(
         application,
         host=host or settings.api.host,

@@ -61,12 +61,12 @@ def publish(
     from worker.runtime import make_registry
     from worker.settings import WorkerSettings
 
-    settings = WorkerSettings()
+    settings = exits.load(WorkerSettings)
     if settings.redis.url is None:
         console.print("[red]error[/]: publishing takes a version number from Redis: set GENQ_REDIS__URL")
         raise typer.Exit(2)
     client = redis.Redis.from_url(settings.redis.url)
-    with exits.reported():
+    with exits.reported(settings):
         _, store, registry = make_registry(settings)
         try:
             version, aliases = store.publish_folder(client, ref.name, folder, alias)

@@ -2,17 +2,25 @@
 
 Callback deliveries run in a process of their own by default, so a slow or hanging receiver never holds the threads
 that run jobs. The worker runtime is imported inside the command: the rest of ``genq`` never loads it.
+
+Before Celery starts, the command checks what a worker cannot run without and says what is wrong in one line: its
+settings (a malformed webhook secret), Redis, and for a worker that stores outputs S3 and its bucket (created when
+``GENQ_S3__CREATE_BUCKET`` says so).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
+from producer.cli import exits
 from producer.core import constants
 from producer.settings import ClientSettings
+
+if TYPE_CHECKING:
+    from worker.settings import WorkerSettings
 
 console = Console(stderr=True)
 
@@ -64,17 +72,23 @@ def worker(
     import os
 
     from producer.core.logs import configure_logging
-    from worker.app import app as celery_app  # lazily: only this command needs the worker runtime
-    from worker.app import settings_of
+    from worker.settings import WorkerSettings
 
     if pool not in ("threads", "prefork", "solo"):
         raise typer.BadParameter("choose threads, prefork or solo", param_hint="--pool")
-    if ClientSettings().redis.url is None:
+    if exits.load(ClientSettings).redis.url is None:
         console.print("[red]error[/]: a worker needs Redis: set GENQ_REDIS__URL (e.g. redis://127.0.0.1:6379/0)")
         raise typer.Exit(2)
+    checked = exits.load(WorkerSettings)  # worker.app builds them on import: a bad one is a line, not a traceback
+    served = [q for q in (part.strip() for part in queues.split(",")) if q]
+    if beside is None:  # a callbacks worker beside another: that one checked, and Celery waits out an outage
+        check_services(checked, served)
+
+    from worker.app import app as celery_app  # lazily: only this command needs the worker runtime
+    from worker.app import settings_of
+
     configure_logging(loglevel, json_lines=log_json)
     settings = settings_of(celery_app)
-    served = [q for q in (part.strip() for part in queues.split(",")) if q]
     for missing in unpaired_queues(served):
         console.print(f"[yellow]warning[/]: {missing}")
     callbacks_beside = constants.CALLBACK_QUEUE in served and len(served) > 1 and not inline_callbacks
@@ -111,6 +125,40 @@ def worker(
     finally:
         # In-flight deliveries end within their attempt deadline; give them that and a margin.
         callbacks.stop(grace_s=settings.webhook.attempt_deadline_s + 15)
+
+
+def check_services(settings: WorkerSettings, served: list[str]) -> None:
+    """Fail in one line (exit 3, :mod:`producer.cli.exits`) unless Redis answers and, for a worker that stores
+    outputs (any queue but ``callbacks``, S3 storage), the bucket exists at the S3 endpoint, or was just created
+    (``GENQ_S3__CREATE_BUCKET``); a missing bucket it may not create exits 2, naming it and the setting, and so does
+    development mode with real S3 (:func:`producer.core.settings.dev_mode_problem`, checked first).
+
+    One try each, a few seconds at most: a worker that cannot reach them would only log retries.
+    """
+    import os
+
+    import redis
+
+    from producer.core.settings import dev_mode_problem
+
+    if settings.storage == "s3":  # worker.tasks checks it again at worker_init, for `celery -A worker.app worker`
+        problem = dev_mode_problem(settings, s3_endpoint=os.environ.get("AWS_ENDPOINT_URL", ""))
+        if problem is not None:  # the placeholder webhook secret is public: never sign real outputs' callbacks
+            exits.fail(f"refusing to start: {problem}", exits.INVALID)
+    with exits.reported(settings):
+        client = redis.Redis.from_url(settings.redis.url or "", socket_connect_timeout=5, socket_timeout=5)
+        try:
+            client.ping()
+        finally:
+            client.close()
+        if settings.storage != "s3" or not set(served) - {constants.CALLBACK_QUEUE}:
+            return
+        from worker.settings import StorageRetrySettings
+        from worker.storage.s3 import S3Storage
+
+        storage = S3Storage(settings.s3.bucket, StorageRetrySettings(window_s=0), max_pool_connections=1)
+        if storage.ensure_bucket(create=settings.s3.creates_bucket(storage.endpoint)):
+            console.print(f"created bucket {settings.s3.bucket!r} at {storage.endpoint} (GENQ_S3__CREATE_BUCKET)")
 
 
 def unpaired_queues(served: list[str]) -> list[str]:

@@ -372,10 +372,19 @@ class JobView(BaseModel):
 
 
 class WebhookEvent(BaseModel):
-    """Body of a callback POST: the event type, when it happened, and the job view at that moment."""
+    """Body of a callback POST: the event type, when it happened, its place among the job's events, and the job view
+    at that moment."""
 
     type: EventType
     timestamp: datetime
+    seq: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "The event's number among its job's events (1, 2, ...), taken when it was made: receivers order a job's "
+            "events by it, not by arrival. Absent from events made before genq sent it."
+        ),
+    )
     data: JobView
 
 

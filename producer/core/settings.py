@@ -8,13 +8,16 @@ S3 endpoint and credentials are *not* here: boto3 reads the standard ``AWS_ENDPO
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from producer.core.callbacks.signing import SECRET_PREFIX, decode_secret
 from producer.core.callbacks.ssrf import AllowList
+from producer.errors import ConfigurationError
 
 DEV_WEBHOOK_SECRET = "whsec_ZGV2LW9ubHktc2VjcmV0LWRvLW5vdC11c2U="  # base64("dev-only-secret-do-not-use")
 
@@ -42,6 +45,30 @@ class S3Settings(BaseModel):
             "then <base>/<key>, unsigned, instead of presigned."
         ),
     )
+
+    create_bucket: bool | None = Field(
+        default=None,
+        description=(
+            "Workers create the bucket at start when it is missing. Unset: yes when the S3 endpoint is on loopback "
+            "(a local MinIO or moto), no for AWS S3 and any other endpoint, whose buckets operators make; then a "
+            "missing bucket stops the worker at start."
+        ),
+    )
+
+    def creates_bucket(self, endpoint: str | None) -> bool:
+        """Whether a worker creates a missing bucket at start (:attr:`create_bucket`, or its default for ``endpoint``).
+
+        Args:
+            endpoint: the S3 endpoint the worker uses (its boto3 client's ``endpoint_url``; None or empty: AWS).
+        """
+        if self.create_bucket is not None:
+            return self.create_bucket
+        return is_loopback_url(endpoint or "")
+
+    @field_validator("create_bucket", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        return None if value == "" else value  # a compose file's "GENQ_S3__CREATE_BUCKET=": the default
 
     @field_validator("public_base_url")
     @classmethod
@@ -71,7 +98,10 @@ STANDARD_RETRY_SCHEDULE_S = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 
 class WebhookSettings(BaseModel):
     """Signing, delivery, retries and allowed destinations of callbacks (Standard Webhooks v1)."""
 
-    secret: str = DEV_WEBHOOK_SECRET
+    secret: str = Field(
+        default=DEV_WEBHOOK_SECRET,
+        description="Signs callbacks of jobs without a tenant secret: 'whsec_' + base64 (`genq keys webhook-secret`).",
+    )
     timeout_s: float = Field(
         default=10.0, gt=0, description="Limit of each phase of a POST: connecting, each write, each read."
     )
@@ -109,6 +139,23 @@ class WebhookSettings(BaseModel):
         description="Hosts, addresses and networks (CIDR) callbacks may reach although they are not public.",
     )
 
+    @field_validator("secret")
+    @classmethod
+    def _standard_webhooks_secret(cls, secret: str) -> str:
+        # Refused here, when any process starts, rather than by every delivery, in the worker log only. A
+        # ConfigurationError, not a ValueError: pydantic's message would quote the value, and it is a secret.
+        try:
+            decode_secret(secret)
+        except ValueError:
+            pass
+        else:
+            if secret.strip().startswith(SECRET_PREFIX):
+                return secret.strip()  # a newline from a secret file is no part of the key
+        raise ConfigurationError(
+            f"GENQ_WEBHOOK__SECRET is not a Standard Webhooks secret ({SECRET_PREFIX!r} followed by base64; the value "
+            f"set has {len(secret)} characters): make one with `genq keys webhook-secret`"
+        )
+
     @field_validator("retry_schedule_s")
     @classmethod
     def _schedule(cls, schedule: list[float]) -> list[float]:
@@ -141,6 +188,17 @@ class GenqSettings(BaseSettings):
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url``'s host is this machine: ``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    host = (urlsplit(url).hostname or "") if "//" in url else ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def dev_mode_problem(
     settings: GenqSettings, *, bind_host: str | None = None, s3_endpoint: str | None = None
 ) -> str | None:
@@ -153,7 +211,7 @@ def dev_mode_problem(
     """
     if settings.env != "dev":
         return None
-    fix = "set GENQ_ENV=prod and a real GENQ_WEBHOOK__SECRET (producer.webhooks.generate_secret() makes one)"
+    fix = "set GENQ_ENV=prod and a real GENQ_WEBHOOK__SECRET (`genq keys webhook-secret` makes one)"
     if bind_host is not None and bind_host not in _LOOPBACK_HOSTS:
         return f"development mode (GENQ_ENV=dev) listens on loopback only, not {bind_host!r}: {fix}"
     if s3_endpoint is not None:

@@ -169,6 +169,7 @@ def test_cli_generate_waits_with_progress_and_downloads(
             "--seed",
             "42",
             "--wait",
+            "--json",  # the whole view; without it, one summary line
             "--download",
             str(tmp_path),
         ],

@@ -201,10 +201,15 @@ class S3Storage:
             Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True}
         )
 
-    def ensure_bucket(self) -> None:
-        """Create the bucket if it does not exist (dev, docker-compose and tests; production buckets are made by ops).
+    def ensure_bucket(self, *, create: bool = True) -> bool:
+        """Check at start-up that the bucket exists, and create it if it does not and ``create``
+        (``GENQ_S3__CREATE_BUCKET``: local endpoints by default; production buckets are made by ops).
+
+        Returns:
+            Whether this call created the bucket.
 
         Raises:
+            ConfigurationError: the bucket does not exist and ``create`` is false (names the bucket and the setting).
             StorageUnavailable: no answer within the retry window.
             StorageError: access is denied, or the bucket cannot be created.
         """
@@ -218,7 +223,7 @@ class S3Storage:
                 raise
             return True
 
-        def create() -> None:
+        def create_it() -> None:
             region = self.client.meta.region_name
             try:
                 # us-east-1 is the default location, and the one S3 refuses as an explicit LocationConstraint.
@@ -234,9 +239,16 @@ class S3Storage:
                 if _error_code(exc) != "BucketAlreadyOwnedByYou":
                     raise
 
-        if not self._call("check", "", bucket_exists):
-            log.info("creating bucket %r at %s", self.bucket, self.endpoint)
-            self._call("create bucket", "", create)
+        if self._call("check", "", bucket_exists):
+            return False
+        if not create:
+            raise ConfigurationError(
+                f"bucket {self.bucket!r} (GENQ_S3__BUCKET) does not exist at {self.endpoint}: create it, or set "
+                "GENQ_S3__CREATE_BUCKET=true to have workers create it at start"
+            )
+        log.info("creating bucket %r at %s", self.bucket, self.endpoint)
+        self._call("create bucket", "", create_it)
+        return True
 
     def _call(self, op: str, key: str, fn: Callable[[], T], *, missing_ok: bool = True) -> T:
         """Run ``fn``, retrying transient faults inside the retry window, and translate what is left into genq's

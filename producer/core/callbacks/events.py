@@ -65,5 +65,5 @@ def callback_message(
         job_id=view.id,
         url=str(callback.url),
         msg_id=msg_id_for(view.id, event_type, seq),
-        event=WebhookEvent(type=event_type, timestamp=utcnow(), data=view),
+        event=WebhookEvent(type=event_type, timestamp=utcnow(), seq=seq, data=view),
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from producer.contract import EventType, GenerateJob, JobStatus, JobView, LabelCount
+from producer.contract import EventType, GenerateJob, JobStatus, JobView, LabelCount, WebhookEvent
 from producer.core import constants
 from producer.core.callbacks.events import callback_message
 from producer.core.messages import callback_task, job_messages, queue_for
@@ -62,3 +62,18 @@ def test_workers_serve_each_prioritys_small_jobs_before_its_bulk_ones_and_both_b
         "generate.low",
         "generate.low.bulk",
     )
+
+
+def test_a_callback_event_carries_its_sequence_number_in_its_body_and_an_older_body_without_one_still_reads() -> None:
+    job = _job(1)
+    view = JobView(id=job.job_id, status=JobStatus.RUNNING, model="fmnist-cgan", created_at=job.created_at)
+
+    first = callback_message(job.callback, EventType.QUEUED, view, seq=1)
+    second = callback_message(job.callback, EventType.RUNNING, view, seq=2)
+    assert first is not None and second is not None
+
+    assert [first.event.seq, second.event.seq] == [1, 2]
+    assert '"seq":2' in second.event.model_dump_json()
+    older = second.event.model_dump(mode="json")
+    del older["seq"]  # an event made before genq sent it, still on the queue after an upgrade
+    assert WebhookEvent.model_validate(older).seq is None

@@ -154,11 +154,41 @@ def test_s3_unknown_bucket_raises_storage_error_without_retrying(aws_env: str) -
 def test_s3_ensure_bucket_creates_it_once(aws_env: str) -> None:
     storage = S3Storage(f"genq-new-{uuid.uuid4().hex[:8]}", FAST_RETRY)
 
-    storage.ensure_bucket()
-    storage.ensure_bucket()
+    assert storage.ensure_bucket() is True
+    assert storage.ensure_bucket() is False
     storage.put("k", b"v", "text/plain")
 
     assert storage.get("k") == b"v"
+
+
+def test_s3_ensure_bucket_may_not_create_refuses_in_one_line_naming_the_bucket_and_the_setting(
+    aws_env: str, s3_bucket: str
+) -> None:
+    missing = S3Storage(f"genq-missing-{uuid.uuid4().hex[:8]}", FAST_RETRY)
+
+    with pytest.raises(ConfigurationError) as refused:
+        missing.ensure_bucket(create=False)
+
+    assert str(refused.value) == (
+        f"bucket {missing.bucket!r} (GENQ_S3__BUCKET) does not exist at {aws_env}: create it, or set "
+        "GENQ_S3__CREATE_BUCKET=true to have workers create it at start"
+    )
+    assert not missing.client.list_objects_v2(Bucket=s3_bucket).get("Contents")  # nothing was written anywhere
+    assert S3Storage(s3_bucket, FAST_RETRY).ensure_bucket(create=False) is False  # an existing one is fine
+
+
+def test_s3_ensure_bucket_with_no_endpoint_answering_gives_up_at_once_with_no_retry_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    storage = S3Storage("genq", StorageRetrySettings(window_s=0))
+    started = time.monotonic()
+
+    with pytest.raises(StorageUnavailable) as info:
+        storage.ensure_bucket(create=True)
+
+    assert isinstance(info.value.__cause__, EndpointConnectionError)  # what `genq worker` names in its one line
+    assert time.monotonic() - started < 3
 
 
 def test_s3_put_retries_until_the_endpoint_comes_up(
