@@ -16,9 +16,15 @@
     share the same cores (this CPU-only machine) their ceilings add up instead of the tighter one binding: the
     shared-cores ceiling is cores / that essential CPU, and `small_job_efficiency_shared_cores` is measured
     against it. On a GPU the forward pass leaves the cores and the figure approaches the PUT-bound one.
+(h) genq against what a team would run instead (issue 19): a plain Celery task per image (benchmarks.plain_task, a
+    `celery worker` of its own), beside genq's 1-image jobs, 4-image jobs and one bulk job as PNG objects and as
+    WebDataset, all on the shipped fmnist-cgan, threads pool, the same -c (--concurrency) on both sides: images/s,
+    worker CPU per image (the worker process and its children, genq's callbacks worker included), this process's CPU
+    (moto's server and the client), S3 requests per job counted at moto, and moto's PUT ceiling at that concurrency.
 The model is the shipped cGAN architecture at 64x64 RGB with random weights (compute visible on a CPU); --size 28
-uses the shipped Fashion-MNIST weights instead. Starts its own moto S3 server and `genq worker` subprocesses; needs
-a Redis DB it may flush. Prints one table, then one `name=value` line per figure. Nothing here is asserted.
+uses the shipped Fashion-MNIST weights instead ((h) always does). Starts its own moto S3 server, `genq worker` and
+`celery worker` subprocesses; claims the Redis DB of --redis for the run (refused while a test run holds it) and
+flushes it. Prints the tables, then one `name=value` line per figure. Nothing here is asserted.
 """
 
 from __future__ import annotations
@@ -31,16 +37,21 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import boto3
 import redis
 import torch
+from botocore.config import Config
 
+from benchmarks import plain_task
 from models import cgan
 from models.data import FASHION_MNIST_CLASSES
 from models.generator import Acceleration, load_generator, save_generator
@@ -53,10 +64,12 @@ from worker.memory import MallocPolicy, tune_malloc
 from worker.settings import InferenceSettings
 
 if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from celery import Celery
     from moto.server import ThreadedMotoServer
+    from mypy_boto3_s3 import S3Client
 
 AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
-BOTO = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench", "region_name": "us-east-1"}
 
 
 def make_model(size: int, root: Path) -> tuple[str, Path]:
@@ -90,6 +103,18 @@ def raw_ceiling(
     return rates, cpu_ms
 
 
+def s3_client(endpoint: str, config: Config | None = None) -> S3Client:
+    """A boto3 S3 client of the benchmark's credentials at ``endpoint``."""
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"],
+        region_name=AWS["AWS_DEFAULT_REGION"],
+        config=config,
+    )
+
+
 def start_s3(bucket: str) -> tuple[ThreadedMotoServer, str]:
     """A moto S3 server on a free loopback port holding ``bucket``, and its endpoint (also set for boto3 in this
     process's environment). Stop it when done."""
@@ -100,32 +125,65 @@ def start_s3(bucket: str) -> tuple[ThreadedMotoServer, str]:
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, **BOTO).create_bucket(Bucket=bucket)
+    s3_client(endpoint).create_bucket(Bucket=bucket)
     os.environ.update(AWS, AWS_ENDPOINT_URL=endpoint)
     return server, endpoint
 
 
-def put_ceiling(endpoint: str, bucket: str, size: int, n: int) -> tuple[float, float]:
-    """PUT/s of the S3 server for objects of the output's size: 8 client threads, like a worker's uploads; and the
-    CPU milliseconds per PUT of this process, which runs both the boto3 client and (moto) the server."""
+def put_ceiling(endpoint: str, bucket: str, size: int, n: int, threads: int = 8) -> tuple[float, float]:
+    """PUT/s of the S3 server for objects of the output's size: ``threads`` client threads (8, like a worker's
+    uploads); and the CPU milliseconds per PUT of this process, which runs both the boto3 client and (moto) the
+    server."""
     from concurrent.futures import ThreadPoolExecutor
 
-    s3 = boto3.client("s3", endpoint_url=endpoint, **BOTO)
+    s3 = s3_client(endpoint, Config(max_pool_connections=max(10, threads)))
     body = os.urandom(size)
+    s3.put_object(Bucket=bucket, Key="ceiling/warm-up", Body=body)  # the connection and the client's first call
     started, cpu = time.perf_counter(), time.process_time()
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda i: s3.put_object(Bucket=bucket, Key=f"ceiling/{i}", Body=body), range(n)))
     return n / (time.perf_counter() - started), 1000 * (time.process_time() - cpu) / n
 
 
+class RequestCounter:
+    """A WSGI middleware counting the requests an S3 server answers, by HTTP method (PUT: an object stored)."""
+
+    def __init__(self, app: WSGIApplication) -> None:
+        self.app = app
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        with self._lock:
+            self._counts[environ["REQUEST_METHOD"]] += 1
+        return self.app(environ, start_response)
+
+    def snapshot(self) -> Counter[str]:
+        with self._lock:
+            return Counter(self._counts)
+
+
+def count_requests(server: ThreadedMotoServer) -> RequestCounter:
+    """Count every request ``server`` (started) answers from now on: the counter wraps its WSGI application."""
+    wsgi = server._server  # moto keeps its werkzeug server private; its handler reads .app on every request
+    if wsgi is None:
+        raise RuntimeError("start the server first")
+    counter = RequestCounter(wsgi.app)
+    wsgi.app = counter
+    return counter
+
+
 class CpuMeter:
     """CPU seconds used by the worker, by this process (client and moto) and by Redis (when it runs on this
-    machine) between :meth:`start` and :meth:`stop`."""
+    machine) between :meth:`start` and :meth:`stop`; with ``children``, also by the worker's child processes
+    (``genq worker``'s callbacks worker), as "worker's children"."""
 
-    def __init__(self, worker_pid: int, client: redis.Redis) -> None:
+    def __init__(self, worker_pid: int, client: redis.Redis, children: bool = False) -> None:
         pid = int(client.info("server").get("process_id", 0))
         self.pids = {"worker": worker_pid, "redis": pid if Path(f"/proc/{pid}/stat").exists() else None}
+        self.children = children
         self._start: dict[str, float | None] = {}
+        self._start_children: dict[int, float] = {}
         self.used: dict[str, float | None] = {}
 
     def _now(self) -> dict[str, float | None]:
@@ -134,12 +192,21 @@ class CpuMeter:
             **{name: None if pid is None else process_cpu_s(pid) for name, pid in self.pids.items()},
         }
 
+    def _children_now(self) -> dict[int, float]:
+        return tree_cpu_s(self.pids["worker"] or 0, itself=False) if self.children else {}
+
     def start(self) -> None:
+        self._start_children = self._children_now()
         self._start = self._now()
 
     def stop(self) -> None:
         end = self._now()
+        end_children = self._children_now()
         self.used = {k: None if (a := self._start[k]) is None or (b := end[k]) is None else b - a for k in end}
+        if self.children:  # a child started inside the window counts whole; one that ended in it is lost
+            self.used["worker's children"] = sum(
+                cpu - self._start_children.get(pid, 0.0) for pid, cpu in end_children.items()
+            )
 
 
 def process_cpu_s(pid: int) -> float:
@@ -148,31 +215,170 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_s(pid: int, itself: bool = True) -> dict[int, float]:
+    """CPU seconds so far of process ``pid`` (unless not ``itself``) and of each live descendant, by pid."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = ([pid] if itself else []), [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    used = {}
+    for each in found:
+        try:
+            used[each] = process_cpu_s(each)
+        except OSError:
+            continue
+    return used
+
+
 @contextmanager
 def worker(
-    redis_url: str, endpoint: str, bucket: str, model_root: Path, **settings: str
+    redis_url: str,
+    endpoint: str,
+    bucket: str,
+    model_root: Path,
+    concurrency: int = 64,
+    log: Path | None = None,
+    **settings: str,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A `genq worker` subprocess (threads pool, 64 threads) with the given GENQ_* settings, ready when entered."""
+    """A `genq worker` subprocess (threads pool, ``concurrency`` threads) with the given GENQ_* settings, its output
+    in ``log`` (a new temporary file if not given), ready when entered. Its callbacks worker starts after it is
+    ready: wait for "worker ready: callbacks only" in ``log`` where that start must not overlap a measurement."""
     redis.Redis.from_url(redis_url).flushdb()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GENQ_", "AWS_"))}
     env.update(AWS, AWS_ENDPOINT_URL=endpoint, GENQ_REDIS__URL=redis_url, GENQ_S3__BUCKET=bucket)
     env["GENQ_MODEL_DIRS"] = json.dumps([str(model_root)])
     env.update({f"GENQ_{k.upper()}": v for k, v in settings.items()})
-    log = Path(tempfile.mkstemp(prefix="genq-bench-", suffix=".log")[1])
+    log = log or Path(tempfile.mkstemp(prefix="genq-bench-", suffix=".log")[1])
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", "-c", "64"], env=env, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "producer.cli", "worker", "-c", str(concurrency)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + 120
-        while "worker ready:" not in log.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start; see {log}")
-            time.sleep(0.2)
+        wait_logged(log, "worker ready:", proc)
         yield proc
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def wait_logged(log: Path, line: str, proc: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
+    """Wait until ``log``, the output of ``proc``, holds ``line``.
+
+    Raises:
+        RuntimeError: ``proc`` ended or ``timeout_s`` passed first.
+    """
+    deadline = time.monotonic() + timeout_s
+    while line not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{line!r} not logged by process {proc.pid}; see {log}")
+        time.sleep(0.2)
+
+
+@contextmanager
+def plain_worker(
+    redis_url: str, endpoint: str, bucket: str, model_dir: Path, concurrency: int, device: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A `celery worker` of :mod:`benchmarks.plain_task` (threads pool, ``concurrency`` threads), ready when
+    entered."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GENQ_", "AWS_", "PLAIN_"))}
+    env.update(AWS, AWS_ENDPOINT_URL=endpoint, PLAIN_REDIS_URL=redis_url, PLAIN_BUCKET=bucket)
+    env.update(PLAIN_MODEL_DIR=str(model_dir), PLAIN_DEVICE=device)
+    argv = [sys.executable, "-m", "celery", "-A", "benchmarks.plain_task", "worker", "-Q", plain_task.QUEUE]
+    argv += ["--pool", "threads", "-c", str(concurrency), "--loglevel", "info"]
+    log = Path(tempfile.mkstemp(prefix="genq-bench-plain-", suffix=".log")[1])
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+    try:
+        wait_logged(log, " ready.", proc)  # Celery's "celery@<host> ready."
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def plain_images_per_s(sender: Celery, n: int, first_seed: int) -> float:
+    """Send ``n`` plain tasks (one image each) at once; images/s from the first send to the last result."""
+    started = time.perf_counter()
+    results = [
+        sender.send_task(plain_task.TASK, args=(i % 10, first_seed + i), queue=plain_task.QUEUE) for i in range(n)
+    ]
+    for result in results:
+        result.get(timeout=1800)  # the Redis backend's pub/sub: no polling interval; a task's error is raised here
+    return n / (time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class PeerRow:
+    """One path of (h) over its measured window: its rate, CPU by process, and the S3 requests moto answered."""
+
+    name: str
+    images_per_s: float
+    images: int
+    jobs: int
+    cpu_s: dict[str, float | None]
+    requests: Counter[str]
+
+    def cpu_ms_per_image(self, *names: str) -> float | None:
+        used = [self.cpu_s.get(name) for name in names]
+        if any(u is None for u in used):
+            return None
+        return 1000 * sum(u for u in used if u is not None) / self.images
+
+    @property
+    def worker_ms(self) -> float:
+        """The worker's CPU per image, its child processes included."""
+        return self.cpu_ms_per_image("worker", "worker's children") or 0.0
+
+    def per_job(self, *methods: str) -> float:
+        return sum(n for method, n in self.requests.items() if method in methods) / self.jobs
+
+
+def peer_row(
+    name: str, meter: CpuMeter, counter: RequestCounter, images: int, jobs: int, run: Callable[[], float]
+) -> PeerRow:
+    """Run one path of (h) (``run`` returns its images/s), metered."""
+    before = counter.snapshot()
+    meter.start()
+    rate = run()
+    meter.stop()
+    return PeerRow(name, rate, images, jobs, dict(meter.used), counter.snapshot() - before)
+
+
+@contextmanager
+def claim_renewed(redis_url: str) -> Iterator[None]:
+    """The DB of ``redis_url`` claimed (:func:`benchmarks.uploads.claimed_db`) and flushed, and the claim renewed
+    while the run lasts: a full run outlasts the claim's TTL, and a test run must not take the DB meanwhile."""
+    from benchmarks.uploads import _CLAIM_KEY, _CLAIM_TTL_S, claimed_db  # lazily: uploads imports this module
+
+    db = int(redis.Redis.from_url(redis_url).connection_pool.connection_kwargs.get("db", 0))
+    admin = redis.Redis.from_url(redis_url, db=0)
+    # claimed_db's token: renew the claim only while it is still this process's
+    key, token, stop = _CLAIM_KEY.format(db=db), f"bench-{os.getpid()}".encode(), threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(_CLAIM_TTL_S / 4):
+            if admin.get(key) == token:
+                admin.expire(key, _CLAIM_TTL_S)
+
+    with claimed_db(redis_url):
+        renewer = threading.Thread(target=renew, name="bench-claim", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            renewer.join()
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -194,7 +400,7 @@ def jobs_per_s(client: Client, model: str, jobs: int, count: int = 1) -> float:
     return jobs / (time.perf_counter() - started)
 
 
-def bulk_images_per_s(client: Client, model: str, images: int, output: str) -> float:
+def bulk_images_per_s(client: Client, model: str, images: int, output: Literal["objects", "webdataset"]) -> float:
     """images/s of one job of ``images`` images, from submit to success (shards shared by the worker's threads)."""
     started = time.perf_counter()
     request = GenerateRequest(model=model, counts={str(c): images // 10 for c in range(10)}, seed=1, output=output)
@@ -213,6 +419,46 @@ def latencies_ms(client: Client, model: str, n: int) -> list[float]:
             raise RuntimeError(f"latency job {view.status.value}: {view.error}")
         out.append(1000 * (time.perf_counter() - started))
     return out
+
+
+def print_peers(rows: list[PeerRow], concurrency: int, puts: float, put_cpu_ms: float, body: int) -> None:
+    """The (h) table: each path beside the plain task, and moto's PUT ceiling under it."""
+    plain = rows[0]
+    print(
+        f"(h) genq against a plain Celery task (issue 19): fmnist-cgan 28x28, threads pool -c {concurrency} on both "
+        f"sides, {plain.images} images per path"
+    )
+    head = ["images/s", "vs plain", "worker", "children", "bench", "Redis", "PUT/job", "other/job", "moto-bound"]
+    widths = [10, 10, 9, 10, 8, 8, 10, 11, 12]
+    print(f"{'path':<42}" + "".join(f"{h:>{w}}" for h, w in zip(head, widths, strict=True)))
+
+    def cell(value: float | None, width: int, digits: int = 2) -> str:
+        return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+    for row in rows:
+        put_per_image = row.per_job("PUT") * row.jobs / row.images
+        values = [
+            cell(row.images_per_s, widths[0], 1),
+            cell(row.images_per_s / plain.images_per_s, widths[1]),
+            cell(row.worker_ms, widths[2]),
+            cell(row.cpu_ms_per_image("worker's children"), widths[3]),
+            cell(row.cpu_ms_per_image("this process"), widths[4]),
+            cell(row.cpu_ms_per_image("redis"), widths[5]),
+            cell(row.per_job("PUT"), widths[6]),
+            cell(sum(row.requests.values()) / row.jobs - row.per_job("PUT"), widths[7]),
+            cell(puts / put_per_image if put_per_image else None, widths[8], 1),
+        ]
+        print(f"{row.name:<42}" + "".join(values))
+    ceiling = f"moto PUT ceiling, {concurrency} threads, {body} B body"
+    print(f"{ceiling:<42}{puts:>10.1f}{'':>10}{'':>9}{'':>10}{put_cpu_ms:>8.2f}   (PUT/s; CPU ms per PUT)")
+    print(
+        "images/s from the first submit to the last result; CPU in ms per image over that window (user + system, "
+        "/proc):\n"
+        "  worker: the worker process and its children; children: of it, the child processes (genq's callbacks\n"
+        "  worker, counted in; the plain worker has none); bench: the benchmark process (moto + client): moto's S3\n"
+        "  server and the client's submits and waits; Redis: the whole server (other clients' work included).\n"
+        "  PUT/job, other/job: S3 requests per job counted at moto; moto-bound: moto's PUT ceiling / PUTs per image.\n"
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -256,7 +502,15 @@ def main() -> None:
         choices=list(MallocPolicy),
         help="glibc malloc policy of the workers and of this process's raw-generator ceilings (GENQ_MALLOC_POLICY)",
     )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="threads of the plain worker and of genq's worker in (h) (threads pool on both sides), and the client "
+        "threads of (h)'s PUT ceiling",
+    )
     args = parser.parse_args()
+    run_started = time.perf_counter()
     # The ceilings are measured under the workers' allocator: page faults on freed-and-remapped activations cost
     # a CPU forward pass as much as the arithmetic, so a ceiling under another policy would compare apples to pears.
     malloc = tune_malloc(2, args.malloc_policy)
@@ -270,12 +524,15 @@ def main() -> None:
         **({"inference__compile_backend": args.compile} if args.compile else {}),
     }
     small_jobs, naive_n, latency_n, seconds = (128, 100, 20, 0.5) if args.quick else (1024, 2000, 100, 3.0)
-    bulk_n = 1000 if args.quick else 20_000
-    rss_sizes = (500, 2_500) if args.quick else (10_000, 100_000)
+    bulk_n = 500 if args.quick else 20_000
+    rss_sizes = (500, 1_500) if args.quick else (10_000, 100_000)
     max_wait_ms = 5.0
+    conc = args.concurrency
+    peer_n, peer_put_n = (100, 200) if args.quick else (1000, 1000)  # (h): images per path, PUTs of the ceiling
 
     bucket = "bench"
     server, endpoint = start_s3(bucket)
+    requests = count_requests(server)
     root = Path(tempfile.mkdtemp(prefix="genq-bench-models-"))
     model, model_dir = make_model(args.size, root)
     client = Client(
@@ -286,50 +543,93 @@ def main() -> None:
         )
     )
     try:
-        batches = args.batches or [1, 8, 32, 64, 128, 256, *([] if args.device == "cpu" else [512, 1024, 2048])]
-        batches = sorted({1, *batches, args.max_batch or 1})  # batch 1 and a pinned "on" batch are always measured
-        rates, raw_cpu_ms = raw_ceiling(model_dir, batches, seconds, args.device, accel)
-        best = max(rates, key=lambda bs: rates[bs])
-        # "Batching on" must batch: its max_batch is the smallest size above 1 within 5% of the fastest above 1 (on
-        # a CPU batch 1 can win outright, and max_batch=1 would make "on" the same worker as "off"). Where the curve
-        # is flat the fastest is noise, and a bigger batch costs memory and pipeline granularity for nothing.
-        fastest = max(rate for bs, rate in rates.items() if bs > 1)
-        batched = args.max_batch or min(bs for bs, rate in rates.items() if bs > 1 and rate >= 0.95 * fastest)
-        sample = load_generator(model_dir).sample([7], [1])[0].numpy()
-        from producer.contract import OutputFormat
-        from worker.generate.encode import encode_image, provenance
+        with claim_renewed(args.redis):
+            batches = args.batches or [1, 8, 32, 64, 128, 256, *([] if args.device == "cpu" else [512, 1024, 2048])]
+            batches = sorted({1, *batches, args.max_batch or 1})  # batch 1 and a pinned "on" batch are always measured
+            rates, raw_cpu_ms = raw_ceiling(model_dir, batches, seconds, args.device, accel)
+            best = max(rates, key=lambda bs: rates[bs])
+            # "Batching on" must batch: its max_batch is the smallest size above 1 within 5% of the fastest above 1 (on
+            # a CPU batch 1 can win outright, and max_batch=1 would make "on" the same worker as "off"). Where the curve
+            # is flat the fastest is noise, and a bigger batch costs memory and pipeline granularity for nothing.
+            fastest = max(rate for bs, rate in rates.items() if bs > 1)
+            batched = args.max_batch or min(bs for bs, rate in rates.items() if bs > 1 and rate >= 0.95 * fastest)
+            sample = load_generator(model_dir).sample([7], [1])[0].numpy()
+            from producer.contract import OutputFormat
+            from worker.generate.encode import encode_image, provenance
 
-        png_size = len(
-            encode_image(sample, OutputFormat.PNG, provenance(generator=model, version="1", label="x", seed=1))
-        )
-        puts, put_cpu_ms = put_ceiling(endpoint, bucket, png_size, 300 if args.quick else 1000)
+            png_size = len(
+                encode_image(sample, OutputFormat.PNG, provenance(generator=model, version="1", label="x", seed=1))
+            )
+            puts, put_cpu_ms = put_ceiling(endpoint, bucket, png_size, 300 if args.quick else 1000)
 
-        on = {"batching__max_batch": str(batched), "batching__max_wait_ms": str(max_wait_ms), **device_env}
-        # Each worker first runs a full batch of jobs unmeasured: a fresh process grows its heap to a batch's
-        # activations on its first forward passes (page faults), which a short measured run would otherwise carry.
-        warm_up = 2 * batched
-        with worker(args.redis, endpoint, bucket, root, **on) as proc:
-            jobs_per_s(client, model, warm_up)
-            meter = CpuMeter(proc.pid, redis.Redis.from_url(args.redis))
-            meter.start()
-            jobs_on = jobs_per_s(client, model, small_jobs)
-            meter.stop()
-            lat = latencies_ms(client, model, latency_n)
-            one_job = naive_n * jobs_per_s(client, model, 1, count=naive_n)  # images/s
-            shards = bulk_images_per_s(client, model, bulk_n, "webdataset")
-            objects = bulk_images_per_s(client, model, bulk_n, "objects")
-        with worker(args.redis, endpoint, bucket, root, batching__max_batch="1", **device_env):
-            jobs_per_s(client, model, warm_up)
-            jobs_off = jobs_per_s(client, model, small_jobs)
-        naive_conf = {"batching__max_batch": "1", "batching__upload_workers": "1", **device_env}
-        with worker(args.redis, endpoint, bucket, root, **naive_conf):
-            jobs_per_s(client, model, warm_up)
-            naive = jobs_per_s(client, model, naive_n)  # jobs of one image = images/s
-        rss: dict[int, float] = {}
-        for n in rss_sizes:  # a fresh worker per size: VmHWM is the peak since the process started
+            on = {"batching__max_batch": str(batched), "batching__max_wait_ms": str(max_wait_ms), **device_env}
+            # Each worker first runs a full batch of jobs unmeasured: a fresh process grows its heap to a batch's
+            # activations on its first forward passes (page faults), which a short measured run would otherwise carry.
+            warm_up = 2 * batched
             with worker(args.redis, endpoint, bucket, root, **on) as proc:
-                bulk_images_per_s(client, model, n, "webdataset")
-                rss[n] = peak_rss_mib(proc.pid)
+                jobs_per_s(client, model, warm_up)
+                meter = CpuMeter(proc.pid, redis.Redis.from_url(args.redis))
+                meter.start()
+                jobs_on = jobs_per_s(client, model, small_jobs)
+                meter.stop()
+                lat = latencies_ms(client, model, latency_n)
+                one_job = naive_n * jobs_per_s(client, model, 1, count=naive_n)  # images/s
+                shards = bulk_images_per_s(client, model, bulk_n, "webdataset")
+                objects = bulk_images_per_s(client, model, bulk_n, "objects")
+            with worker(args.redis, endpoint, bucket, root, batching__max_batch="1", **device_env):
+                jobs_per_s(client, model, warm_up)
+                jobs_off = jobs_per_s(client, model, small_jobs)
+            naive_conf = {"batching__max_batch": "1", "batching__upload_workers": "1", **device_env}
+            with worker(args.redis, endpoint, bucket, root, **naive_conf):
+                jobs_per_s(client, model, warm_up)
+                naive = jobs_per_s(client, model, naive_n)  # jobs of one image = images/s
+            rss: dict[int, float] = {}
+            for n in rss_sizes:  # a fresh worker per size: VmHWM is the peak since the process started
+                with worker(args.redis, endpoint, bucket, root, **on) as proc:
+                    bulk_images_per_s(client, model, n, "webdataset")
+                    rss[n] = peak_rss_mib(proc.pid)
+            # (h) genq against a plain Celery task (issue 19), both on the shipped 28 px model, the same -c.
+            peer_model, peer_dir = make_model(28, root)
+            plain_png = len(plain_task.render_png(load_generator(peer_dir), 7, 1))
+            peer_puts, peer_put_cpu_ms = put_ceiling(endpoint, bucket, plain_png, peer_put_n, threads=conc)
+            peer_warm = 2 * conc  # every thread's first forward pass and connections, unmeasured
+            rows: list[PeerRow] = []
+            with plain_worker(args.redis, endpoint, bucket, peer_dir, conc, args.device) as proc:
+                sender = plain_task.create_app(args.redis)
+                plain_images_per_s(sender, peer_warm, first_seed=peer_n)
+                peer_meter = CpuMeter(proc.pid, redis.Redis.from_url(args.redis), children=True)
+                rows.append(
+                    peer_row(
+                        "plain Celery task, one per image",
+                        peer_meter,
+                        requests,
+                        peer_n,
+                        peer_n,
+                        lambda: plain_images_per_s(sender, peer_n, first_seed=0),
+                    )
+                )
+                sender.close()
+            log = Path(tempfile.mkstemp(prefix="genq-bench-", suffix=".log")[1])
+            with worker(args.redis, endpoint, bucket, root, conc, log, **device_env) as proc:
+                jobs_per_s(client, peer_model, peer_warm)
+                wait_logged(log, "worker ready: callbacks only", proc)  # its start stays out of the windows
+                peer_meter = CpuMeter(proc.pid, redis.Redis.from_url(args.redis), children=True)
+                paths: list[tuple[str, int, Callable[[], float]]] = [
+                    ("genq, 1-image jobs", peer_n, lambda: jobs_per_s(client, peer_model, peer_n)),
+                    ("genq, 4-image jobs", peer_n // 4, lambda: 4 * jobs_per_s(client, peer_model, peer_n // 4, 4)),
+                    (
+                        f"genq, one {peer_n}-image job, PNG objects",
+                        1,
+                        lambda: bulk_images_per_s(client, peer_model, peer_n, "objects"),
+                    ),
+                    (
+                        f"genq, one {peer_n}-image job, WebDataset",
+                        1,
+                        lambda: bulk_images_per_s(client, peer_model, peer_n, "webdataset"),
+                    ),
+                ]
+                for name, jobs, run in paths:
+                    rows.append(peer_row(name, peer_meter, requests, peer_n, jobs, run))
     finally:
         server.stop()
 
@@ -401,6 +701,9 @@ def main() -> None:
         f"{f'(g) 1-image jobs/s vs shared-cores ceiling ({cores} cores)':<58}{jobs_on:>12.1f}"
         f"{shared_ceiling:>12.1f}{jobs_on / shared_ceiling:>8.2f}\n"
     )
+    plain = rows[0]
+    print_peers(rows, conc, peer_puts, peer_put_cpu_ms, plain_png)
+    short = ["plain", "small", "four", "bulk", "webdataset"]  # the rows' names in the figures below
     for name, value in [
         ("raw_images_per_s_batch1", rates[1]),
         ("raw_images_per_s_best", rates[best]),
@@ -424,6 +727,21 @@ def main() -> None:
         *((f"cpu_ms_per_job_{name.replace(' ', '_')}", ms) for name, ms in job_cpu_ms.items() if ms is not None),
         ("shared_cores_ceiling_jobs_per_s", shared_ceiling),
         ("small_job_efficiency_shared_cores", jobs_on / shared_ceiling),
+        ("plain_images_per_s", plain.images_per_s),
+        ("plain_worker_cpu_ms_per_image", plain.worker_ms),
+        *(
+            (f"{key}_vs_plain", row.images_per_s / plain.images_per_s)
+            for key, row in zip(short[1:], rows[1:], strict=True)
+        ),
+        *(
+            (f"{key}_cpu_vs_plain", row.worker_ms / plain.worker_ms)
+            for key, row in zip(short[1:], rows[1:], strict=True)
+        ),
+        *((f"{key}_worker_cpu_ms_per_image", row.worker_ms) for key, row in zip(short[1:], rows[1:], strict=True)),
+        *((f"{key}_puts_per_job", row.per_job("PUT")) for key, row in zip(short, rows, strict=True)),
+        (f"moto_put_per_s_{conc}_threads", peer_puts),
+        ("moto_cpu_ms_per_put", peer_put_cpu_ms),
+        ("run_wall_s", time.perf_counter() - run_started),
     ]:
         print(f"{name}={value:.3f}")
 
