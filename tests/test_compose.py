@@ -1,10 +1,14 @@
-"""docker-compose.yml stays wired to the code: real commands, real settings fields, one bucket, one broker.
+"""docker-compose.yml stays wired to the code: real commands, real settings fields, one bucket, one broker; and it
+is a valid Compose file.
 
-Pure: reads the YAML and the Dockerfile, asks the typer app and the settings classes; needs no Docker.
+Pure: reads the YAML and the Dockerfile, asks the typer app and the settings classes; needs no Docker. The Compose
+file is validated against the Compose specification's JSON schema, vendored as tests/data/compose-spec.json
+(origin and licence in tests/data/README.md): nothing is downloaded at test time.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -18,6 +22,7 @@ from urllib.parse import urlparse
 import pytest
 import typer.main
 import yaml
+from jsonschema.validators import validator_for
 from pydantic import BaseModel, ValidationError
 from pydantic_settings import BaseSettings
 
@@ -31,6 +36,7 @@ from worker.settings import WorkerSettings
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE_SCHEMA = Path(__file__).resolve().parent / "data" / "compose-spec.json"
 
 WORKERS = ("worker", "worker-cpu")
 MINIO_DEFAULT_API_PORT = 9000
@@ -144,6 +150,47 @@ def genq_commands() -> dict[str, Any]:
     return dict(commands)
 
 
+def interpolate_all(value: Any, env: Mapping[str, str]) -> Any:
+    """``value`` (a loaded Compose document or part of one) with every string interpolated as by :func:`interpolate`
+    (``docker compose`` validates the file after interpolation)."""
+    if isinstance(value, str):
+        return interpolate(value, env)
+    if isinstance(value, dict):
+        return {key: interpolate_all(item, env) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate_all(item, env) for item in value]
+    return value
+
+
+def schema_errors(document: Any) -> list[str]:
+    """Where and why ``document`` breaks the Compose specification's JSON schema (empty: a valid Compose file)."""
+    schema = json.loads(COMPOSE_SCHEMA.read_text(encoding="utf-8"))
+    validator_cls = validator_for(schema)
+    validator = validator_cls(schema, format_checker=validator_cls.FORMAT_CHECKER)
+    return [f"{error.json_path}: {error.message}" for error in validator.iter_errors(document)]
+
+
+def started_by(*profiles: str) -> set[str]:
+    """The services ``docker compose [--profile P ...] up`` starts when it names no service: those with no
+    ``profiles`` and those in one of ``profiles``."""
+    return {name for name, svc in SERVICES.items() if not svc.get("profiles") or set(svc["profiles"]) & set(profiles)}
+
+
+def reserves_gpu(service: str) -> bool:
+    devices = SERVICES[service].get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    return any("gpu" in device.get("capabilities", []) for device in devices)
+
+
+def published(service: str, env: Mapping[str, str]) -> list[tuple[str, int, int]]:
+    """(host address, host port, container port) of each of a service's ``ports`` (short syntax
+    ``ADDRESS:HOST:CONTAINER``), as ``docker compose`` would publish them with environment ``env``."""
+    ports = []
+    for entry in SERVICES[service].get("ports", []):
+        address, host, container = interpolate(str(entry), env).rsplit(":", 2)
+        ports.append((address, int(host), int(container)))
+    return ports
+
+
 def minio_ports() -> tuple[int, int | None]:
     """(API port, console port) the minio service listens on, from its `server` arguments."""
     args = argv(SERVICES["minio"].get("command"))
@@ -205,6 +252,39 @@ def test_interpolate_takes_defaults_values_and_literal_dollars() -> None:
     assert interpolate("$$HOME", {}) == "$HOME"
     with pytest.raises(KeyError, match="set A"):
         interpolate("${A:?set A}", {})
+
+
+def test_schema_errors_name_what_breaks_the_compose_specification() -> None:
+    broken = interpolate_all(COMPOSE, {})
+    broken["services"]["worker-cpu"]["profile"] = ["cpu"]  # misspelt: compose would refuse the file
+    broken["services"]["redis"]["healthcheck"]["interval"] = 5  # a duration is a string ("5s")
+    broken["services"]["minio-init"]["depends_on"]["minio"]["condition"] = "service_ready"  # no such condition
+    errors = "\n".join(schema_errors(broken))
+    assert "$.services['worker-cpu']: 'profile' does not match" in errors
+    assert "$.services.redis.healthcheck.interval: 5 is not of type 'string'" in errors
+    assert "$.services['minio-init'].depends_on" in errors
+
+
+def test_started_by_follows_compose_profiles() -> None:
+    assert started_by() == {name for name, svc in SERVICES.items() if "profiles" not in svc}
+    assert started_by("cpu") == started_by() | {"worker-cpu"}
+    assert started_by("cpu", "monitoring") == started_by("cpu") | {"flower"}
+
+
+# --- the file itself ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},  # every default
+        {"REDIS_HOST_PORT": "16379", "GENQ_WEBHOOK__ALLOW_HOSTS": '["hooks.internal"]', "GENQ_ENV": "prod"},
+    ],
+    ids=["defaults", "overridden"],
+)
+def test_compose_file_is_valid_against_the_compose_specification(env: dict[str, str]) -> None:
+    assert schema_errors(COMPOSE) == []  # as written: `${...}` strings where the schema allows strings
+    assert schema_errors(interpolate_all(COMPOSE, env)) == []  # as `docker compose` validates it
 
 
 # --- commands -----------------------------------------------------------------------------------------------
@@ -374,6 +454,49 @@ def test_gpu_is_reserved_for_worker_and_not_for_worker_cpu() -> None:
     assert {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]} in devices
     assert "deploy" not in SERVICES["worker-cpu"], "worker-cpu must run without a GPU"
     assert SERVICES["worker-cpu"].get("profiles") == ["cpu"]
+    assert SERVICES["worker"].get("profiles") == ["gpu"]
+
+
+@pytest.mark.parametrize(
+    ("profiles", "workers"),
+    [
+        ((), set()),  # Redis and MinIO alone
+        (("cpu",), {"worker-cpu"}),
+        (("gpu",), {"worker"}),
+        (("train",), {"worker-train"}),
+        (("monitoring",), set()),
+    ],
+)
+def test_each_profile_starts_only_the_worker_it_names(profiles: tuple[str, ...], workers: set[str]) -> None:
+    # `docker compose --profile cpu up` with no service name used to start the GPU worker too (it had no profile).
+    started = started_by(*profiles)
+    assert {name for name in started if argv(SERVICES[name].get("command"))[:1] == ["worker"]} == workers
+    if "gpu" not in profiles and "train" not in profiles:
+        assert not [name for name in started if reserves_gpu(name)], "a machine without a GPU must start it"
+    for name in started:  # every dependency starts with it (compose refuses one in a profile not enabled)
+        assert set(SERVICES[name].get("depends_on") or {}) <= started, f"{name} depends on a service not started"
+
+
+def test_published_ports_stay_on_loopback_and_clear_of_a_local_redis() -> None:
+    ports = [port for name in sorted(SERVICES) for port in published(name, {})]
+    assert ports and all(address == "127.0.0.1" for address, _, _ in ports), "publish on loopback only"
+    host_ports = [host for _, host, _ in ports]
+    assert len(host_ports) == len(set(host_ports)), f"two services publish one host port: {host_ports}"
+    # A Redis already on 6379 (the tests', .ci/run's, a developer's) would make `up` fail to bind.
+    assert published("redis", {}) == [("127.0.0.1", 6380, 6379)]
+    assert published("redis", {"REDIS_HOST_PORT": "16379"}) == [("127.0.0.1", 16379, 6379)]
+
+
+@pytest.mark.parametrize("service", [*WORKERS, "worker-train"])
+def test_workers_take_the_callback_allow_list_from_the_host(service: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    value = environment(service).get("GENQ_WEBHOOK__ALLOW_HOSTS")
+    assert value is not None, f"{service}: GENQ_WEBHOOK__ALLOW_HOSTS is not passed through"
+    for host_env, expected in [
+        ({}, []),
+        ({"GENQ_WEBHOOK__ALLOW_HOSTS": '["hooks.internal"]'}, ["hooks.internal"]),
+    ]:
+        monkeypatch.setenv("GENQ_WEBHOOK__ALLOW_HOSTS", interpolate(value, host_env))
+        assert WorkerSettings().webhook.allow_hosts == expected
 
 
 def test_training_worker_takes_only_the_train_queue_one_job_at_a_time_on_a_gpu() -> None:

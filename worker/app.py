@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
+from celery.app.amqp import AMQP
+from kombu import Connection
 
 from producer.core import constants
 from producer.errors import ConfigurationError
@@ -30,6 +33,31 @@ class _GivenBackFilter(logging.Filter):
         return not (isinstance(context, Mapping) and GIVEN_BACK in str(context.get("exc", "")))
 
 
+# kombu's Redis transport, except that a list element that is not a kombu message is dead-lettered instead of
+# stopping the worker (worker.deadletter); the broker_transport of a redis:// broker.
+TRANSPORT = "worker.deadletter:Transport"
+
+
+class _Connection(Connection):
+    """kombu's Connection, naming genq's transport by the broker it speaks in its URL: ``redis://host:6379/0``, not
+    ``worker.deadletter:Transport://host:6379/0``.
+
+    Flower picks its broker client by that URL's scheme (``flower.utils.broker.Broker``): with kombu's text it
+    answered "'redis' broker is not supported" on its broker page and showed no queue lengths. Only the text
+    changes: clones and pickles (``info()``) keep genq's transport."""
+
+    def as_uri(self, *args: Any, **kwargs: Any) -> str:
+        uri: str = super().as_uri(*args, **kwargs)
+        ours = f"{TRANSPORT}://"
+        return "redis://" + uri[len(ours) :] if uri.startswith(ours) else uri
+
+
+class _Amqp(AMQP):
+    """Celery's AMQP utilities with :class:`_Connection` (every connection ``app.connection*()`` opens)."""
+
+    Connection = _Connection
+
+
 def _quiet_given_back() -> None:
     trace = logging.getLogger("celery.app.trace")
     if not any(isinstance(f, _GivenBackFilter) for f in trace.filters):
@@ -40,11 +68,10 @@ def create_app(settings: WorkerSettings) -> Celery:
     """A Celery app configured from ``settings`` with genq's tasks registered."""
     _quiet_given_back()
     broker = settings.redis.url or "redis://127.0.0.1:6379/0"
-    app = Celery("genq", broker=broker, include=["worker.tasks"])
+    app = Celery("genq", broker=broker, include=["worker.tasks"], amqp=_Amqp)
     if urlsplit(broker).scheme == "redis":
-        # kombu's Redis transport, except that a list element that is not a kombu message is dead-lettered
-        # instead of stopping the worker (worker.deadletter). Other schemes (rediss, sentinel) keep kombu's own.
-        app.conf.broker_transport = "worker.deadletter:Transport"
+        # Other schemes (rediss, sentinel) keep kombu's own transport.
+        app.conf.broker_transport = TRANSPORT
     app.conf.update(
         # Security: never accept pickle (Celery's security guide).
         task_serializer="json",
@@ -71,6 +98,12 @@ def create_app(settings: WorkerSettings) -> Celery:
             # (kombu's defaults sweep only every 10 s x 10 = ~100 s).
             "unacked_restore_interval": settings.celery.unacked_restore_interval_s,
             "unacked_restore_throttle": 1,  # scan on every interval: the interval alone sets the period
+            # Each sweep holds a lock in Redis (kombu's "unacked_mutex", 300 s by default) so that one consumer of the
+            # fleet sweeps at a time. A worker SIGKILLed inside its sweep leaves the lock held: no one restored any
+            # dead worker's messages for 5 minutes (a killed worker's shards stayed unacked, their job "running").
+            # Concurrent sweeps are harmless (each restore is a WATCH transaction), so let it lapse within a few
+            # intervals.
+            "unacked_mutex_expire": 3 * settings.celery.unacked_restore_interval_s,
             # Serve a worker's queues strictly in the order given (-Q): BRPOP over several keys pops from the first
             # non-empty one. kombu's default, round_robin, moves the queue just served to the back, so a high job
             # would alternate with low ones instead of going first.

@@ -49,10 +49,13 @@ _REQUEST_EXAMPLES = {
     },
     "several labels with a callback": {
         "summary": "3 bags and 2 t-shirts, events POSTed to a webhook",
+        # A host that does not resolve is refused at submit (the SSRF guard): the reader puts their receiver's.
+        "description": "Replace YOUR-RECEIVER with your webhook receiver's host: callback URLs are checked at submit, "
+        "and a host that does not resolve, or resolves to a private address, is refused (422).",
         "value": {
             "model": "fmnist-cgan@1",
             "counts": {"bag": 3, "tshirt": 2},
-            "callback": {"url": "https://shop.example/hooks/genq", "events": ["succeeded", "failed"]},
+            "callback": {"url": "https://YOUR-RECEIVER/hooks/genq", "events": ["succeeded", "failed"]},
             "metadata": {"sku": "BAG-7"},
         },
     },
