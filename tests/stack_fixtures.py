@@ -1,5 +1,5 @@
-"""Fixtures of the real stack (Redis, moto S3, `genq worker` subprocesses), shared by tests/integration and
-tests/producer/api.
+"""Fixtures of the real stack (Redis, moto S3, `genq worker` subprocesses), shared by tests/integration, tests/chaos
+and tests/producer/api.
 
 Conftests import them by name; they are defined once, here.
 """
@@ -55,20 +55,28 @@ def stack(redis_url: str, s3_endpoint: str, model_root: Path) -> Iterator[Stack]
 
 WorkerFactory = Callable[..., WorkerProcess]
 WORKER_QUEUES = ",".join(constants.WORKER_QUEUES)  # what `genq worker` consumes by default
+# The generation queues alone: a worker with no callbacks worker beside it (a child process of its own)
+GENERATION_QUEUES = ",".join(q for q in constants.WORKER_QUEUES if q != constants.CALLBACK_QUEUE)
 
 
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
-    """Start `genq worker` subprocesses (ready to consume when returned); all are stopped after the test."""
+    """Start `genq worker` subprocesses (ready to consume when returned, unless ``ready=False``: then call
+    ``wait_ready()``); all are stopped after the test."""
     started: list[WorkerProcess] = []
 
     def start(
-        env: dict[str, str], *, queues: str = WORKER_QUEUES, pool: str = "threads", concurrency: int = 2
+        env: dict[str, str],
+        *,
+        queues: str = WORKER_QUEUES,
+        pool: str = "threads",
+        concurrency: int = 2,
+        ready: bool = True,
     ) -> WorkerProcess:
         log = tmp_path / f"worker-{len(started)}.log"
         worker = WorkerProcess(env, log, queues=queues, pool=pool, concurrency=concurrency)
         started.append(worker)
-        return worker.wait_ready()
+        return worker.wait_ready() if ready else worker
 
     yield start
     for worker in started:

@@ -91,7 +91,15 @@ def record(
         body_size=len(raw),
         at=utcnow(),
     )
-    log.error("dead-lettered a message from %s (%s stage): %s", queue or "?", stage, reason)
+    log.error(
+        "dead-lettered message %s (task %s, job %s) from %s (%s stage): %s",
+        message_id or "?",
+        task or "?",
+        job_id or "?",
+        queue or "?",
+        stage,
+        reason,
+    )
     payload = entry.model_dump_json()
     try:
         _push(client, payload)
@@ -171,7 +179,7 @@ class Channel(kombu_redis.Channel):
 
     def _brpop_read(self, **options: Any) -> bool:
         # kombu 5.7's _brpop_read with the decoding guarded; keep in step with kombu when upgrading it
-        # (tests/integration/test_poison.py pushes such elements at a real worker).
+        # (tests/chaos/test_poison.py pushes such elements at a real worker).
         try:
             try:
                 reply = self.client.parse_response(self.client.connection, "BRPOP", **options)

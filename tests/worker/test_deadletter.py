@@ -11,7 +11,7 @@ from producer.core import constants, records
 from producer.core.settings import RedisSettings
 from worker import deadletter
 from worker.app import create_app
-from worker.settings import WorkerSettings
+from worker.settings import CelerySettings, WorkerSettings
 
 
 def test_a_dead_letter_keeps_the_reason_and_a_truncated_raw_body(redis_client: redis.Redis) -> None:
@@ -48,6 +48,13 @@ def test_the_app_serves_queues_in_order_and_dead_letters_poison(url: str, guarde
     assert app.conf.worker_consumer == "worker.deadletter:Consumer"
     transport = app.connection_for_read().transport_cls
     assert (transport == "worker.deadletter:Transport") is guarded
+
+
+def test_the_lock_on_restoring_dead_workers_messages_lapses_within_three_restore_intervals(redis_url: str) -> None:
+    # kombu holds it for 300 s by default: a worker killed while restoring stopped every restore for 5 minutes.
+    settings = WorkerSettings(redis=RedisSettings(url=redis_url), celery=CelerySettings(unacked_restore_interval_s=2))
+    with create_app(settings).connection_for_read() as connection:
+        assert connection.default_channel.unacked_mutex_expire == 6  # the option kombu's channel reads
 
 
 def test_dead_letters_of_unreadable_job_records_are_truncated_and_capped_like_the_workers() -> None:

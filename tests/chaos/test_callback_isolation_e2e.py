@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from invariants import settle
 from stack import Stack, wait_until, worker_env
 from stack_fixtures import WorkerFactory
 from tarpit import Tarpit
@@ -25,7 +26,7 @@ from producer.core.callbacks.events import CallbackDeadLetter
 from producer.core.settings import RedisSettings, S3Settings, WebhookSettings
 from producer.settings import ClientSettings
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 NORMAL_LATENCY_S = 10.0  # a 1-image job takes well under a second here; generous for a loaded two-core machine
 
@@ -69,7 +70,8 @@ def test_a_trickling_receiver_is_cut_off_at_the_attempt_deadline_then_retried_an
     assert tarpit.accepted == 2  # one connection per attempt, each given up
     [letter] = [letter for letter in _dead_letters(stack) if letter.message.job_id == job.id]
     assert letter.attempts == 2 and letter.message.msg_id == records[0]["msg_id"]
-    assert stack.redis.zcard(constants.CALLBACKS_PENDING_KEY) == 0  # nothing left waiting anywhere
+    [settled] = settle(stack, [job.id]).values()  # dead-lettered, not lost; nothing left waiting anywhere
+    assert settled.dead_lettered == {letter.message.msg_id} and settled.attempts == tarpit.accepted
 
 
 def test_while_a_hanging_receiver_holds_its_events_other_jobs_and_their_events_keep_normal_latency(
@@ -94,6 +96,7 @@ def test_while_a_hanging_receiver_holds_its_events_other_jobs_and_their_events_k
             webhook=WebhookSettings(allow_hosts=["127.0.0.0/8"]),
         )
     )
+    healthy: list[str] = []
     with Tarpit(interval_s=0.5, host="127.0.0.2") as tarpit:
         hung = [client.submit(_request(tarpit.url, ["succeeded"])).id for _ in range(6)]
         tarpit.wait_open(2, timeout=60)  # its two slots taken: the other four events wait their turn
@@ -101,6 +104,7 @@ def test_while_a_hanging_receiver_holds_its_events_other_jobs_and_their_events_k
         for _ in range(4):  # another tenant's 1-image jobs, one after another, with a healthy receiver
             submitted = time.monotonic()
             job = client.submit(_request(webhook_receiver.url, ["succeeded"]))
+            healthy.append(job.id)
             assert client.wait(job.id, timeout=60).status is JobStatus.SUCCEEDED
             wait_until(
                 lambda job_id=job.id: any(r.json()["data"]["id"] == job_id for r in webhook_receiver.received),
@@ -118,7 +122,13 @@ def test_while_a_hanging_receiver_holds_its_events_other_jobs_and_their_events_k
     letters = {letter.message.job_id for letter in _dead_letters(stack)}
     assert letters >= set(hung)
     assert all(r.verified and r.status == 200 for r in webhook_receiver.received)
-    assert stack.redis.zcard(constants.CALLBACKS_PENDING_KEY) == 0
+    # Every event ended once, none lost: the hanging receiver's, dead-lettered after as many attempts as it saw
+    # connections; the healthy one's, delivered once each, as its own count says.
+    hanging = settle(stack, hung).values()
+    assert all(len(s.dead_lettered) == 1 for s in hanging)
+    assert sum(s.attempts for s in hanging) == tarpit.accepted
+    delivered = settle(stack, healthy, receiver=webhook_receiver).values()
+    assert all(len(s.delivered) == 1 and s.attempts == 1 for s in delivered)
 
 
 def _alive(pid: int) -> bool:
@@ -149,6 +159,8 @@ def test_genq_worker_delivers_callbacks_from_a_worker_of_its_own_restarted_if_it
     assert stack.client.wait(job.id, timeout=60).status is JobStatus.SUCCEEDED
     [received] = webhook_receiver.wait_for(1, timeout=30)
     assert received.verified and received.json()["data"]["id"] == job.id
+    [settled] = settle(stack, [job.id], receiver=webhook_receiver).values()
+    assert len(settled.delivered) == 1  # delivered once by the restarted callbacks worker, none lost
 
     os.kill(worker.pid, signal.SIGKILL)  # the generation worker alone, as an out-of-memory kill would
     wait_until(lambda: not _alive(child), 20, "the orphaned callbacks worker to stop")

@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 from api_server import publish_catalog
-from stack import Stack, worker_env
+from invariants import wait_nothing_left
+from stack import Stack, wait_until, worker_env
 
 from producer.contract import GenerateRequest, JobStatus
 from producer.core import constants
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 GOOD_JOB = {
     "kind": "generate",
@@ -127,6 +128,7 @@ def test_poison_messages_are_dead_lettered_with_the_reason_and_the_worker_keeps_
     assert rest[-1]["job_id"] == "neverrecorded01" and "neverrecorded01" in rest[-1]["body"]
 
     assert stack.redis.llen(constants.GENERATE_QUEUE) == 0
+    wait_nothing_left(stack.redis, [good.id, crashing.id, "neverrecorded01"])
     assert worker.proc.poll() is None and "Unrecoverable error" not in worker.log()
 
 
@@ -145,3 +147,4 @@ def test_poison_callback_messages_are_dead_lettered_not_dropped(stack: Stack, st
     reasons = sorted(letter["reason"] for letter in letters)  # the callbacks worker's threads take them in any order
     assert "not a callback event" in reasons[0] and "TypeError" in reasons[1], reasons
     assert stack.redis.llen(constants.CALLBACK_QUEUE) == 0
+    wait_until(lambda: stack.redis.hlen(constants.KOMBU_UNACKED_KEY) == 0, 30, "both to be acknowledged")

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from api_server import ApiServer, api_settings, make_key, session_for
+from invariants import settle
 from stack import Stack, worker_env
 from tiny_model import TINY_NAME
 from webhook_receiver import WebhookReceiver
@@ -23,7 +24,7 @@ from producer.contract import GenerateRequest, JobStatus
 from producer.core import constants
 from producer.core.callbacks.events import CallbackDeadLetter
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 SCHEDULE = [0, 0.2, 0.2, 0.2]  # four attempts, 0.2 s apart
 
@@ -89,6 +90,8 @@ def test_receiver_failing_three_times_gets_the_event_on_the_fourth_attempt_with_
     assert {r["msg_id"] for r in records} == {received[0].headers["webhook-id"]}
     assert all(r["next_retry_at"] for r in records[:3]) and records[3]["next_retry_at"] is None
     assert not any(r["dead_lettered"] for r in records)
+    [settled] = settle(stack, [job.id], receiver=webhook_receiver).values()
+    assert len(settled.delivered) == 1 and settled.attempts == 4  # the receiver saw each attempt the ledger did
 
 
 def test_410_stops_every_later_event_of_the_job(
@@ -106,6 +109,9 @@ def test_410_stops_every_later_event_of_the_job(
     assert all(r["attempt"] == 1 for r in records)  # nothing retried
     time.sleep(0.5)  # a retry, had one been scheduled, would be due by now
     assert [r.status for r in webhook_receiver.received] == [410]
+    events = ("queued", "running", "succeeded")
+    [settled] = settle(stack, [job.id], types=events, receiver=webhook_receiver).values()
+    assert not settled.delivered and not settled.dead_lettered and settled.attempts == 1  # stopped by the 410
     assert stack.redis.get(constants.JOB_CALLBACK_GONE_KEY.format(job_id=job.id)) == webhook_receiver.url.encode()
 
 
@@ -140,3 +146,5 @@ def test_used_up_window_dead_letters_the_event_and_the_api_shows_it(
     assert letter.message.msg_id == deliveries[0]["msg_id"] and letter.message.event.type.value == "succeeded"
     time.sleep(0.5)
     assert len(webhook_receiver.received) == 4  # given up: no fifth attempt
+    [settled] = settle(stack, [job_id], receiver=webhook_receiver).values()
+    assert settled.dead_lettered == {letter.message.msg_id} and settled.attempts == 4
