@@ -79,7 +79,7 @@ def test_generate_job_stores_pngs_and_manifest_and_sends_signed_callbacks(
     mine = _callbacks_until(receiver, queued.id, "succeeded")
     assert all(r.verified for r in mine), [r.verify_error for r in mine]
     events = [WebhookEvent.model_validate_json(r.body) for r in mine]
-    types = [e.type for e in sorted(events, key=lambda e: e.timestamp)]
+    types = [e.type for e in sorted(events, key=lambda e: e.seq or 0)]
     assert types[0] is EventType.QUEUED and types[1] is EventType.RUNNING and types[-1] is EventType.SUCCEEDED
     final = next(e for e in events if e.type is EventType.SUCCEEDED)
     assert [o.key for o in final.data.outputs] == keys[:-1]
