@@ -36,7 +36,7 @@ from producer.core import constants
 from producer.core.callbacks.events import CallbackMessage, callback_message
 from producer.core.callbacks.pending import PendingCallbacks
 from producer.core.clock import utcnow
-from producer.core.messages import JobMessage, callback_task, job_messages
+from producer.core.messages import JobMessage, callback_task, job_messages, publish
 from producer.core.records import as_text
 from producer.core.resolve import dataset_prefix, resolve_finetune, resolve_request, visible_models
 from producer.core.s3 import ObjectUrls, make_s3_client
@@ -297,15 +297,7 @@ class Client:
         PendingCallbacks(self.redis).send(callback_task(event), self._publish)  # kept until a worker starts it
 
     def _publish(self, message: JobMessage, countdown: float = 0.0) -> None:
-        self._celery_app().send_task(
-            message.task,
-            args=message.args,
-            argsrepr=message.argsrepr,
-            kwargsrepr="{}",
-            queue=message.queue,
-            task_id=message.task_id,
-            countdown=countdown or None,
-        )
+        publish(self._celery_app(), message, countdown)
 
     def _celery_app(self) -> Celery:
         if self._celery is None:

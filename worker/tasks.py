@@ -20,7 +20,7 @@ from producer.core.callbacks.events import CallbackMessage
 from producer.core.callbacks.pending import PendingCallbacks
 from producer.core.callbacks.secrets import TenantSecrets
 from producer.core.clock import utcnow
-from producer.core.messages import JobMessage, callback_task, queue_for, task_id
+from producer.core.messages import JobMessage, callback_task, publish, queue_for, task_id
 from producer.core.settings import dev_mode_problem
 from producer.core.store import JobStore
 from worker import telemetry
@@ -53,15 +53,7 @@ def send_callback(message: CallbackMessage, countdown: float = 0.0) -> None:
 
 
 def _publish(message: JobMessage, countdown: float = 0.0) -> None:
-    app.send_task(
-        message.task,
-        args=message.args,
-        argsrepr=message.argsrepr,
-        kwargsrepr="{}",
-        queue=message.queue,
-        task_id=message.task_id,
-        countdown=countdown or None,
-    )
+    publish(app, message, countdown)
 
 
 # max_retries=None: genq's retry policy (GENQ_CELERY__RETRIES) bounds retries; Celery's default of 3 would raise the

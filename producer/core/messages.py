@@ -40,6 +40,21 @@ class JobMessage:
         return f"(job {first.get('job_id')!r}, task {self.task_id!r})"
 
 
+def publish(app: Any, message: JobMessage, countdown: float = 0.0) -> None:
+    """Send ``message`` through the Celery app ``app`` (the client's or a worker's), to run ``countdown`` s from now
+    (0: at once). Its task id is the message's, so the sweeper can look for it; Celery shows
+    :attr:`JobMessage.argsrepr` instead of the payload."""
+    app.send_task(
+        message.task,
+        args=message.args,
+        argsrepr=message.argsrepr,
+        kwargsrepr="{}",
+        queue=message.queue,
+        task_id=message.task_id,
+        countdown=countdown or None,
+    )
+
+
 def queue_for(job: GenerateJob | FineTuneJob) -> str:
     """The Celery queue a job's messages go to: per generate priority, one for small jobs and one for bulk ones
     (more than ``SMALL_JOB_MAX_IMAGES`` images, served after the small ones); fine-tunes on their own."""
