@@ -18,6 +18,7 @@ from producer.contract import OutputFormat
 
 # IPTC digital source type for media created by a trained model: the marker provenance checkers look for.
 IPTC_TRAINED_ALGORITHMIC = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+XMP_PNG_KEYWORD = "XML:com.adobe.xmp"  # the iTXt keyword PNG readers take XMP from
 
 
 def provenance(*, generator: str, version: str, label: str, seed: int) -> dict[str, str]:
@@ -44,18 +45,21 @@ def _to_pil(image: np.ndarray) -> Image.Image:
 
 
 def encode_image(image: np.ndarray, fmt: OutputFormat, info: dict[str, str]) -> bytes:
-    """Encode one uint8 (C, H, W) image as ``fmt`` with ``info`` embedded as metadata."""
+    """Encode one uint8 (C, H, W) image as ``fmt`` with ``info`` embedded as metadata: as XMP in every format (the
+    IPTC digital source type and the genq fields), and as PNG text chunks or a JPEG comment besides."""
     pil = _to_pil(image)
     buf = io.BytesIO()
+    xmp = _xmp(info)  # where provenance tools look (exiftool: XMP-iptcExt:DigitalSourceType), in every format
     if fmt is OutputFormat.PNG:
         png_info = PngInfo()
         for key, value in info.items():
             png_info.add_text(key, value)
+        png_info.add_itxt(XMP_PNG_KEYWORD, xmp.decode())  # iTXt, uncompressed, as the XMP specification asks
         pil.save(buf, format="PNG", pnginfo=png_info, compress_level=6)
     elif fmt is OutputFormat.JPEG:
-        pil.save(buf, format="JPEG", quality=92, comment=json.dumps(info, sort_keys=True).encode())
+        # XMP in an APP1 segment ("http://ns.adobe.com/xap/1.0/\0" header, written by Pillow), the fields as a comment
+        pil.save(buf, format="JPEG", quality=92, comment=json.dumps(info, sort_keys=True).encode(), xmp=xmp)
     else:
-        xmp = _xmp(info)
         pil.save(buf, format="WEBP", lossless=True, xmp=xmp)
     return buf.getvalue()
 

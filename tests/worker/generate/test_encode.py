@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,3 +53,22 @@ def test_jpeg_comment_and_webp_xmp_carry_provenance() -> None:
     webp = Image.open(io.BytesIO(encode_image(_image(3), OutputFormat.WEBP, INFO)))
     xmp = webp.info["xmp"]
     assert IPTC_TRAINED_ALGORITHMIC.encode() in xmp and b"<genq:seed>123</genq:seed>" in xmp
+
+
+@pytest.mark.skipif(shutil.which("exiftool") is None, reason="needs exiftool: apt-get install libimage-exiftool-perl")
+@pytest.mark.parametrize("fmt", list(OutputFormat))
+def test_exiftool_reads_the_iptc_digital_source_type_as_xmp_in_every_format(fmt: OutputFormat, tmp_path: Path) -> None:
+    # A reader that is not genq's own, where provenance tools look: XMP-iptcExt:DigitalSourceType.
+    path = tmp_path / f"image.{fmt.value}"
+    path.write_bytes(encode_image(_image(3), fmt, INFO))
+
+    found = subprocess.run(
+        ["exiftool", "-json", "-XMP-iptcExt:DigitalSourceType", "-XMP-genq:Seed", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+    [tags] = json.loads(found.stdout)
+    assert tags["DigitalSourceType"] == IPTC_TRAINED_ALGORITHMIC
+    assert tags["Seed"] == 123
