@@ -30,7 +30,7 @@ COPY producer ./producer
 COPY worker ./worker
 # The torch above already satisfies the project's range, so this pulls only the light dependencies.
 # EXTRA_PACKAGES is unquoted on purpose, so that it splits into separate requirements.
-RUN pip install . ${EXTRA_PACKAGES}
+RUN pip install ".[worker]" ${EXTRA_PACKAGES}
 
 RUN useradd --create-home --uid 10001 genq
 USER genq

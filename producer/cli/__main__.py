@@ -1,5 +1,5 @@
 """``python -m producer.cli``: the ``genq`` command."""
 
-from producer.cli.main import app
+from producer.cli import run
 
-app(prog_name="genq")
+run()
