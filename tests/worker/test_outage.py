@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,10 +19,9 @@ from kombu import Connection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from tcp_proxy import TcpProxy
-from tiny_model import TINY_NAME
-from tiny_runtime import tiny_runtime
+from tiny_runtime import tiny_job, tiny_runtime
 
-from producer.contract import Callback, EventType, GenerateJob, JobError, JobStatus, LabelCount, OutputRef, Shard
+from producer.contract import Callback, EventType, GenerateJob, JobError, JobStatus, OutputRef, Shard
 from producer.core import constants
 from producer.core.callbacks.delivery import Deliverer
 from producer.core.callbacks.events import CallbackMessage
@@ -66,16 +64,7 @@ def through(proxy: TcpProxy, redis_url: str) -> redis.Redis:
 
 
 def _job(job_id: str, count: int, callback: Callback | None = None) -> GenerateJob:
-    return GenerateJob(
-        job_id=job_id,
-        model=TINY_NAME,
-        model_name=TINY_NAME,
-        model_version="1",
-        items=[LabelCount(index=8, name="bag", count=count)],
-        seed=7,
-        created_at=datetime(2026, 11, 30, tzinfo=UTC),
-        callback=callback,
-    )
+    return tiny_job(job_id, count, callback=callback)
 
 
 class RedisGoesAway(RedisReporter):
