@@ -17,6 +17,7 @@ from producer.contract import FineTuneJob, GenerateJob, Shard
 from producer.core import constants
 from producer.core.callbacks.delivery import CallbackLedger, Deliverer, run_delivery
 from producer.core.callbacks.events import CallbackMessage
+from producer.core.callbacks.outbox import OutboxEntry
 from producer.core.callbacks.pending import PendingCallbacks
 from producer.core.callbacks.secrets import TenantSecrets
 from producer.core.clock import utcnow
@@ -25,10 +26,11 @@ from producer.core.settings import dev_mode_problem
 from producer.core.store import JobStore
 from worker import telemetry
 from worker.app import GIVEN_BACK, app, settings_of
-from worker.deadletter import record_task
+from worker.deadletter import record_outbox_entry, record_task
 from worker.jobs import NoBulkSlot, RedisUnavailable, execute_finetune, execute_generate, messages_ahead
 from worker.memory import tune_malloc
 from worker.outage import OUTAGES, wait_for_redis
+from worker.relay import Relay
 from worker.reporting import RedisReporter, TrainingReporter
 from worker.retries import RetryLater
 from worker.runtime import Runtime, get_runtime, make_registry, reset_runtime
@@ -44,12 +46,6 @@ _task_threads = 1
 
 def _runtime() -> Runtime:
     return get_runtime(settings_of(app), _task_threads)
-
-
-def send_callback(message: CallbackMessage, countdown: float = 0.0) -> None:
-    """Enqueue a callback delivery, to run at once or (a retry) after ``countdown`` seconds; kept in
-    :class:`PendingCallbacks` until a worker starts it."""
-    PendingCallbacks(_runtime().redis).send(callback_task(message), _publish, countdown)
 
 
 def _publish(message: JobMessage, countdown: float = 0.0) -> None:
@@ -78,7 +74,7 @@ def generate(self: Any, payload: dict[str, Any], shard: dict[str, Any] | None = 
         record_task(generate, f"not a generate job: {_errors(exc)}", [payload, shard])
         return
     runtime = _runtime()
-    reporter = RedisReporter(runtime.store, send_callback, runtime.settings.webhook.progress_interval_s)
+    reporter = RedisReporter(runtime.store, runtime.settings.webhook.progress_interval_s)
     retries = self.request.retries or 0
     try:
         served = self.app.amqp.queues.consume_from or ()  # -Q
@@ -111,7 +107,7 @@ def finetune(self: Any, payload: dict[str, Any]) -> None:
         reason = f"no record of job {job.job_id} (never created, or expired after GENQ_JOB_TTL_S)"
         record_task(finetune, reason, [payload], job_id=job.job_id)
         return
-    reporter = TrainingReporter(runtime.store, send_callback, runtime.settings.webhook.progress_interval_s)
+    reporter = TrainingReporter(runtime.store, runtime.settings.webhook.progress_interval_s)
     try:
         execute_finetune(job, runtime, reporter, self.request.retries or 0)
     except RetryLater as later:  # resumes from the job's last checkpoint
@@ -288,6 +284,8 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
     settings = settings_of(app)
     client = redis.Redis.from_url(settings.redis.url or "")
     _start_sweeper(settings, client)
+    if constants.CALLBACK_QUEUE in _consumed(sender):
+        _start_relay(client)
     if _serves_only_callbacks(sender):  # loads no model: deliveries need none (worker.tasks.deliver_callback)
         if settings.metrics_port is not None:
             telemetry.serve(settings.metrics_port)
@@ -307,10 +305,35 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
     log.info("worker ready: models %s", ", ".join(sorted(registry.catalog())) or "none")
 
 
+def _consumed(consumer: Any) -> set[str]:
+    queues = getattr(getattr(getattr(consumer, "app", None), "amqp", None), "queues", None)
+    return set(getattr(queues, "consume_from", None) or ())
+
+
 def _serves_only_callbacks(consumer: Any) -> bool:
-    consumed = getattr(getattr(getattr(consumer, "app", None), "amqp", None), "queues", None)
-    names = set(getattr(consumed, "consume_from", None) or ())
-    return names == {constants.CALLBACK_QUEUE}
+    return _consumed(consumer) == {constants.CALLBACK_QUEUE}
+
+
+_relay: Relay | None = None
+
+
+def _start_relay(client: redis.Redis) -> None:
+    # In the main process, whatever the pool, beside the deliveries this worker serves: it reads the outbox and
+    # publishes delivery messages (worker.relay).
+    global _relay
+    if _relay is not None:
+        return
+    pending = PendingCallbacks(client)
+
+    def send(message: CallbackMessage) -> None:
+        pending.send(callback_task(message), _publish)
+
+    def dead_letter(entry: OutboxEntry, reason: str) -> None:
+        record_outbox_entry(client, entry, reason)
+
+    _relay = Relay(client, send, dead_letter)
+    _relay.start()
+    log.info("relaying callback events from the outbox as %s", _relay.outbox.consumer)
 
 
 _sweeper: Watchdog | None = None

@@ -46,6 +46,10 @@ SWEEPER_LOCK_KEY = KEY_PREFIX + ":sweeper:lock"  # string (expires): one worker 
 # each worker process every GENQ_SWEEPER__HEARTBEAT_S (worker.watchdog); the watchdog sends again a shard whose
 # heartbeat stopped while its job is active and whose message is nowhere in the broker
 RUNNING_SHARDS_KEY = KEY_PREFIX + ":shards:running"
+# Callback events written in the same step as the change they announce (producer/core/lua/announce.lua), turned into
+# deliveries by the relay in callbacks workers (producer.core.callbacks.outbox): a stream, read by one consumer group
+CALLBACK_OUTBOX_KEY = KEY_PREFIX + ":callbacks:outbox"
+CALLBACK_RELAY_GROUP = "relay"
 # Callback messages sent and not started yet (producer.core.callbacks.pending.PendingCallbacks), for the sweeper to
 # find one the broker lost: sorted set of task ids, score = when due (Unix s), and hash: task id -> the task's
 # arguments (JSON)

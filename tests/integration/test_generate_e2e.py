@@ -33,11 +33,14 @@ def receiver() -> Iterator[WebhookReceiver]:
 
 
 def _callbacks_until(receiver: WebhookReceiver, job_id: str, final: str, timeout: float = 30) -> list[Received]:
-    """The callbacks received for ``job_id`` once one of type ``final`` has arrived (delivery order may vary)."""
+    """The callbacks received for ``job_id`` once one of type ``final`` has arrived, and every event made before it
+    (delivery order may vary: each event is its own message; ``seq`` numbers them 1, 2, ...)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         mine = [r for r in receiver.received if json.loads(r.body)["data"]["id"] == job_id]
-        if any(json.loads(r.body)["type"] == final for r in mine):
+        bodies = [json.loads(r.body) for r in mine]
+        last = [b["seq"] for b in bodies if b["type"] == final]
+        if last and {b["seq"] for b in bodies} >= set(range(1, last[0] + 1)):
             return mine
         time.sleep(0.05)
     raise TimeoutError(f"no {final!r} callback for job {job_id} within {timeout} s")
