@@ -13,7 +13,7 @@ from celery import signals
 from celery.exceptions import Reject
 from pydantic import ValidationError
 
-from producer.contract import FineTuneJob, GenerateJob, Shard
+from producer.contract import FineTuneJob, GenerateJob, GenerateRequest, Shard
 from producer.core import constants
 from producer.core.callbacks.delivery import CallbackLedger, Deliverer, run_delivery
 from producer.core.callbacks.events import CallbackMessage
@@ -21,9 +21,11 @@ from producer.core.callbacks.outbox import OutboxEntry
 from producer.core.callbacks.pending import PendingCallbacks
 from producer.core.callbacks.secrets import TenantSecrets
 from producer.core.clock import utcnow
+from producer.core.intake import Intake
 from producer.core.messages import JobMessage, callback_task, publish, queue_for, task_id
 from producer.core.settings import dev_mode_problem
 from producer.core.store import JobStore
+from producer.errors import IdempotencyConflict, InvalidJob
 from worker import telemetry
 from worker.app import GIVEN_BACK, app, settings_of
 from worker.deadletter import record_outbox_entry, record_task
@@ -114,6 +116,51 @@ def finetune(self: Any, payload: dict[str, Any]) -> None:
         raise _retry(self, later, runtime, task_id(job.job_id, 0)) from later
     except RedisUnavailable as down:  # resumed from its checkpoint once Redis answers
         raise _hand_back(runtime, task_id(job.job_id, 0), down.cause) from down
+
+
+@app.task(name=constants.SUBMIT_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def submit(self: Any, **request: Any) -> None:
+    """Record and enqueue a generate job that any Celery client sent (docs/celery.md): ``request`` is a
+    :class:`GenerateRequest` as keyword arguments, validated exactly as the Python client and the HTTP API validate
+    it; the job's id is this task's id, so the sender knows it. A request that is refused is dead-lettered with the
+    reason, naming the field."""
+    job_id = str(self.request.id)
+    try:
+        parsed = GenerateRequest.model_validate(request)
+    except ValidationError as exc:
+        record_task(submit, f"not a generate request: {_errors(exc)}", [request], job_id=job_id)
+        return
+    intake = _intake()
+    try:
+        if intake.store.exists(job_id):  # a redelivered submission: the job it recorded is under way
+            log.info("job %s: submitted already; this delivery changes nothing", job_id)
+            return
+        view = intake.submit(parsed, job_id=job_id)
+    except (InvalidJob, IdempotencyConflict) as exc:  # nothing was recorded; the key, if any, was let go
+        record_task(submit, f"refused: {exc}", [request], job_id=job_id)
+        return
+    except ValidationError as exc:  # the task id is no job id (a sender that chose its own)
+        record_task(submit, f"refused: {_errors(exc)}", [request], job_id=job_id)
+        return
+    except OUTAGES as exc:  # handed back: the next delivery submits it, or finds it recorded
+        wait_s = settings_of(app).celery.redis_wait_s
+        raise _requeue_when_redis_answers(intake.redis, wait_s, job_id, exc, "the submission") from exc
+    log.info("job %s: %d images of %s, submitted by a Celery client", view.id, view.progress.total, view.model)
+
+
+_intake_lock = threading.Lock()
+_intake_instance: Intake | None = None
+
+
+def _intake() -> Intake:
+    # A Redis client and the job store, not the runtime: a worker that only takes submissions loads no model.
+    global _intake_instance
+    with _intake_lock:
+        if _intake_instance is None:
+            settings = settings_of(app)
+            client = redis.Redis.from_url(settings.redis.url or "")
+            _intake_instance = Intake(client, JobStore(client, settings.job_ttl_s), settings, _publish)
+        return _intake_instance
 
 
 def _retry(task: Any, later: RetryLater, runtime: Runtime, shard_task_id: str) -> Exception:
