@@ -365,6 +365,9 @@ class JobView(BaseModel):
     model: str
     model_version: str | None = None
     seed: int | None = None
+    provenance: Provenance | None = Field(
+        default=None, description="Generate jobs: xmp, or c2pa (each output carries signed Content Credentials)."
+    )
     progress: Progress = Field(default_factory=Progress)
     shards: int = Field(default=1, description="Tasks the job was split into; several workers share a bulk job.")
     outputs: list[OutputRef] = Field(default_factory=list)
