@@ -153,7 +153,7 @@ def test_one_signer_signs_from_many_threads_at_once(signer: ContentSigner, c2pa_
     claims = [Claim("fmnist-cgan", "1", "bag", seed) for seed in range(24)]
 
     with ThreadPoolExecutor(8) as pool:
-        signed = list(pool.map(lambda args: signer.sign(args[0], OutputFormat.JPEG, args[1]), zip(images, claims)))
+        signed = list(pool.map(lambda data, claim: signer.sign(data, OutputFormat.JPEG, claim), images, claims))
 
     reads = [read_credentials(data, "image/jpeg", c2pa_chain.anchor_pem) for data in signed]
     assert all(r.failures == [] for r in reads)
