@@ -159,8 +159,9 @@ def _generate_embedded(request: GenerateRequest, out: Path) -> None:
         )
     tars = len({o.key for o in result.outputs}) if request.output == "webdataset" else 0
     packed = f" in {tars} tar{'' if tars == 1 else 's'}" if tars else ""
+    signed = ", signed with Content Credentials," if job.provenance == "c2pa" else ""
     console.print(
-        f"[green]wrote {len(result.outputs)} images[/]{packed} of {job.model_name}@{job.model_version} "
+        f"[green]wrote {len(result.outputs)} images[/]{packed}{signed} of {job.model_name}@{job.model_version} "
         f"(seed {job.seed}) and {result.manifest_key} to {out}/"
     )
 

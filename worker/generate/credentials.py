@@ -102,7 +102,7 @@ class NoSigner:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-NOT_CONFIGURED = NoSigner(f"this worker has no C2PA signing key: {SETUP_HINT}")
+NOT_CONFIGURED = NoSigner(f"no C2PA signing key is configured: {SETUP_HINT}")
 
 
 class ContentSigner:
