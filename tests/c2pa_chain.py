@@ -67,10 +67,15 @@ def _key_usage(*, signs: bool) -> x509.KeyUsage:
     return x509.KeyUsage(**flags)
 
 
-def make_chain(folder: Path) -> SigningChain:
-    """Write a fresh CA + ES256 (P-256) leaf chain into ``folder``."""
+def make_chain(folder: Path, *, expired: bool = False) -> SigningChain:
+    """Write a fresh CA + ES256 (P-256) leaf chain into ``folder``, valid from yesterday for 30 days (``expired``:
+    until yesterday)."""
     now = datetime.datetime.now(datetime.UTC)
-    valid = {"not_valid_before": now - datetime.timedelta(days=1), "not_valid_after": now + datetime.timedelta(days=30)}
+    day = datetime.timedelta(days=1)
+    valid = {
+        "not_valid_before": now - (31 if expired else 1) * day,
+        "not_valid_after": now - day if expired else now + 30 * day,
+    }
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder(issuer_name=_name("genq test CA"), subject_name=_name("genq test CA"), **valid)

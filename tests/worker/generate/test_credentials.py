@@ -194,6 +194,12 @@ def test_a_key_of_another_chain_does_not_load(c2pa_chain: SigningChain, tmp_path
     assert isinstance(signer, NoSigner) and "C2PA key" in signer.reason
 
 
+def test_an_expired_certificate_does_not_load(tmp_path: Path) -> None:
+    expired = make_chain(tmp_path / "expired", expired=True)
+    signer = load_signer(C2paSettings(key_file=expired.key_file, cert_chain_file=expired.chain_file))
+    assert isinstance(signer, NoSigner) and "not valid at time of signing" in signer.reason
+
+
 def test_an_unreadable_key_file_is_named(c2pa_chain: SigningChain, tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.key"
     signer = load_signer(C2paSettings(key_file=missing, cert_chain_file=c2pa_chain.chain_file))
