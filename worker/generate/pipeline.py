@@ -184,12 +184,16 @@ def run_generate(
         seeds = [image_seed(job.seed, i) for i in indices]
         return sample(job.model_name, job.model_version, [labels[i].index for i in indices], seeds)
 
+    def signed(data: bytes, label: str, seed: int) -> bytes:
+        """An encoded output as stored: with Content Credentials if the job asks for them, else as encoded."""
+        if job.provenance != "c2pa":
+            return data
+        return signer.sign(data, job.format, Claim(job.model_name, job.model_version, label, seed))
+
     def encode(index: int, image: np.ndarray) -> tuple[bytes, OutputRef]:
         label, seed = labels[index], image_seed(job.seed, index)
         info = provenance(generator=job.model_name, version=version, label=label.name, seed=seed)
-        data = encode_image(image, job.format, info)
-        if job.provenance == "c2pa":
-            data = signer.sign(data, job.format, Claim(job.model_name, job.model_version, label.name, seed))
+        data = signed(encode_image(image, job.format, info), label.name, seed)
         ref = OutputRef(
             index=index,
             label=label.name,
