@@ -95,6 +95,12 @@ def generate(
         "--output",
         help="objects (one object per image) or webdataset (one tar per shard: <index>.<ext> + <index>.json).",
     ),
+    provenance: str = typer.Option(
+        "xmp",
+        "--provenance",
+        help="xmp (IPTC XMP and text fields; reruns byte-identical) or c2pa (also signed Content Credentials: the "
+        "worker, or this process in embedded mode, needs GENQ_C2PA__* signing settings).",
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Embedded mode: write images here, no Redis/S3."),
     embedded: bool = typer.Option(False, "--embedded", help="Run in-process even if GENQ_REDIS__URL is set."),
     wait: bool = typer.Option(False, "--wait", help="Queue mode: follow the job to its end with a progress bar."),
@@ -127,6 +133,7 @@ def generate(
         idempotency_key=idempotency_key,
         priority=priority,
         output=output,
+        provenance=provenance,
     )
     settings = exits.load(ClientSettings)
     with exits.reported(settings):
@@ -152,8 +159,9 @@ def _generate_embedded(request: GenerateRequest, out: Path) -> None:
         )
     tars = len({o.key for o in result.outputs}) if request.output == "webdataset" else 0
     packed = f" in {tars} tar{'' if tars == 1 else 's'}" if tars else ""
+    signed = ", signed with Content Credentials," if job.provenance == "c2pa" else ""
     console.print(
-        f"[green]wrote {len(result.outputs)} images[/]{packed} of {job.model_name}@{job.model_version} "
+        f"[green]wrote {len(result.outputs)} images[/]{packed}{signed} of {job.model_name}@{job.model_version} "
         f"(seed {job.seed}) and {result.manifest_key} to {out}/"
     )
 

@@ -30,6 +30,7 @@ from producer.contract.fields import (
     FreeFormJson,
     NotBool,
     OutputLayout,
+    Provenance,
 )
 
 
@@ -167,6 +168,13 @@ class GenerateRequest(BaseModel):
     priority: Priority = Field(
         default="normal", description="Queue to wait in: workers take every high job before normal, normal before low."
     )
+    provenance: Provenance = Field(
+        default="xmp",
+        description=(
+            "xmp: IPTC DigitalSourceType in XMP and text fields (a rerun stores identical bytes); c2pa: also a signed "
+            "C2PA manifest (Content Credentials) in every image; an API key may require c2pa for all its jobs."
+        ),
+    )
 
     @field_validator("model")
     @classmethod
@@ -245,6 +253,7 @@ class GenerateJob(BaseModel):
     tenant: str | None = Field(default=None, pattern=TENANT_PATTERN)  # owner; None for jobs outside the HTTP API
     output: OutputLayout = "objects"
     priority: Priority = "normal"
+    provenance: Provenance = "xmp"
 
     @property
     def total_images(self) -> int:
@@ -356,6 +365,9 @@ class JobView(BaseModel):
     model: str
     model_version: str | None = None
     seed: int | None = None
+    provenance: Provenance | None = Field(
+        default=None, description="Generate jobs: xmp, or c2pa (each output carries signed Content Credentials)."
+    )
     progress: Progress = Field(default_factory=Progress)
     shards: int = Field(default=1, description="Tasks the job was split into; several workers share a bulk job.")
     outputs: list[OutputRef] = Field(default_factory=list)

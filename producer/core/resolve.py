@@ -84,6 +84,7 @@ def resolve_request(
         tenant=tenant,
         priority=request.priority,
         output=request.output,
+        provenance=request.provenance,
     )
 
 

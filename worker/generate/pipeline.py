@@ -25,6 +25,7 @@ from producer.core import constants
 from producer.core.records import VIEW_OUTPUTS_MAX
 from producer.core.seeds import image_seed
 from worker.errors import IncompleteJob
+from worker.generate.credentials import NOT_CONFIGURED, Claim, Signer
 from worker.generate.encode import encode_image, provenance
 from worker.generate.webdataset import ShardWriter, shard_key
 from worker.storage.base import SYSTEM_CLOCK, Clock, RetryWindow, Storage, within
@@ -131,6 +132,7 @@ def run_generate(
     prefix: str | None = None,
     stored: list[OutputRef] | None = None,
     clock: Clock = SYSTEM_CLOCK,
+    signer: Signer = NOT_CONFIGURED,
 ) -> GenerateResult:
     """Sample, encode and store the images of one shard of ``job`` (default: all of it); the last shard of the job
     to finish writes the manifest and marks the job succeeded.
@@ -149,6 +151,8 @@ def run_generate(
         prefix: object key prefix (default :func:`job_prefix`; the embedded CLI writes at the top of its folder).
         stored: filled in as images are stored, so a caller can report partial outputs when the run fails.
         clock: the retry window's time (a fake one in tests).
+        signer: signs the outputs of a job with ``provenance: "c2pa"`` (Content Credentials); a job asking for it
+            of a worker that cannot sign fails before any image is sampled.
 
     Raises whatever the model, the sampler or the storage raise; nothing is swallowed.
     """
@@ -156,6 +160,8 @@ def run_generate(
     outputs = stored if stored is not None else []
     labels = job.image_labels()
     shard = shard or plan_shards(len(labels), len(labels))[0]
+    if job.provenance == "c2pa":
+        signer.ready()
     if not reporter.started(job, shard):
         if reporter.awaiting_manifest(job):  # a run recorded the job's last shard, then died before the manifest
             manifest_key = _finish(job, storage, reporter, shard, prefix, None)
@@ -178,10 +184,16 @@ def run_generate(
         seeds = [image_seed(job.seed, i) for i in indices]
         return sample(job.model_name, job.model_version, [labels[i].index for i in indices], seeds)
 
+    def signed(data: bytes, label: str, seed: int) -> bytes:
+        """An encoded output as stored: with Content Credentials if the job asks for them, else as encoded."""
+        if job.provenance != "c2pa":
+            return data
+        return signer.sign(data, job.format, Claim(job.model_name, job.model_version, label, seed))
+
     def encode(index: int, image: np.ndarray) -> tuple[bytes, OutputRef]:
         label, seed = labels[index], image_seed(job.seed, index)
         info = provenance(generator=job.model_name, version=version, label=label.name, seed=seed)
-        data = encode_image(image, job.format, info)
+        data = signed(encode_image(image, job.format, info), label.name, seed)
         ref = OutputRef(
             index=index,
             label=label.name,
