@@ -17,7 +17,7 @@ from producer.contract import FineTuneJob, GenerateJob, GenerateRequest, Shard
 from producer.core import constants
 from producer.core.callbacks.delivery import CallbackLedger, Deliverer, run_delivery
 from producer.core.callbacks.events import CallbackMessage
-from producer.core.callbacks.outbox import OutboxEntry
+from producer.core.callbacks.outbox import CLAIM_AFTER_S, OutboxEntry
 from producer.core.callbacks.pending import PendingCallbacks
 from producer.core.callbacks.secrets import TenantSecrets
 from producer.core.clock import utcnow
@@ -262,7 +262,14 @@ def _deliver(task: Any, payload: dict[str, Any], client: redis.Redis, deliverer:
     except ValidationError as exc:  # acked and dead-lettered: a payload that does not validate never will
         record_task(deliver_callback, f"not a callback event: {_errors(exc)}", [payload])
         return
+    _attempt(message, client, deliverer)
+
+
+def _attempt(message: CallbackMessage, client: redis.Redis, deliverer: Deliverer) -> None:
+    """One delivery attempt of ``message``, from the delivery task or the relay's first attempt: what follows (a
+    retry, a deferral while its host is busy) goes on the callbacks queue."""
     settings = settings_of(app)
+    pending = PendingCallbacks(client)
     outcome = run_delivery(
         message,
         webhook=settings.webhook,
@@ -332,7 +339,7 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
     client = redis.Redis.from_url(settings.redis.url or "")
     _start_sweeper(settings, client)
     if constants.CALLBACK_QUEUE in _consumed(sender):
-        _start_relay(client)
+        _start_relay()
     if _serves_only_callbacks(sender):  # loads no model: deliveries need none (worker.tasks.deliver_callback)
         if settings.metrics_port is not None:
             telemetry.serve(settings.metrics_port)
@@ -364,23 +371,32 @@ def _serves_only_callbacks(consumer: Any) -> bool:
 _relay: Relay | None = None
 
 
-def _start_relay(client: redis.Redis) -> None:
+def _start_relay() -> None:
     # In the main process, whatever the pool, beside the deliveries this worker serves: it reads the outbox and
-    # publishes delivery messages (worker.relay).
+    # makes each event's first attempt on threads of its own, sharing this process's HTTP clients and host slots
+    # with the delivery task (worker.relay).
     global _relay
     if _relay is not None:
         return
-    pending = PendingCallbacks(client)
-
-    def send(message: CallbackMessage) -> None:
-        pending.send(callback_task(message), _publish)
+    client, deliverer = _callback_deps()
+    webhook = settings_of(app).webhook
 
     def dead_letter(entry: OutboxEntry, reason: str) -> None:
         record_outbox_entry(client, entry, reason)
 
-    _relay = Relay(client, send, dead_letter)
+    _relay = Relay(
+        client,
+        lambda message: _attempt(message, client, deliverer),
+        dead_letter,
+        threads=min(webhook.concurrency, RELAY_THREADS_MAX),
+        # Never claim an entry whose attempt may still be under way: the attempt deadline bounds it.
+        claim_after_s=max(CLAIM_AFTER_S, 2 * webhook.attempt_deadline_s + 5),
+    )
     _relay.start()
-    log.info("relaying callback events from the outbox as %s", _relay.outbox.consumer)
+    log.info("callback events: first attempts from the outbox as %s", _relay.outbox.consumer)
+
+
+RELAY_THREADS_MAX = 16  # the relay's delivery threads; retries and deferrals run on the worker's own pool
 
 
 _sweeper: Watchdog | None = None

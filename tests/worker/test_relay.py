@@ -5,6 +5,7 @@ entry is dead-lettered without holding up the others."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
@@ -234,3 +235,34 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_with_threads_a_hanging_attempt_holds_its_own_thread_only_and_is_never_attempted_twice_at_once(
+    store: JobStore, redis_client: redis.Redis
+) -> None:
+    hanging, quick = _job("job-relay-9"), _job("job-relay-10")
+    for job in (hanging, quick):
+        store.create(job)
+    store.start(hanging.job_id, 0, announce=True)  # its receiver hangs
+    release = threading.Event()
+    attempted: list[str] = []
+
+    def deliver(message: CallbackMessage) -> None:
+        attempted.append(message.job_id)
+        if message.job_id == hanging.job_id:
+            release.wait(30)
+
+    relay = Relay(redis_client, deliver, lambda entry, reason: None, threads=2, claim_after_s=0.0)
+    try:
+        assert relay.turn(block_ms=0) == 1
+        _run(store, quick)
+        relay._own_pending = True  # as after an outage: its own pending entries include the one in flight
+        while relay.turn(block_ms=0):
+            pass
+        _wait_for(lambda: attempted.count(quick.job_id) == 3)
+        assert attempted.count(hanging.job_id) == 1 and relay.in_flight() == 1
+    finally:
+        release.set()
+        relay.stop()
+    assert relay.in_flight() == 0
+    assert redis_client.xlen(constants.CALLBACK_OUTBOX_KEY) == 0

@@ -6,10 +6,11 @@ Lua script appends ``{job, event, seq, record}`` to the Redis stream ``genq:call
 worker next, and generation pays one stream append instead of reading the job back, signing nothing yet and
 publishing a message per event. Relays (``worker.relay``, in every worker that serves the callbacks queue) read the
 stream as one consumer group, turn each entry into a :class:`CallbackMessage` built from the record as it was at
-the change, hand it to the delivery task, then acknowledge and delete the entry.
+the change, make its first delivery attempt (retries go through the ``callbacks`` queue), then acknowledge and
+delete the entry.
 
-Delivery is at least once: a relay that dies between handing an event on and acknowledging it leaves the entry
-pending, and another relay claims it after ``claim_after_s`` and hands it on again, with the same ``webhook-id``
+Delivery is at least once: a relay that dies between attempting an event and acknowledging it leaves the entry
+pending, and another relay claims it after ``claim_after_s`` and attempts it again, with the same ``webhook-id``
 (the message id is derived from the job, the event and its sequence number), which is what receivers deduplicate on.
 
 >>> outbox = Outbox(client, consumer="worker-1@host")
@@ -81,23 +82,23 @@ class Outbox:
         self.batch = batch
         self._group_made = False
 
-    def read(self, block_ms: int) -> list[OutboxEntry]:
-        """Entries no relay has read yet, at most ``batch``, waiting up to ``block_ms`` for the first (0: not at
-        all; Redis reads a BLOCK of 0 as for ever)."""
-        return self._read(">", block_ms or None)
+    def read(self, block_ms: int, count: int | None = None) -> list[OutboxEntry]:
+        """Entries no relay has read yet, at most ``count`` (default ``batch``), waiting up to ``block_ms`` for the
+        first (0: not at all; Redis reads a BLOCK of 0 as for ever)."""
+        return self._read(">", block_ms or None, min(count or self.batch, self.batch))
 
     def read_own_pending(self) -> list[OutboxEntry]:
         """Entries this consumer read and has not acknowledged (it failed half-way, or restarted under its name)."""
-        return self._read("0", None)
+        return self._read("0", None, self.batch)
 
-    def _read(self, start: str, block_ms: int | None) -> list[OutboxEntry]:
+    def _read(self, start: str, block_ms: int | None, count: int) -> list[OutboxEntry]:
         self._make_group()
         try:
             answer = self.redis.xreadgroup(
                 constants.CALLBACK_RELAY_GROUP,
                 self.consumer,
                 {constants.CALLBACK_OUTBOX_KEY: start},
-                count=self.batch,
+                count=count,
                 block=block_ms,
             )
         except redis.ResponseError as exc:
