@@ -58,9 +58,11 @@ class RedisReporter:
             self._last_progress[job.job_id] = now
             self._emit(job, EventType.PROGRESS)
 
-    def succeeded(self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str) -> None:
+    def succeeded(
+        self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str, sheet_key: str | None = None
+    ) -> None:
         self._last_progress.pop(job.job_id, None)
-        if self.store.mark_succeeded(job.job_id, first, manifest_key, total=total):
+        if self.store.mark_succeeded(job.job_id, first, manifest_key, total=total, sheet_key=sheet_key):
             self._emit(job, EventType.SUCCEEDED)
 
     def stopped(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> None:

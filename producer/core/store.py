@@ -362,17 +362,25 @@ class JobStore:
         self.redis.hset(self.key(job_id), f"partial:{shard}", payload)
 
     def mark_succeeded(
-        self, job_id: str, outputs: list[OutputRef], manifest_key: str, total: int | None = None
+        self,
+        job_id: str,
+        outputs: list[OutputRef],
+        manifest_key: str,
+        total: int | None = None,
+        sheet_key: str | None = None,
     ) -> bool:
         """queued/running -> succeeded. ``outputs`` may be only the first ones of ``total`` (default: all of them);
-        the view keeps at most :data:`VIEW_OUTPUTS_MAX`, the manifest has every one."""
+        the view keeps at most :data:`VIEW_OUTPUTS_MAX`, the manifest has every one. ``sheet_key``: the job's
+        contact sheet, if it has one."""
         total = len(outputs) if total is None else total
-        fields = {
+        fields: dict[str, str | int] = {
             "outputs": json.dumps([o.model_dump(mode="json") for o in outputs[:VIEW_OUTPUTS_MAX]]),
             "outputs_truncated": int(total > VIEW_OUTPUTS_MAX),
             "manifest_key": manifest_key,
             "finished_at": utcnow().isoformat(),
         }
+        if sheet_key is not None:
+            fields["sheet_key"] = sheet_key
         # The per-shard lists served their purpose; the manifest and the view hold the outputs now.
         applied = self._apply(job_id, JobStatus.SUCCEEDED, _ACTIVE, set_fields=fields, drop_prefixes=("shard:",))
         return applied is not None
