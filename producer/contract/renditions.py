@@ -9,9 +9,9 @@ the edge checks is computed exactly as the worker will size the images.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from producer.contract.fields import NotBool
 
@@ -76,10 +76,20 @@ class Sharpness(BaseModel):
 
 
 OP_NAMES = ("autocontrast", "unsharp_mask", "contrast", "sharpness")
+
+
+def _op_name(value: Any) -> Any:
+    return value.get("op") if isinstance(value, dict) else getattr(value, "op", None)
+
+
+# A callable discriminator, because pydantic applies a custom error to an unknown or missing tag only then.
 Operation = Annotated[
-    Autocontrast | UnsharpMask | Contrast | Sharpness,
+    Annotated[Autocontrast, Tag("autocontrast")]
+    | Annotated[UnsharpMask, Tag("unsharp_mask")]
+    | Annotated[Contrast, Tag("contrast")]
+    | Annotated[Sharpness, Tag("sharpness")],
     Discriminator(
-        "op",
+        _op_name,
         custom_error_type="unknown_operation",
         custom_error_message=f"unknown or missing operation 'op': use one of {', '.join(OP_NAMES)}",
     ),
