@@ -72,7 +72,8 @@ def test_job_streams_to_its_terminal_view_with_outputs_under_the_tenant_prefix(
         prefix = f"tenants/acme/jobs/{job_id}/"
         assert [o.key for o in final.outputs] == [f"{prefix}{i:05d}.png" for i in range(3)]
         assert final.manifest_key == f"{prefix}manifest.json"
-        assert stack.keys(prefix) == [o.key for o in final.outputs] + [final.manifest_key]
+        assert final.sheet_key == f"{prefix}sheet.png" and final.sheet_url and final.sheet_key in final.sheet_url
+        assert stack.keys(prefix) == [o.key for o in final.outputs] + [final.manifest_key, final.sheet_key]
         assert stack.keys(f"jobs/{job_id}/") == []
         # The terminal event's outputs carry URLs, made when it was sent; every read makes its own.
         assert all(o.url and "X-Amz-Signature=" in o.url and o.key in o.url for o in final.outputs)
