@@ -1,6 +1,6 @@
 """A job's stored objects over HTTP: ``GET /v1/jobs/{id}/outputs/{index}``, ``GET /v1/jobs/{id}/manifest`` and
-``GET /v1/jobs/{id}/sheet`` answer 307 to a URL of the object made for the request (presigned, or under ``GENQ_S3__PUBLIC_BASE_URL``), for the job's
-tenant only. Where an output lies is :mod:`producer.api.locate`'s.
+``GET /v1/jobs/{id}/sheet`` answer 307 to a URL of the object made for the request (presigned, or under
+``GENQ_S3__PUBLIC_BASE_URL``), for the job's tenant only. Where an output lies is :mod:`producer.api.locate`'s.
 """
 
 from __future__ import annotations
