@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 SHEET_CELL = 128  # a contact sheet's cell: each image scaled to fit a square of this side
 SHEET_CAPTION = 14  # the caption strip under each cell
 SHEET_PAD = 2  # white space between cells and around the sheet (class_grid's default)
+SHEET_BACKGROUND = 224  # light grey behind each image, so that a white pad or margin shows as part of the image
 _CAPTION_FONT_SIZE = 10
 
 
@@ -59,8 +60,8 @@ def sheet_cell(image: Image.Image, side: int = SHEET_CELL) -> Image.Image:
 
 def contact_sheet(images: Sequence[Image.Image], captions: Sequence[str], per_row: int) -> Image.Image:
     """Tile ``images`` (mode L or RGB, any sizes) row-major, ``per_row`` a row, each scaled into a
-    :data:`SHEET_CELL` square (:func:`sheet_cell`), centred, with its caption underneath; tiled by
-    :func:`class_grid`. Mode L when every image is, else RGB.
+    :data:`SHEET_CELL` square (:func:`sheet_cell`), centred on :data:`SHEET_BACKGROUND`, with its caption underneath
+    on white; tiled by :func:`class_grid`. Mode L when every image is, else RGB.
 
     Cell ``i`` spans ``left = SHEET_PAD + col * (SHEET_CELL + SHEET_PAD)`` and ``top = SHEET_PAD + row *
     (SHEET_CELL + SHEET_CAPTION + SHEET_PAD)``; its image is centred in the square at (left, top), the caption below.
@@ -72,6 +73,7 @@ def contact_sheet(images: Sequence[Image.Image], captions: Sequence[str], per_ro
     cells = []
     for image, caption in zip(images, captions, strict=True):
         cell = Image.new(mode, (SHEET_CELL, SHEET_CELL + SHEET_CAPTION), "white")
+        cell.paste(SHEET_BACKGROUND if mode == "L" else (SHEET_BACKGROUND,) * 3, (0, 0, SHEET_CELL, SHEET_CELL))
         thumb = sheet_cell(image.convert(mode))
         cell.paste(thumb, ((SHEET_CELL - thumb.width) // 2, (SHEET_CELL - thumb.height) // 2))
         draw = ImageDraw.Draw(cell)

@@ -21,7 +21,7 @@ from stack import Stack
 from webhook_receiver import WebhookReceiver
 from worker_process import WorkerProcess
 
-from models.grid import SHEET_CAPTION, SHEET_CELL, SHEET_PAD
+from models.grid import SHEET_BACKGROUND, SHEET_CAPTION, SHEET_CELL, SHEET_PAD
 from producer.client import Client
 from producer.contract import GenerateRequest, JobStatus, Manifest, WebhookEvent
 from producer.core.settings import DEV_WEBHOOK_SECRET
@@ -122,10 +122,10 @@ def _cells(sheet: Image.Image, count: int, per_row: int) -> list[np.ndarray]:
 
 
 def _downscaled(data: bytes) -> np.ndarray:
-    """An output shrunk into a sheet cell with Pillow's own thumbnail (not genq's code), centred on white."""
+    """An output shrunk into a sheet cell with Pillow's own thumbnail (not genq's code), centred on the cell's grey."""
     image = Image.open(io.BytesIO(data)).convert("L")
     image.thumbnail((SHEET_CELL, SHEET_CELL), Image.Resampling.BILINEAR)
-    canvas = Image.new("L", (SHEET_CELL, SHEET_CELL), 255)
+    canvas = Image.new("L", (SHEET_CELL, SHEET_CELL), SHEET_BACKGROUND)
     canvas.paste(image, ((SHEET_CELL - image.width) // 2, (SHEET_CELL - image.height) // 2))
     return np.asarray(canvas, float)
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from tiny_model import TINY_NAME, make_tiny_model
 
-from models.grid import SHEET_CAPTION, SHEET_CELL, SHEET_PAD
+from models.grid import SHEET_BACKGROUND, SHEET_CAPTION, SHEET_CELL, SHEET_PAD
 from producer.contract import GenerateJob, LabelCount, Manifest, OutputFormat, OutputRef, Rendition, Shard, plan_shards
 from worker.catalog.registry import ModelRegistry
 from worker.generate.inference import InferenceEngine
@@ -194,11 +194,11 @@ def _cells(sheet: Image.Image, count: int, per_row: int) -> list[np.ndarray]:
 
 
 def _thumbnail(data: bytes) -> np.ndarray:
-    """An output scaled into a sheet cell by Pillow directly, centred on white, as RGB."""
+    """An output scaled into a sheet cell by Pillow directly, centred on the cell's grey, as RGB."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
     scale = min(SHEET_CELL / image.width, SHEET_CELL / image.height)
     size = (round(image.width * scale), round(image.height * scale))
-    canvas = Image.new("RGB", (SHEET_CELL, SHEET_CELL), "white")
+    canvas = Image.new("RGB", (SHEET_CELL, SHEET_CELL), (SHEET_BACKGROUND,) * 3)
     canvas.paste(
         image.resize(size, Image.Resampling.NEAREST), ((SHEET_CELL - size[0]) // 2, (SHEET_CELL - size[1]) // 2)
     )
