@@ -319,9 +319,18 @@ def main() -> None:
     print("CPU ms per delivery (delivering thread): " + ", ".join(f"{k} {v:.2f}" for k, v in cpu_per_delivery.items()))
     print()
     print(f"jobs_per_s_no_callbacks={base:.1f}")
+    worker_cpu = {name: statistics.median(c[0] for c in cpu[name]) for name in labels}
+    callbacks_cpu = {name: statistics.median(c[1] for c in cpu[name]) for name in labels}
     for name in ("ok", "failing", "none_hanging", "hanging"):
         print(f"jobs_per_s_{name}={median[name]:.1f}")
         print(f"ratio_{name}={median[name] / base:.2f}")
+        # The generation worker's own CPU per job without callbacks over with them: the jobs/s ratio where the
+        # deliveries run on CPU of their own (another core, another machine, a GPU box's idle cores).
+        print(f"worker_cpu_ratio_{name}={worker_cpu['none'] / worker_cpu[name]:.2f}")
+    # What bounds jobs/s on a machine whose cores are all busy: generation and deliveries share them.
+    for name in ("ok", "hanging"):
+        shared = (worker_cpu["none"] + callbacks_cpu["none"]) / (worker_cpu[name] + callbacks_cpu[name])
+        print(f"shared_cores_cpu_ratio_{name}={shared:.2f}")
     for key, value in cpu_per_delivery.items():
         print(f"cpu_ms_per_delivery_{key}={value:.2f}")
 

@@ -115,7 +115,7 @@ def genq_seconds_per_step(base_dir: Path, data_dir: Path, redis_url: str, steps:
             created_at=datetime.now(UTC),
         )
         store.create(job)
-        reporter = TrainingReporter(store, lambda _m: None)
+        reporter = TrainingReporter(store)
         with tempfile.TemporaryDirectory() as work:
             started = time.perf_counter()
             run_finetune(

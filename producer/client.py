@@ -12,10 +12,9 @@ import json
 import logging
 import tarfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import redis
 
@@ -25,7 +24,6 @@ from producer.contract import (
     FineTuneRequest,
     GenerateJob,
     GenerateRequest,
-    JobError,
     JobStatus,
     JobView,
     Manifest,
@@ -36,13 +34,12 @@ from producer.contract import (
 from producer.core import constants
 from producer.core.callbacks.events import CallbackMessage, callback_message
 from producer.core.callbacks.pending import PendingCallbacks
-from producer.core.clock import utcnow
-from producer.core.messages import JobMessage, callback_task, job_messages, publish
-from producer.core.records import as_text
-from producer.core.resolve import dataset_prefix, resolve_finetune, resolve_request, visible_models
+from producer.core.intake import Intake
+from producer.core.messages import JobMessage, callback_task, publish
+from producer.core.resolve import dataset_prefix, visible_models
 from producer.core.s3 import ObjectUrls, make_s3_client
 from producer.core.store import JobStore
-from producer.errors import IdempotencyConflict, InvalidJob, JobEnded, JobNotFound, JobTimeout
+from producer.errors import InvalidJob, JobEnded, JobNotFound, JobTimeout
 from producer.settings import ClientSettings
 from producer.uploads import DatasetMeter, ProgressFn, Upload, archive_reference, metered, upload_dataset
 
@@ -50,11 +47,6 @@ if TYPE_CHECKING:
     from celery import Celery
 
 log = logging.getLogger("genq.client")
-# How long identical requests sent at once wait for the first one's job to be recorded (it takes milliseconds).
-_REPLAY_WAIT_S = 10.0
-
-Request = TypeVar("Request", GenerateRequest, FineTuneRequest)
-Job = TypeVar("Job", GenerateJob, FineTuneJob)
 
 
 class Client:
@@ -72,6 +64,7 @@ class Client:
             raise InvalidJob("no Redis configured: set GENQ_REDIS__URL, or use `genq generate --out DIR` (embedded)")
         self.redis = redis.Redis.from_url(self.settings.redis.url)
         self.store = JobStore(self.redis, self.settings.job_ttl_s)
+        self.intake = Intake(self.redis, self.store, self.settings, self._publish)
         self._celery: Celery | None = None
         self._s3: Any = None
         self.urls = ObjectUrls(self.settings.s3)  # makes its boto3 client on the first URL
@@ -84,13 +77,7 @@ class Client:
         The operator's view; what a tenant may see and name is :meth:`visible_models`. A record that does not parse
         is logged and left out, so one bad entry never refuses every request.
         """
-        catalog: dict[str, ModelEntry] = {}
-        for key, raw in self.redis.hgetall(constants.CATALOG_KEY).items():
-            try:
-                catalog[as_text(key)] = ModelEntry.model_validate_json(raw)
-            except ValueError as exc:  # pydantic's ValidationError is a ValueError
-                log.warning("ignoring catalogue entry %r: %s", as_text(key), exc)
-        return catalog
+        return self.intake.models()
 
     def visible_models(self, tenant: str | None) -> dict[str, ModelEntry]:
         """The models ``tenant`` may see and name, by name: the system's and its own (None: the system's only).
@@ -118,23 +105,7 @@ class Client:
                 nothing is enqueued.
             IdempotencyConflict: the idempotency key was used before with a different request.
         """
-
-        def resolve(job_id: str) -> GenerateJob:
-            return resolve_request(
-                request,
-                self.models(),
-                self.settings.limits,
-                job_id=job_id,
-                now=utcnow(),
-                tenant=tenant,
-                allow_hosts=self.settings.webhook.allow_hosts,
-            )
-
-        def enqueue(job: GenerateJob) -> JobView:
-            # several workers share a bulk job, one shard each
-            return self._record_and_send(job, self.settings.shard_size)
-
-        return self._submit(request, tenant, resolve, admit, enqueue)
+        return self.intake.submit(request, tenant, admit=admit)
 
     def upload_dataset(
         self, path: Path, on_progress: ProgressFn | None = None, *, meter: DatasetMeter | None = None
@@ -198,69 +169,7 @@ class Client:
                 (``.field`` says which); nothing is enqueued.
             IdempotencyConflict: the idempotency key was used before with a different request.
         """
-
-        def resolve(job_id: str) -> FineTuneJob:
-            return resolve_finetune(
-                request,
-                self.models(),
-                self.settings.limits,
-                job_id=job_id,
-                now=utcnow(),
-                tenant=tenant,
-                allow_hosts=self.settings.webhook.allow_hosts,
-            )
-
-        def enqueue(job: FineTuneJob) -> JobView:
-            return self._record_and_send(job, shard_size=1)  # one message, on the train queue
-
-        return self._submit(request, tenant, resolve, admit, enqueue)
-
-    def _submit(
-        self,
-        request: Request,
-        tenant: str | None,
-        resolve: Callable[[str], Job],
-        admit: Callable[[Job], None] | None,
-        enqueue: Callable[[Job], JobView],
-    ) -> JobView:
-        """Claim the idempotency key, resolve, admit, then record and enqueue; a replayed key answers its job."""
-        job_id = uuid.uuid4().hex
-        while request.idempotency_key is not None:
-            existing = self._claim_idempotency_key(request, job_id, tenant)
-            if existing is None:
-                break  # the key is ours: submit
-            view = self._replay(request, existing, tenant)
-            if view is not None:
-                return view
-            # the request that held the key was refused and let it go: try to claim it ourselves
-        try:
-            job = resolve(job_id)
-            if admit is not None:
-                admit(job)
-        except Exception:  # refused: the key must not point at a job that was never recorded
-            self._release_idempotency_key(request, tenant)
-            raise
-        return enqueue(job)
-
-    def _record_and_send(self, job: GenerateJob | FineTuneJob, shard_size: int) -> JobView:
-        """Record ``job`` as queued, announce it, then send its messages (:func:`producer.core.messages.job_messages`).
-
-        A job that cannot be enqueued is failed (``EnqueueFailed``) and the error raised: never a queued record with
-        no message behind it. (A client killed between the two leaves one; the workers' sweeper sends it.)
-        """
-        messages = job_messages(job, shard_size)
-        view = self.store.create(job, shards=len(messages), shard_size=shard_size)
-        # The queued event is stamped and sent before the job can start, so its timestamp precedes "running".
-        message = callback_message(job.callback, EventType.QUEUED, view, self.store.next_event_seq(job.job_id))
-        try:
-            if message is not None:
-                self._send_callback(message)
-            for m in messages:
-                self._publish(m)
-        except Exception as exc:
-            self.store.mark_failed(job.job_id, JobError(type="EnqueueFailed", message=f"could not enqueue: {exc}"))
-            raise
-        return view
+        return self.intake.submit_finetune(request, tenant, admit=admit)
 
     def cancel(self, job_id: str, tenant: str | None = None) -> JobView:
         """Cancel a queued or running job and announce it (a ``canceled`` callback event); returns its view.
@@ -308,60 +217,6 @@ class Client:
             app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True)
             self._celery = app
         return self._celery
-
-    @staticmethod
-    def _idempotency_redis_key(request: GenerateRequest | FineTuneRequest, tenant: str | None) -> str:
-        # Scoped per tenant: two tenants may use the same key for different jobs.
-        if tenant is not None:
-            return constants.TENANT_IDEMPOTENCY_KEY.format(tenant=tenant, key=request.idempotency_key)
-        return constants.IDEMPOTENCY_KEY.format(key=request.idempotency_key)
-
-    def _claim_idempotency_key(
-        self, request: GenerateRequest | FineTuneRequest, job_id: str, tenant: str | None
-    ) -> str | None:
-        """Own the key for ``job_id``; return the earlier job's id if the same request was submitted before."""
-        key = self._idempotency_redis_key(request, tenant)
-        body = hashlib.sha256(request.model_dump_json(exclude={"idempotency_key"}).encode()).hexdigest()
-        record = json.dumps({"job_id": job_id, "body": body})
-        if self.redis.set(key, record, nx=True, ex=self.settings.job_ttl_s):
-            return None
-        raw = self.redis.get(key)
-        if raw is None:  # expired between the two calls: try once more
-            return self._claim_idempotency_key(request, job_id, tenant)
-        earlier = json.loads(raw)
-        if earlier["body"] != body:
-            raise IdempotencyConflict(
-                f"idempotency key {request.idempotency_key!r} was already used for a different request "
-                f"(job {earlier['job_id']})"
-            )
-        return str(earlier["job_id"])
-
-    def _replay(self, request: GenerateRequest | FineTuneRequest, job_id: str, tenant: str | None) -> JobView | None:
-        """The view of the job an earlier request with the same key made; None if that request let the key go.
-
-        Identical requests sent at once all find the first one's claim before its job is recorded (it is still
-        resolving and admitting): each waits for the record rather than answering "not found".
-        """
-        key = self._idempotency_redis_key(request, tenant)
-        deadline = time.monotonic() + _REPLAY_WAIT_S
-        while True:
-            try:
-                return self.store.get(job_id)
-            except JobNotFound:
-                pass
-            raw = self.redis.get(key)
-            if raw is None or json.loads(raw)["job_id"] != job_id:
-                return None
-            if time.monotonic() >= deadline:
-                raise IdempotencyConflict(
-                    f"idempotency key {request.idempotency_key!r}: the request that first used it is still being "
-                    f"submitted after {_REPLAY_WAIT_S:g} s; retry in a moment"
-                )
-            time.sleep(0.02)
-
-    def _release_idempotency_key(self, request: GenerateRequest | FineTuneRequest, tenant: str | None) -> None:
-        if request.idempotency_key is not None:
-            self.redis.delete(self._idempotency_redis_key(request, tenant))
 
     # -- reading ------------------------------------------------------------------------------------------
 

@@ -45,9 +45,6 @@ class ApiSettings(BaseModel):
 
 
 class ClientSettings(GenqSettings):
-    """What a producer process needs: the shared groups, the HTTP API's, and how bulk jobs are split."""
+    """What a producer process needs: the shared groups and the HTTP API's."""
 
     api: ApiSettings = Field(default_factory=ApiSettings)
-    shard_size: int = Field(
-        default=1000, ge=1, description="Bulk jobs are split into tasks of this many images, shared by workers."
-    )

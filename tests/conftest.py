@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import threading  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import boto3  # noqa: E402
 import pytest  # noqa: E402
@@ -18,6 +19,9 @@ import redis  # noqa: E402
 from webhook_receiver import WebhookReceiver  # noqa: E402
 
 from producer.core.settings import DEV_WEBHOOK_SECRET
+
+if TYPE_CHECKING:
+    from c2pa_chain import SigningChain
 
 # A test run flushes its Redis database before and after every test: two runs on one machine (a developer's and CI's,
 # or two branches) must never share one. Each run claims a free database of the local Redis, by a key in database 0
@@ -127,3 +131,11 @@ def webhook_receiver() -> Iterator[WebhookReceiver]:
     receiver.start()
     yield receiver
     receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def c2pa_chain(tmp_path_factory: pytest.TempPathFactory) -> SigningChain:
+    """A throwaway CA + ES256 leaf chain for Content Credentials, in a temporary folder (never in the repository)."""
+    from c2pa_chain import make_chain
+
+    return make_chain(tmp_path_factory.mktemp("c2pa"))

@@ -115,6 +115,7 @@ def create_app(settings: WorkerSettings) -> Celery:
             constants.GENERATE_TASK: {"queue": constants.GENERATE_QUEUE},  # the client picks a queue per priority
             constants.CALLBACK_TASK: {"queue": constants.CALLBACK_QUEUE},
             constants.FINETUNE_TASK: {"queue": constants.TRAIN_QUEUE},  # long jobs on workers of their own
+            constants.SUBMIT_TASK: {"queue": constants.SUBMIT_QUEUE},
         },
         task_default_queue=constants.GENERATE_QUEUE,
         worker_hijack_root_logger=False,

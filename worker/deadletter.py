@@ -14,6 +14,7 @@ worker goes on serving. Where each kind is caught:
   a 3-item list raises out of Celery's handler and stops the worker, the message coming back for the next one).
 - the task (:func:`record_task`, from ``worker.tasks``): arguments that are not a job, a job with no record, a task
   that raised; and ``worker.jobs`` for a job delivered more than ``GENQ_CELERY__MAX_DELIVERIES`` times.
+- the callback outbox (stage ``outbox``, ``worker.relay``): an event entry the relay cannot turn into a message.
 - the job record (stage ``record``, written by ``producer.core.store``, which cannot import this module): a record
   no reader can parse, recorded once by the first reader that meets it; the readers skip it.
 """
@@ -37,6 +38,7 @@ from kombu.utils.json import loads
 from pydantic import BaseModel
 
 from producer.core import constants
+from producer.core.callbacks.outbox import OutboxEntry
 from producer.core.clock import utcnow
 from worker.outage import OUTAGES, Backlog
 
@@ -47,7 +49,7 @@ MAX_ENTRIES = 10_000  # the list is trimmed to this many: a flood of garbage can
 # Dead letters recorded while Redis is away, written once it answers (at most as many as the list keeps).
 BACKLOG = Backlog("dead-letters", limit=MAX_ENTRIES)
 
-Stage = Literal["transport", "consumer", "task", "record"]
+Stage = Literal["transport", "consumer", "task", "record", "outbox"]
 
 
 class DeadLetter(BaseModel):
@@ -113,6 +115,12 @@ def record(
     except redis.RedisError as exc:  # an answer (out of memory, a wrong type): retrying the same write cannot help
         log.error("could not store the dead letter (%s): %s", exc, payload)
     return entry
+
+
+def record_outbox_entry(client: redis.Redis, entry: OutboxEntry, reason: str) -> DeadLetter:
+    """Dead-letter a callback outbox entry the relay cannot read (its event cannot be sent; the others are)."""
+    body = json.dumps({"job": entry.job_id, "event": entry.event, "seq": entry.seq, "record": entry.record})
+    return record(client, reason, body, stage="outbox", queue=constants.CALLBACK_OUTBOX_KEY, job_id=entry.job_id)
 
 
 def _push(client: redis.Redis, payload: str) -> None:

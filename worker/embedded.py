@@ -11,6 +11,7 @@ from producer.contract import GenerateJob, GenerateRequest, OutputRef, Shard
 from producer.core.clock import utcnow
 from producer.core.resolve import resolve_request
 from worker.catalog.registry import ModelRegistry
+from worker.generate.credentials import NOT_CONFIGURED, load_signer
 from worker.generate.pipeline import GenerateResult, run_generate
 from worker.memory import tune_malloc
 from worker.runtime import acceleration, make_engine, model_roots
@@ -74,6 +75,7 @@ def run_embedded(
         now=utcnow(),
         allow_hosts=settings.webhook.allow_hosts,
     )
+    signer = load_signer(settings.c2pa) if job.provenance == "c2pa" else NOT_CONFIGURED  # c2pa loaded only if asked
     engine = make_engine(registry, settings)
     with ThreadPoolExecutor(settings.batching.upload_workers, thread_name_prefix="genq-upload") as uploads:
         try:
@@ -86,6 +88,7 @@ def run_embedded(
                 uploads=uploads,
                 prefix="",
                 sheet_images=settings.sheet_images,
+                signer=signer,
             )
         finally:
             engine.close()

@@ -34,3 +34,8 @@ class UnsafeUpload(Permanent, ValueError):
 
 class InvalidArchive(Permanent, ValueError):
     """An uploaded archive is corrupt, truncated or of an unsupported kind."""
+
+
+class SigningUnavailable(Permanent):
+    """A job asks for Content Credentials (provenance c2pa) this worker cannot make: no key set, c2pa-python
+    missing, or a key or chain that does not sign."""

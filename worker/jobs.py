@@ -252,6 +252,7 @@ def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard:
             shard=shard,
             stored=stored,
             sheet_images=settings.sheet_images,
+            signer=runtime.signer,
         )
     except Exception as exc:  # a transient fault runs again later; any other ends the job loudly, with its reason
         if isinstance(exc, OUTAGES):  # Redis is away: no fault of the job, and failing it would need Redis anyway

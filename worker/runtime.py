@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -15,6 +15,7 @@ from producer.core.store import JobStore
 from producer.errors import ConfigurationError
 from worker.catalog.registry import ZOO_DIR, ModelRegistry
 from worker.catalog.store import ModelStore
+from worker.generate.credentials import NOT_CONFIGURED, Signer, load_signer
 from worker.generate.inference import InferenceEngine
 from worker.memory import PageReleaser
 from worker.settings import WorkerSettings
@@ -40,6 +41,8 @@ class Runtime:
     bulk_slots: threading.BoundedSemaphore
     # When the heap's free pages go back to the OS (worker.memory).
     pages: PageReleaser
+    # Signs the outputs of c2pa jobs; built once per process (a forked child builds its own runtime, and signer).
+    signer: Signer = field(default=NOT_CONFIGURED)
 
 
 def build_runtime(settings: WorkerSettings, task_threads: int = 1) -> Runtime:
@@ -60,6 +63,7 @@ def build_runtime(settings: WorkerSettings, task_threads: int = 1) -> Runtime:
         uploads=ThreadPoolExecutor(settings.batching.upload_workers, thread_name_prefix="genq-upload"),
         bulk_slots=threading.BoundedSemaphore(settings.batching.max_bulk_shards),
         pages=PageReleaser(),
+        signer=load_signer(settings.c2pa),
     )
 
 

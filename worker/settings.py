@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from producer.core.settings import DEV_WEBHOOK_SECRET, GenqSettings
 from producer.errors import ConfigurationError
@@ -173,6 +173,49 @@ class TrainSettings(BaseModel):
     )
 
 
+class C2paSettings(BaseModel):
+    """Content Credentials (``provenance: c2pa``): the key and certificate chain that sign each output's C2PA manifest.
+
+    From files (``GENQ_C2PA__KEY_FILE``, ``GENQ_C2PA__CERT_CHAIN_FILE``) or as PEM text in the environment
+    (``GENQ_C2PA__KEY``, ``GENQ_C2PA__CERT_CHAIN``); never in the repository. Without them a worker runs every job
+    but those asking for c2pa, which fail saying so.
+    """
+
+    key_file: Path | None = Field(default=None, description="PEM private key (PKCS#8) of the signing certificate.")
+    cert_chain_file: Path | None = Field(
+        default=None, description="PEM certificates: the signing (leaf) certificate first, then its issuers."
+    )
+    key: SecretStr | None = Field(default=None, description="The private key as PEM text, instead of key_file.")
+    cert_chain: str | None = Field(default=None, description="The chain as PEM text, instead of cert_chain_file.")
+    alg: Literal["es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519"] = Field(
+        default="es256", description="Signature algorithm; it must match the key (es256: an EC P-256 key)."
+    )
+    tsa_url: str | None = Field(
+        default=None,
+        description="RFC 3161 time-stamp authority to countersign each signature (off: no network call per image).",
+    )
+
+    @model_validator(mode="after")
+    def _one_source_each(self) -> C2paSettings:
+        if self.key_file is not None and self.key is not None:
+            raise ConfigurationError("set GENQ_C2PA__KEY_FILE or GENQ_C2PA__KEY, not both")
+        if self.cert_chain_file is not None and self.cert_chain is not None:
+            raise ConfigurationError("set GENQ_C2PA__CERT_CHAIN_FILE or GENQ_C2PA__CERT_CHAIN, not both")
+        has_key = self.key_file is not None or self.key is not None
+        has_chain = self.cert_chain_file is not None or self.cert_chain is not None
+        if has_key != has_chain:
+            missing = "GENQ_C2PA__CERT_CHAIN_FILE (or _CERT_CHAIN)" if has_key else "GENQ_C2PA__KEY_FILE (or _KEY)"
+            raise ConfigurationError(f"C2PA signing needs a key and a certificate chain: set {missing} too")
+        if self.tsa_url is not None and not self.tsa_url.startswith(("http://", "https://")):
+            raise ConfigurationError(f"GENQ_C2PA__TSA_URL must be an http(s) URL, not {self.tsa_url!r}")
+        return self
+
+    @property
+    def configured(self) -> bool:
+        """Whether a key and chain are given (they may still fail to load)."""
+        return self.key_file is not None or self.key is not None
+
+
 class WorkerSettings(GenqSettings):
     """Everything a worker process needs: the shared groups and the runtime's own."""
 
@@ -182,6 +225,7 @@ class WorkerSettings(GenqSettings):
     celery: CelerySettings = Field(default_factory=CelerySettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     sweeper: SweeperSettings = Field(default_factory=SweeperSettings)
+    c2pa: C2paSettings = Field(default_factory=C2paSettings)
     storage: Literal["s3", "local"] = "s3"
     local_dir: Path = Path("./genq-data")
     model_dirs: list[Path] = Field(default_factory=list, description="Extra model folders beside the shipped zoo.")

@@ -13,22 +13,26 @@ from celery import signals
 from celery.exceptions import Reject
 from pydantic import ValidationError
 
-from producer.contract import FineTuneJob, GenerateJob, Shard
+from producer.contract import FineTuneJob, GenerateJob, GenerateRequest, Shard
 from producer.core import constants
 from producer.core.callbacks.delivery import CallbackLedger, Deliverer, run_delivery
 from producer.core.callbacks.events import CallbackMessage
+from producer.core.callbacks.outbox import OutboxEntry
 from producer.core.callbacks.pending import PendingCallbacks
 from producer.core.callbacks.secrets import TenantSecrets
 from producer.core.clock import utcnow
+from producer.core.intake import Intake
 from producer.core.messages import JobMessage, callback_task, publish, queue_for, task_id
 from producer.core.settings import dev_mode_problem
 from producer.core.store import JobStore
+from producer.errors import IdempotencyConflict, InvalidJob
 from worker import telemetry
 from worker.app import GIVEN_BACK, app, settings_of
-from worker.deadletter import record_task
+from worker.deadletter import record_outbox_entry, record_task
 from worker.jobs import NoBulkSlot, RedisUnavailable, execute_finetune, execute_generate, messages_ahead
 from worker.memory import tune_malloc
 from worker.outage import OUTAGES, wait_for_redis
+from worker.relay import Relay
 from worker.reporting import RedisReporter, TrainingReporter
 from worker.retries import RetryLater
 from worker.runtime import Runtime, get_runtime, make_registry, reset_runtime
@@ -44,12 +48,6 @@ _task_threads = 1
 
 def _runtime() -> Runtime:
     return get_runtime(settings_of(app), _task_threads)
-
-
-def send_callback(message: CallbackMessage, countdown: float = 0.0) -> None:
-    """Enqueue a callback delivery, to run at once or (a retry) after ``countdown`` seconds; kept in
-    :class:`PendingCallbacks` until a worker starts it."""
-    PendingCallbacks(_runtime().redis).send(callback_task(message), _publish, countdown)
 
 
 def _publish(message: JobMessage, countdown: float = 0.0) -> None:
@@ -78,7 +76,7 @@ def generate(self: Any, payload: dict[str, Any], shard: dict[str, Any] | None = 
         record_task(generate, f"not a generate job: {_errors(exc)}", [payload, shard])
         return
     runtime = _runtime()
-    reporter = RedisReporter(runtime.store, send_callback, runtime.settings.webhook.progress_interval_s)
+    reporter = RedisReporter(runtime.store, runtime.settings.webhook.progress_interval_s)
     retries = self.request.retries or 0
     try:
         served = self.app.amqp.queues.consume_from or ()  # -Q
@@ -111,13 +109,58 @@ def finetune(self: Any, payload: dict[str, Any]) -> None:
         reason = f"no record of job {job.job_id} (never created, or expired after GENQ_JOB_TTL_S)"
         record_task(finetune, reason, [payload], job_id=job.job_id)
         return
-    reporter = TrainingReporter(runtime.store, send_callback, runtime.settings.webhook.progress_interval_s)
+    reporter = TrainingReporter(runtime.store, runtime.settings.webhook.progress_interval_s)
     try:
         execute_finetune(job, runtime, reporter, self.request.retries or 0)
     except RetryLater as later:  # resumes from the job's last checkpoint
         raise _retry(self, later, runtime, task_id(job.job_id, 0)) from later
     except RedisUnavailable as down:  # resumed from its checkpoint once Redis answers
         raise _hand_back(runtime, task_id(job.job_id, 0), down.cause) from down
+
+
+@app.task(name=constants.SUBMIT_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def submit(self: Any, **request: Any) -> None:
+    """Record and enqueue a generate job that any Celery client sent (docs/celery.md): ``request`` is a
+    :class:`GenerateRequest` as keyword arguments, validated exactly as the Python client and the HTTP API validate
+    it; the job's id is this task's id, so the sender knows it. A request that is refused is dead-lettered with the
+    reason, naming the field."""
+    job_id = str(self.request.id)
+    try:
+        parsed = GenerateRequest.model_validate(request)
+    except ValidationError as exc:
+        record_task(submit, f"not a generate request: {_errors(exc)}", [request], job_id=job_id)
+        return
+    intake = _intake()
+    try:
+        if intake.store.exists(job_id):  # a redelivered submission: the job it recorded is under way
+            log.info("job %s: submitted already; this delivery changes nothing", job_id)
+            return
+        view = intake.submit(parsed, job_id=job_id)
+    except (InvalidJob, IdempotencyConflict) as exc:  # nothing was recorded; the key, if any, was let go
+        record_task(submit, f"refused: {exc}", [request], job_id=job_id)
+        return
+    except ValidationError as exc:  # the task id is no job id (a sender that chose its own)
+        record_task(submit, f"refused: {_errors(exc)}", [request], job_id=job_id)
+        return
+    except OUTAGES as exc:  # handed back: the next delivery submits it, or finds it recorded
+        wait_s = settings_of(app).celery.redis_wait_s
+        raise _requeue_when_redis_answers(intake.redis, wait_s, job_id, exc, "the submission") from exc
+    log.info("job %s: %d images of %s, submitted by a Celery client", view.id, view.progress.total, view.model)
+
+
+_intake_lock = threading.Lock()
+_intake_instance: Intake | None = None
+
+
+def _intake() -> Intake:
+    # A Redis client and the job store, not the runtime: a worker that only takes submissions loads no model.
+    global _intake_instance
+    with _intake_lock:
+        if _intake_instance is None:
+            settings = settings_of(app)
+            client = redis.Redis.from_url(settings.redis.url or "")
+            _intake_instance = Intake(client, JobStore(client, settings.job_ttl_s), settings, _publish)
+        return _intake_instance
 
 
 def _retry(task: Any, later: RetryLater, runtime: Runtime, shard_task_id: str) -> Exception:
@@ -288,6 +331,8 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
     settings = settings_of(app)
     client = redis.Redis.from_url(settings.redis.url or "")
     _start_sweeper(settings, client)
+    if constants.CALLBACK_QUEUE in _consumed(sender):
+        _start_relay(client)
     if _serves_only_callbacks(sender):  # loads no model: deliveries need none (worker.tasks.deliver_callback)
         if settings.metrics_port is not None:
             telemetry.serve(settings.metrics_port)
@@ -307,10 +352,35 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
     log.info("worker ready: models %s", ", ".join(sorted(registry.catalog())) or "none")
 
 
+def _consumed(consumer: Any) -> set[str]:
+    queues = getattr(getattr(getattr(consumer, "app", None), "amqp", None), "queues", None)
+    return set(getattr(queues, "consume_from", None) or ())
+
+
 def _serves_only_callbacks(consumer: Any) -> bool:
-    consumed = getattr(getattr(getattr(consumer, "app", None), "amqp", None), "queues", None)
-    names = set(getattr(consumed, "consume_from", None) or ())
-    return names == {constants.CALLBACK_QUEUE}
+    return _consumed(consumer) == {constants.CALLBACK_QUEUE}
+
+
+_relay: Relay | None = None
+
+
+def _start_relay(client: redis.Redis) -> None:
+    # In the main process, whatever the pool, beside the deliveries this worker serves: it reads the outbox and
+    # publishes delivery messages (worker.relay).
+    global _relay
+    if _relay is not None:
+        return
+    pending = PendingCallbacks(client)
+
+    def send(message: CallbackMessage) -> None:
+        pending.send(callback_task(message), _publish)
+
+    def dead_letter(entry: OutboxEntry, reason: str) -> None:
+        record_outbox_entry(client, entry, reason)
+
+    _relay = Relay(client, send, dead_letter)
+    _relay.start()
+    log.info("relaying callback events from the outbox as %s", _relay.outbox.consumer)
 
 
 _sweeper: Watchdog | None = None

@@ -14,6 +14,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
 import redis
 from pydantic import BaseModel, Field, ValidationError
@@ -43,6 +44,13 @@ class KeyQuotas(BaseModel):
     )
     max_finetunes: int | None = Field(default=None, ge=1, description="Fine-tunes queued or running at once.")
     dataset_bytes: int | None = Field(default=None, ge=1, description="Bytes of uploaded data sets stored at once.")
+    provenance: Literal["c2pa"] | None = Field(
+        default=None,
+        description=(
+            "c2pa: every job of the key carries signed Content Credentials (a request that omits provenance gets "
+            "c2pa; one that asks for xmp is refused). None: each request chooses (default xmp)."
+        ),
+    )
 
 
 class ApiKey(BaseModel):

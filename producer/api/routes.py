@@ -20,6 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, ConfigDict, Field
 
+from producer.api.auth import Principal
 from producer.api.deps import OwnedJob, PrincipalDep, Services, ServicesDep, StreamSlot, strict_query
 from producer.api.problems import (
     ENDED,
@@ -34,7 +35,7 @@ from producer.api.problems import (
 )
 from producer.api.quotas import Reservation
 from producer.contract import FineTuneRequest, GenerateRequest, JobStatus, JobView, ModelEntry
-from producer.errors import IdempotencyConflict, JobNotFound
+from producer.errors import IdempotencyConflict, InvalidJob, JobNotFound
 
 _KEEPALIVE_S = 2.0  # a quiet event stream sends a comment this often
 
@@ -147,7 +148,7 @@ def create_job(
 
     Nothing is enqueued when any check fails; the error's `loc` names the field.
     """
-    request = with_idempotency_header(request, idempotency_key)
+    request = with_key_provenance(with_idempotency_header(request, idempotency_key), principal)
     view, replayed = submit_with_quota(
         lambda admit: services.client.submit(request, principal.tenant, admit=admit),
         lambda job: services.quotas.admit(principal, job),
@@ -164,6 +165,21 @@ def create_job(
 
 
 Body_ = TypeVar("Body_", GenerateRequest, FineTuneRequest)
+
+
+def with_key_provenance(request: GenerateRequest, principal: Principal) -> GenerateRequest:
+    """The request with the provenance its key requires: a key with ``provenance: c2pa`` signs every job, so a
+    request that leaves the field out gets c2pa and one that asks for ``xmp`` is refused (422 at ``provenance``)."""
+    required = principal.key.quotas.provenance
+    if required is None or request.provenance == required:
+        return request
+    if "provenance" in request.model_fields_set:
+        raise InvalidJob(
+            f"this API key requires provenance {required!r} (signed Content Credentials) for every job, not "
+            f"{request.provenance!r}; leave the field out or set it to {required!r}",
+            field="provenance",
+        )
+    return request.model_copy(update={"provenance": required})
 
 
 def with_idempotency_header(request: Body_, header: str | None) -> Body_:

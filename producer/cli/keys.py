@@ -40,6 +40,9 @@ def keys_create(
     dataset_bytes: int | None = typer.Option(
         None, "--dataset-bytes", min=1, help="Bytes of uploaded data sets stored at once (expired ones free theirs)."
     ),
+    provenance: str | None = typer.Option(
+        None, "--provenance", help="c2pa: every job of the key carries signed Content Credentials."
+    ),
 ) -> None:
     """Create an API key and print it once (only its sha256 is stored)."""
     from pydantic import ValidationError
@@ -57,6 +60,7 @@ def keys_create(
                     "train_images_per_day": train_images_per_day,
                     "max_finetunes": max_finetunes,
                     "dataset_bytes": dataset_bytes,
+                    "provenance": provenance,
                 }
             )
             secret, record = store.create(tenant, name, quotas)

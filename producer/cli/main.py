@@ -150,6 +150,12 @@ def generate(
     sheet: Path | None = typer.Option(
         None, "--sheet", help="Write the job's contact sheet (a captioned grid of its first outputs) to this file."
     ),
+    provenance: str = typer.Option(
+        "xmp",
+        "--provenance",
+        help="xmp (IPTC XMP and text fields; reruns byte-identical) or c2pa (also signed Content Credentials: the "
+        "worker, or this process in embedded mode, needs GENQ_C2PA__* signing settings).",
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Embedded mode: write images here, no Redis/S3."),
     embedded: bool = typer.Option(False, "--embedded", help="Run in-process even if GENQ_REDIS__URL is set."),
     wait: bool = typer.Option(False, "--wait", help="Queue mode: follow the job to its end with a progress bar."),
@@ -183,6 +189,7 @@ def generate(
         priority=priority,
         output=output,
         renditions=[_parse_rendition(spec) for spec in renditions] if renditions else None,
+        provenance=provenance,
     )
     settings = exits.load(ClientSettings)
     with exits.reported(settings):
@@ -211,9 +218,10 @@ def _generate_embedded(request: GenerateRequest, out: Path, sheet: Path | None) 
     packed = f" in {tars} tar{'' if tars == 1 else 's'}" if tars else ""
     kinds = len(job.renditions or ())
     each = f" ({kinds} rendition{'' if kinds == 1 else 's'} each)" if kinds else ""
+    signed = ", signed with Content Credentials," if job.provenance == "c2pa" else ""
     sheet_name = result.sheet_key
     console.print(
-        f"[green]wrote {len(result.outputs)} images[/]{each}{packed} of {job.model_name}@{job.model_version} "
+        f"[green]wrote {len(result.outputs)} images[/]{each}{packed}{signed} of {job.model_name}@{job.model_version} "
         f"(seed {job.seed}), {result.manifest_key}{' and ' + sheet_name if sheet_name else ''} to {out}/"
     )
     if sheet is not None:

@@ -83,6 +83,8 @@ def worker(
     served = [q for q in (part.strip() for part in queues.split(",")) if q]
     if beside is None:  # a callbacks worker beside another: that one checked, and Celery waits out an outage
         check_services(checked, served)
+        if set(served) - {constants.CALLBACK_QUEUE, constants.TRAIN_QUEUE}:  # it runs generate jobs
+            say_signing(checked)
 
     from worker.app import app as celery_app  # lazily: only this command needs the worker runtime
     from worker.app import settings_of
@@ -159,6 +161,20 @@ def check_services(settings: WorkerSettings, served: list[str]) -> None:
         storage = S3Storage(settings.s3.bucket, StorageRetrySettings(window_s=0), max_pool_connections=1)
         if storage.ensure_bucket(create=settings.s3.creates_bucket(storage.endpoint)):
             console.print(f"created bucket {settings.s3.bucket!r} at {storage.endpoint} (GENQ_S3__CREATE_BUCKET)")
+
+
+def say_signing(settings: WorkerSettings) -> None:
+    """Say in one line whether this worker signs Content Credentials (jobs with ``provenance: c2pa``); a key or chain
+    that is set but does not load or sign stops the start (exit 2), saying why."""
+    from worker.generate.credentials import ContentSigner, NoSigner, load_signer
+
+    signer = load_signer(settings.c2pa)
+    if isinstance(signer, ContentSigner):
+        console.print(signer.describe())
+    elif isinstance(signer, NoSigner) and settings.c2pa.configured:
+        exits.fail(f"refusing to start: {signer.reason}", exits.INVALID)
+    else:
+        console.print("C2PA signing not configured: jobs asking for provenance c2pa fail (GENQ_C2PA__KEY_FILE)")
 
 
 def unpaired_queues(served: list[str]) -> list[str]:

@@ -16,6 +16,7 @@ from producer.contract.fields import (
     FreeFormJson,
     NotBool,
     OutputLayout,
+    Provenance,
 )
 from producer.contract.finetune import (
     ARCHIVE_SUFFIXES,
@@ -114,6 +115,7 @@ __all__ = [
     "Priority",
     "Progress",
     "PromotionGate",
+    "Provenance",
     "Shard",
     "TENANT_PATTERN",
     "TrainingView",

@@ -25,6 +25,9 @@ def _not_a_boolean(value: Any) -> Any:
 # Numbers in requests: pydantic's lax mode would read JSON's true/false as 1/0 ("seed": false as seed 0).
 NotBool = BeforeValidator(_not_a_boolean)
 OutputLayout = Literal["objects", "webdataset"]
+# How outputs say they are AI-generated: xmp (IPTC DigitalSourceType in XMP, plus text fields; byte-identical on a
+# rerun) or c2pa (that, plus a signed C2PA manifest: Content Credentials).
+Provenance = Literal["xmp", "c2pa"]
 _NAME = r"[a-z0-9][a-z0-9._-]{0,63}"
 # A tenant name becomes part of Redis keys and S3 prefixes (tenants/<tenant>/jobs/...): no '/', no leading dot.
 # ``Field(pattern=...)`` runs Rust's regex, where ``$`` is the end of the text; Python's ``re`` also lets ``$`` match

@@ -30,6 +30,7 @@ from producer.contract.fields import (
     FreeFormJson,
     NotBool,
     OutputLayout,
+    Provenance,
 )
 from producer.contract.renditions import MAX_RENDITIONS, Rendition, RenditionRef, check_renditions
 
@@ -176,6 +177,13 @@ class GenerateRequest(BaseModel):
     )
 
     _unique_renditions = field_validator("renditions")(check_renditions)
+    provenance: Provenance = Field(
+        default="xmp",
+        description=(
+            "xmp: IPTC DigitalSourceType in XMP and text fields (a rerun stores identical bytes); c2pa: also a signed "
+            "C2PA manifest (Content Credentials) in every image; an API key may require c2pa for all its jobs."
+        ),
+    )
 
     @field_validator("model")
     @classmethod
@@ -257,6 +265,7 @@ class GenerateJob(BaseModel):
     renditions: list[Rendition] | None = Field(default=None, max_length=MAX_RENDITIONS)
 
     _unique_renditions = field_validator("renditions")(check_renditions)
+    provenance: Provenance = "xmp"
 
     @property
     def total_images(self) -> int:
@@ -371,6 +380,9 @@ class JobView(BaseModel):
     model: str
     model_version: str | None = None
     seed: int | None = None
+    provenance: Provenance | None = Field(
+        default=None, description="Generate jobs: xmp, or c2pa (each output carries signed Content Credentials)."
+    )
     progress: Progress = Field(default_factory=Progress)
     shards: int = Field(default=1, description="Tasks the job was split into; several workers share a bulk job.")
     outputs: list[OutputRef] = Field(default_factory=list)

@@ -46,6 +46,10 @@ SWEEPER_LOCK_KEY = KEY_PREFIX + ":sweeper:lock"  # string (expires): one worker 
 # each worker process every GENQ_SWEEPER__HEARTBEAT_S (worker.watchdog); the watchdog sends again a shard whose
 # heartbeat stopped while its job is active and whose message is nowhere in the broker
 RUNNING_SHARDS_KEY = KEY_PREFIX + ":shards:running"
+# Callback events written in the same step as the change they announce (producer/core/lua/announce.lua), turned into
+# deliveries by the relay in callbacks workers (producer.core.callbacks.outbox): a stream, read by one consumer group
+CALLBACK_OUTBOX_KEY = KEY_PREFIX + ":callbacks:outbox"
+CALLBACK_RELAY_GROUP = "relay"
 # Callback messages sent and not started yet (producer.core.callbacks.pending.PendingCallbacks), for the sweeper to
 # find one the broker lost: sorted set of task ids, score = when due (Unix s), and hash: task id -> the task's
 # arguments (JSON)
@@ -68,22 +72,26 @@ GENERATE_QUEUES = {"high": GENERATE_HIGH_QUEUE, "normal": GENERATE_QUEUE, "low":
 SMALL_JOB_MAX_IMAGES = 64
 GENERATE_BULK_QUEUES = {"high": "generate.high.bulk", "normal": "generate.bulk", "low": "generate.low.bulk"}
 CALLBACK_QUEUE = "callbacks"
+# Requests sent as Celery messages by any Celery client (genq.submit): recorded and enqueued by a worker, not run.
+SUBMIT_QUEUE = "submit"
 TRAIN_QUEUE = "train"  # fine-tuning: long jobs, one per GPU, on workers of their own (`genq worker -Q train`)
 # What `genq worker` consumes by default, in the order it serves them. Callbacks come first: with strict order and a
 # backlog of generate jobs, a worker serving callbacks last would announce nothing until the backlog drained, while
-# callback deliveries are short and only as many as the jobs' events.
-WORKER_QUEUES = (
-    CALLBACK_QUEUE,
-    *(queue for priority in GENERATE_QUEUES for queue in (GENERATE_QUEUES[priority], GENERATE_BULK_QUEUES[priority])),
+# callback deliveries are short and only as many as the jobs' events. Submissions next: each takes milliseconds and
+# a job that is not recorded yet cannot even wait its turn.
+GENERATE_JOB_QUEUES = tuple(
+    queue for priority in GENERATE_QUEUES for queue in (GENERATE_QUEUES[priority], GENERATE_BULK_QUEUES[priority])
 )
+WORKER_QUEUES = (CALLBACK_QUEUE, SUBMIT_QUEUE, *GENERATE_JOB_QUEUES)
 # Every queue job messages wait in: generate jobs' (small and bulk, by priority) and fine-tunes'.
-JOB_QUEUES = (*WORKER_QUEUES[1:], TRAIN_QUEUE)
+JOB_QUEUES = (*GENERATE_JOB_QUEUES, TRAIN_QUEUE)
 
 # Celery task names: the client enqueues by name, so it never imports the worker.
 TASK_PREFIX = "genq."  # every task genq sends; workers refuse others (worker.deadletter)
 GENERATE_TASK = TASK_PREFIX + "generate"
 CALLBACK_TASK = TASK_PREFIX + "deliver_callback"
 FINETUNE_TASK = TASK_PREFIX + "finetune"
+SUBMIT_TASK = TASK_PREFIX + "submit"  # a GenerateRequest as keyword arguments, from any Celery client (docs/celery.md)
 
 # Object keys
 JOB_PREFIX = "jobs/{job_id}/"

@@ -136,8 +136,24 @@ def stored_outputs(h: dict[str, str], prefixes: tuple[str, ...]) -> list[OutputR
     return [OutputRef.model_validate(merged[i]) for i in sorted(merged)]
 
 
+def _failed_outputs(h: dict[str, str]) -> dict[str, str]:
+    """A failed job's record with ``outputs`` listing what every shard stored (the failing run's outputs, finished
+    shards' and stopped shards'), by index, at most :data:`VIEW_OUTPUTS_MAX` of them; other records as they are."""
+    if h.get("status") != JobStatus.FAILED.value:
+        return h
+    failing = {o["index"]: o for o in json.loads(h.get("outputs", "[]"))}
+    shards = {o.index: o.model_dump(mode="json") for o in stored_outputs(h, ("shard:", "partial:"))}
+    merged = failing | shards
+    listed = [merged[i] for i in sorted(merged)]
+    return h | {
+        "outputs": json.dumps(listed[:VIEW_OUTPUTS_MAX]),
+        "outputs_truncated": str(int(len(listed) > VIEW_OUTPUTS_MAX)),
+    }
+
+
 def record_view(job_id: str, h: dict[str, str]) -> JobView:
     """The view of a job record (fields as text). Raises one of :data:`CORRUPT` when the record cannot be read."""
+    h = _failed_outputs(h)
     spec = JOB_SPEC.validate_json(h["spec"])
     error = JobError(type=h["error_type"], message=h.get("error_message", "")) if "error_type" in h else None
     status = JobStatus(h["status"])
@@ -153,6 +169,7 @@ def record_view(job_id: str, h: dict[str, str]) -> JobView:
     else:
         model, version, training = spec.model, f"{spec.model_name}@{spec.model_version}", None
     return JobView(
+        provenance=None if isinstance(spec, FineTuneJob) else spec.provenance,
         id=job_id,
         kind=spec.kind,
         tenant=spec.tenant,

@@ -87,6 +87,7 @@ def resolve_request(
         priority=request.priority,
         output=request.output,
         renditions=request.renditions,
+        provenance=request.provenance,
     )
 
 

@@ -190,6 +190,9 @@ class GenqSettings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)  # clients check callback URLs (allow_hosts)
     job_ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="How long job records live in Redis.")
+    shard_size: int = Field(
+        default=1000, ge=1, description="Bulk jobs are split into tasks of this many images, shared by workers."
+    )
 
 
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})

@@ -21,6 +21,7 @@ from typing import Any, cast
 import redis
 
 from producer.contract import (
+    EventType,
     FineTuneJob,
     GenerateJob,
     JobError,
@@ -42,7 +43,6 @@ from producer.core.records import (
     quarantine,
     readable_spec,
     record_view,
-    stored_outputs,
 )
 from producer.core.scripts import read_lua
 from producer.errors import JobNotFound, UnreadableRecord
@@ -50,7 +50,10 @@ from producer.errors import JobNotFound, UnreadableRecord
 log = logging.getLogger("genq.store")
 
 # Each script's header names its KEYS, ARGV and what it returns.
-_TRANSITION = read_lua(__package__, "transition.lua")
+# announce.lua is a function the scripts that announce events call: its source goes before theirs.
+_ANNOUNCE = read_lua(__package__, "announce.lua")
+_TRANSITION = _ANNOUNCE + read_lua(__package__, "transition.lua")
+_UPDATE = _ANNOUNCE + read_lua(__package__, "update.lua")
 _COMPLETE_SHARD = read_lua(__package__, "complete_shard.lua")
 _COUNT_DELIVERY = read_lua(__package__, "count_delivery.lua")
 _UNDELIVERED = read_lua(__package__, "undelivered.lua")
@@ -60,21 +63,6 @@ _ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 # Every queue's index of queued jobs. A job leaves its index in the script that ends it: the store is handed a job id,
 # not its queue, and a ZREM of a member an index lacks costs next to nothing.
 QUEUED_INDEXES = tuple(constants.QUEUED_JOBS_KEY.format(queue=queue) for queue in constants.JOB_QUEUES)
-
-
-def _failed_outputs(h: dict[str, str]) -> dict[str, str]:
-    """A failed job's record with ``outputs`` listing what every shard stored (the failing run's outputs, finished
-    shards' and stopped shards'), by index, at most :data:`VIEW_OUTPUTS_MAX` of them; other records as they are."""
-    if h.get("status") != JobStatus.FAILED.value:
-        return h
-    failing = {o["index"]: o for o in json.loads(h.get("outputs", "[]"))}
-    shards = {o.index: o.model_dump(mode="json") for o in stored_outputs(h, ("shard:", "partial:"))}
-    merged = failing | shards
-    listed = [merged[i] for i in sorted(merged)]
-    return h | {
-        "outputs": json.dumps(listed[:VIEW_OUTPUTS_MAX]),
-        "outputs_truncated": str(int(len(listed) > VIEW_OUTPUTS_MAX)),
-    }
 
 
 @dataclass(frozen=True)
@@ -94,6 +82,7 @@ class JobStore:
         self.redis = client
         self.ttl_s = ttl_s
         self._transition = client.register_script(_TRANSITION)
+        self._update = client.register_script(_UPDATE)
         self._complete_shard = client.register_script(_COMPLETE_SHARD)
         self._count_delivery = client.register_script(_COUNT_DELIVERY)
         self._undelivered = client.register_script(_UNDELIVERED)
@@ -246,7 +235,7 @@ class JobStore:
     def _read(self, job_id: str, raw: Mapping[bytes | str, bytes | str]) -> JobView:
         """The view of a record read from Redis; UnreadableRecord (dead-lettered once) if it cannot be read."""
         try:
-            return record_view(job_id, _failed_outputs({as_text(k): as_text(v) for k, v in raw.items()}))
+            return record_view(job_id, {as_text(k): as_text(v) for k, v in raw.items()})
         except CORRUPT as exc:
             raise quarantine(self.redis, self.key(job_id), job_id, raw, exc) from exc
 
@@ -258,19 +247,27 @@ class JobStore:
         *,
         set_if_absent: Mapping[str, Any] | None = None,
         drop_prefixes: tuple[str, ...] = (),
+        announce: EventType | None = None,
         **fields: Any,
     ) -> bool:
         """Set ``status`` only if the current status is in ``allowed_from``; True if applied.
 
         With it, in one step: set ``fields``, set ``set_if_absent``'s fields the job does not have yet, then delete
         every field whose name starts with one of ``drop_prefixes``; a terminal ``status`` also takes the job out of
-        its queue's index of queued jobs. A value that is neither str nor int is stored as JSON.
+        its queue's index of queued jobs; ``announce`` puts that callback event in the outbox
+        (:mod:`producer.core.callbacks.outbox`). A value that is neither str nor int is stored as JSON.
 
         Raises:
             JobNotFound: the job has no record.
         """
         applied = self._apply(
-            job_id, status, allowed_from, set_fields=fields, set_if_absent=set_if_absent, drop_prefixes=drop_prefixes
+            job_id,
+            status,
+            allowed_from,
+            set_fields=fields,
+            set_if_absent=set_if_absent,
+            drop_prefixes=drop_prefixes,
+            announce=announce,
         )
         return applied is not None
 
@@ -284,8 +281,11 @@ class JobStore:
         set_fields: Mapping[str, Any] | None = None,
         set_if_absent: Mapping[str, Any] | None = None,
         drop_prefixes: tuple[str, ...] = (),
+        announce: EventType | None = None,
+        announce_from: JobStatus | None = None,
     ) -> JobStatus | None:
-        """:meth:`transition`, refused too when the job has ``unless_field``; the status the job had, or None."""
+        """:meth:`transition`, refused too when the job has ``unless_field``; the status the job had, or None.
+        ``announce`` is put in the outbox only when the job came from ``announce_from`` (None: from any)."""
         if isinstance(drop_prefixes, str):  # a bare "shard:" would drop every field starting with s, h, a, ...
             raise TypeError(f"drop_prefixes must be a tuple of prefixes, got the string {drop_prefixes!r}")
         # transition.lua's ARGV: three fixed arguments, then each group as its length and its items.
@@ -296,30 +296,47 @@ class JobStore:
             for name, value in group.items():
                 args += [name, value if isinstance(value, str | int) else json.dumps(value)]
         args += [len(drop_prefixes), *drop_prefixes]
-        keys = [self.key(job_id), constants.JOBS_BY_STATUS_KEY]
+        args += [announce.value if announce else "", announce_from.value if announce_from else "", job_id]
+        keys = [self.key(job_id), constants.JOBS_BY_STATUS_KEY, constants.CALLBACK_OUTBOX_KEY]
         if status.is_terminal():  # in the same step: an ended job is never left in a queued index (nothing is owed)
             keys += QUEUED_INDEXES
-            args.append(job_id)
         result = self._transition(keys=keys, args=args)
         if result == -1:
             raise JobNotFound(f"no job {job_id!r}")
         return JobStatus(as_text(result)) if isinstance(result, bytes | str) else None
 
-    def start(self, job_id: str, shard: int | None = None) -> JobStatus | None:
+    def start(self, job_id: str, shard: int | None = None, *, announce: bool = False) -> JobStatus | None:
         """queued/running -> running (each shard, and a redelivered job, re-enters running), unless ``shard``'s
-        outputs are already recorded; ``started_at`` is when the first shard started.
+        outputs are already recorded; ``started_at`` is when the first shard started. With ``announce``, the
+        job's first start puts a ``running`` event in the outbox.
 
-        Returns the status the job had (``QUEUED``: this is its first start, to be announced), or None when it
-        must not run: the job already ended, or the shard was stored by an earlier delivery. One round trip.
+        Returns the status the job had (``QUEUED``: this is its first start), or None when it must not run: the
+        job already ended, or the shard was stored by an earlier delivery. One round trip.
         """
         guard = "" if shard is None else f"shard:{shard}"
         return self._apply(
-            job_id, JobStatus.RUNNING, _ACTIVE, unless_field=guard, set_if_absent={"started_at": utcnow().isoformat()}
+            job_id,
+            JobStatus.RUNNING,
+            _ACTIVE,
+            unless_field=guard,
+            set_if_absent={"started_at": utcnow().isoformat()},
+            announce=EventType.RUNNING if announce else None,
+            announce_from=JobStatus.QUEUED,
         )
 
-    def set_progress(self, job_id: str, shard: int, done: int) -> None:
-        """Images of ``shard`` stored so far (a redelivered shard restarts its own count, never the job's)."""
-        self.redis.hset(self.key(job_id), f"progress:{shard}", done)
+    def set_progress(self, job_id: str, shard: int, done: int, *, announce: bool = False) -> None:
+        """Images of ``shard`` stored so far (a redelivered shard restarts its own count, never the job's); with
+        ``announce``, a ``progress`` event in the outbox in the same step. Nothing is written for a job with no
+        record."""
+        self._updated(job_id, EventType.PROGRESS if announce else None, {f"progress:{shard}": done})
+
+    def _updated(self, job_id: str, announce: EventType | None, fields: Mapping[str, str | int]) -> bool:
+        """Set ``fields`` of an existing record (and put ``announce`` in the outbox); False when there is none."""
+        args: list[str | int] = [announce.value if announce else "", job_id]
+        for name, value in fields.items():
+            args += [name, value]
+        keys = [self.key(job_id), constants.CALLBACK_OUTBOX_KEY]
+        return bool(self._update(keys=keys, args=args))
 
     def is_active(self, job_id: str) -> bool:
         """Still queued or running: a shard stops early once its job failed or was canceled."""
@@ -368,10 +385,12 @@ class JobStore:
         manifest_key: str,
         total: int | None = None,
         sheet_key: str | None = None,
+        *,
+        announce: bool = False,
     ) -> bool:
-        """queued/running -> succeeded. ``outputs`` may be only the first ones of ``total`` (default: all of them);
-        the view keeps at most :data:`VIEW_OUTPUTS_MAX`, the manifest has every one. ``sheet_key``: the job's
-        contact sheet, if it has one."""
+        """queued/running -> succeeded (with ``announce``, its event in the outbox). ``outputs`` may be only the
+        first ones of ``total`` (default: all of them); the view keeps at most :data:`VIEW_OUTPUTS_MAX`, the
+        manifest has every one. ``sheet_key``: the job's contact sheet, if it has one."""
         total = len(outputs) if total is None else total
         fields: dict[str, str | int] = {
             "outputs": json.dumps([o.model_dump(mode="json") for o in outputs[:VIEW_OUTPUTS_MAX]]),
@@ -382,11 +401,21 @@ class JobStore:
         if sheet_key is not None:
             fields["sheet_key"] = sheet_key
         # The per-shard lists served their purpose; the manifest and the view hold the outputs now.
-        applied = self._apply(job_id, JobStatus.SUCCEEDED, _ACTIVE, set_fields=fields, drop_prefixes=("shard:",))
+        applied = self._apply(
+            job_id,
+            JobStatus.SUCCEEDED,
+            _ACTIVE,
+            set_fields=fields,
+            drop_prefixes=("shard:",),
+            announce=EventType.SUCCEEDED if announce else None,
+        )
         return applied is not None
 
-    def mark_failed(self, job_id: str, error: JobError, outputs: list[OutputRef] | None = None) -> bool:
-        """queued/running -> failed with ``error``; False if the job already ended.
+    def mark_failed(
+        self, job_id: str, error: JobError, outputs: list[OutputRef] | None = None, *, announce: bool = False
+    ) -> bool:
+        """queued/running -> failed with ``error`` (with ``announce``, its event in the outbox); False if the job
+        already ended.
 
         The view lists every output the job stored: ``outputs`` (the failing run's), beside those of the shards that
         finished (``shard:``) and of the shards that stopped or failed too (``partial:``,
@@ -400,6 +429,7 @@ class JobStore:
             error_message=error.message,
             outputs=json.dumps([o.model_dump(mode="json") for o in outputs or []]),
             finished_at=utcnow().isoformat(),
+            announce=EventType.FAILED if announce else None,
         )
 
     def mark_canceled(self, job_id: str) -> bool:
@@ -411,18 +441,22 @@ class JobStore:
         """
         return self.transition(job_id, JobStatus.CANCELED, _ACTIVE, finished_at=utcnow().isoformat())
 
-    def set_training(self, job_id: str, training: TrainingView) -> None:
-        """A fine-tune's latest state (step, losses, grid, result); its progress counts steps."""
-        self.redis.hset(self.key(job_id), mapping={"training": training.model_dump_json(), "progress:0": training.step})
+    def set_training(self, job_id: str, training: TrainingView, *, announce: bool = False) -> None:
+        """A fine-tune's latest state (step, losses, grid, result); its progress counts steps. With ``announce``, a
+        ``progress`` event in the outbox in the same step."""
+        fields: dict[str, str | int] = {"training": training.model_dump_json(), "progress:0": training.step}
+        self._updated(job_id, EventType.PROGRESS if announce else None, fields)
 
-    def mark_trained(self, job_id: str, training: TrainingView) -> bool:
-        """running -> succeeded for a fine-tune that published its version; False if the job already ended."""
+    def mark_trained(self, job_id: str, training: TrainingView, *, announce: bool = False) -> bool:
+        """running -> succeeded for a fine-tune that published its version (with ``announce``, its event in the
+        outbox); False if the job already ended."""
         return self.transition(
             job_id,
             JobStatus.SUCCEEDED,
             _ACTIVE,
             training=training.model_dump_json(),
             finished_at=utcnow().isoformat(),
+            announce=EventType.SUCCEEDED if announce else None,
         )
 
     def count_delivery(self, job_id: str, shard: int = 0) -> int | None:

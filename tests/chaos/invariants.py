@@ -145,7 +145,8 @@ def _mentions(element: bytes | str, job_ids: Iterable[str]) -> str | None:
 def leftovers(client: redis.Redis, job_ids: Iterable[str] = (), *, everything: bool = False) -> list[str]:
     """What the jobs still have in the broker and genq's indexes: messages on a queue or in kombu's unacked hash,
     entries in a queued-jobs index (``genq:queued:<queue>``), running shards (``genq:shards:running``), callback
-    messages kept for the sweeper (``genq:callbacks:pending``). ``everything``: anything there at all, whatever its
+    events not relayed yet (``genq:callbacks:outbox``) and callback messages kept for the sweeper
+    (``genq:callbacks:pending``). ``everything``: anything there at all, whatever its
     job (a Redis of the test's own)."""
     ids = list(job_ids)
 
@@ -168,6 +169,8 @@ def leftovers(client: redis.Redis, job_ids: Iterable[str] = (), *, everything: b
         f"shard {m} in {constants.RUNNING_SHARDS_KEY}" for m in running if everything or m.rsplit(".", 1)[0] in ids
     ]
     found += about(client.hvals(constants.CALLBACKS_PENDING_ARGS_KEY), constants.CALLBACKS_PENDING_ARGS_KEY)
+    outbox = [fields.get(b"job", b"") for _id, fields in client.xrange(constants.CALLBACK_OUTBOX_KEY)]
+    found += about(outbox, constants.CALLBACK_OUTBOX_KEY)
     if everything:
         found += about(client.zrange(constants.CALLBACKS_PENDING_KEY, 0, -1), constants.CALLBACKS_PENDING_KEY)
     return found

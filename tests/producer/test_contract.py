@@ -13,6 +13,7 @@ from producer.contract import (
     MAX_URL_CHARS,
     MODEL_REF_PATTERN,
     FineTuneRequest,
+    GenerateJob,
     GenerateRequest,
     JobStatus,
     ModelEntry,
@@ -255,3 +256,26 @@ def test_callback_urls_too_long_or_to_port_0_are_refused(url: str, why: str) -> 
 )
 def test_callback_urls_at_the_limits_are_accepted(url: str) -> None:
     assert len(str(GenerateRequest.model_validate({**_GENERATE, "callback": {"url": url}}).callback.url)) <= 2048  # type: ignore[union-attr]
+
+
+def test_provenance_defaults_to_xmp_and_refuses_an_unknown_value_naming_the_field() -> None:
+    assert GenerateRequest(model="fmnist-cgan", label="bag").provenance == "xmp"
+    assert GenerateRequest(model="fmnist-cgan", label="bag", provenance="c2pa").provenance == "c2pa"
+    with pytest.raises(ValidationError) as refused:
+        GenerateRequest.model_validate({"model": "fmnist-cgan", "label": "bag", "provenance": "signed"})
+    [error] = refused.value.errors()
+    assert error["loc"] == ("provenance",) and "'xmp' or 'c2pa'" in error["msg"]
+
+
+def test_a_job_payload_without_provenance_runs_as_xmp() -> None:
+    # A message queued by a producer from before the field: workers run it as it was asked, unsigned.
+    payload = {
+        "job_id": "job-01234567",
+        "model": "fmnist-cgan",
+        "model_name": "fmnist-cgan",
+        "model_version": "1",
+        "items": [{"index": 8, "name": "bag", "count": 1}],
+        "seed": 1,
+        "created_at": "2026-12-07T00:00:00Z",
+    }
+    assert GenerateJob.model_validate(payload).provenance == "xmp"

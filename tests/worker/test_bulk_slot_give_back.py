@@ -38,7 +38,7 @@ def runtime(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> Iterat
 
 
 def _reporter(runtime: Runtime) -> RedisReporter:
-    return RedisReporter(runtime.store, lambda message: None)
+    return RedisReporter(runtime.store)
 
 
 def test_a_bulk_shard_giving_way_is_handed_back_uncounted_and_runs_later(

@@ -15,6 +15,7 @@ from tiny_runtime import tiny_job as _job
 from tiny_runtime import tiny_runtime
 
 from producer.contract import GenerateJob, JobStatus, Manifest, OutputRef, Shard, plan_shards
+from producer.core import constants
 from producer.core.store import JobStore
 from worker.errors import StorageError, StorageUnavailable
 from worker.jobs import execute_generate
@@ -106,25 +107,30 @@ class CommandLog(redis.Redis):
         return super().execute_command(*args, **options)
 
 
-def test_a_one_image_job_costs_five_redis_round_trips(runtime: Runtime, redis_url: str) -> None:
+@pytest.mark.parametrize("callback", [None, {"url": "https://hooks.example/genq"}], ids=["no-callback", "callback"])
+def test_a_one_image_job_costs_five_redis_round_trips_with_or_without_callbacks(
+    runtime: Runtime, redis_url: str, callback: dict[str, str] | None
+) -> None:
     # Every round trip is latency against a remote Redis and CPU in the worker: count the delivery (refused when
     # the job has no record), start the shard (refused if stored or ended, and whether to announce it), its
-    # progress, the stored shard, success.
+    # progress, the stored shard, success. Callback events add none: each is written in its transition's step.
     client = CommandLog.from_url(redis_url)
     runtime.store = JobStore(client, runtime.settings.job_ttl_s)
-    reporter = RedisReporter(runtime.store, lambda message: None)
+    reporter = RedisReporter(runtime.store)
     for job_id in ("job-warm", "job-counted"):  # the first run loads the Lua scripts into Redis
-        runtime.store.create(_job(job_id, 1))
+        runtime.store.create(_job(job_id, 1, callback=callback))
         client.commands.clear()
-        execute_generate(_job(job_id, 1), runtime, reporter)
+        execute_generate(_job(job_id, 1, callback=callback), runtime, reporter)
 
     sent = list(client.commands)
     assert runtime.store.get("job-counted").status is JobStatus.SUCCEEDED
-    assert sent == ["EVALSHA", "EVALSHA", "HSET", "EVALSHA", "EVALSHA"], sent
+    assert sent == ["EVALSHA"] * 5, sent
+    announced = client.xrange(constants.CALLBACK_OUTBOX_KEY)
+    assert [f[b"event"] for _id, f in announced] == ([b"running", b"succeeded"] * 2 if callback else [])
 
 
 def test_a_job_without_a_record_is_not_run_and_gets_none(runtime: Runtime, redis_client: redis.Redis) -> None:
-    reporter = RedisReporter(runtime.store, lambda message: None)
+    reporter = RedisReporter(runtime.store)
 
     assert not execute_generate(_job("job-expired", 1), runtime, reporter)
 
@@ -149,7 +155,7 @@ def test_a_redelivery_writes_the_manifest_a_dead_run_left_unwritten(
 ) -> None:
     job, parts = _job(f"job-died-{shards}", 12), plan_shards(12, 12 // shards)
     runtime.store.create(job, shards=len(parts))
-    reporter = RedisReporter(runtime.store, lambda message: None)
+    reporter = RedisReporter(runtime.store)
     healthy = runtime.storage
     for part in parts[:-1]:
         execute_generate(job, runtime, reporter, part)
@@ -180,7 +186,7 @@ def test_a_redelivery_writes_the_manifest_a_dead_run_left_unwritten(
 def test_a_redelivered_stored_shard_leaves_the_manifest_to_the_shards_still_running(runtime: Runtime) -> None:
     job, parts = _job("job-partial", 12), plan_shards(12, 4)
     runtime.store.create(job, shards=len(parts))
-    reporter = RedisReporter(runtime.store, lambda message: None)
+    reporter = RedisReporter(runtime.store)
     execute_generate(job, runtime, reporter, parts[0])
     execute_generate(job, runtime, reporter, parts[0])  # a redelivery of a stored shard; two others still run
 
@@ -203,7 +209,7 @@ def test_a_storage_outage_retries_the_job_later_then_fails_it_with_the_reason(ru
     runtime.storage = StoreDown(runtime.settings.local_dir)
     job = _job("job-outage", 3)
     runtime.store.create(job)
-    reporter = RedisReporter(runtime.store, lambda message: None)
+    reporter = RedisReporter(runtime.store)
 
     delays = []
     for retries in range(2):
@@ -226,7 +232,7 @@ def test_a_retried_run_stores_the_job_once_the_store_is_back(runtime: Runtime) -
     runtime.storage = StoreDown(runtime.settings.local_dir)
     job = _job("job-comeback", 3)
     runtime.store.create(job)
-    reporter = RedisReporter(runtime.store, lambda message: None)
+    reporter = RedisReporter(runtime.store)
     with pytest.raises(RetryLater):
         execute_generate(job, runtime, reporter)
 
@@ -246,7 +252,7 @@ def test_a_permanent_failure_fails_the_job_without_a_retry(runtime: Runtime) -> 
     job = _job("job-refused", 2)
     runtime.store.create(job)
 
-    assert execute_generate(job, runtime, RedisReporter(runtime.store, lambda message: None))
+    assert execute_generate(job, runtime, RedisReporter(runtime.store))
 
     view = runtime.store.get(job.job_id)
     assert view.status is JobStatus.FAILED and view.error is not None and view.error.type == "StorageError"
@@ -261,7 +267,7 @@ def test_retries_do_not_count_as_deaths_of_the_worker(runtime: Runtime) -> None:
         runtime.store.count_delivery(job.job_id, 0)
     runtime.store.count_delivery(job.job_id, 0)
 
-    assert execute_generate(job, runtime, RedisReporter(runtime.store, lambda message: None), retries=2)
+    assert execute_generate(job, runtime, RedisReporter(runtime.store), retries=2)
     assert runtime.store.get(job.job_id).status is JobStatus.SUCCEEDED
 
 
@@ -279,7 +285,7 @@ def test_a_tenants_job_error_names_no_storage_endpoint_bucket_or_worker_folder(r
     job = _job("job-tenant-err", 1).model_copy(update={"tenant": "acme"})
     runtime.store.create(job)
 
-    execute_generate(job, runtime, RedisReporter(runtime.store, lambda message: None))
+    execute_generate(job, runtime, RedisReporter(runtime.store))
 
     error = runtime.store.get(job.job_id).error
     assert error is not None and error.type == "StorageError"
@@ -314,7 +320,7 @@ def test_a_failed_sharded_job_lists_every_stored_output_and_its_other_shards_sto
     prefix = f"jobs/{job.job_id}/"
     first, second, last = plan_shards(20, 8)  # images 0-7, 8-15 (two chunks of 4), 16-19
     runtime.store.create(job, shards=3, shard_size=8)
-    reporter = RedisReporter(runtime.store, lambda message: None)
+    reporter = RedisReporter(runtime.store)
     assert execute_generate(job, runtime, reporter, first)  # stored and recorded before the outage
 
     storage = ShardStorage(runtime.settings.local_dir, good=range(8, 16))
@@ -354,11 +360,12 @@ def test_events_sent_for_a_job_skip_the_progress_that_succeeded_follows_at_once(
     job = _job(f"job-events-{count}", count, callback={"url": "http://receiver.example/hook"})
     shards = plan_shards(count, shard_size or count)
     runtime.store.create(job, shards=len(shards))
-    sent: list[str] = []
-    reporter = RedisReporter(runtime.store, lambda message: sent.append(message.event.type.value), 0.0)
+    reporter = RedisReporter(runtime.store, 0.0)
 
     for shard in shards:  # one after the other: the second shard's start is not the job's first
         execute_generate(job, runtime, reporter, shard if len(shards) > 1 else None)
 
     assert runtime.store.get(job.job_id).status is JobStatus.SUCCEEDED
-    assert sent == expected
+    announced = runtime.store.redis.xrange(constants.CALLBACK_OUTBOX_KEY)
+    assert [fields[b"event"].decode() for _id, fields in announced] == expected
+    assert [int(fields[b"seq"]) for _id, fields in announced] == list(range(1, len(expected) + 1))

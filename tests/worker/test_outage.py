@@ -1,6 +1,7 @@
 """Riding out a Redis outage in a worker: a job that meets one is neither failed nor acknowledged, the task hands its
-message back once Redis answers, and what had to be written meanwhile (dead letters, callback events) is written
-then. Redis "goes away" behind a TCP proxy switched off, or is a port nothing listens on."""
+message back once Redis answers, and what had to be written meanwhile (dead letters) is written then; callback
+events are written in the same step as their transition, so none waits. Redis "goes away" behind a TCP proxy switched
+off, or is a port nothing listens on."""
 
 from __future__ import annotations
 
@@ -21,12 +22,11 @@ from redis.retry import Retry
 from tcp_proxy import TcpProxy
 from tiny_runtime import tiny_job, tiny_runtime
 
-from producer.contract import Callback, EventType, GenerateJob, JobError, JobStatus, OutputRef, Shard
+from producer.contract import Callback, GenerateJob, JobError, JobStatus, OutputRef, Shard
 from producer.core import constants
 from producer.core.callbacks.delivery import Deliverer
-from producer.core.callbacks.events import CallbackMessage
 from producer.core.store import JobStore
-from worker import deadletter, reporting, tasks
+from worker import deadletter, tasks
 from worker.errors import StorageError
 from worker.jobs import RedisUnavailable, execute_generate
 from worker.outage import Backlog, wait_for_redis
@@ -89,7 +89,7 @@ def test_a_job_that_loses_redis_midway_is_left_running_not_failed(runtime: Runti
     assert view.status is JobStatus.RUNNING and view.error is None  # its message goes back; the rerun ends it
     assert redis_client.llen(constants.DEADLETTER_KEY) == 0
 
-    assert execute_generate(job, runtime, RedisReporter(runtime.store, lambda message: None))  # Redis is back
+    assert execute_generate(job, runtime, RedisReporter(runtime.store))  # Redis is back
     assert runtime.store.get(job.job_id).status is JobStatus.SUCCEEDED
 
 
@@ -117,7 +117,7 @@ def test_a_delivery_that_cannot_be_counted_is_handed_back(runtime: Runtime, redi
     runtime.store = JobStore(redis.Redis(port=1, retry=Retry(NoBackoff(), 0)), runtime.settings.job_ttl_s)
 
     with pytest.raises(RedisUnavailable):
-        execute_generate(job, runtime, RedisReporter(runtime.store, lambda message: None))
+        execute_generate(job, runtime, RedisReporter(runtime.store))
 
 
 # -- the task: handing the message back ----------------------------------------------------------------------------
@@ -189,46 +189,24 @@ def test_a_dead_letter_the_full_backlog_cannot_keep_is_logged_whole(
     assert "wait already" in caplog.text and '"reason":"poison"' in caplog.text
 
 
-def test_a_callback_event_of_a_transition_made_before_redis_went_away_is_sent_once_it_answers(
-    proxy: TcpProxy, redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+def test_a_transition_that_meets_the_outage_announces_nothing_and_one_that_applied_has_its_event(
+    proxy: TcpProxy, redis_url: str, redis_client: redis.Redis
 ) -> None:
-    monkeypatch.setattr(reporting, "EVENTS", Backlog("test-events", limit=10, first_wait_s=0.05))
+    # The event is written in the transition's own Lua step (the outbox): there is no moment at which the job has
+    # moved and its event is still to be sent, so nothing waits in the worker's memory for Redis to come back.
     store = JobStore(redis_client, 3600)
     job = _job("job-callback-1", 1, Callback(url="https://hooks.example/genq"))
     store.create(job)
-    sent: list[CallbackMessage] = []
-    reporter = RedisReporter(JobStore(through(proxy, redis_url), 3600), sent.append)
-    store.mark_failed(job.job_id, JobError(type="StorageError", message="denied"))  # the transition happened
+    reporter = RedisReporter(JobStore(through(proxy, redis_url), 3600))
+    reporter.failed(job, JobError(type="StorageError", message="denied"), [])  # applied, with its event
     proxy.down()
 
-    reporter._emit(job, EventType.FAILED)  # its announcement meets the outage
+    with pytest.raises(redis.ConnectionError):  # the task hands its message back; the next run announces it
+        reporter.succeeded(job, [], 0, "jobs/job-callback-1/manifest.json")
 
-    assert sent == [] and len(reporting.EVENTS) == 1
-    proxy.up()
-    assert reporting.EVENTS.wait_written(10)
-    (message,) = sent
-    assert message.event.type is EventType.FAILED and message.event.data.status is JobStatus.FAILED
-
-
-def test_an_event_built_before_the_outage_is_sent_again_with_the_same_webhook_id(
-    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(reporting, "EVENTS", Backlog("test-events", limit=10, first_wait_s=0.05))
-    store = JobStore(redis_client, 3600)
-    job = _job("job-callback-2", 1, Callback(url="https://hooks.example/genq"))
-    store.create(job)
-    attempts: list[CallbackMessage] = []
-
-    def send(message: CallbackMessage) -> None:  # the broker (Redis) refuses the first publish
-        attempts.append(message)
-        if len(attempts) == 1:
-            raise redis.ConnectionError("Connection reset by peer")
-
-    RedisReporter(store, send)._emit(job, EventType.RUNNING)
-    assert reporting.EVENTS.wait_written(10)
-
-    first, second = attempts
-    assert first.msg_id == second.msg_id  # one webhook-id: receivers deduplicate a copy that got through
+    entries = redis_client.xrange(constants.CALLBACK_OUTBOX_KEY)
+    assert [(e[b"job"], e[b"event"], e[b"seq"]) for _id, e in entries] == [(b"job-callback-1", b"failed", b"1")]
+    assert store.get(job.job_id).status is JobStatus.FAILED
 
 
 # -- the broker channel outlives a lost connection -----------------------------------------------------------------

@@ -61,7 +61,7 @@ def _indexed(client: redis.Redis) -> set[str]:
 
 
 def test_jobs_that_end_leave_the_queued_index_however_they_end(runtime: Runtime, redis_client: redis.Redis) -> None:
-    reporter = RedisReporter(runtime.store, lambda message: None)
+    reporter = RedisReporter(runtime.store)
     succeeded, failed = _job("job-succeeded", priority="high"), _job("job-failed", model="no-such-model")
     sharded, shards = _job("job-sharded", 12, priority="low"), plan_shards(12, 4)
     canceled, dead, enqueue_failed = _job("job-canceled"), _job("job-dead"), _job("job-enqueue-failed")

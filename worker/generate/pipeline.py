@@ -28,6 +28,7 @@ from producer.core import constants
 from producer.core.records import VIEW_OUTPUTS_MAX
 from producer.core.seeds import image_seed
 from worker.errors import IncompleteJob
+from worker.generate.credentials import NOT_CONFIGURED, Claim, Signer
 from worker.generate.encode import encode_image, provenance
 from worker.generate.postprocess import from_chw, render, to_chw
 from worker.generate.webdataset import ShardWriter, shard_key
@@ -144,6 +145,7 @@ def run_generate(
     stored: list[OutputRef] | None = None,
     clock: Clock = SYSTEM_CLOCK,
     sheet_images: int = 0,
+    signer: Signer = NOT_CONFIGURED,
 ) -> GenerateResult:
     """Sample, encode and store the images of one shard of ``job`` (default: all of it); the last shard of the job
     to finish writes the manifest and marks the job succeeded.
@@ -164,6 +166,8 @@ def run_generate(
         clock: the retry window's time (a fake one in tests).
         sheet_images: the contact sheet shows the job's first this many samples (every rendition of each); 0: no
             sheet.
+        signer: signs the outputs of a job with ``provenance: "c2pa"`` (Content Credentials); a job asking for it
+            of a worker that cannot sign fails before any image is sampled.
 
     Raises whatever the model, the sampler or the storage raise; nothing is swallowed.
     """
@@ -171,6 +175,8 @@ def run_generate(
     outputs = stored if stored is not None else []
     labels = job.image_labels()
     shard = shard or plan_shards(len(labels), len(labels))[0]
+    if job.provenance == "c2pa":
+        signer.ready()
     if not reporter.started(job, shard):
         if reporter.awaiting_manifest(job):  # a run recorded the job's last shard, then died before the manifest
             sheet = _Sheet(sample, chunk_size, sheet_images)
@@ -194,8 +200,14 @@ def run_generate(
         seeds = [image_seed(job.seed, i) for i in indices]
         return sample(job.model_name, job.model_version, [labels[i].index for i in indices], seeds)
 
+    def signed(data: bytes, label: str, seed: int) -> bytes:
+        """An encoded output as stored: with Content Credentials if the job asks for them, else as encoded."""
+        if job.provenance != "c2pa":
+            return data
+        return signer.sign(data, job.format, Claim(job.model_name, job.model_version, label, seed))
+
     def encode(index: int, image: np.ndarray) -> tuple[list[bytes], OutputRef]:
-        """The encoded image (or each rendition, in the request's order) and its listing."""
+        """The encoded image (or each rendition, in the request's order, each signed on its own) and its listing."""
         label, seed = labels[index], image_seed(job.seed, index)
         info = provenance(generator=job.model_name, version=version, label=label.name, seed=seed)
         ext = job.format.extension
@@ -209,14 +221,15 @@ def run_generate(
             content_type=job.format.content_type,
         )
         if not job.renditions:
-            data = encode_image(image, job.format, info)
+            data = signed(encode_image(image, job.format, info), label.name, seed)
             return [data], ref.model_copy(update={"sha256": hashlib.sha256(data).hexdigest()})
         sample_image = from_chw(image)
         blobs: list[bytes] = []
         renditions: list[RenditionRef] = []
         for rendition in job.renditions:
             pixels = render(sample_image, rendition)
-            data = encode_image(to_chw(pixels), job.format, info | {"genq:rendition": rendition.name})
+            encoded = encode_image(to_chw(pixels), job.format, info | {"genq:rendition": rendition.name})
+            data = signed(encoded, label.name, seed)
             key = output_key(prefix, index, ext, rendition.name)
             blobs.append(data)
             renditions.append(

@@ -55,6 +55,7 @@ def test_a_job_of_more_than_one_forward_pass_waits_in_its_prioritys_bulk_queue()
 def test_workers_serve_each_prioritys_small_jobs_before_its_bulk_ones_and_both_before_a_lower_priority() -> None:
     assert constants.WORKER_QUEUES == (
         "callbacks",
+        "submit",
         "generate.high",
         "generate.high.bulk",
         "generate",
