@@ -80,6 +80,6 @@ def contact_sheet(images: Sequence[Image.Image], captions: Sequence[str], per_ro
         while caption and draw.textlength(caption, font=font) > SHEET_CELL - 4:
             caption = caption[:-1]  # a long label is cut rather than spilling into the next cell
         draw.text((2, SHEET_CELL + 1), caption, fill="black", font=font)
-        array = np.asarray(cell, dtype=np.uint8)
+        array = np.array(cell, dtype=np.uint8)  # a writable copy: torch refuses to share a read-only buffer
         cells.append(torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()))
     return to_pil(class_grid(torch.stack(cells), min(per_row, len(cells)), pad=SHEET_PAD))

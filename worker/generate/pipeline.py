@@ -15,15 +15,15 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Protocol, cast
 
 import numpy as np
 import torch
 from PIL import Image
 
-from models.grid import contact_sheet
-from producer.contract import GenerateJob, Manifest, OutputRef, Rendition, RenditionRef, Shard, plan_shards
+from models.grid import contact_sheet, sheet_cell
+from producer.contract import GenerateJob, Manifest, OutputRef, RenditionRef, Shard, plan_shards
 from producer.core import constants
 from producer.core.records import VIEW_OUTPUTS_MAX
 from producer.core.seeds import image_seed
@@ -184,6 +184,8 @@ def run_generate(
             return GenerateResult(outputs=[], manifest_key=manifest_key, sheet_key=sheet_key, recovered=True)
         return GenerateResult(outputs=[], manifest_key=None, skipped=True)
 
+    sheet = _Sheet(sample, chunk_size, sheet_images)  # fills with the cells of this run's first outputs
+
     def keep_going() -> bool:
         if reporter.active(job):
             return True
@@ -222,12 +224,16 @@ def run_generate(
         )
         if not job.renditions:
             data = signed(encode_image(image, job.format, info), label.name, seed)
+            if index < sheet_images:  # a cell of the contact sheet: the run that writes it need not draw it again
+                sheet.cells[index] = sheet_cells(job, image)
             return [data], ref.model_copy(update={"sha256": hashlib.sha256(data).hexdigest()})
         sample_image = from_chw(image)
         blobs: list[bytes] = []
         renditions: list[RenditionRef] = []
+        pictures: list[Image.Image] = []
         for rendition in job.renditions:
             pixels = render(sample_image, rendition)
+            pictures.append(pixels)
             encoded = encode_image(to_chw(pixels), job.format, info | {"genq:rendition": rendition.name})
             data = signed(encoded, label.name, seed)
             key = output_key(prefix, index, ext, rendition.name)
@@ -241,6 +247,8 @@ def run_generate(
                     height=pixels.height,
                 )
             )
+        if index < sheet_images:
+            sheet.cells[index] = sheet_cells(job, image, pictures)
         first = renditions[0]
         return blobs, ref.model_copy(update={"key": first.key, "sha256": first.sha256, "renditions": renditions})
 
@@ -292,7 +300,6 @@ def run_generate(
     if not reporter.shard_stored(job, shard, list(outputs)):  # other shards still run; the last one ends the job
         return GenerateResult(outputs=list(outputs), manifest_key=None)
     # A job of one shard has every output in hand.
-    sheet = _Sheet(sample, chunk_size, sheet_images)
     everything = list(outputs) if shard.count == 1 else None
     manifest_key, sheet_key = _finish(job, storage, reporter, shard, prefix, everything, sheet)
     return GenerateResult(outputs=list(outputs), manifest_key=manifest_key, sheet_key=sheet_key)
@@ -318,46 +325,57 @@ def _add_to_tar(
 
 @dataclass(frozen=True)
 class _Sheet:
-    """How the run that completes a job makes its contact sheet: the sampler, its chunk size, how many samples."""
+    """How the run that completes a job makes its contact sheet: the sampler, its chunk size, how many samples, and
+    the cells this run made as it stored its own outputs (index -> one per rendition)."""
 
     sample: Sampler
     chunk_size: int
     images: int
+    cells: dict[int, list[Image.Image]] = field(default_factory=dict)
 
 
-def make_sheet(job: GenerateJob, sample: Sampler, chunk_size: int, images: int) -> bytes | None:
+def make_sheet(
+    job: GenerateJob, sample: Sampler, chunk_size: int, images: int, made: dict[int, list[Image.Image]] | None = None
+) -> bytes | None:
     """The contact sheet of ``job`` as PNG bytes: its first ``images`` samples in manifest order (each sample's
     renditions side by side, in the request's order), captioned with index, label and rendition; None when
-    ``images`` is 0.
+    ``images`` is 0. ``made``: cells already made (:func:`sheet_cells`) by index, as the run stored those outputs.
 
-    The samples are drawn again from (model version, label, seed) rather than read back from storage: sampling is
-    deterministic per image whatever batch it rides in (and post-processing is a pure function), so the pixels are
-    those stored, and one batched forward pass of at most a few dozen samples costs milliseconds for the models genq
-    serves, where reading back costs a GET and a decode per output (of a whole tar for WebDataset output) in the
-    shard that completes the job, which need not be the one that stored them.
+    The run that completes a job has the cells of the outputs it stored itself (all of them in a job of one shard,
+    the common case). The others are drawn again from (model version, label, seed) and rendered, rather than read
+    back from storage: sampling is deterministic per image whatever batch it rides in and post-processing is a pure
+    function, so the pixels are the stored ones, byte for byte; one forward pass of at most ``images`` samples costs
+    milliseconds for the models genq serves, and rendering costs about what a GET and a decode of each output
+    would, without reading a whole tar per shard for WebDataset output, nor depending on storage reads at all.
     """
     count = min(images, job.total_images)
     if count <= 0:
         return None
     labels = job.image_labels()[:count]
-    renditions: list[Rendition | None] = [*job.renditions] if job.renditions else [None]
-    cells: list[Image.Image] = []
-    captions: list[str] = []
-    for start in range(0, count, chunk_size):
-        indices = range(start, min(start + chunk_size, count))
+    cells = dict(made or {})
+    missing = [i for i in range(count) if i not in cells]
+    for start in range(0, len(missing), chunk_size):
+        indices = missing[start : start + chunk_size]
         seeds = [image_seed(job.seed, i) for i in indices]
         batch = sample(job.model_name, job.model_version, [labels[i].index for i in indices], seeds).result().numpy()
         for index, image in zip(indices, batch, strict=True):  # (C, H, W) uint8
-            sample_image = from_chw(image)
-            for rendition in renditions:
-                cells.append(sample_image if rendition is None else render(sample_image, rendition))
-                name = f" {rendition.name}" if rendition is not None else ""
-                captions.append(f"{index} {labels[index].name}{name}")
-    per_row = max(1, SHEET_PER_ROW // len(renditions)) * len(renditions)
-    sheet = contact_sheet(cells, captions, per_row=per_row)
+            cells[index] = sheet_cells(job, image)
+    names = [f" {r.name}" for r in job.renditions] if job.renditions else [""]
+    captions = [f"{i} {labels[i].name}{name}" for i in range(count) for name in names]
+    per_row = max(1, SHEET_PER_ROW // len(names)) * len(names)
+    sheet = contact_sheet([cell for i in range(count) for cell in cells[i]], captions, per_row=per_row)
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG", compress_level=9)
     return buffer.getvalue()
+
+
+def sheet_cells(job: GenerateJob, image: np.ndarray, rendered: list[Image.Image] | None = None) -> list[Image.Image]:
+    """The contact sheet's cells of one sample, uint8 (C, H, W): each rendition (``rendered``, or rendered now), or
+    the sample itself, scaled into a sheet cell (:func:`models.grid.sheet_cell`): small enough to keep."""
+    if not job.renditions:
+        return [sheet_cell(from_chw(image))]
+    pictures = rendered if rendered is not None else [render(from_chw(image), r) for r in job.renditions]
+    return [sheet_cell(picture) for picture in pictures]
 
 
 def _finish(
@@ -373,7 +391,7 @@ def _finish(
     ``outputs``: all of them, or None to read each shard's back from the reporter, one shard at a time. Returns the
     manifest's key and the sheet's (None: no sheet)."""
     manifest_key = prefix + constants.MANIFEST_NAME
-    sheet_png = make_sheet(job, sheet.sample, sheet.chunk_size, sheet.images)
+    sheet_png = make_sheet(job, sheet.sample, sheet.chunk_size, sheet.images, sheet.cells)
     sheet_key = None
     if sheet_png is not None:
         sheet_key = prefix + constants.SHEET_NAME
