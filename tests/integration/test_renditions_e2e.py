@@ -192,3 +192,27 @@ def test_download_fetches_every_rendition_and_the_sheet_checked(
     paths = client.download(client.status(job_id), tmp_path)
     assert sorted(p.name for p in paths) == _expected_keys("")
     assert (tmp_path / "sheet.png").read_bytes() == stack.get(f"jobs/{job_id}/sheet.png")
+
+
+def test_cli_in_queue_mode_follows_the_job_and_writes_its_sheet(
+    stack: Stack, module_worker: WorkerProcess, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
+    env |= {"GENQ_REDIS__URL": stack.redis_url, "GENQ_S3__BUCKET": stack.bucket}
+    sheet = tmp_path / "review" / "sheet.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "generate", "--label", "bag", "--count", "2", "--seed", "3"]
+        + ["--rendition", "tile=300x200,fit=pad,background=#fff", "--sheet", str(sheet)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    job_id, status = result.stdout.split()[:2]  # --sheet follows the job: its summary line, not its id alone
+    assert status == "succeeded:" and f"sheet jobs/{job_id}/sheet.png" in result.stdout
+    assert sheet.read_bytes() == stack.get(f"jobs/{job_id}/sheet.png")
+    assert stack.keys(f"jobs/{job_id}/") == sorted(
+        [f"jobs/{job_id}/{i:05d}-tile.png" for i in range(2)]
+        + [f"jobs/{job_id}/manifest.json", f"jobs/{job_id}/sheet.png"]
+    )
