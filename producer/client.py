@@ -29,6 +29,7 @@ from producer.contract import (
     Manifest,
     ModelEntry,
     OutputRef,
+    RenditionRef,
 )
 from producer.core import constants
 from producer.core.callbacks.events import CallbackMessage, callback_message
@@ -261,7 +262,8 @@ class Client:
         return self.urls.with_urls(view, expires_s)
 
     def download(self, view: JobView, dest: Path, on_file: Callable[[OutputRef], None] | None = None) -> list[Path]:
-        """Download a finished job's outputs (images, or webdataset tars) and manifest into ``dest``.
+        """Download a finished job's outputs (images, every rendition of each, or webdataset tars), its contact
+        sheet and its manifest into ``dest``.
 
         The manifest, not the view, lists what to fetch (a view lists at most 1,000 outputs); every image's sha256
         is checked, inside its tar for webdataset output.
@@ -272,26 +274,45 @@ class Client:
         s3 = self._s3_client()
         bucket = self.settings.s3.bucket
         raw_manifest = s3.get_object(Bucket=bucket, Key=view.manifest_key)["Body"].read()
-        by_key: dict[str, list[OutputRef]] = {}
-        for output in Manifest.model_validate_json(raw_manifest).outputs:
-            by_key.setdefault(output.key, []).append(output)
+        listing = Manifest.model_validate_json(raw_manifest)
+        by_key: dict[str, list[tuple[OutputRef, OutputRef | RenditionRef]]] = {}
+        for output in listing.outputs:
+            files: list[OutputRef | RenditionRef] = [*output.renditions] if output.renditions else [output]
+            for stored in files:  # each rendition is an object (or a member) of its own
+                by_key.setdefault(stored.key, []).append((output, stored))
         paths = []
-        for key, outputs in by_key.items():
+        for key, listed in by_key.items():
             data = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-            for output, image in zip(outputs, _images_in(data, outputs), strict=True):
-                if hashlib.sha256(image).hexdigest() != output.sha256:
-                    raise InvalidJob(f"{key} {output.member or ''}: sha256 does not match the manifest; altered")
-                if on_file is not None:
-                    on_file(output)
+            for (output, stored), image in zip(listed, _images_in(data, [f for _, f in listed]), strict=True):
+                if hashlib.sha256(image).hexdigest() != stored.sha256:
+                    raise InvalidJob(f"{key} {stored.member or ''}: sha256 does not match the manifest; altered")
+                if on_file is not None and stored is (output.renditions[-1] if output.renditions else output):
+                    on_file(output)  # once per output, when its last file is checked
             path = dest / key.rsplit("/", 1)[-1]
             path.write_bytes(data)
             paths.append(path)
+        if listing.sheet_key is not None:
+            paths.append(self.download_sheet(view, dest / listing.sheet_key.rsplit("/", 1)[-1], listing.sheet_key))
         manifest = dest / constants.MANIFEST_NAME
         manifest.write_bytes(raw_manifest)
         return [*paths, manifest]
 
+    def download_sheet(self, view: JobView, path: Path, key: str | None = None) -> Path:
+        """Write a succeeded job's contact sheet (``view.sheet_key``, or ``key``) to ``path``; returns ``path``.
 
-def _images_in(data: bytes, outputs: list[OutputRef]) -> list[bytes]:
+        Raises:
+            InvalidJob: the job has no sheet (it has not succeeded, or its workers make none: GENQ_SHEET_IMAGES=0).
+        """
+        key = key or view.sheet_key
+        if key is None:
+            raise InvalidJob(f"job {view.id} ({view.status.value}) has no contact sheet")
+        data = self._s3_client().get_object(Bucket=self.settings.s3.bucket, Key=key)["Body"].read()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+
+def _images_in(data: bytes, outputs: list[OutputRef | RenditionRef]) -> list[bytes]:
     """The image bytes of ``outputs`` inside one downloaded object: the object itself, or members of a tar."""
     if outputs[0].member is None:
         return [data]

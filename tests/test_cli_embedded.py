@@ -36,7 +36,7 @@ def test_embedded_generate_writes_pngs_and_manifest_without_redis_or_s3(tmp_path
     assert "wrote 8 images" in result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seed"] == 42 and manifest["model_version"] == "fmnist-cgan@1"
-    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:05d}.png" for i in range(8)]
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:05d}.png" for i in range(8)] + ["sheet.png"]
     for entry in manifest["outputs"]:
         data = (out / entry["key"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"]
@@ -70,7 +70,7 @@ def test_embedded_generate_output_webdataset_writes_one_tar_of_images_and_json_a
     )
     assert result.returncode == 0, result.stderr
     assert "wrote 3 images in 1 tar" in _text(result.stderr)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000.tar", "sheet.png"]
     with tarfile.open(out / "shard-00000.tar") as tar:
         assert sorted(tar.getnames()) == [f"{i:05d}.{ext}" for i in range(3) for ext in ("json", "png")]
 

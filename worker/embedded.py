@@ -47,7 +47,9 @@ class LocalReporter:
     def stored_outputs(self, job: GenerateJob, shards: int) -> Iterator[list[OutputRef]]:
         yield self._stored
 
-    def succeeded(self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str) -> None:
+    def succeeded(
+        self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str, sheet_key: str | None = None
+    ) -> None:
         pass
 
 
@@ -85,6 +87,7 @@ def run_embedded(
                 chunk_size=settings.batching.max_batch,
                 uploads=uploads,
                 prefix="",
+                sheet_images=settings.sheet_images,
                 signer=signer,
             )
         finally:

@@ -251,6 +251,7 @@ def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard:
             uploads=runtime.uploads,
             shard=shard,
             stored=stored,
+            sheet_images=settings.sheet_images,
             signer=runtime.signer,
         )
     except Exception as exc:  # a transient fault runs again later; any other ends the job loudly, with its reason

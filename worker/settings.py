@@ -257,6 +257,13 @@ class WorkerSettings(GenqSettings):
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535, description="Serve Prometheus metrics on this port (threads/solo pools)."
     )
+    sheet_images: int = Field(
+        default=64,
+        ge=0,
+        le=1000,
+        description="A generate job's contact sheet (sheet.png beside its manifest) shows its first this many samples, "
+        "every rendition of each; 0: no sheet.",
+    )
 
     @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> WorkerSettings:

@@ -1,6 +1,6 @@
-"""A job's stored objects over HTTP: ``GET /v1/jobs/{id}/outputs/{index}`` and ``GET /v1/jobs/{id}/manifest`` answer
-307 to a URL of the object made for the request (presigned, or under ``GENQ_S3__PUBLIC_BASE_URL``), for the job's
-tenant only. Where an output lies is :mod:`producer.api.locate`'s.
+"""A job's stored objects over HTTP: ``GET /v1/jobs/{id}/outputs/{index}``, ``GET /v1/jobs/{id}/manifest`` and
+``GET /v1/jobs/{id}/sheet`` answer 307 to a URL of the object made for the request (presigned, or under
+``GENQ_S3__PUBLIC_BASE_URL``), for the job's tenant only. Where an output lies is :mod:`producer.api.locate`'s.
 """
 
 from __future__ import annotations
@@ -149,3 +149,46 @@ def get_manifest(job: OwnedJob, services: ServicesDep) -> RedirectResponse:
             msg = f"job {job.id} is {job.status.value}: its manifest is written when it succeeds; retry then"
         raise ApiError(409, ["path", "job_id"], msg, "manifest_not_written")
     return _redirect(services.client.urls.url(job.manifest_key))
+
+
+@router.get(
+    "/jobs/{job_id}/sheet",
+    status_code=307,
+    response_class=RedirectResponse,
+    summary="Fetch a job's contact sheet",
+    dependencies=_NO_QUERY,
+    responses={
+        307: {
+            "description": "To a fresh URL of the job's `sheet.png` (a captioned grid of its first outputs, in "
+            "manifest order); follow it without the `Authorization` header.",
+            "headers": {
+                "Location": _location(
+                    "A SigV4 presigned GET URL living `GENQ_S3__PRESIGN_EXPIRES_S`, or "
+                    "`<GENQ_S3__PUBLIC_BASE_URL>/<key>`."
+                )
+            },
+        },
+        **NOT_FOUND,
+        409: {
+            "model": ErrorBody,
+            "description": "The job has no contact sheet (`type` `sheet_not_written`): it has not succeeded yet, it "
+            "failed or was canceled, or its workers make none (`GENQ_SHEET_IMAGES=0`).",
+        },
+        **INVALID,
+    },
+)
+def get_sheet(job: OwnedJob, services: ServicesDep) -> RedirectResponse:
+    """Redirect (307) to the job's contact sheet, with a URL made for this request.
+
+    The sheet is stored with the manifest when the job succeeds; until then, and for a job that failed or was
+    canceled, this answers 409 (`sheet_not_written`). A fine-tune has none (404).
+    """
+    if job.kind != "generate":
+        raise ApiError(404, ["path", "job_id"], f"job {job.id} is a fine-tune: it has no contact sheet", "no_outputs")
+    if job.sheet_key is None:
+        if not job.status.is_terminal():
+            msg = f"job {job.id} is {job.status.value}: its contact sheet is made when it succeeds; retry then"
+        else:
+            msg = f"job {job.id} {job.status.value} without a contact sheet (only a succeeded job has one)"
+        raise ApiError(409, ["path", "job_id"], msg, "sheet_not_written")
+    return _redirect(services.client.urls.url(job.sheet_key))

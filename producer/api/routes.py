@@ -335,7 +335,7 @@ async def job_events(
             current = view.model_dump_json()  # without URLs: a fresh signature is no change
             if current != last:
                 last, seq, sent = current, seq + 1, time.monotonic()
-                if view.outputs:  # up to 1,000 URLs: a few milliseconds, off the event loop
+                if view.outputs or view.sheet_key:  # up to 1,000 URLs: a few milliseconds, off the event loop
                     current = (await run_in_threadpool(services.client.with_urls, view)).model_dump_json()
                 yield ServerSentEvent(raw_data=current, event="job", id=str(seq))
             elif time.monotonic() - sent >= _KEEPALIVE_S:

@@ -61,6 +61,57 @@ def _parse_counts(spec: str) -> dict[str, int]:
     return counts
 
 
+_RENDITION_HELP = (
+    "A post-processed output of every sample, repeatable: NAME=WxH (or NAME=SIDE, a square) then "
+    ",fit=contain|cover|pad ,background=#rrggbb ,resample=lanczos|bicubic|bilinear|nearest and "
+    ",op=NAME[:PARAM=VALUE...] per enhancement step (autocontrast, unsharp_mask, contrast, sharpness); or the "
+    "rendition as a JSON object. Stored as <index>-NAME.<ext>."
+)
+
+
+def _parse_rendition(spec: str) -> dict[str, Any]:
+    """'square=1080x1080,fit=cover,op=unsharp_mask:radius=2' -> the rendition's fields (validated by the request)."""
+    if spec.lstrip().startswith("{"):
+        try:
+            parsed = json.loads(spec)
+        except json.JSONDecodeError as exc:
+            raise typer.BadParameter(f"not JSON: {exc}", param_hint="--rendition") from exc
+        if not isinstance(parsed, dict):
+            raise typer.BadParameter("a JSON rendition is an object", param_hint="--rendition")
+        return parsed
+    head, *options = (part.strip() for part in spec.split(","))
+    name, sep, box = head.partition("=")
+    if not sep:
+        raise typer.BadParameter(f"expected NAME=WxH or NAME=SIDE, got {head!r}", param_hint="--rendition")
+    fields: dict[str, Any] = {"name": name.strip()}
+    width, x, height = box.strip().lower().partition("x")
+    if not x:
+        fields["size"] = _side(width)
+    else:
+        fields |= {k: _side(v) for k, v in (("width", width), ("height", height)) if v}
+    ops: list[dict[str, str]] = []
+    for option in filter(None, options):
+        key, sep, value = option.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {option!r}", param_hint="--rendition")
+        if key.strip() == "op":
+            op_name, *params = value.split(":")
+            op: dict[str, str] = {"op": op_name.strip()}
+            for param in params:
+                param_name, sep, param_value = param.partition("=")
+                if not sep:
+                    raise typer.BadParameter(f"expected PARAM=VALUE, got {param!r}", param_hint="--rendition")
+                op[param_name.strip()] = param_value.strip()
+            ops.append(op)
+        else:
+            fields[key.strip()] = value.strip()
+    return fields | ({"ops": ops} if ops else {})
+
+
+def _side(text: str) -> int | str:
+    return int(text) if text.strip().isdecimal() else text  # anything else: the request names the field
+
+
 def _build_request(**fields: Any) -> GenerateRequest:
     return exits.build(GenerateRequest, fields)
 
@@ -94,6 +145,10 @@ def generate(
         "objects",
         "--output",
         help="objects (one object per image) or webdataset (one tar per shard: <index>.<ext> + <index>.json).",
+    ),
+    renditions: list[str] | None = typer.Option(None, "--rendition", "-r", help=_RENDITION_HELP),
+    sheet: Path | None = typer.Option(
+        None, "--sheet", help="Write the job's contact sheet (a captioned grid of its first outputs) to this file."
     ),
     provenance: str = typer.Option(
         "xmp",
@@ -133,19 +188,21 @@ def generate(
         idempotency_key=idempotency_key,
         priority=priority,
         output=output,
+        renditions=[_parse_rendition(spec) for spec in renditions] if renditions else None,
         provenance=provenance,
     )
     settings = exits.load(ClientSettings)
     with exits.reported(settings):
         if embedded or settings.redis.url is None:
-            _generate_embedded(request, out or Path("./out"))
+            _generate_embedded(request, out or Path("./out"), sheet)
         else:
             if out is not None:
                 console.print("[yellow]--out is for embedded mode; use --download DIR in queue mode[/]")
-            _generate_queued(request, settings, wait or download is not None, download, timeout, as_json)
+            follow = wait or download is not None or sheet is not None
+            _generate_queued(request, settings, follow, download, timeout, as_json, sheet)
 
 
-def _generate_embedded(request: GenerateRequest, out: Path) -> None:
+def _generate_embedded(request: GenerateRequest, out: Path, sheet: Path | None) -> None:
     from worker.embedded import run_embedded  # the CLI reaches into the worker only here, lazily
     from worker.settings import WorkerSettings
 
@@ -159,11 +216,21 @@ def _generate_embedded(request: GenerateRequest, out: Path) -> None:
         )
     tars = len({o.key for o in result.outputs}) if request.output == "webdataset" else 0
     packed = f" in {tars} tar{'' if tars == 1 else 's'}" if tars else ""
+    kinds = len(job.renditions or ())
+    each = f" ({kinds} rendition{'' if kinds == 1 else 's'} each)" if kinds else ""
     signed = ", signed with Content Credentials," if job.provenance == "c2pa" else ""
+    sheet_name = result.sheet_key
     console.print(
-        f"[green]wrote {len(result.outputs)} images[/]{packed}{signed} of {job.model_name}@{job.model_version} "
-        f"(seed {job.seed}) and {result.manifest_key} to {out}/"
+        f"[green]wrote {len(result.outputs)} images[/]{each}{packed}{signed} of {job.model_name}@{job.model_version} "
+        f"(seed {job.seed}), {result.manifest_key}{' and ' + sheet_name if sheet_name else ''} to {out}/"
     )
+    if sheet is not None:
+        if sheet_name is None:
+            console.print("[yellow]no contact sheet was made (GENQ_SHEET_IMAGES=0)[/]")
+        else:
+            sheet.parent.mkdir(parents=True, exist_ok=True)
+            sheet.write_bytes((out / sheet_name).read_bytes())
+            console.print(f"contact sheet: {sheet}")
 
 
 def _generate_queued(
@@ -173,6 +240,7 @@ def _generate_queued(
     download: Path | None,
     timeout: float,
     as_json: bool,
+    sheet: Path | None = None,
 ) -> None:
     from producer.client import Client
 
@@ -186,6 +254,8 @@ def _generate_queued(
     if download is not None and view.status is JobStatus.SUCCEEDED:
         paths = client.download(view, download)
         console.print(f"downloaded {len(paths)} files to {download}/")
+    if sheet is not None and view.status is JobStatus.SUCCEEDED and view.sheet_key is not None:
+        console.print(f"contact sheet: {client.download_sheet(view, sheet)}")
     _show(view, as_json)
     if view.status is not JobStatus.SUCCEEDED:
         raise typer.Exit(exits.FAILED)

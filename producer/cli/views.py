@@ -26,6 +26,7 @@ def summary(view: JobView, now: datetime | None = None) -> str:
         total = f"/{view.progress.total}" if view.progress.total else ""
         made = f"{view.progress.done}{total} images"
         made += f", manifest {view.manifest_key}" if view.manifest_key else ", no manifest"
+        made += f", sheet {view.sheet_key}" if view.sheet_key else ""
     line = f"{view.id} {view.status.value}: {made}, {elapsed}"
     if view.error is not None:
         line += f" ({view.error.type})"

@@ -32,6 +32,7 @@ from producer.contract.fields import (
     OutputLayout,
     Provenance,
 )
+from producer.contract.renditions import MAX_RENDITIONS, Rendition, RenditionRef, check_renditions
 
 
 class JobStatus(StrEnum):
@@ -168,6 +169,14 @@ class GenerateRequest(BaseModel):
     priority: Priority = Field(
         default="normal", description="Queue to wait in: workers take every high job before normal, normal before low."
     )
+    renditions: list[Rendition] | None = Field(
+        default=None,
+        max_length=MAX_RENDITIONS,
+        description="Post-processed outputs of every sample, each stored as <index>-<name>.<ext> (absent: one image "
+        "per sample at the model's own size, <index>.<ext>).",
+    )
+
+    _unique_renditions = field_validator("renditions")(check_renditions)
     provenance: Provenance = Field(
         default="xmp",
         description=(
@@ -253,6 +262,9 @@ class GenerateJob(BaseModel):
     tenant: str | None = Field(default=None, pattern=TENANT_PATTERN)  # owner; None for jobs outside the HTTP API
     output: OutputLayout = "objects"
     priority: Priority = "normal"
+    renditions: list[Rendition] | None = Field(default=None, max_length=MAX_RENDITIONS)
+
+    _unique_renditions = field_validator("renditions")(check_renditions)
     provenance: Provenance = "xmp"
 
     @property
@@ -307,7 +319,8 @@ class JobError(BaseModel):
 
 
 class OutputRef(BaseModel):
-    """One stored output image."""
+    """One stored output image: sample ``index`` of the job. With renditions, ``renditions`` lists every one (in the
+    request's order) and ``key``, ``sha256`` and ``member`` are those of the first."""
 
     index: int
     label: str
@@ -318,6 +331,7 @@ class OutputRef(BaseModel):
     content_type: str
     member: str | None = None  # file inside the tar at ``key`` (webdataset output); None for one object per image
     url: str | None = None  # presigned GET URL, filled in when a client asks for it
+    renditions: list[RenditionRef] | None = None  # the job asked for renditions: each stored one, in request order
 
 
 class Manifest(BaseModel):
@@ -329,6 +343,7 @@ class Manifest(BaseModel):
     seed: int
     format: OutputFormat
     created_at: datetime
+    sheet_key: str | None = None  # the contact sheet beside the manifest (absent in manifests made before it)
     outputs: list[OutputRef]
 
 
@@ -375,6 +390,10 @@ class JobView(BaseModel):
         default=False, description="True when only the first outputs are listed here; the manifest lists all."
     )
     manifest_key: str | None = None
+    sheet_key: str | None = Field(
+        default=None, description="The job's contact sheet (PNG grid of its first outputs, captioned), once succeeded."
+    )
+    sheet_url: str | None = Field(default=None, description="A GET URL of the sheet, filled in when a client asks.")
     error: JobError | None = None
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
     training: TrainingView | None = Field(default=None, description="Fine-tune jobs: step, losses, result.")

@@ -97,6 +97,7 @@ SUBMIT_TASK = TASK_PREFIX + "submit"  # a GenerateRequest as keyword arguments, 
 JOB_PREFIX = "jobs/{job_id}/"
 TENANT_JOB_PREFIX = "tenants/{tenant}/jobs/{job_id}/"
 MANIFEST_NAME = "manifest.json"
+SHEET_NAME = "sheet.png"  # a generate job's contact sheet, beside its manifest
 MODELS_PREFIX = "models/"  # published model versions: models/<name>/<version>/ (see worker.catalog.store)
 MODEL_VERSION_PREFIX = MODELS_PREFIX + "{name}/{version}/"
 MODEL_ALIASES_OBJECT = MODELS_PREFIX + "{name}/aliases.json"

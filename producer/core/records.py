@@ -187,6 +187,7 @@ def record_view(job_id: str, h: dict[str, str]) -> JobView:
         outputs_truncated=truncated,
         outputs=outputs,
         manifest_key=h.get("manifest_key"),
+        sheet_key=h.get("sheet_key"),
         error=error,
         metadata=spec.metadata,
         created_at=datetime.fromisoformat(h["created_at"]),

@@ -24,6 +24,7 @@ from producer.contract import (
     ModelEntry,
     ModelRef,
     ModelVersionInfo,
+    output_size,
 )
 from producer.core import constants
 from producer.core.callbacks.ssrf import check_callback_url
@@ -68,6 +69,7 @@ def resolve_request(
             f"{limits.max_images_per_job} per job (GENQ_LIMITS__MAX_IMAGES_PER_JOB); split the request",
             field="per_class",
         )
+    check_output_pixels(request, total, info, limits)
     if request.callback is not None:  # last: the only check that may wait on DNS
         check_callback_url(str(request.callback.url), allow_hosts)
     return GenerateJob(
@@ -84,8 +86,31 @@ def resolve_request(
         tenant=tenant,
         priority=request.priority,
         output=request.output,
+        renditions=request.renditions,
         provenance=request.provenance,
     )
+
+
+def check_output_pixels(request: GenerateRequest, images: int, info: ModelVersionInfo, limits: Limits) -> None:
+    """Refuse a job that would write more than ``GENQ_LIMITS__MAX_OUTPUT_PIXELS_PER_JOB`` pixels: ``images``
+    samples of the model's size, or of each rendition's exact size (every rendition counted)."""
+    side = info.resolution
+    if request.renditions:
+        sizes = [output_size(side, side, r) for r in request.renditions]
+        per_image = sum(w * h for w, h in sizes)
+        what = " + ".join(f"{w}x{h}" for w, h in sizes)
+        field = "renditions"
+    else:
+        per_image, what = side * side, f"{side}x{side}"
+        field = "per_class" if request.per_class else "count" if request.counts is None else "counts"
+    pixels = images * per_image
+    if pixels > limits.max_output_pixels_per_job:
+        raise InvalidJob(
+            f"this job would write {pixels:,} output pixels ({images:,} images of {what}), the limit is "
+            f"{limits.max_output_pixels_per_job:,} per job (GENQ_LIMITS__MAX_OUTPUT_PIXELS_PER_JOB); ask for fewer "
+            "images or smaller renditions",
+            field=field,
+        )
 
 
 def visible_models(catalog: Mapping[str, ModelEntry], tenant: str | None) -> dict[str, ModelEntry]:

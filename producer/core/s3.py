@@ -182,10 +182,23 @@ class ObjectUrls:
 
     def with_urls(self, view: JobView, expires_s: int | None = None) -> JobView:
         """A copy of ``view`` whose outputs carry URLs (:meth:`urls`); the outputs of one WebDataset tar share its
-        URL. A view without outputs is returned as it is."""
-        if not view.outputs:
+        URL; so do its renditions and its contact sheet. A view without outputs or sheet is returned as it is."""
+        if not view.outputs and view.sheet_key is None:
             return view
-        keys = list(dict.fromkeys(o.key for o in view.outputs))
+        renditions = [r.key for o in view.outputs for r in o.renditions or ()]
+        sheet = [view.sheet_key] if view.sheet_key is not None else []
+        keys = list(dict.fromkeys([*(o.key for o in view.outputs), *renditions, *sheet]))
         by_key = dict(zip(keys, self.urls(keys, expires_s), strict=True))
-        outputs = [o.model_copy(update={"url": by_key[o.key]}) for o in view.outputs]
-        return view.model_copy(update={"outputs": outputs})
+        outputs = [
+            o.model_copy(
+                update={
+                    "url": by_key[o.key],
+                    "renditions": [r.model_copy(update={"url": by_key[r.key]}) for r in o.renditions]
+                    if o.renditions
+                    else o.renditions,
+                }
+            )
+            for o in view.outputs
+        ]
+        sheet_url = by_key[view.sheet_key] if view.sheet_key is not None else None
+        return view.model_copy(update={"outputs": outputs, "sheet_url": sheet_url})

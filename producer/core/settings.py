@@ -88,6 +88,13 @@ class Limits(BaseModel):
 
     max_images_per_job: int = Field(default=10_000, ge=1)
     max_metadata_bytes: int = Field(default=4096, ge=0)
+    # 1 gigapixel: 10,000 images at 316 x 316, or 850 samples at 1080 x 1080 + 1080 x 1350. Resizing and encoding
+    # large renditions costs far more than sampling a small model, and a job holds its worker for all of it.
+    max_output_pixels_per_job: int = Field(
+        default=1_000_000_000,
+        ge=1,
+        description="Pixels a job may write in all: images x the pixels of each (every rendition counted).",
+    )
 
 
 # The Standard Webhooks schedule: at once, then 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h and 24 h after the

@@ -384,19 +384,22 @@ class JobStore:
         outputs: list[OutputRef],
         manifest_key: str,
         total: int | None = None,
+        sheet_key: str | None = None,
         *,
         announce: bool = False,
     ) -> bool:
         """queued/running -> succeeded (with ``announce``, its event in the outbox). ``outputs`` may be only the
         first ones of ``total`` (default: all of them); the view keeps at most :data:`VIEW_OUTPUTS_MAX`, the
-        manifest has every one."""
+        manifest has every one. ``sheet_key``: the job's contact sheet, if it has one."""
         total = len(outputs) if total is None else total
-        fields = {
+        fields: dict[str, str | int] = {
             "outputs": json.dumps([o.model_dump(mode="json") for o in outputs[:VIEW_OUTPUTS_MAX]]),
             "outputs_truncated": int(total > VIEW_OUTPUTS_MAX),
             "manifest_key": manifest_key,
             "finished_at": utcnow().isoformat(),
         }
+        if sheet_key is not None:
+            fields["sheet_key"] = sheet_key
         # The per-shard lists served their purpose; the manifest and the view hold the outputs now.
         applied = self._apply(
             job_id,

@@ -62,14 +62,17 @@ def objects_under(stack: Stack, view: JobView) -> dict[str, str]:
 
 def assert_exact(stack: Stack, view: JobView, count: int) -> Stored:
     """The job succeeded with exactly ``count`` outputs: its progress and manifest count indexes 0 … count-1 once
-    each, and its prefix holds exactly the manifest's objects and the manifest, nothing outside it."""
+    each, and its prefix holds exactly the manifest's objects (every rendition), the contact sheet it names and the
+    manifest, nothing outside it."""
     assert view.status is JobStatus.SUCCEEDED, f"job {view.id}: {view.status} ({view.error})"
     assert view.progress.done == count, (view.id, view.progress)
     assert view.manifest_key is not None, f"job {view.id} succeeded without a manifest"
     manifest = Manifest.model_validate_json(stack.get(view.manifest_key))
     assert [o.index for o in manifest.outputs] == list(range(count)), f"job {view.id}: indexes missing or repeated"
     objects = objects_under(stack, view)
-    expected = {o.key for o in manifest.outputs} | {view.manifest_key}
+    renditions = {r.key for o in manifest.outputs for r in o.renditions or ()}
+    sheet = {manifest.sheet_key} if manifest.sheet_key is not None else set()
+    expected = {o.key for o in manifest.outputs} | renditions | sheet | {view.manifest_key}
     extra, missing = set(objects) - expected, expected - set(objects)
     assert not extra and not missing, f"job {view.id}: outside its manifest {sorted(extra)}, missing {sorted(missing)}"
     return Stored(view, manifest, objects)
@@ -103,6 +106,11 @@ def assert_identical(stack: Stack, faulted: Stored, clean: Stored, *, read_back:
     digests = zip(output_digests(stack, faulted), output_digests(stack, clean), strict=True)
     differ = [i for i, (a, b) in enumerate(digests) if a != b]
     assert not differ, f"job {job}: stored bytes differ from the clean run's at indexes {differ[:20]}"
+    sheets = [s.manifest.sheet_key for s in (faulted, clean)]
+    if sheets[0] is not None and sheets[1] is not None:  # drawn again by whichever run wrote the manifest
+        assert stack.get(sheets[0]) == stack.get(sheets[1]), (
+            f"job {job}: its contact sheet differs from the clean run's"
+        )
     for ref in (mine[i] for i in sorted({0, len(mine) // 2, len(mine) - 1}) if read_back):
         if ref.member is None:  # a tar's members were hashed above
             assert hashlib.sha256(stack.get(ref.key)).hexdigest() == ref.sha256, f"{ref.key}: not the manifest's"

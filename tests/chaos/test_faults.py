@@ -274,7 +274,8 @@ def test_sharded_webdataset_job_survives_one_of_its_workers_killed(stack: Stack,
     view = client.wait(job.id, timeout=120)
     assert view.status is JobStatus.SUCCEEDED and view.shards == 8, view.error
     keys = stack.keys(f"jobs/{job.id}/")
-    assert keys == [f"jobs/{job.id}/manifest.json"] + [f"jobs/{job.id}/shard-{k:05d}.tar" for k in range(8)]
+    tars = [f"jobs/{job.id}/shard-{k:05d}.tar" for k in range(8)]
+    assert keys == [f"jobs/{job.id}/manifest.json", *tars, f"jobs/{job.id}/sheet.png"]
     _as_clean_run(stack, view, request, client)  # the same 8 tars, image for image
     members: list[str] = []
     for k in range(8):

@@ -67,7 +67,7 @@ def test_generate_job_stores_pngs_and_manifest_and_sends_signed_callbacks(
 
     prefix = f"jobs/{queued.id}/"
     keys = stack.keys(prefix)
-    assert keys == [f"{prefix}{i:05d}.png" for i in range(8)] + [f"{prefix}manifest.json"]
+    assert keys == [f"{prefix}{i:05d}.png" for i in range(8)] + [f"{prefix}manifest.json", f"{prefix}sheet.png"]
     manifest = Manifest.model_validate_json(stack.get(f"{prefix}manifest.json"))
     assert manifest.outputs == view.outputs
     for output in manifest.outputs:
@@ -85,7 +85,8 @@ def test_generate_job_stores_pngs_and_manifest_and_sends_signed_callbacks(
     types = [e.type for e in sorted(events, key=lambda e: e.seq or 0)]
     assert types[0] is EventType.QUEUED and types[1] is EventType.RUNNING and types[-1] is EventType.SUCCEEDED
     final = next(e for e in events if e.type is EventType.SUCCEEDED)
-    assert [o.key for o in final.data.outputs] == keys[:-1]
+    assert [o.key for o in final.data.outputs] == keys[:-2]
+    assert final.data.sheet_key == f"{prefix}sheet.png" == view.sheet_key  # the succeeded callback names the sheet
     assert len({r.headers["webhook-id"] for r in mine}) == len(mine)  # one id per event
 
     assert f"[{queued.id}]" in module_worker.log()  # the worker's log lines of this job carry its id
@@ -106,7 +107,7 @@ def test_same_seed_twice_gives_byte_identical_objects(stack: Stack, module_worke
 def test_download_writes_outputs_and_manifest(stack: Stack, module_worker: WorkerProcess, tmp_path: Path) -> None:
     view = stack.client.wait(stack.client.submit(GenerateRequest(model="fmnist-cgan", label=1, count=3)).id, 60)
     paths = stack.client.download(view, tmp_path)
-    assert sorted(p.name for p in paths) == ["00000.png", "00001.png", "00002.png", "manifest.json"]
+    assert sorted(p.name for p in paths) == ["00000.png", "00001.png", "00002.png", "manifest.json", "sheet.png"]
     urls = stack.client.with_urls(view).outputs
     assert all(o.url and o.key in o.url for o in urls)
     # SigV4, as every region accepts (the client builds its S3 client where the workers do); not legacy SigV2
@@ -184,7 +185,10 @@ def test_cli_generate_waits_with_progress_and_downloads(
     assert result.returncode == 0, result.stderr
     view = json.loads(result.stdout)
     assert view["status"] == "succeeded" and len(view["outputs"]) == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i:05d}.png" for i in range(4)] + ["manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i:05d}.png" for i in range(4)] + [
+        "manifest.json",
+        "sheet.png",
+    ]
 
 
 def test_webdataset_job_stores_one_tar_and_downloads_verified(
@@ -194,9 +198,9 @@ def test_webdataset_job_stores_one_tar_and_downloads_verified(
     view = stack.client.wait(stack.client.submit(request).id, timeout=60)
     assert view.status is JobStatus.SUCCEEDED, view.error
     prefix = f"jobs/{view.id}/"
-    assert stack.keys(prefix) == [f"{prefix}manifest.json", f"{prefix}shard-00000.tar"]
+    assert stack.keys(prefix) == [f"{prefix}manifest.json", f"{prefix}shard-00000.tar", f"{prefix}sheet.png"]
     assert {o.key for o in view.outputs} == {f"{prefix}shard-00000.tar"} and len(view.outputs) == 30
     paths = stack.client.download(view, tmp_path)
-    assert sorted(p.name for p in paths) == ["manifest.json", "shard-00000.tar"]
+    assert sorted(p.name for p in paths) == ["manifest.json", "shard-00000.tar", "sheet.png"]
     objects = stack.client.wait(stack.client.submit(request.model_copy(update={"output": "objects"})).id, 60)
     assert [o.sha256 for o in objects.outputs] == [o.sha256 for o in view.outputs]

@@ -8,25 +8,29 @@ marks the job failed (with the outputs stored so far).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Protocol, cast
 
 import numpy as np
 import torch
+from PIL import Image
 
-from producer.contract import GenerateJob, Manifest, OutputRef, Shard, plan_shards
+from models.grid import contact_sheet, sheet_cell
+from producer.contract import GenerateJob, Manifest, OutputRef, RenditionRef, Shard, plan_shards
 from producer.core import constants
 from producer.core.records import VIEW_OUTPUTS_MAX
 from producer.core.seeds import image_seed
 from worker.errors import IncompleteJob
 from worker.generate.credentials import NOT_CONFIGURED, Claim, Signer
 from worker.generate.encode import encode_image, provenance
+from worker.generate.postprocess import from_chw, render, to_chw
 from worker.generate.webdataset import ShardWriter, shard_key
 from worker.storage.base import SYSTEM_CLOCK, Clock, RetryWindow, Storage, within
 
@@ -59,8 +63,11 @@ class Reporter(Protocol):
         """Every shard's recorded outputs, one shard at a time, in shard (and so index) order."""
         ...
 
-    def succeeded(self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str) -> None:
-        """The manifest is stored: the job succeeded with ``total`` outputs, of which ``first`` are the first."""
+    def succeeded(
+        self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str, sheet_key: str | None = None
+    ) -> None:
+        """The manifest (and the contact sheet, if any) is stored: the job succeeded with ``total`` outputs, of which
+        ``first`` are the first."""
         ...
 
 
@@ -76,6 +83,7 @@ class GenerateResult:
 
     outputs: list[OutputRef]
     manifest_key: str | None
+    sheet_key: str | None = None  # the contact sheet, stored with the manifest
     skipped: bool = False  # the job had ended (or this shard was stored) before: nothing was done
     stopped: bool = False  # the job ended elsewhere while this shard ran: it stopped after its current chunk
     recovered: bool = False  # every shard was stored but a run died before the manifest: this one wrote it
@@ -116,8 +124,12 @@ def job_prefix(job: GenerateJob) -> str:
     return constants.JOB_PREFIX.format(job_id=job.job_id)
 
 
-def output_key(prefix: str, index: int, extension: str) -> str:
-    return f"{prefix}{index:05d}.{extension}"
+def output_key(prefix: str, index: int, extension: str, rendition: str | None = None) -> str:
+    """``<prefix><index>.<ext>``, or ``<prefix><index>-<rendition>.<ext>`` for one of several renditions."""
+    return f"{prefix}{index:05d}{'-' + rendition if rendition else ''}.{extension}"
+
+
+SHEET_PER_ROW = 8  # cells in a contact sheet's row (a multiple of the renditions, so a sample's stay side by side)
 
 
 def run_generate(
@@ -132,6 +144,7 @@ def run_generate(
     prefix: str | None = None,
     stored: list[OutputRef] | None = None,
     clock: Clock = SYSTEM_CLOCK,
+    sheet_images: int = 0,
     signer: Signer = NOT_CONFIGURED,
 ) -> GenerateResult:
     """Sample, encode and store the images of one shard of ``job`` (default: all of it); the last shard of the job
@@ -151,6 +164,8 @@ def run_generate(
         prefix: object key prefix (default :func:`job_prefix`; the embedded CLI writes at the top of its folder).
         stored: filled in as images are stored, so a caller can report partial outputs when the run fails.
         clock: the retry window's time (a fake one in tests).
+        sheet_images: the contact sheet shows the job's first this many samples (every rendition of each); 0: no
+            sheet.
         signer: signs the outputs of a job with ``provenance: "c2pa"`` (Content Credentials); a job asking for it
             of a worker that cannot sign fails before any image is sampled.
 
@@ -164,9 +179,12 @@ def run_generate(
         signer.ready()
     if not reporter.started(job, shard):
         if reporter.awaiting_manifest(job):  # a run recorded the job's last shard, then died before the manifest
-            manifest_key = _finish(job, storage, reporter, shard, prefix, None)
-            return GenerateResult(outputs=[], manifest_key=manifest_key, recovered=True)
+            sheet = _Sheet(sample, chunk_size, sheet_images)
+            manifest_key, sheet_key = _finish(job, storage, reporter, shard, prefix, None, sheet)
+            return GenerateResult(outputs=[], manifest_key=manifest_key, sheet_key=sheet_key, recovered=True)
         return GenerateResult(outputs=[], manifest_key=None, skipped=True)
+
+    sheet = _Sheet(sample, chunk_size, sheet_images)  # fills with the cells of this run's first outputs
 
     def keep_going() -> bool:
         if reporter.active(job):
@@ -190,31 +208,62 @@ def run_generate(
             return data
         return signer.sign(data, job.format, Claim(job.model_name, job.model_version, label, seed))
 
-    def encode(index: int, image: np.ndarray) -> tuple[bytes, OutputRef]:
+    def encode(index: int, image: np.ndarray) -> tuple[list[bytes], OutputRef]:
+        """The encoded image (or each rendition, in the request's order, each signed on its own) and its listing."""
         label, seed = labels[index], image_seed(job.seed, index)
         info = provenance(generator=job.model_name, version=version, label=label.name, seed=seed)
-        data = signed(encode_image(image, job.format, info), label.name, seed)
+        ext = job.format.extension
         ref = OutputRef(
             index=index,
             label=label.name,
             label_index=label.index,
             seed=seed,
-            key=output_key(prefix, index, job.format.extension),
-            sha256=hashlib.sha256(data).hexdigest(),
+            key=output_key(prefix, index, ext),
+            sha256="",
             content_type=job.format.content_type,
         )
-        return data, ref
+        if not job.renditions:
+            data = signed(encode_image(image, job.format, info), label.name, seed)
+            if index < sheet_images:  # a cell of the contact sheet: the run that writes it need not draw it again
+                sheet.cells[index] = sheet_cells(job, image)
+            return [data], ref.model_copy(update={"sha256": hashlib.sha256(data).hexdigest()})
+        sample_image = from_chw(image)
+        blobs: list[bytes] = []
+        renditions: list[RenditionRef] = []
+        pictures: list[Image.Image] = []
+        for rendition in job.renditions:
+            pixels = render(sample_image, rendition)
+            pictures.append(pixels)
+            encoded = encode_image(to_chw(pixels), job.format, info | {"genq:rendition": rendition.name})
+            data = signed(encoded, label.name, seed)
+            key = output_key(prefix, index, ext, rendition.name)
+            blobs.append(data)
+            renditions.append(
+                RenditionRef(
+                    name=rendition.name,
+                    key=key,
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    width=pixels.width,
+                    height=pixels.height,
+                )
+            )
+        if index < sheet_images:
+            sheet.cells[index] = sheet_cells(job, image, pictures)
+        first = renditions[0]
+        return blobs, ref.model_copy(update={"key": first.key, "sha256": first.sha256, "renditions": renditions})
 
-    def store(index: int, image: np.ndarray) -> tuple[bytes, OutputRef] | None:
+    def store(index: int, image: np.ndarray) -> tuple[list[bytes], OutputRef] | None:
         if window.stopped:  # an upload of the shard gave up, or the job ended: skipped, not waited for
             return None
-        data, ref = encode(index, image)
+        blobs, ref = encode(index, image)
+        keys = [r.key for r in ref.renditions] if ref.renditions else [ref.key]
         try:
-            storage.put(ref.key, data, ref.content_type)
+            for key, data in zip(keys, blobs, strict=True):
+                storage.put(key, data, ref.content_type)
         except Exception as exc:
             window.give_up(exc)  # the shard fails with it: its other uploads need not spend their time
             raise
-        return data, ref
+        return blobs, ref
 
     tar = ShardWriter() if job.output == "webdataset" else None
     tar_key = shard_key(prefix, shard.index)
@@ -238,10 +287,8 @@ def run_generate(
         if errors:
             raise window.error or errors[0]
         if tar is not None:
-            for data, ref in done:
-                meta = {"label": ref.label, "label_index": ref.label_index, "seed": ref.seed, "model": version}
-                member = tar.add(f"{ref.index:05d}", job.format.extension, data, meta | {"sha256": ref.sha256})
-                in_tar.append(ref.model_copy(update={"key": tar_key, "member": member}))
+            for blobs, ref in done:
+                in_tar.append(_add_to_tar(tar, tar_key, blobs, ref, version, job.format.extension))
         else:
             reporter.progress(job, shard, len(outputs))
     if tar is not None:
@@ -253,24 +300,110 @@ def run_generate(
     if not reporter.shard_stored(job, shard, list(outputs)):  # other shards still run; the last one ends the job
         return GenerateResult(outputs=list(outputs), manifest_key=None)
     # A job of one shard has every output in hand.
-    manifest_key = _finish(job, storage, reporter, shard, prefix, list(outputs) if shard.count == 1 else None)
-    return GenerateResult(outputs=list(outputs), manifest_key=manifest_key)
+    everything = list(outputs) if shard.count == 1 else None
+    manifest_key, sheet_key = _finish(job, storage, reporter, shard, prefix, everything, sheet)
+    return GenerateResult(outputs=list(outputs), manifest_key=manifest_key, sheet_key=sheet_key)
+
+
+def _add_to_tar(
+    tar: ShardWriter, tar_key: str, blobs: list[bytes], ref: OutputRef, version: str, extension: str
+) -> OutputRef:
+    """Add one sample to a WebDataset tar: ``<index>.<ext>``, or ``<index>.<rendition>.<ext>`` per rendition (one
+    sample key, so loaders group a sample's renditions and its ``<index>.json``); returns its listing in the tar."""
+    meta = {"label": ref.label, "label_index": ref.label_index, "seed": ref.seed, "model": version}
+    if not ref.renditions:
+        member = tar.add(f"{ref.index:05d}", extension, blobs[0], meta | {"sha256": ref.sha256})
+        return ref.model_copy(update={"key": tar_key, "member": member})
+    files = [(f"{r.name}.{extension}", data) for r, data in zip(ref.renditions, blobs, strict=True)]
+    meta |= {"renditions": {r.name: {"sha256": r.sha256, "width": r.width, "height": r.height} for r in ref.renditions}}
+    members = tar.add_sample(f"{ref.index:05d}", files, meta)
+    renditions = [
+        r.model_copy(update={"key": tar_key, "member": m}) for r, m in zip(ref.renditions, members, strict=True)
+    ]
+    return ref.model_copy(update={"key": tar_key, "member": members[0], "renditions": renditions})
+
+
+@dataclass(frozen=True)
+class _Sheet:
+    """How the run that completes a job makes its contact sheet: the sampler, its chunk size, how many samples, and
+    the cells this run made as it stored its own outputs (index -> one per rendition)."""
+
+    sample: Sampler
+    chunk_size: int
+    images: int
+    cells: dict[int, list[Image.Image]] = field(default_factory=dict)
+
+
+def make_sheet(
+    job: GenerateJob, sample: Sampler, chunk_size: int, images: int, made: dict[int, list[Image.Image]] | None = None
+) -> bytes | None:
+    """The contact sheet of ``job`` as PNG bytes: its first ``images`` samples in manifest order (each sample's
+    renditions side by side, in the request's order), captioned with index, label and rendition; None when
+    ``images`` is 0. ``made``: cells already made (:func:`sheet_cells`) by index, as the run stored those outputs.
+
+    The run that completes a job has the cells of the outputs it stored itself (all of them in a job of one shard,
+    the common case). The others are drawn again from (model version, label, seed) and rendered, rather than read
+    back from storage: sampling is deterministic per image whatever batch it rides in and post-processing is a pure
+    function, so the pixels are the stored ones, byte for byte; one forward pass of at most ``images`` samples costs
+    milliseconds for the models genq serves, and rendering costs about what a GET and a decode of each output
+    would, without reading a whole tar per shard for WebDataset output, nor depending on storage reads at all.
+    """
+    count = min(images, job.total_images)
+    if count <= 0:
+        return None
+    labels = job.image_labels()[:count]
+    cells = dict(made or {})
+    missing = [i for i in range(count) if i not in cells]
+    for start in range(0, len(missing), chunk_size):
+        indices = missing[start : start + chunk_size]
+        seeds = [image_seed(job.seed, i) for i in indices]
+        batch = sample(job.model_name, job.model_version, [labels[i].index for i in indices], seeds).result().numpy()
+        for index, image in zip(indices, batch, strict=True):  # (C, H, W) uint8
+            cells[index] = sheet_cells(job, image)
+    names = [f" {r.name}" for r in job.renditions] if job.renditions else [""]
+    captions = [f"{i} {labels[i].name}{name}" for i in range(count) for name in names]
+    per_row = max(1, SHEET_PER_ROW // len(names)) * len(names)
+    sheet = contact_sheet([cell for i in range(count) for cell in cells[i]], captions, per_row=per_row)
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG", compress_level=9)
+    return buffer.getvalue()
+
+
+def sheet_cells(job: GenerateJob, image: np.ndarray, rendered: list[Image.Image] | None = None) -> list[Image.Image]:
+    """The contact sheet's cells of one sample, uint8 (C, H, W): each rendition (``rendered``, or rendered now), or
+    the sample itself, scaled into a sheet cell (:func:`models.grid.sheet_cell`): small enough to keep."""
+    if not job.renditions:
+        return [sheet_cell(from_chw(image))]
+    pictures = rendered if rendered is not None else [render(from_chw(image), r) for r in job.renditions]
+    return [sheet_cell(picture) for picture in pictures]
 
 
 def _finish(
-    job: GenerateJob, storage: Storage, reporter: Reporter, shard: Shard, prefix: str, outputs: list[OutputRef] | None
-) -> str:
-    """Write the manifest of a job whose shards are all stored and mark it succeeded; ``outputs``: all of them, or
-    None to read each shard's back from the reporter, one shard at a time. Returns the manifest's key."""
+    job: GenerateJob,
+    storage: Storage,
+    reporter: Reporter,
+    shard: Shard,
+    prefix: str,
+    outputs: list[OutputRef] | None,
+    sheet: _Sheet,
+) -> tuple[str, str | None]:
+    """Store the contact sheet and the manifest of a job whose shards are all stored and mark it succeeded;
+    ``outputs``: all of them, or None to read each shard's back from the reporter, one shard at a time. Returns the
+    manifest's key and the sheet's (None: no sheet)."""
     manifest_key = prefix + constants.MANIFEST_NAME
+    sheet_png = make_sheet(job, sheet.sample, sheet.chunk_size, sheet.images, sheet.cells)
+    sheet_key = None
+    if sheet_png is not None:
+        sheet_key = prefix + constants.SHEET_NAME
+        storage.put(sheet_key, sheet_png, "image/png")
     parts = [outputs] if outputs is not None else reporter.stored_outputs(job, shard.count)
-    first, total = write_manifest(job, storage, manifest_key, parts)
-    reporter.succeeded(job, first, total, manifest_key)
-    return manifest_key
+    first, total = write_manifest(job, storage, manifest_key, parts, sheet_key=sheet_key)
+    reporter.succeeded(job, first, total, manifest_key, sheet_key=sheet_key)
+    return manifest_key, sheet_key
 
 
 def write_manifest(
-    job: GenerateJob, storage: Storage, key: str, parts: Iterable[list[OutputRef]]
+    job: GenerateJob, storage: Storage, key: str, parts: Iterable[list[OutputRef]], sheet_key: str | None = None
 ) -> tuple[list[OutputRef], int]:
     """Store ``manifest.json`` (a :class:`Manifest`) listing every output of ``job``, streamed one shard's part at a
     time through a spooled file: memory stays flat however many images the job has.
@@ -288,6 +421,7 @@ def write_manifest(
         seed=job.seed,
         format=job.format,
         created_at=job.created_at,
+        sheet_key=sheet_key,
         outputs=[],
     ).model_dump(mode="json", exclude={"outputs"}, exclude_none=True)
     opening = json.dumps(header, separators=(",", ":"))[:-1] + ',"outputs":['  # the outputs go in between

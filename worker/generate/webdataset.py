@@ -21,10 +21,16 @@ class ShardWriter:
 
     def add(self, stem: str, extension: str, data: bytes, meta: dict[str, Any]) -> str:
         """Add ``<stem>.<extension>`` and ``<stem>.json``; returns the image's member name."""
-        name = f"{stem}.{extension}"
-        self._member(name, data)
+        return self.add_sample(stem, [(extension, data)], meta)[0]
+
+    def add_sample(self, stem: str, files: list[tuple[str, bytes]], meta: dict[str, Any]) -> list[str]:
+        """Add ``<stem>.<suffix>`` for each (suffix, data) of ``files``, then ``<stem>.json``: one WebDataset sample
+        (loaders group members by the stem). Returns the files' member names, in order."""
+        names = [f"{stem}.{suffix}" for suffix, _ in files]
+        for name, (_, data) in zip(names, files, strict=True):
+            self._member(name, data)
         self._member(f"{stem}.json", json.dumps(meta, sort_keys=True).encode())
-        return name
+        return names
 
     def _member(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)

@@ -83,12 +83,18 @@ def test_a_tenant_gets_the_exact_bytes_through_the_redirect_and_the_view_url_and
         listed = Manifest.model_validate_json(plain.get(manifest.headers["location"]).content).outputs
         assert listed == [OutputRef.model_validate({**o, "url": None}) for o in view["outputs"]]
 
+        sheet = acme.get(f"/v1/jobs/{job_id}/sheet")  # the contact sheet, beside the manifest
+        assert sheet.status_code == 307 and sheet.headers["cache-control"] == "private, no-store"
+        fetched_sheet = plain.get(sheet.headers["location"])
+        assert fetched_sheet.status_code == 200 and fetched_sheet.content == stack.get(view["sheet_key"])
+        assert plain.get(view["sheet_url"]).content == fetched_sheet.content
+
         again = acme.get(f"/v1/jobs/{job_id}").json()  # URLs are made for each read; the rest is the same view
         assert [{**o, "url": None} for o in again["outputs"]] == [{**o, "url": None} for o in view["outputs"]]
 
     unknown_id = "e" * 32
     with session_for(stack_api, make_key(stack.redis, "globex")) as globex:
-        for path in ("/outputs/0", "/outputs/2", "/manifest"):
+        for path in ("/outputs/0", "/outputs/2", "/manifest", "/sheet"):
             foreign, unknown = globex.get(f"/v1/jobs/{job_id}{path}"), globex.get(f"/v1/jobs/{unknown_id}{path}")
             assert foreign.status_code == 404 and "location" not in foreign.headers
             assert foreign.text == unknown.text.replace(unknown_id, job_id)

@@ -72,7 +72,8 @@ def test_job_streams_to_its_terminal_view_with_outputs_under_the_tenant_prefix(
         prefix = f"tenants/acme/jobs/{job_id}/"
         assert [o.key for o in final.outputs] == [f"{prefix}{i:05d}.png" for i in range(3)]
         assert final.manifest_key == f"{prefix}manifest.json"
-        assert stack.keys(prefix) == [o.key for o in final.outputs] + [final.manifest_key]
+        assert final.sheet_key == f"{prefix}sheet.png" and final.sheet_url and final.sheet_key in final.sheet_url
+        assert stack.keys(prefix) == [o.key for o in final.outputs] + [final.manifest_key, final.sheet_key]
         assert stack.keys(f"jobs/{job_id}/") == []
         # The terminal event's outputs carry URLs, made when it was sent; every read makes its own.
         assert all(o.url and "X-Amz-Signature=" in o.url and o.key in o.url for o in final.outputs)
@@ -80,9 +81,11 @@ def test_job_streams_to_its_terminal_view_with_outputs_under_the_tenant_prefix(
         assert Manifest.model_validate_json(stack.get(final.manifest_key)).outputs == unsigned
         got = JobView.model_validate(acme.get(f"/v1/jobs/{job_id}").json())
         assert [o.model_copy(update={"url": None}) for o in got.outputs] == unsigned
-        assert got.model_copy(update={"outputs": []}) == final.model_copy(update={"outputs": []})
+        no_urls = {"outputs": [], "sheet_url": None}  # URLs are made for each read
+        assert got.model_copy(update=no_urls) == final.model_copy(update=no_urls)
         stripped = [
-            v.model_copy(update={"outputs": [o.model_copy(update={"url": None}) for o in v.outputs]}) for v in views
+            v.model_copy(update={"outputs": [o.model_copy(update={"url": None}) for o in v.outputs], "sheet_url": None})
+            for v in views
         ]
         assert all(a != b for a, b in zip(stripped, stripped[1:], strict=False))  # a fresh URL alone is no event
 

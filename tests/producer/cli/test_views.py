@@ -31,6 +31,20 @@ def test_a_succeeded_job_of_a_thousand_images_is_summed_up_in_one_line() -> None
     assert len(view.model_dump_json(indent=2).splitlines()) > 10_000  # what `--json` prints
 
 
+def test_a_job_with_a_contact_sheet_names_it_after_the_manifest() -> None:
+    view = JobView(
+        id="j2",
+        status=JobStatus.SUCCEEDED,
+        model="fmnist-cgan",
+        progress=Progress(done=2, total=2),
+        manifest_key="jobs/j2/manifest.json",
+        sheet_key="jobs/j2/sheet.png",
+        created_at=CREATED,
+        finished_at=CREATED + timedelta(seconds=1),
+    )
+    assert summary(view) == "j2 succeeded: 2/2 images, manifest jobs/j2/manifest.json, sheet jobs/j2/sheet.png, 1.0 s"
+
+
 def test_a_failed_job_says_what_it_stored_that_it_has_no_manifest_and_the_error_type() -> None:
     view = JobView(
         id="j1",

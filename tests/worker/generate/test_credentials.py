@@ -18,7 +18,7 @@ from c2pa_chain import LEAF_NAME, SigningChain, make_chain, read_credentials
 from PIL import Image
 from tiny_model import TINY_NAME, make_tiny_model
 
-from producer.contract import GenerateJob, LabelCount, OutputFormat
+from producer.contract import GenerateJob, LabelCount, OutputFormat, Rendition
 from producer.errors import ConfigurationError
 from worker.catalog.registry import ModelRegistry
 from worker.embedded import LocalReporter
@@ -284,6 +284,29 @@ def test_a_c2pa_job_signs_every_output_and_an_xmp_job_stores_the_encoders_bytes(
         assert (generation["label"], generation["seed"], generation["model"]) == ("bag", ref.seed, TINY_NAME)
         assert np.array_equal(_pixels(data), _pixels(plain_data))  # same pixels as the unsigned job's
     assert signed_storage.get("jobs/job-c2pa-0001/manifest.json")  # the job completed
+
+
+def test_every_rendition_of_a_c2pa_job_is_signed_and_reads_back_with_its_claim(
+    engine: InferenceEngine, signer: ContentSigner, c2pa_chain: SigningChain, tmp_path: Path
+) -> None:
+    renditions = [
+        Rendition(name="square", size=64, fit="cover", ops=[{"op": "unsharp_mask"}]),  # type: ignore[list-item]
+        Rendition(name="tile", width=80, height=60, fit="pad", background="#ffffff"),
+    ]
+    job = _job(OutputFormat.PNG, "c2pa").model_copy(update={"renditions": renditions})
+    plain_job = job.model_copy(update={"provenance": "xmp"})
+    signed, storage = _run(job, tmp_path / "c2pa", engine, signer)
+    plain, plain_storage = _run(plain_job, tmp_path / "xmp", engine, signer)
+    for ref, plain_ref in zip(signed.outputs, plain.outputs, strict=True):
+        assert ref.renditions is not None and plain_ref.renditions is not None
+        for rendition, unsigned in zip(ref.renditions, plain_ref.renditions, strict=True):
+            data = storage.get(rendition.key)
+            read = read_credentials(data, "image/png", c2pa_chain.anchor_pem)
+            assert (read.state, read.failures) == ("Trusted", [])
+            generation = read.assertion(GENERATION_ASSERTION)
+            assert (generation["label"], generation["seed"]) == ("bag", ref.seed)
+            assert Image.open(io.BytesIO(data)).size == (rendition.width, rendition.height)
+            assert np.array_equal(_pixels(data), _pixels(plain_storage.get(unsigned.key)))  # pixels as unsigned
 
 
 def test_a_c2pa_job_on_a_worker_that_cannot_sign_fails_before_sampling(engine: InferenceEngine, tmp_path: Path) -> None:

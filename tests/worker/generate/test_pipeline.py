@@ -59,7 +59,9 @@ class RecordingReporter:
         for index in range(shards):
             yield self.shards[index]
 
-    def succeeded(self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str) -> None:
+    def succeeded(
+        self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str, sheet_key: str | None = None
+    ) -> None:
         self.events.append(("succeeded", total))
 
 
