@@ -226,7 +226,7 @@ def _generate_embedded(request: GenerateRequest, out: Path, sheet: Path | None) 
     )
     if sheet is not None:
         if sheet_name is None:
-            console.print("[yellow]no contact sheet was made (GENQ_SHEET_IMAGES=0)[/]")
+            console.print("[yellow]no contact sheet was made (a job of one image has none; or GENQ_SHEET_IMAGES=0)[/]")
         else:
             sheet.parent.mkdir(parents=True, exist_ok=True)
             sheet.write_bytes((out / sheet_name).read_bytes())

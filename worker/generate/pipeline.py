@@ -339,7 +339,8 @@ def make_sheet(
 ) -> bytes | None:
     """The contact sheet of ``job`` as PNG bytes: its first ``images`` samples in manifest order (each sample's
     renditions side by side, in the request's order), captioned with index, label and rendition; None when
-    ``images`` is 0. ``made``: cells already made (:func:`sheet_cells`) by index, as the run stored those outputs.
+    ``images`` is 0, and for a job of one image without renditions. ``made``: cells already made
+    (:func:`sheet_cells`) by index, as the run stored those outputs.
 
     The run that completes a job has the cells of the outputs it stored itself (all of them in a job of one shard,
     the common case). The others are drawn again from (model version, label, seed) and rendered, rather than read
@@ -349,8 +350,8 @@ def make_sheet(
     would, without reading a whole tar per shard for WebDataset output, nor depending on storage reads at all.
     """
     count = min(images, job.total_images)
-    if count <= 0:
-        return None
+    if count <= 0 or (job.total_images == 1 and not job.renditions):
+        return None  # a sheet of one image is that image: the most common request stores no third object
     labels = job.image_labels()[:count]
     cells = dict(made or {})
     missing = [i for i in range(count) if i not in cells]
