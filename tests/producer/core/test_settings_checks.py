@@ -34,7 +34,11 @@ def test_a_malformed_webhook_secret_from_the_environment_stops_the_settings_load
         ClientSettings()
 
 
-@pytest.mark.parametrize("secret", [DEV_WEBHOOK_SECRET, generate_secret(), f"{generate_secret()}\n"])
+@pytest.mark.parametrize(
+    "secret",
+    [DEV_WEBHOOK_SECRET, generate_secret(), f"{generate_secret()}\n"],
+    ids=["dev", "generated", "generated-with-newline"],  # the generated ones differ on every collection
+)
 def test_standard_webhooks_secrets_are_accepted_without_the_whitespace_of_a_secret_file(secret: str) -> None:
     assert WebhookSettings(secret=secret).secret == secret.strip()
 
