@@ -25,6 +25,7 @@ from models.augment import AugmentConfig, diff_augment, host_to_device
 from models.checkpoint import read_checkpoint, restore, write_checkpoint
 from models.data import LabelledImages
 from models.errors import DatasetError, InvalidModelConfig
+from models.events import RunEvents
 from models.generator import WEIGHTS_FILE, load_weights, read_config, save_generator, to_uint8
 from models.grid import class_grid, save_png
 
@@ -60,10 +61,13 @@ class TrainConfig:
     # Steps at the start that update D only: a fresh D meets a warm-started G (``train(init_from=...)``) and must
     # learn to judge it before G follows its gradients, or G's first updates follow a random critic.
     d_warmup_steps: int = 0
+    eval_every: int = 0  # steps between calls of train()'s ``scorer`` on the export (and at the end); 0: never
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lr_decay_start <= 1.0:
             raise InvalidModelConfig(f"lr_decay_start must be in [0, 1], got {self.lr_decay_start}")
+        if self.eval_every < 0:
+            raise InvalidModelConfig(f"eval_every must be 0 or more, got {self.eval_every}")
         if self.d_warmup_steps < 0:
             raise InvalidModelConfig(f"d_warmup_steps must be 0 or more, got {self.d_warmup_steps}")
 
@@ -325,6 +329,7 @@ def train(
     on_step: Callable[[StepStats], None] | None = None,
     on_log: Callable[[str], None] | None = None,
     init_from: Path | None = None,
+    scorer: Callable[[Path], dict[str, float]] | None = None,
 ) -> TrainState:
     """Train (or resume training) a cGAN on ``data`` until ``cfg.steps``; write checkpoints, grids and an export.
 
@@ -332,6 +337,9 @@ def train(
     ``export/`` (weights.safetensors + config.json, servable by :func:`models.generator.load_generator`).
     ``init_from``: a published cGAN folder whose G (and D, if exported) a fresh run starts from (its config is the
     model's; ``model_cfg`` is then ignored); a resumed run continues its checkpoint and ignores it.
+    ``scorer``: scores an export folder (e.g. :func:`models.evaluate.reference_scores` of its generator) every
+    ``cfg.eval_every`` steps and at the end. With ``tensorboard`` installed, ``out`` also gets TensorBoard event
+    files (:mod:`models.events`): losses, learning rates, EMA decay and speed every step, the sample grids, scores.
     """
     log = on_log or (lambda _msg: None)
     if len(data) < cfg.batch_size:
@@ -354,9 +362,32 @@ def train(
         raise DatasetError(f"model has {model_cfg.num_classes} classes, data has {len(data.class_names)}")
     state.g.train()
     state.d.train()
+    augment = _augmenter(cfg.augment, state.rng)
+    # the first step this process logs: an earlier process's events from there on were redone after its checkpoint
+    events = RunEvents.open(out, purge_step=state.step + 1 if state.step else None)
+    try:
+        _loop(data, out, cfg, model_cfg, state, augment, events, on_step, log, scorer)
+    finally:
+        events.close()
+    return state
+
+
+def _loop(
+    data: LabelledImages,
+    out: Path,
+    cfg: TrainConfig,
+    model_cfg: cgan.CGANConfig,
+    state: TrainState,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None,
+    events: RunEvents,
+    on_step: Callable[[StepStats], None] | None,
+    log: Callable[[str], None],
+    scorer: Callable[[Path], dict[str, float]] | None,
+) -> None:
+    """:func:`train`'s steps from ``state.step`` to ``cfg.steps``, with its grids, checkpoints, exports and events."""
+    ckpt = out / CHECKPOINT_FILE
     grid_seeds = list(range(10))
     started, started_step = time.perf_counter(), state.step
-    augment = _augmenter(cfg.augment, state.rng)
     while state.step < cfg.steps:
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=state.rng)
         real = data.images[idx].float() / 127.5 - 1.0  # (B, C, H, W) in [-1, 1]
@@ -366,19 +397,40 @@ def train(
         rate = (state.step - started_step) / max(time.perf_counter() - started, 1e-9)
         if on_step is not None:
             on_step(StepStats(state.step, cfg.steps, result.d_loss, result.g_loss, rate))
+        lr = state.opt_g.param_groups[0]["lr"]
+        events.scalars(state.step, step_scalars(state, cfg, result, rate))
         last = state.step == cfg.steps
         if state.step % cfg.sample_every == 0 or last:
-            images = sample_grid_images(state.ema, model_cfg, grid_seeds)
-            save_png(class_grid(images, len(grid_seeds)), out / "samples" / f"step-{state.step:06d}.png")
-        if state.step % cfg.checkpoint_every == 0 or last:
-            save_checkpoint(ckpt, state, model_cfg, cfg)
+            grid = class_grid(sample_grid_images(state.ema, model_cfg, grid_seeds), len(grid_seeds))
+            save_png(grid, out / "samples" / f"step-{state.step:06d}.png")
+            events.image(state.step, "samples", grid)
+        evaluate_now = scorer is not None and cfg.eval_every > 0 and (state.step % cfg.eval_every == 0 or last)
+        if state.step % cfg.checkpoint_every == 0 or last or evaluate_now:
             export(state, model_cfg, out / EXPORT_DIR, cfg.bn_recalibration_batches)
-            lr = state.opt_g.param_groups[0]["lr"]
+        if evaluate_now and scorer is not None:
+            scores = scorer(out / EXPORT_DIR)
+            events.scalars(state.step, {f"eval/{name}": value for name, value in scores.items()})
+            log(f"step {state.step}/{cfg.steps}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+        if state.step % cfg.checkpoint_every == 0 or last:
+            events.flush()  # a checkpoint's step is where a resumed run's events pick up
+            save_checkpoint(ckpt, state, model_cfg, cfg)
             log(
                 f"step {state.step}/{cfg.steps}: d={result.d_loss:.3f} g={result.g_loss:.3f} "
                 f"lr_g={lr:.2e} {rate:.2f} steps/s; checkpoint and export written"
             )
-    return state
+
+
+def step_scalars(state: TrainState, cfg: TrainConfig, result: StepResult, rate: float) -> dict[str, float | None]:
+    """What TensorBoard plots after each step: both losses, D's sign on reals, both learning rates, EMA decay, speed."""
+    return {
+        "loss/d": result.d_loss,
+        "loss/g": result.g_loss,
+        "d/real_sign": result.real_sign,
+        "lr/g": state.opt_g.param_groups[0]["lr"],
+        "lr/d": state.opt_d.param_groups[0]["lr"],
+        "ema/decay": ema_decay_at(state.step, cfg),
+        "speed/steps_per_s": rate,
+    }
 
 
 @torch.no_grad()

@@ -61,6 +61,13 @@ def train(
     seed: int = typer.Option(0, "--seed"),
     sample_every: int = typer.Option(500, "--sample-every", min=1),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1),
+    eval_every: int = typer.Option(
+        0,
+        "--eval-every",
+        min=0,
+        help="cgan: steps between quick scores (label consistency, FID; 100 images a class vs the training data) "
+        "in the log and TensorBoard; 0: none.",
+    ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (1 is fastest on a busy CPU)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from out/checkpoint.safetensors."),
 ) -> None:
@@ -164,6 +171,20 @@ def train(
             )
             training_cvae.train_cvae(dataset, out, vae_train, vae_cfg, resume=resume, on_step=on_step, on_log=log)
     console.print(f"exported generator to {out / training.EXPORT_DIR}")
+
+
+def _quick_scorer(dataset: Any, seed: int) -> Any:
+    """Scores of an export folder against the training images: what a fine-tune measures (reference_scores)."""
+    from models.classifier import load_classifier
+    from models.evaluate import reference_scores
+    from models.generator import load_generator
+
+    classifier, _card = load_classifier()
+
+    def score(directory: Path) -> dict[str, float]:
+        return reference_scores(load_generator(directory), dataset, classifier, 100, seed)
+
+    return score
 
 
 def _load_training_data(data: str, resolution: int, channels: int) -> Any:
