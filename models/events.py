@@ -25,6 +25,7 @@ class RunEvents:
 
     def __init__(self, writer: Any | None = None) -> None:
         self._writer = writer
+        self._directory = Path(writer.get_logdir()) if writer is not None else None
 
     @classmethod
     def open(cls, directory: Path, purge_step: int | None = None) -> RunEvents:
@@ -47,11 +48,10 @@ class RunEvents:
 
     @property
     def files(self) -> list[Path]:
-        """The event files in the writer's folder (after :meth:`flush`, with everything logged so far)."""
-        if self._writer is None:
+        """The event files in the writer's folder, also after :meth:`close` (after :meth:`flush`: complete so far)."""
+        if self._directory is None:
             return []
-        directory = Path(self._writer.get_logdir())
-        return sorted(directory / n for n in os.listdir(directory) if n.startswith(EVENTS_PREFIX))
+        return sorted(self._directory / n for n in os.listdir(self._directory) if n.startswith(EVENTS_PREFIX))
 
     def scalars(self, step: int, values: Mapping[str, float | None]) -> None:
         """One point per tag at ``step`` (tags like ``loss/d``); None values are skipped."""
