@@ -149,8 +149,19 @@ def train(
                 seed=seed,
                 sample_every=sample_every,
                 checkpoint_every=checkpoint_every,
+                eval_every=eval_every,
             )
-            training.train(dataset, out, cfg, model_cfg, resume=resume, on_step=on_step, on_log=log, init_from=base_dir)
+            training.train(
+                dataset,
+                out,
+                cfg,
+                model_cfg,
+                resume=resume,
+                on_step=on_step,
+                on_log=log,
+                init_from=base_dir,
+                scorer=_quick_scorer(dataset, seed) if eval_every else None,
+            )
         else:
             vae_cfg = cvae.CVAEConfig(
                 class_names=dataset.class_names,
