@@ -271,7 +271,7 @@ def format_report(report: EvalReport) -> str:
         f"CAS: trained on the {r.n_generated} generated (ref: {r.n_reference} real {r.reference_split}) images, "
         f"tested on all {r.n_classifier_test} real {r.target_split} images",
         "",
-        f"per class (k={r.prdc_k} within the class)  FID gen / real ref    recall gen / real   coverage gen / real",
+        f"{'per class':<26}{'FID gen / real':>20}{'recall gen / real':>20}{'coverage gen / real':>20}",
     ]
     for name in r.class_names:
         lines.append(
@@ -279,6 +279,7 @@ def format_report(report: EvalReport) -> str:
             f"{r.per_class_recall[name]:>12.3f} /{r.per_class_recall_real[name]:>6.3f}"
             f"{r.per_class_coverage[name]:>12.3f} /{r.per_class_coverage_real[name]:>6.3f}"
         )
+    lines.append(f"(per-class recall and coverage: k={r.prdc_k} nearest neighbours within the class)")
     lines.append(f"\n{r.seconds:.0f} s")
     return "\n".join(lines)
 
