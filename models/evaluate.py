@@ -271,7 +271,8 @@ def format_report(report: EvalReport) -> str:
         f"CAS: trained on the {r.n_generated} generated (ref: {r.n_reference} real {r.reference_split}) images, "
         f"tested on all {r.n_classifier_test} real {r.target_split} images",
         "",
-        f"{'per class':<26}{'FID gen / real':>20}{'recall gen / real':>20}{'coverage gen / real':>20}",
+        "per-class FID, recall and coverage (generated / real reference)",
+        f"{'class':<26}{'FID':>20}{'recall':>20}{'coverage':>20}",
     ]
     for name in r.class_names:
         lines.append(
