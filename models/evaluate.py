@@ -72,6 +72,11 @@ class EvalReport:
     cas_epochs: int
     per_class_fid: dict[str, float]
     per_class_fid_real: dict[str, float]
+    # recall and coverage (k = prdc_k) of each class's generated images against that class's target images
+    per_class_recall: dict[str, float]
+    per_class_recall_real: dict[str, float]
+    per_class_coverage: dict[str, float]
+    per_class_coverage_real: dict[str, float]
     seconds: float
 
     def to_json(self) -> dict[str, Any]:
@@ -173,6 +178,8 @@ def evaluate(
     prdc_gen = metrics.precision_recall_density_coverage(f_tgt, f_gen, k=prdc_k)
     progress("distances", 1, 2)
     prdc_ref = metrics.precision_recall_density_coverage(f_tgt, f_ref, k=prdc_k)
+    per_class_gen = metrics.per_class_prdc(f_tgt, target.labels, f_gen, generated.labels, names, k=prdc_k)
+    per_class_ref = metrics.per_class_prdc(f_tgt, target.labels, f_ref, reference.labels, names, k=prdc_k)
     progress("distances", 2, 2)
 
     cas_scores = []
@@ -224,6 +231,10 @@ def evaluate(
         cas_epochs=cas_epochs,
         per_class_fid=metrics.per_class_fid(f_gen, generated.labels, f_tgt, target.labels, names),
         per_class_fid_real=metrics.per_class_fid(f_ref, reference.labels, f_tgt, target.labels, names),
+        per_class_recall={name: per_class_gen[name].recall for name in names},
+        per_class_recall_real={name: per_class_ref[name].recall for name in names},
+        per_class_coverage={name: per_class_gen[name].coverage for name in names},
+        per_class_coverage_real={name: per_class_ref[name].coverage for name in names},
         seconds=round(time.perf_counter() - started, 1),
     )
 
@@ -260,10 +271,16 @@ def format_report(report: EvalReport) -> str:
         f"CAS: trained on the {r.n_generated} generated (ref: {r.n_reference} real {r.reference_split}) images, "
         f"tested on all {r.n_classifier_test} real {r.target_split} images",
         "",
-        f"{'per-class FID':<26}{'generated':>16}{'real ref':>16}",
+        "per-class FID, recall and coverage (generated / real reference)",
+        f"{'class':<26}{'FID':>20}{'recall':>20}{'coverage':>20}",
     ]
     for name in r.class_names:
-        lines.append(f"{name:<26}{r.per_class_fid[name]:>16.3f}{r.per_class_fid_real[name]:>16.3f}")
+        lines.append(
+            f"{name:<26}{r.per_class_fid[name]:>10.3f} /{r.per_class_fid_real[name]:>8.3f}"
+            f"{r.per_class_recall[name]:>12.3f} /{r.per_class_recall_real[name]:>6.3f}"
+            f"{r.per_class_coverage[name]:>12.3f} /{r.per_class_coverage_real[name]:>6.3f}"
+        )
+    lines.append(f"(per-class recall and coverage: k={r.prdc_k} nearest neighbours within the class)")
     lines.append(f"\n{r.seconds:.0f} s")
     return "\n".join(lines)
 

@@ -202,6 +202,30 @@ def precision_recall_density_coverage(real: ArrayLike, fake: ArrayLike, k: int =
     )
 
 
+def per_class_prdc(
+    real: ArrayLike,
+    real_labels: ArrayLike,
+    fake: ArrayLike,
+    fake_labels: ArrayLike,
+    class_names: Sequence[str],
+    k: int = 5,
+) -> dict[str, PRDC]:
+    """:func:`precision_recall_density_coverage` within each class: a class whose samples collapse shows low recall
+    and coverage here even when the other classes keep the global figures high.
+
+    Args:
+        real: (N, D) with real_labels (N,) class indices; fake: (M, D) with fake_labels (M,).
+        class_names: names of classes 0..K-1; every class needs more than ``k`` vectors on each side.
+
+    Returns:
+        ``{class name: PRDC}`` in class order. The k-NN balls are those of the class alone, so the figures are not
+        comparable with the global ones: compare a class with its real-vs-real reference.
+    """
+    x, y = _as_float64(real, "real", 2), _as_float64(fake, "fake", 2)
+    lx, ly = _as_float64(real_labels, "real_labels", 1), _as_float64(fake_labels, "fake_labels", 1)
+    return {name: precision_recall_density_coverage(x[lx == c], y[ly == c], k=k) for c, name in enumerate(class_names)}
+
+
 def label_consistency(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor | Sequence[int]) -> float:
     """Fraction of images (N, C, H, W) uint8 that ``classifier`` assigns to the label (N,) they were generated for.
 

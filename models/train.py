@@ -24,8 +24,9 @@ from models import cgan
 from models.augment import AugmentConfig, diff_augment, host_to_device
 from models.checkpoint import read_checkpoint, restore, write_checkpoint
 from models.data import LabelledImages
-from models.errors import DatasetError
-from models.generator import save_generator, to_uint8
+from models.errors import DatasetError, InvalidModelConfig
+from models.events import RunEvents
+from models.generator import WEIGHTS_FILE, load_weights, read_config, save_generator, to_uint8
 from models.grid import class_grid, save_png
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -55,6 +56,20 @@ class TrainConfig:
     checkpoint_every: int = 500
     augment: tuple[str, ...] = ()  # DiffAugment policy (translation, cutout, color) on every batch D sees; p = 1
     bn_recalibration_batches: int = 50  # of 100 samples each, at every export (see recalibrate_bn)
+    # Both learning rates decay linearly to 0 at the last step from this fraction of ``steps`` on; 1.0: constant.
+    lr_decay_start: float = 1.0
+    # Steps at the start that update D only: a fresh D meets a warm-started G (``train(init_from=...)``) and must
+    # learn to judge it before G follows its gradients, or G's first updates follow a random critic.
+    d_warmup_steps: int = 0
+    eval_every: int = 0  # steps between calls of train()'s ``scorer`` on the export (and at the end); 0: never
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lr_decay_start <= 1.0:
+            raise InvalidModelConfig(f"lr_decay_start must be in [0, 1], got {self.lr_decay_start}")
+        if self.eval_every < 0:
+            raise InvalidModelConfig(f"eval_every must be 0 or more, got {self.eval_every}")
+        if self.d_warmup_steps < 0:
+            raise InvalidModelConfig(f"d_warmup_steps must be 0 or more, got {self.d_warmup_steps}")
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,26 @@ def new_state(model_cfg: cgan.CGANConfig, cfg: TrainConfig) -> TrainState:
     )
 
 
+def lr_scale_at(step: int, cfg: TrainConfig) -> float:
+    """The factor on both learning rates for the update that makes step ``step + 1``: 1, then linear to 0.
+
+    From step ``lr_decay_start * steps`` on, the rate falls linearly so that the last update uses ``1 / n`` of it,
+    n being the number of decaying steps; a function of the step alone, so resuming repeats it exactly.
+    """
+    start = int(cfg.lr_decay_start * cfg.steps)
+    if step < start or cfg.steps <= start:
+        return 1.0
+    return (cfg.steps - step) / (cfg.steps - start)
+
+
+def set_learning_rates(state: TrainState, cfg: TrainConfig) -> None:
+    """Set both optimisers' learning rates for the next update from ``cfg`` and :func:`lr_scale_at`."""
+    scale = lr_scale_at(state.step, cfg)
+    for opt, lr in ((state.opt_g, cfg.lr_g), (state.opt_d, cfg.lr_d)):
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+
+
 def ema_decay_at(step: int, cfg: TrainConfig) -> float:
     """The EMA decay after ``step`` steps: 0 (a copy) up to ``ema_start``, then ``ema_decay``, ramped if asked.
 
@@ -153,6 +188,7 @@ def train_step_aug(
     cfg: TrainConfig,
     *,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    update_g: bool = True,
 ) -> StepResult:
     """One D and one G update with the hinge loss, optionally augmenting every batch D sees (DiffAugment).
 
@@ -162,6 +198,7 @@ def train_step_aug(
         augment: applied to the real and the fake batch right before each of the three D calls, a fresh random
             draw each call; it must be differentiable (G's gradient goes through it). None: no augmentation and
             no extra draws from ``state.rng``.
+        update_g: False updates D only (G's loss is still measured, without a gradient): D's warm-up.
 
     Returns:
         The losses and the mean sign of D(real), read back from the device together (one synchronisation).
@@ -179,10 +216,14 @@ def train_step_aug(
     d_loss.backward()
     state.opt_d.step()
 
-    g_loss = -state.d(aug(fake), y_fake).mean()
-    state.opt_g.zero_grad(set_to_none=True)
-    g_loss.backward()
-    state.opt_g.step()
+    if update_g:
+        g_loss = -state.d(aug(fake), y_fake).mean()
+        state.opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        state.opt_g.step()
+    else:
+        with torch.no_grad():
+            g_loss = -state.d(aug(fake.detach()), y_fake).mean()
 
     state.step += 1
     update_ema(state.ema, state.g, ema_decay_at(state.step, cfg))
@@ -252,6 +293,21 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> tuple[TrainState, cgan.CGAN
     return state, model_cfg
 
 
+def warm_start(state: TrainState, model_cfg: cgan.CGANConfig, directory: Path) -> None:
+    """Start G and its EMA from a published cGAN's weights (and D too where the export has one).
+
+    The optimisers stay fresh. Raises InvalidModelConfig when ``directory`` holds another architecture or other
+    dimensions than ``model_cfg``, WeightsError when its files are missing or do not match.
+    """
+    base = read_config(directory)
+    if base.get("arch") != cgan.ARCH or cgan.CGANConfig.from_json(base) != model_cfg:
+        raise InvalidModelConfig(f"{directory} is not a cgan with this configuration: {base}")
+    load_weights(state.g, directory / WEIGHTS_FILE)
+    state.ema.load_state_dict(state.g.state_dict())
+    if (directory / DISCRIMINATOR_FILE).is_file():
+        load_weights(state.d, directory / DISCRIMINATOR_FILE)
+
+
 def export(state: TrainState, model_cfg: cgan.CGANConfig, directory: Path, bn_batches: int = 50) -> None:
     """Save the EMA generator, with recalibrated BN statistics, as a servable model directory.
 
@@ -272,11 +328,18 @@ def train(
     resume: bool = True,
     on_step: Callable[[StepStats], None] | None = None,
     on_log: Callable[[str], None] | None = None,
+    init_from: Path | None = None,
+    scorer: Callable[[Path], dict[str, float]] | None = None,
 ) -> TrainState:
     """Train (or resume training) a cGAN on ``data`` until ``cfg.steps``; write checkpoints, grids and an export.
 
     ``out`` receives ``checkpoint.safetensors``, ``samples/step-XXXXXX.png`` (one row per class) and
     ``export/`` (weights.safetensors + config.json, servable by :func:`models.generator.load_generator`).
+    ``init_from``: a published cGAN folder whose G (and D, if exported) a fresh run starts from (its config is the
+    model's; ``model_cfg`` is then ignored); a resumed run continues its checkpoint and ignores it.
+    ``scorer``: scores an export folder (e.g. :func:`models.evaluate.reference_scores` of its generator) every
+    ``cfg.eval_every`` steps and at the end. With ``tensorboard`` installed, ``out`` also gets TensorBoard event
+    files (:mod:`models.events`): losses, learning rates, EMA decay and speed every step, the sample grids, scores.
     """
     log = on_log or (lambda _msg: None)
     if len(data) < cfg.batch_size:
@@ -286,6 +349,11 @@ def train(
     if resume and ckpt.exists():
         state, model_cfg = load_checkpoint(ckpt, cfg)
         log(f"resuming from step {state.step}: {cfg.steps - state.step} of {cfg.steps} steps remaining")
+    elif init_from is not None:
+        model_cfg = cgan.CGANConfig.from_json(read_config(init_from))
+        state = new_state(model_cfg, cfg)
+        warm_start(state, model_cfg, init_from)
+        log(f"training from {init_from}'s weights: {cfg.steps} steps")
     else:
         model_cfg = model_cfg or cgan.CGANConfig(class_names=data.class_names)
         state = new_state(model_cfg, cfg)
@@ -294,24 +362,75 @@ def train(
         raise DatasetError(f"model has {model_cfg.num_classes} classes, data has {len(data.class_names)}")
     state.g.train()
     state.d.train()
+    augment = _augmenter(cfg.augment, state.rng)
+    # the first step this process logs: an earlier process's events from there on were redone after its checkpoint
+    events = RunEvents.open(out, purge_step=state.step + 1 if state.step else None)
+    try:
+        _loop(data, out, cfg, model_cfg, state, augment, events, on_step, log, scorer)
+    finally:
+        events.close()
+    return state
+
+
+def _loop(
+    data: LabelledImages,
+    out: Path,
+    cfg: TrainConfig,
+    model_cfg: cgan.CGANConfig,
+    state: TrainState,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None,
+    events: RunEvents,
+    on_step: Callable[[StepStats], None] | None,
+    log: Callable[[str], None],
+    scorer: Callable[[Path], dict[str, float]] | None,
+) -> None:
+    """:func:`train`'s steps from ``state.step`` to ``cfg.steps``, with its grids, checkpoints, exports and events."""
+    ckpt = out / CHECKPOINT_FILE
     grid_seeds = list(range(10))
     started, started_step = time.perf_counter(), state.step
-    augment = _augmenter(cfg.augment, state.rng)
     while state.step < cfg.steps:
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=state.rng)
         real = data.images[idx].float() / 127.5 - 1.0  # (B, C, H, W) in [-1, 1]
-        d_loss, g_loss = train_step(state, real, data.labels[idx], cfg, augment=augment)
+        set_learning_rates(state, cfg)
+        update_g = state.step >= cfg.d_warmup_steps
+        result = train_step_aug(state, real, data.labels[idx], cfg, augment=augment, update_g=update_g)
+        rate = (state.step - started_step) / max(time.perf_counter() - started, 1e-9)
         if on_step is not None:
-            rate = (state.step - started_step) / max(time.perf_counter() - started, 1e-9)
-            on_step(StepStats(state.step, cfg.steps, d_loss, g_loss, rate))
+            on_step(StepStats(state.step, cfg.steps, result.d_loss, result.g_loss, rate))
+        lr = state.opt_g.param_groups[0]["lr"]
+        events.scalars(state.step, step_scalars(state, cfg, result, rate))
         last = state.step == cfg.steps
         if state.step % cfg.sample_every == 0 or last:
-            images = sample_grid_images(state.ema, model_cfg, grid_seeds)
-            save_png(class_grid(images, len(grid_seeds)), out / "samples" / f"step-{state.step:06d}.png")
-        if state.step % cfg.checkpoint_every == 0 or last:
-            save_checkpoint(ckpt, state, model_cfg, cfg)
+            grid = class_grid(sample_grid_images(state.ema, model_cfg, grid_seeds), len(grid_seeds))
+            save_png(grid, out / "samples" / f"step-{state.step:06d}.png")
+            events.image(state.step, "samples", grid)
+        evaluate_now = scorer is not None and cfg.eval_every > 0 and (state.step % cfg.eval_every == 0 or last)
+        if state.step % cfg.checkpoint_every == 0 or last or evaluate_now:
             export(state, model_cfg, out / EXPORT_DIR, cfg.bn_recalibration_batches)
-    return state
+        if evaluate_now and scorer is not None:
+            scores = scorer(out / EXPORT_DIR)
+            events.scalars(state.step, {f"eval/{name}": value for name, value in scores.items()})
+            log(f"step {state.step}/{cfg.steps}: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+        if state.step % cfg.checkpoint_every == 0 or last:
+            events.flush()  # a checkpoint's step is where a resumed run's events pick up
+            save_checkpoint(ckpt, state, model_cfg, cfg)
+            log(
+                f"step {state.step}/{cfg.steps}: d={result.d_loss:.3f} g={result.g_loss:.3f} "
+                f"lr_g={lr:.2e} {rate:.2f} steps/s; checkpoint and export written"
+            )
+
+
+def step_scalars(state: TrainState, cfg: TrainConfig, result: StepResult, rate: float) -> dict[str, float | None]:
+    """What TensorBoard plots after each step: both losses, D's sign on reals, both learning rates, EMA decay, speed."""
+    return {
+        "loss/d": result.d_loss,
+        "loss/g": result.g_loss,
+        "d/real_sign": result.real_sign,
+        "lr/g": state.opt_g.param_groups[0]["lr"],
+        "lr/d": state.opt_d.param_groups[0]["lr"],
+        "ema/decay": ema_decay_at(state.step, cfg),
+        "speed/steps_per_s": rate,
+    }
 
 
 @torch.no_grad()

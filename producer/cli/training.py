@@ -45,9 +45,29 @@ def train(
         "--prior",
         help="cvae: where served samples draw z: class-gaussian (fitted to the encoder after training) or standard.",
     ),
+    init_from: str | None = typer.Option(
+        None,
+        "--init-from",
+        help="cgan: start G (and D, if exported) from this published model or folder; its widths are kept.",
+    ),
+    lr: float = typer.Option(2e-4, "--lr", min=0.0, help="cgan: Adam learning rate of G and D."),
+    lr_decay_start: float = typer.Option(
+        1.0, "--lr-decay-start", min=0.0, max=1.0, help="cgan: fraction of --steps after which lr decays linearly to 0."
+    ),
+    d_warmup_steps: int = typer.Option(
+        0, "--d-warmup-steps", min=0, help="cgan: first steps update D only (a fresh D for a --init-from G)."
+    ),
+    ema_decay: float = typer.Option(0.999, "--ema-decay", min=0.0, max=0.99999, help="cgan: EMA decay of G."),
     seed: int = typer.Option(0, "--seed"),
     sample_every: int = typer.Option(500, "--sample-every", min=1),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1),
+    eval_every: int = typer.Option(
+        0,
+        "--eval-every",
+        min=0,
+        help="cgan: steps between quick scores (label consistency, FID; 100 images a class vs the training data) "
+        "in the log and TensorBoard; 0: none.",
+    ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (1 is fastest on a busy CPU)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from out/checkpoint.safetensors."),
 ) -> None:
@@ -66,6 +86,9 @@ def train(
         raise typer.BadParameter(f"unknown architecture {arch!r} (known: cgan, cvae)", param_hint="--arch")
     if prior not in cvae.PRIORS:
         raise typer.BadParameter(f"unknown prior {prior!r} (known: {', '.join(cvae.PRIORS)})", param_hint="--prior")
+    if init_from is not None and arch != cgan.ARCH:
+        raise typer.BadParameter("only a cgan can start from a published model", param_hint="--init-from")
+    base_dir = _model_dir(init_from)[0] if init_from is not None else None
     if threads is not None:
         torch.set_num_threads(threads)
     dataset = _load_training_data(data, resolution, channels)
@@ -118,11 +141,27 @@ def train(
                 augment=policy,
                 steps=steps,
                 batch_size=batch_size,
+                lr_g=lr,
+                lr_d=lr,
+                ema_decay=ema_decay,
+                lr_decay_start=lr_decay_start,
+                d_warmup_steps=d_warmup_steps,
                 seed=seed,
                 sample_every=sample_every,
                 checkpoint_every=checkpoint_every,
+                eval_every=eval_every,
             )
-            training.train(dataset, out, cfg, model_cfg, resume=resume, on_step=on_step, on_log=log)
+            training.train(
+                dataset,
+                out,
+                cfg,
+                model_cfg,
+                resume=resume,
+                on_step=on_step,
+                on_log=log,
+                init_from=base_dir,
+                scorer=_quick_scorer(dataset, seed) if eval_every else None,
+            )
         else:
             vae_cfg = cvae.CVAEConfig(
                 class_names=dataset.class_names,
@@ -143,6 +182,20 @@ def train(
             )
             training_cvae.train_cvae(dataset, out, vae_train, vae_cfg, resume=resume, on_step=on_step, on_log=log)
     console.print(f"exported generator to {out / training.EXPORT_DIR}")
+
+
+def _quick_scorer(dataset: Any, seed: int) -> Any:
+    """Scores of an export folder against the training images: what a fine-tune measures (reference_scores)."""
+    from models.classifier import load_classifier
+    from models.evaluate import reference_scores
+    from models.generator import load_generator
+
+    classifier, _card = load_classifier()
+
+    def score(directory: Path) -> dict[str, float]:
+        return reference_scores(load_generator(directory), dataset, classifier, 100, seed)
+
+    return score
 
 
 def _load_training_data(data: str, resolution: int, channels: int) -> Any:

@@ -16,7 +16,7 @@ from models import cgan
 from models.data import FASHION_MNIST_CLASSES, LabelledImages, read_idx
 from models.errors import DatasetError, InvalidModelConfig, WeightsError
 from models.generator import WEIGHTS_FILE, load_generator, save_generator
-from models.train import TrainConfig, load_checkpoint, train
+from models.train import TrainConfig, load_checkpoint, lr_scale_at, train, train_step_aug
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +135,102 @@ def test_resume_continues_exactly_where_training_stopped(tmp_path: Path) -> None
     train(data, tmp_path / "a", half, config)
     resumed = train(data, tmp_path / "a", full, config, on_log=logs.append)
     straight = train(data, tmp_path / "b", full, config)
-    assert logs == ["resuming from step 4: 4 of 8 steps remaining"]
+    assert logs[0] == "resuming from step 4: 4 of 8 steps remaining"
+    assert logs[-1].startswith("step 8/8: ")
     for (key, a), b in zip(resumed.ema.state_dict().items(), straight.ema.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
     state, _ = load_checkpoint(tmp_path / "a" / "checkpoint.safetensors", full)
     assert state.step == 8
+
+
+def _small_export(tmp_path: Path, data: LabelledImages) -> tuple[Path, cgan.CGANConfig]:
+    """A 2-class base exported by training (EMA G + discriminator.safetensors), to warm-start from."""
+    config = cgan.CGANConfig(class_names=data.class_names, z_dim=8, g_ch=4, d_ch=4)
+    cfg = TrainConfig(steps=3, batch_size=16, sample_every=100, checkpoint_every=3, bn_recalibration_batches=1)
+    train(data, tmp_path / "base", cfg, config)
+    return tmp_path / "base" / "export", config
+
+
+def test_lr_is_constant_then_falls_linearly_to_a_last_small_step() -> None:
+    cfg = TrainConfig(steps=10, lr_decay_start=0.6)
+    scales = [lr_scale_at(step, cfg) for step in range(10)]  # the update that makes step + 1
+    assert scales == [1.0] * 6 + [1.0, 0.75, 0.5, 0.25]
+    assert [lr_scale_at(step, TrainConfig(steps=10)) for step in range(10)] == [1.0] * 10
+
+
+@pytest.mark.parametrize("kwargs", [{"lr_decay_start": 1.5}, {"lr_decay_start": -0.1}, {"d_warmup_steps": -1}])
+def test_bad_train_configs_are_refused_naming_the_field(kwargs: dict[str, float]) -> None:
+    with pytest.raises(InvalidModelConfig, match=next(iter(kwargs))):
+        TrainConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_d_only_step_leaves_g_untouched_and_trains_d(tmp_path: Path) -> None:
+    data = _synthetic_data(64)
+    config = cgan.CGANConfig(class_names=data.class_names, z_dim=8, g_ch=4, d_ch=4)
+    from models.train import new_state
+
+    state = new_state(config, TrainConfig())
+    g_before = {k: v.clone() for k, v in state.g.state_dict().items() if "running" not in k and "num_b" not in k}
+    d_before = {k: v.clone() for k, v in state.d.state_dict().items()}
+    real = data.images[:16].float() / 127.5 - 1.0
+    train_step_aug(state, real, data.labels[:16], TrainConfig(), update_g=False)
+    g_after = state.g.state_dict()
+    assert all(torch.equal(v, g_after[k]) for k, v in g_before.items())
+    assert any(not torch.equal(v, state.d.state_dict()[k]) for k, v in d_before.items())
+
+
+def test_warm_start_begins_from_the_published_g_and_d(tmp_path: Path) -> None:
+    data = _synthetic_data(64)
+    base, config = _small_export(tmp_path, data)
+    cfg = TrainConfig(steps=1, batch_size=16, d_warmup_steps=1, sample_every=100, bn_recalibration_batches=1)
+    logs: list[str] = []
+    state = train(data, tmp_path / "warm", cfg, resume=False, init_from=base, on_log=logs.append)
+    stored = load_file(str(base / WEIGHTS_FILE))
+    weights = {k: v for k, v in state.g.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert weights and all(torch.equal(v, stored[k]) for k, v in weights.items())  # one D-only step: G as stored
+    assert logs[0] == f"training from {base}'s weights: 1 steps"
+    fresh = train(data, tmp_path / "fresh", cfg, config, resume=False)
+    assert any(not torch.equal(v, fresh.g.state_dict()[k]) for k, v in weights.items())
+
+
+def test_warm_start_refuses_a_model_of_another_configuration(tmp_path: Path) -> None:
+    data = _synthetic_data(64)
+    base, config = _small_export(tmp_path, data)
+    from models.train import new_state, warm_start
+
+    other = cgan.CGANConfig(class_names=data.class_names, z_dim=8, g_ch=8, d_ch=4)
+    with pytest.raises(InvalidModelConfig, match="not a cgan with this configuration"):
+        warm_start(new_state(other, TrainConfig()), other, base)
+
+
+def test_resume_with_warm_start_d_warmup_and_lr_decay_is_exact(tmp_path: Path) -> None:
+    data = _synthetic_data(128)
+    base, _ = _small_export(tmp_path, data)
+    cfg = TrainConfig(
+        steps=8,
+        batch_size=16,
+        d_warmup_steps=2,
+        lr_decay_start=0.5,
+        sample_every=100,
+        checkpoint_every=2,
+        bn_recalibration_batches=1,
+    )
+    with pytest.raises(_Killed):  # dies after step 5, between the checkpoints of steps 4 and 6
+        train(data, tmp_path / "a", cfg, init_from=base, on_step=lambda s: _kill_at(s.step, 5))
+    resumed = train(data, tmp_path / "a", cfg, init_from=base)
+    straight = train(data, tmp_path / "b", cfg, init_from=base)
+    for (key, a), b in zip(resumed.ema.state_dict().items(), straight.ema.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    assert resumed.opt_g.param_groups[0]["lr"] == straight.opt_g.param_groups[0]["lr"] == cfg.lr_g / 4
+
+
+class _Killed(Exception):
+    """Stands for the process dying mid-run."""
+
+
+def _kill_at(step: int, stop: int) -> None:
+    if step == stop:
+        raise _Killed
 
 
 def _write_idx(path: Path, array: np.ndarray, code: int = 0x08) -> None:

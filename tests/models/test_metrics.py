@@ -80,6 +80,19 @@ def test_per_class_fid_is_zero_for_identical_classes_and_named_by_class() -> Non
     assert scores["c"] == pytest.approx(4 * 25.0, rel=1e-6)
 
 
+def test_per_class_recall_shows_the_class_that_collapsed_while_the_global_recall_hides_it() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.arange(3000) % 3
+    real = rng.normal(size=(3000, 4)) + 10.0 * labels[:, None]  # three well-separated classes
+    fake = rng.normal(size=(3000, 4)) + 10.0 * labels[:, None]
+    fake[labels == 1] = 10.0 + 0.01 * rng.normal(size=(1000, 4))  # class "b" collapses onto its mean
+    scores = metrics.per_class_prdc(real, labels, fake, labels, ("a", "b", "c"), k=5)
+    assert list(scores) == ["a", "b", "c"]
+    assert scores["a"].recall > 0.9 and scores["c"].recall > 0.9 and scores["a"].coverage > 0.9
+    assert scores["b"].recall < 0.05 and scores["b"].coverage < 0.05
+    assert metrics.precision_recall_density_coverage(real, fake, k=5).recall > 0.6  # the whole set looks fine
+
+
 def test_kid_is_near_zero_for_one_distribution_and_positive_for_a_shifted_one() -> None:
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(600, 8)), rng.normal(size=(600, 8))
@@ -177,6 +190,10 @@ def test_tiny_evaluation_reports_every_field_with_counts_and_sane_ranges(tiny_re
     assert r.density >= 0 and r.density_real >= 0
     assert list(r.per_class_fid) == list(FASHION_MNIST_CLASSES) == list(r.per_class_fid_real)
     assert all(v >= 0 for v in [*r.per_class_fid.values(), *r.per_class_fid_real.values()])
+    per_class = (r.per_class_recall, r.per_class_recall_real, r.per_class_coverage, r.per_class_coverage_real)
+    for scores in per_class:
+        assert list(scores) == list(FASHION_MNIST_CLASSES) and all(0.0 <= v <= 1.0 for v in scores.values())
+    assert r.per_class_recall != r.per_class_recall_real  # generated and real are scored apart
 
 
 def test_report_table_puts_each_score_beside_its_reference(tiny_report: EvalReport) -> None:
@@ -185,6 +202,10 @@ def test_report_table_puts_each_score_beside_its_reference(tiny_report: EvalRepo
     assert f"{tiny_report.fid:.3f}" in fid_row and f"{tiny_report.fid_real:.3f}" in fid_row
     for word in ("KID", "precision", "recall", "density", "coverage", "label consistency", "CAS", "ankle-boot"):
         assert word in text
+    boot = next(line for line in text.splitlines() if line.startswith("ankle-boot"))
+    r = tiny_report
+    assert f"{r.per_class_recall['ankle-boot']:.3f} /{r.per_class_recall_real['ankle-boot']:6.3f}" in boot
+    assert f"{r.per_class_coverage['ankle-boot']:.3f} /{r.per_class_coverage_real['ankle-boot']:6.3f}" in boot
 
 
 def test_generated_evaluation_set_is_repeatable_and_class_major(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from models.augment import AugmentConfig
 from models.classifier import load_classifier
 from models.data import LabelledImages
 from models.evaluate import reference_scores
+from models.events import RunEvents
 from models.finetune import FineTuneConfig, FineTuner, init_from_base
 from models.generator import load_generator
 from models.grid import class_grid, encode_png
@@ -41,6 +42,7 @@ from worker.training.ingest import ArchiveLimits, extract_archive, load_dataset_
 log = logging.getLogger("genq.training")
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+EVENTS_DIR = "tensorboard/"  # under the job's training prefix, beside the checkpoint: TensorBoard event files
 GRID_SEEDS = list(range(8))  # columns of every sample grid: the same latents at every step, so grids compare
 EVAL_PER_CLASS = 100  # generated images per class for the in-training evaluation (seconds, not minutes)
 _MODEL_FILES = ("weights.safetensors", "config.json", "discriminator.safetensors")
@@ -204,6 +206,52 @@ def run_finetune(
     )
     reporter.training(job, view, announce=True)
 
+    # a redelivery logs from one past its checkpoint; TensorBoard hides the earlier delivery's events from there on
+    events = RunEvents.open(workdir / "tensorboard", purge_step=tuner.step + 1 if tuner.step else None)
+    try:
+        finished = _train_steps(job, tuner, view, data, workdir, events, storage, reporter, keep_going, url_expires_s)
+        if isinstance(finished, FineTuneResult):
+            events.close()
+            _upload_events(events, storage, prefix)
+            return finished
+        view = finished
+        export_dir = workdir / "export"
+        tuner.export(export_dir)
+        scores = _scores(export_dir, data, job.seed)
+        events.scalars(tuner.step, {f"eval/{name}": value for name, value in scores.items()})
+        events.close()
+        _upload_events(events, storage, prefix)
+    finally:
+        events.close()
+    gate_passed = _gate(job, scores)
+    # A version claimed by a delivery that died before its config.json landed is finished, not claimed again.
+    version = claimed if claimed is not None else allocate_version(job.target)
+    view = view.model_copy(update={"metrics": scores, "gate_passed": gate_passed, "model": f"{job.name}@{version}"})
+    reporter.training(job, view)  # the version is claimed before any file is written (see module docstring)
+    files = {name: (export_dir / name).read_bytes() for name in _MODEL_FILES if (export_dir / name).is_file()}
+    files["metrics.json"] = (json.dumps(scores, indent=2) + "\n").encode()
+    files["samples.png"] = _grid_png(tuner)
+    files["MODEL_CARD.md"] = model_card(job, version, view, scores, gate_passed).encode()
+    models.publish(job.target, version, files)
+    return _finish(job, view, models, reporter, on_published)
+
+
+def _train_steps(
+    job: FineTuneJob,
+    tuner: FineTuner,
+    view: TrainingView,
+    data: LabelledImages,
+    workdir: Path,
+    events: RunEvents,
+    storage: Storage,
+    reporter: TrainingReport,
+    keep_going: Callable[[], bool],
+    url_expires_s: int,
+) -> TrainingView | FineTuneResult:
+    """Step ``tuner`` to ``job.steps`` with grids, evaluations, checkpoints and events; the last view, or how it
+    stopped (canceled or lease lost)."""
+    prefix = training_prefix(job)
+    ckpt_path = workdir / CHECKPOINT_NAME
     started, start_step = time.monotonic(), tuner.step
     while tuner.step < job.steps:
         if not keep_going() or not reporter.active(job):
@@ -212,6 +260,17 @@ def run_finetune(
             )
             return FineTuneResult(view=view, stopped=True)
         stats = tuner.step_once()
+        events.scalars(
+            stats.step,
+            {
+                "loss/d": stats.d_loss,
+                "loss/g": stats.g_loss,
+                "lr/g": tuner.state.opt_g.param_groups[0]["lr"],
+                "lr/d": tuner.state.opt_d.param_groups[0]["lr"],
+                "augment/p": stats.augment_p,
+                "speed/steps_per_s": stats.steps_per_s,
+            },
+        )
         rate = (tuner.step - start_step) / max(time.monotonic() - started, 1e-9)
         view = view.model_copy(
             update={
@@ -227,35 +286,33 @@ def run_finetune(
         last = tuner.step == job.steps
         if tuner.step % job.sample_every == 0 or last:
             key = f"{prefix}samples/step-{tuner.step:06d}.png"
-            storage.put(key, _grid_png(tuner), "image/png")
+            grid = class_grid(tuner.sample_grid(GRID_SEEDS), len(GRID_SEEDS))
+            storage.put(key, encode_png(grid), "image/png")
+            events.image(tuner.step, "samples", grid)
             # A presigned URL names the deployment's storage endpoint, bucket and credentials' key id (a local
             # store's, a worker folder): the operator's to see, never a tenant's, which gets the key like its outputs.
             url = storage.url(key, url_expires_s) if job.tenant is None else None
             view = view.model_copy(update={"samples_key": key, "samples_url": url})
             announce = True
         if job.eval_every and tuner.step % job.eval_every == 0 and not last:
-            view = view.model_copy(update={"metrics": _evaluate(tuner, data, workdir / "eval", job.seed)})
+            metrics = _evaluate(tuner, data, workdir / "eval", job.seed)
+            events.scalars(tuner.step, {f"eval/{name}": value for name, value in metrics.items()})
+            view = view.model_copy(update={"metrics": metrics})
             announce = True
         if tuner.step % job.checkpoint_every == 0 and not last:
             tuner.save_checkpoint(ckpt_path)
             storage.put(prefix + CHECKPOINT_NAME, ckpt_path.read_bytes(), "application/octet-stream")
+            events.flush()
+            _upload_events(events, storage, prefix)
             view = view.model_copy(update={"checkpoint_step": tuner.step})
         reporter.training(job, view, announce=announce)
+    return view
 
-    export_dir = workdir / "export"
-    tuner.export(export_dir)
-    scores = _scores(export_dir, data, job.seed)
-    gate_passed = _gate(job, scores)
-    # A version claimed by a delivery that died before its config.json landed is finished, not claimed again.
-    version = claimed if claimed is not None else allocate_version(job.target)
-    view = view.model_copy(update={"metrics": scores, "gate_passed": gate_passed, "model": f"{job.name}@{version}"})
-    reporter.training(job, view)  # the version is claimed before any file is written (see module docstring)
-    files = {name: (export_dir / name).read_bytes() for name in _MODEL_FILES if (export_dir / name).is_file()}
-    files["metrics.json"] = (json.dumps(scores, indent=2) + "\n").encode()
-    files["samples.png"] = _grid_png(tuner)
-    files["MODEL_CARD.md"] = model_card(job, version, view, scores, gate_passed).encode()
-    models.publish(job.target, version, files)
-    return _finish(job, view, models, reporter, on_published)
+
+def _upload_events(events: RunEvents, storage: Storage, prefix: str) -> None:
+    """Copy this delivery's TensorBoard event files beside the job's checkpoint (nothing without tensorboard)."""
+    for path in events.files:
+        storage.put(prefix + EVENTS_DIR + path.name, path.read_bytes(), "application/octet-stream")
 
 
 def _claimed_version(job: FineTuneJob, view: TrainingView | None) -> str | None:

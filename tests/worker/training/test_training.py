@@ -15,7 +15,7 @@ from tiny_model import make_tiny_base
 from producer.contract import AugmentSpec, FineTuneJob, PromotionGate, TrainingView
 from worker.catalog.store import ModelStore
 from worker.storage.local import LocalStorage
-from worker.training.pipeline import CHECKPOINT_NAME, run_finetune, training_prefix
+from worker.training.pipeline import CHECKPOINT_NAME, EVENTS_DIR, run_finetune, training_prefix
 
 
 class Reporter:
@@ -226,3 +226,31 @@ def test_a_gate_without_a_threshold_never_promotes(setup: Setup, tmp_path: Path)
     assert result.published == "brand@5"
     assert reporter.done is not None and reporter.done.gate_passed is False and reporter.done.aliases == ["latest"]
     assert models.entries()["brand"].aliases == {"latest": "5"}
+
+
+def test_a_fine_tune_stores_tensorboard_events_beside_its_checkpoint_across_a_redelivery(
+    setup: Setup, tmp_path: Path
+) -> None:
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    storage, _, _, _ = setup
+    spec = job(steps=6, eval_every=2)
+    stopped, _ = run(setup, spec, Reporter(stop_after=5), tmp_path / "a")  # steps 1-5, checkpoint at 4
+    assert stopped.stopped
+    done, _ = run(setup, spec, Reporter(), tmp_path / "b")  # resumes at 4
+    assert done.published is not None
+    prefix = training_prefix(spec) + EVENTS_DIR
+    keys = storage.list(prefix)
+    assert len(keys) == 2  # one file per delivery
+    logdir = tmp_path / "downloaded"
+    logdir.mkdir()
+    for key in keys:
+        (logdir / key.rsplit("/", 1)[1]).write_bytes(storage.get(key))
+    acc = accumulator.EventAccumulator(str(logdir), size_guidance={accumulator.IMAGES: 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss/d")] == [1, 2, 3, 4, 5, 6]  # step 5, redone, counted once
+    assert [e.step for e in acc.Scalars("lr/g")] == [1, 2, 3, 4, 5, 6]
+    assert {"loss/g", "lr/d", "augment/p", "speed/steps_per_s"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Images("samples")] == [2, 4, 6]
+    fid = acc.Scalars("eval/fid")
+    assert [e.step for e in fid] == [2, 4, 6]
+    assert fid[-1].value == pytest.approx(done.view.metrics["fid"], rel=1e-5)  # type: ignore[union-attr]
