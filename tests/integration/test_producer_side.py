@@ -62,7 +62,7 @@ def test_the_producer_side_alone_submits_waits_and_downloads(
     assert result.returncode == 0, result.stderr
     view = json.loads(result.stdout)
     assert view["status"] == "succeeded" and len(view["outputs"]) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.png", "00001.png", "manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.png", "00001.png", "manifest.json", "sheet.png"]
     status = _genq(env, "status", view["id"])
     assert status.returncode == 0 and json.loads(status.stdout)["id"] == view["id"], status.stderr
 
