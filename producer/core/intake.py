@@ -128,13 +128,7 @@ class Intake:
         *,
         admit: Callable[[FineTuneJob], None] | None = None,
     ) -> JobView:
-        """Validate, record and enqueue a fine-tune on the ``train`` queue; returns at once with the job ``queued``.
-
-        Raises:
-            InvalidJob: unknown or non-cGAN base, a name taken by another architecture, a refused callback URL
-                (``.field`` says which); nothing is enqueued.
-            IdempotencyConflict: the idempotency key was used before with a different request.
-        """
+        """:meth:`producer.client.Client.submit_finetune`: a fine-tune on the ``train`` queue, returned ``queued``."""
 
         def resolve(job_id: str) -> FineTuneJob:
             return resolve_finetune(
