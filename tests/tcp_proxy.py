@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import socket
 import threading
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 class TcpProxy:
@@ -75,3 +80,10 @@ def _close(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
+
+
+def redis_through(proxy: TcpProxy, redis_url: str) -> redis.Redis:
+    """A client of the Redis database ``redis_url`` through ``proxy``, failing at once while it is down (no
+    retries)."""
+    db = int(urlsplit(redis_url).path.lstrip("/") or 0)
+    return redis.Redis(port=proxy.port, db=db, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -19,7 +18,7 @@ from celery.exceptions import Reject
 from kombu import Connection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from tcp_proxy import TcpProxy
+from tcp_proxy import TcpProxy, redis_through
 from tiny_runtime import tiny_job, tiny_runtime
 
 from producer.contract import Callback, GenerateJob, JobError, JobStatus, OutputRef, Shard
@@ -45,22 +44,6 @@ def runtime(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> Iterat
         celery=CelerySettings(redis_wait_s=5.0),
     ) as runtime:
         yield runtime
-
-
-@pytest.fixture
-def proxy(redis_url: str) -> Iterator[TcpProxy]:
-    """A switchable way to the tests' Redis: ``down()`` is Redis restarting, ``up()`` Redis back."""
-    target = urlsplit(redis_url)
-    tcp = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
-    tcp.up()
-    yield tcp
-    tcp.down()
-
-
-def through(proxy: TcpProxy, redis_url: str) -> redis.Redis:
-    """A client of the tests' Redis database through ``proxy``, failing at once when it is down (no retries)."""
-    db = int(urlsplit(redis_url).path.lstrip("/") or 0)
-    return redis.Redis(port=proxy.port, db=db, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
 
 
 def _job(job_id: str, count: int, callback: Callback | None = None) -> GenerateJob:
@@ -169,7 +152,7 @@ def test_a_dead_letter_recorded_while_redis_is_away_is_written_once_it_answers(
     proxy: TcpProxy, redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(deadletter, "BACKLOG", Backlog("test-dead-letters", limit=10, first_wait_s=0.05))
-    client = through(proxy, redis_url)
+    client = redis_through(proxy, redis_url)
     proxy.down()
 
     deadletter.record(client, "no job record", b"[]", stage="task", message_id="job-9.0")
@@ -197,7 +180,7 @@ def test_a_transition_that_meets_the_outage_announces_nothing_and_one_that_appli
     store = JobStore(redis_client, 3600)
     job = _job("job-callback-1", 1, Callback(url="https://hooks.example/genq"))
     store.create(job)
-    reporter = RedisReporter(JobStore(through(proxy, redis_url), 3600))
+    reporter = RedisReporter(JobStore(redis_through(proxy, redis_url), 3600))
     reporter.failed(job, JobError(type="StorageError", message="denied"), [])  # applied, with its event
     proxy.down()
 

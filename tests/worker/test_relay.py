@@ -7,15 +7,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
-from urllib.parse import urlsplit
+from collections.abc import Callable
 
 import pytest
 import redis
 from factories import output_refs
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-from tcp_proxy import TcpProxy
+from tcp_proxy import TcpProxy, redis_through
 from tiny_runtime import tiny_job
 
 from producer.contract import Callback, EventType, GenerateJob, JobError, JobStatus, plan_shards
@@ -201,22 +198,11 @@ def test_a_flushed_outbox_is_recreated_and_read_again(store: JobStore, redis_cli
     assert [m.event.type for m in sent] == [EventType.RUNNING]
 
 
-@pytest.fixture
-def proxy(redis_url: str) -> Iterator[TcpProxy]:
-    target = urlsplit(redis_url)
-    tcp = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
-    tcp.up()
-    yield tcp
-    tcp.down()
-
-
 def test_the_relay_thread_rides_out_a_redis_outage(
     store: JobStore, redis_client: redis.Redis, redis_url: str, proxy: TcpProxy
 ) -> None:
-    db = int(urlsplit(redis_url).path.lstrip("/") or 0)
-    through = redis.Redis(port=proxy.port, db=db, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
     sent: list[CallbackMessage] = []
-    relay, _ = _relay(through, sent, block_ms=100)
+    relay, _ = _relay(redis_through(proxy, redis_url), sent, block_ms=100)
     relay.start()
     try:
         proxy.down()
