@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from producer.contract import OutputRef
+from collections.abc import Iterator
+
+from producer.contract import GenerateJob, OutputRef, Shard
 
 
 def output_refs(indices: range, prefix: str = "jobs/job-0001/") -> list[OutputRef]:
@@ -19,3 +21,40 @@ def output_refs(indices: range, prefix: str = "jobs/job-0001/") -> list[OutputRe
         )
         for i in indices
     ]
+
+
+class RecordingReporter:
+    """The pipeline's reporter in memory: the events it was told of, the shards stored, the sheet named."""
+
+    def __init__(self, start: bool = True) -> None:
+        self.start = start
+        self.events: list[tuple[str, int]] = []
+        self.shards: dict[int, list[OutputRef]] = {}
+        self.sheet_key: str | None = None
+
+    def started(self, job: GenerateJob, shard: Shard) -> bool:
+        self.events.append(("started", 0))
+        return self.start
+
+    def progress(self, job: GenerateJob, shard: Shard, done: int) -> None:
+        self.events.append(("progress", done))
+
+    def active(self, job: GenerateJob) -> bool:
+        return True
+
+    def awaiting_manifest(self, job: GenerateJob) -> bool:
+        return False
+
+    def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> bool:
+        self.shards[shard.index] = outputs
+        return len(self.shards) == shard.count
+
+    def stored_outputs(self, job: GenerateJob, shards: int) -> Iterator[list[OutputRef]]:
+        for index in range(shards):
+            yield self.shards[index]
+
+    def succeeded(
+        self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str, sheet_key: str | None = None
+    ) -> None:
+        self.events.append(("succeeded", total))
+        self.sheet_key = sheet_key

@@ -8,7 +8,6 @@ import json
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,8 +16,8 @@ from typing import Any, cast
 
 import pytest
 from botocore.exceptions import EndpointConnectionError
-from factories import output_refs
-from tiny_model import TINY_NAME, make_tiny_model
+from factories import RecordingReporter, output_refs
+from tiny_model import TINY_NAME
 
 from producer.contract import GenerateJob, LabelCount, Manifest, OutputFormat, OutputRef, Shard, plan_shards
 from worker.catalog.registry import ModelRegistry
@@ -30,39 +29,6 @@ from worker.settings import StorageRetrySettings
 from worker.storage.base import Storage
 from worker.storage.local import LocalStorage
 from worker.storage.s3 import S3Storage
-
-
-class RecordingReporter:
-    def __init__(self, start: bool = True) -> None:
-        self.start = start
-        self.events: list[tuple[str, int]] = []
-        self.shards: dict[int, list[OutputRef]] = {}
-
-    def started(self, job: GenerateJob, shard: Shard) -> bool:
-        self.events.append(("started", 0))
-        return self.start
-
-    def progress(self, job: GenerateJob, shard: Shard, done: int) -> None:
-        self.events.append(("progress", done))
-
-    def active(self, job: GenerateJob) -> bool:
-        return True
-
-    def awaiting_manifest(self, job: GenerateJob) -> bool:
-        return False
-
-    def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> bool:
-        self.shards[shard.index] = outputs
-        return len(self.shards) == shard.count
-
-    def stored_outputs(self, job: GenerateJob, shards: int) -> Iterator[list[OutputRef]]:
-        for index in range(shards):
-            yield self.shards[index]
-
-    def succeeded(
-        self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str, sheet_key: str | None = None
-    ) -> None:
-        self.events.append(("succeeded", total))
 
 
 class FailingStorage(LocalStorage):
@@ -79,19 +45,6 @@ class FailingStorage(LocalStorage):
                 raise StorageUnavailable(f"S3 put of {key!r} still failing")
             self.ok -= 1
         super().put(key, data, content_type)
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
-    root = tmp_path_factory.mktemp("zoo")
-    make_tiny_model(root)
-    return ModelRegistry([root])
-
-
-@pytest.fixture(scope="module")
-def uploads() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(4) as pool:
-        yield pool
 
 
 def run(

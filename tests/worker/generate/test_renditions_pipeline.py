@@ -6,18 +6,18 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
+from factories import RecordingReporter
 from PIL import Image
-from tiny_model import TINY_NAME, make_tiny_model
+from tiny_model import TINY_NAME
 
 from models.grid import SHEET_BACKGROUND, SHEET_CAPTION, SHEET_CELL, SHEET_PAD
-from producer.contract import GenerateJob, LabelCount, Manifest, OutputFormat, OutputRef, Rendition, Shard, plan_shards
+from producer.contract import GenerateJob, LabelCount, Manifest, OutputFormat, Rendition, Shard, plan_shards
 from worker.catalog.registry import ModelRegistry
 from worker.generate.inference import InferenceEngine
 from worker.generate.pipeline import GenerateResult, run_generate
@@ -28,50 +28,6 @@ RENDITIONS = [
     Rendition(name="square", size=40, fit="cover", ops=[{"op": "unsharp_mask", "radius": 1.5}]),  # type: ignore[list-item]
     Rendition(name="feed", width=40, height=50, fit="pad", background="#ff8000"),
 ]
-
-
-class Reporter:
-    def __init__(self) -> None:
-        self.shards: dict[int, list[OutputRef]] = {}
-        self.sheet_key: str | None = None
-
-    def started(self, job: GenerateJob, shard: Shard) -> bool:
-        return True
-
-    def progress(self, job: GenerateJob, shard: Shard, done: int) -> None:
-        pass
-
-    def active(self, job: GenerateJob) -> bool:
-        return True
-
-    def awaiting_manifest(self, job: GenerateJob) -> bool:
-        return False
-
-    def shard_stored(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> bool:
-        self.shards[shard.index] = outputs
-        return len(self.shards) == shard.count
-
-    def stored_outputs(self, job: GenerateJob, shards: int) -> Iterator[list[OutputRef]]:
-        for index in range(shards):
-            yield self.shards[index]
-
-    def succeeded(
-        self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str, sheet_key: str | None = None
-    ) -> None:
-        self.sheet_key = sheet_key
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
-    root = tmp_path_factory.mktemp("zoo")
-    make_tiny_model(root)
-    return ModelRegistry([root])
-
-
-@pytest.fixture(scope="module")
-def uploads() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(4) as pool:
-        yield pool
 
 
 def _job(count: int = 6, **update: object) -> GenerateJob:
@@ -93,7 +49,7 @@ def _run(
     storage: LocalStorage,
     registry: ModelRegistry,
     uploads: ThreadPoolExecutor,
-    reporter: Reporter | None = None,
+    reporter: RecordingReporter | None = None,
     shard: Shard | None = None,
     sheet_images: int = 64,
     chunk_size: int = 4,
@@ -104,7 +60,7 @@ def _run(
             job,
             storage=storage,
             sample=engine.submit,
-            reporter=reporter or Reporter(),
+            reporter=reporter or RecordingReporter(),
             chunk_size=chunk_size,
             uploads=uploads,
             shard=shard,
@@ -148,7 +104,7 @@ def test_a_rerun_and_a_sharded_run_store_byte_identical_renditions_and_sheet(
     _run(_job(), whole, registry, uploads)
     again = LocalStorage(tmp_path / "again")
     _run(_job(), again, registry, uploads, chunk_size=1)
-    sharded, reporter = LocalStorage(tmp_path / "sharded"), Reporter()
+    sharded, reporter = LocalStorage(tmp_path / "sharded"), RecordingReporter()
     for shard in reversed(plan_shards(6, 4)):  # the last shard to finish (the first) writes the sheet
         _run(_job(), sharded, registry, uploads, reporter, shard=shard)
     assert reporter.sheet_key == f"{PREFIX}sheet.png"
@@ -228,7 +184,7 @@ def test_the_sheet_shows_the_first_outputs_in_manifest_order(
 def test_no_sheet_when_sheet_images_is_zero_and_none_with_the_old_naming(
     registry: ModelRegistry, uploads: ThreadPoolExecutor, tmp_path: Path
 ) -> None:
-    storage, reporter = LocalStorage(tmp_path), Reporter()
+    storage, reporter = LocalStorage(tmp_path), RecordingReporter()
     result = _run(_job(renditions=None), storage, registry, uploads, reporter, sheet_images=0)
     assert storage.list(PREFIX) == [f"{PREFIX}{i:05d}.png" for i in range(6)] + [f"{PREFIX}manifest.json"]
     assert result.sheet_key is None and reporter.sheet_key is None
