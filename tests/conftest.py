@@ -139,3 +139,17 @@ def c2pa_chain(tmp_path_factory: pytest.TempPathFactory) -> SigningChain:
     from c2pa_chain import make_chain
 
     return make_chain(tmp_path_factory.mktemp("c2pa"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give every collected test a node id of its own. schemathesis gives each API operation's case of one test the
+    same node id (the operation is only in the item's name): pytest-xdist schedules by node id, so the README's
+    parallel run would run one operation of the API fuzz test and silently drop the others."""
+    seen: dict[str, int] = {}
+    for item in items:
+        seen[item.nodeid] = seen.get(item.nodeid, 0) + 1
+    for item in items:
+        if seen[item.nodeid] > 1 and item.parent is not None:
+            item._id = item.parent.id.child(item.name)  # what pytest gives an item it names itself
+    ids = [item.nodeid for item in items]
+    assert len(set(ids)) == len(ids), sorted({i for i in ids if ids.count(i) > 1})
