@@ -89,3 +89,25 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
             return
         time.sleep(0.05)
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def deliveries_until(
+    stack: Stack, job_id: str, done: Callable[[list[dict[str, Any]]], bool], timeout: float = 30
+) -> list[dict[str, Any]]:
+    """The job's delivery records once ``done`` holds for them; TimeoutError showing them after ``timeout`` s.
+
+    Events of one job are attempted on parallel threads, so the ledger's order is not the events' order: wait for
+    each record a test asserts on (:func:`recorded`), never for the last event alone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = stack.client.deliveries(job_id)
+        if done(records):
+            return records
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"deliveries of job {job_id} after {timeout} s: {json.dumps(records, indent=1)}")
+        time.sleep(0.05)
+
+
+def recorded(*types: str) -> Callable[[list[dict[str, Any]]], bool]:
+    """A :func:`deliveries_until` condition: a record of each of ``types`` is in the ledger."""
+    return lambda records: {r["type"] for r in records} >= set(types)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from api_server import ApiServer, api_settings, make_key, session_for
 from invariants import settle
-from stack import Stack, worker_env
+from stack import Stack, deliveries_until, recorded, worker_env
 from tiny_model import TINY_NAME
 from webhook_receiver import WebhookReceiver
 from worker_process import WorkerProcess
@@ -50,19 +50,6 @@ def _request(url: str, events: list[str] | None = None) -> GenerateRequest:
     return GenerateRequest.model_validate({"model": TINY_NAME, "label": "bag", "count": 1, "callback": callback})
 
 
-def _deliveries_until(
-    stack: Stack, job_id: str, done: Callable[[list[dict[str, Any]]], bool], timeout: float = 30
-) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        records = stack.client.deliveries(job_id)
-        if done(records):
-            return records
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"deliveries of job {job_id} after {timeout} s: {json.dumps(records, indent=1)}")
-        time.sleep(0.05)
-
-
 def test_receiver_failing_three_times_gets_the_event_on_the_fourth_attempt_with_one_webhook_id(
     stack: Stack, retry_worker: WorkerProcess, webhook_receiver: WebhookReceiver
 ) -> None:
@@ -83,7 +70,7 @@ def test_receiver_failing_three_times_gets_the_event_on_the_fourth_attempt_with_
     timestamps = [int(r.headers["webhook-timestamp"]) for r in received]
     assert all(abs(ts - r.at) <= 2 for ts, r in zip(timestamps, received, strict=True))  # signed per attempt
 
-    records = _deliveries_until(stack, job.id, lambda rs: len(rs) >= 4)
+    records = deliveries_until(stack, job.id, lambda rs: len(rs) >= 4)
     assert [r["attempt"] for r in records] == [1, 2, 3, 4]
     assert [r["ok"] for r in records] == [False, False, False, True]
     assert [r["status_code"] for r in records] == [500, 500, 500, 200]
@@ -101,7 +88,7 @@ def test_410_stops_every_later_event_of_the_job(
     job = stack.client.submit(_request(webhook_receiver.url))  # every event: queued, running, progress, succeeded
     assert stack.client.wait(job.id, timeout=60).status is JobStatus.SUCCEEDED
 
-    records = _deliveries_until(stack, job.id, lambda rs: any(r["type"] == "succeeded" for r in rs))
+    records = deliveries_until(stack, job.id, recorded("queued", "running", "succeeded"))
     # The events sent before the first 410 was recorded (queued comes from the client through the broker, running
     # from a relay's first attempt: either may be first, or both at once) got 410 and no retry; every later one, the
     # succeeded event at least, was not sent.
@@ -131,7 +118,7 @@ def test_used_up_window_dead_letters_the_event_and_the_api_shows_it(
         created = acme.post("/v1/jobs", json=body)
         assert created.status_code == 202, created.text
         job_id = created.json()["id"]
-        _deliveries_until(stack, job_id, lambda rs: any(r["dead_lettered"] for r in rs))
+        deliveries_until(stack, job_id, lambda rs: any(r["dead_lettered"] for r in rs))
         listed = acme.get(f"/v1/jobs/{job_id}/deliveries")
 
     assert listed.status_code == 200, listed.text

@@ -3,15 +3,13 @@ enqueued), and refused again at delivery by a worker whose allow-list does not c
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import redis
 from api_server import ApiServer, api_settings, make_key, publish_catalog, session_for
-from stack import Stack, worker_env
+from stack import Stack, deliveries_until, recorded, worker_env
 from stack_fixtures import WorkerFactory
 from webhook_receiver import WebhookReceiver
 
@@ -103,19 +101,6 @@ def test_the_api_answers_422_naming_callback_url_and_enqueues_nothing(stack: Sta
     assert _nothing_enqueued(stack.redis)
 
 
-def _deliveries_until(
-    stack: Stack, job_id: str, done: Callable[[list[dict[str, Any]]], bool], timeout: float = 30
-) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        records = stack.client.deliveries(job_id)
-        if done(records):
-            return records
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"deliveries of job {job_id} after {timeout} s: {json.dumps(records, indent=1)}")
-        time.sleep(0.05)
-
-
 def test_a_worker_refuses_at_delivery_what_its_own_allow_list_does_not_cover(
     stack: Stack, start_worker: WorkerFactory, webhook_receiver: WebhookReceiver
 ) -> None:
@@ -128,7 +113,7 @@ def test_a_worker_refuses_at_delivery_what_its_own_allow_list_does_not_cover(
     )
     assert stack.client.wait(job.id, timeout=60).status is JobStatus.SUCCEEDED  # the job itself is unaffected
 
-    records = _deliveries_until(stack, job.id, lambda rs: any(r["type"] == "succeeded" for r in rs))
+    records = deliveries_until(stack, job.id, recorded("queued", "running", "succeeded"))
     assert {r["type"] for r in records} >= {"queued", "running", "succeeded"}
     for record in records:
         assert not record["sent"] and not record["ok"] and record["attempt"] == 1 and record["next_retry_at"] is None
