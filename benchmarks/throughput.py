@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import boto3
 import redis
@@ -244,6 +244,7 @@ def worker(
     endpoint: str,
     bucket: str,
     model_root: Path,
+    *,
     concurrency: int = 64,
     log: Path | None = None,
     **settings: str,
@@ -466,173 +467,64 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="reduced counts: finishes in about a minute")
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/14", help="a Redis DB this benchmark may flush")
-    parser.add_argument("--size", type=int, default=64, choices=[28, 32, 64])
-    parser.add_argument(
-        "--max-batch",
-        type=int,
-        default=None,
-        help="max_batch of 'batching on' (default: the smallest raw batch within 5%% of the fastest); pins it "
-        "where the raw curve is flat and run-to-run noise would pick another size",
-    )
-    parser.add_argument(
-        "--batches",
-        type=int,
-        nargs="+",
-        default=None,
-        help="raw-generator batch sizes of (a) (default: 1 8 32 64 128 256 on the CPU; up to 2048 on another device, "
-        "where the best batch is larger)",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device of the generator and the worker (e.g. cuda)")
-    parser.add_argument("--bf16", action="store_true", help="autocast forward passes to bfloat16 (GPU)")
-    parser.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=InferenceSettings().channels_last,
-        help="NHWC layout (the worker's default)",
-    )
-    parser.add_argument("--compile", default=None, metavar="BACKEND", help="torch.compile backend, e.g. inductor")
-    parser.add_argument(
-        "--malloc-policy",
-        type=MallocPolicy,
-        default=MallocPolicy.KEEP,
-        choices=list(MallocPolicy),
-        help="glibc malloc policy of the workers and of this process's raw-generator ceilings (GENQ_MALLOC_POLICY)",
-    )
-    parser.add_argument(
-        "--concurrency",
-        type=int,
-        default=8,
-        help="threads of the plain worker and of genq's worker in (h) (threads pool on both sides), and the client "
-        "threads of (h)'s PUT ceiling",
-    )
-    args = parser.parse_args()
-    run_started = time.perf_counter()
-    # The ceilings are measured under the workers' allocator: page faults on freed-and-remapped activations cost
-    # a CPU forward pass as much as the arithmetic, so a ceiling under another policy would compare apples to pears.
-    malloc = tune_malloc(2, args.malloc_policy)
+def own_ceilings(
+    args: argparse.Namespace,
+    client: Client,
+    endpoint: str,
+    bucket: str,
+    root: Path,
+    device_env: dict[str, Any],
+    malloc: dict[str, int],
+) -> list[tuple[str, float]]:
+    """Sections (a)-(g): genq against its own hardware's ceilings; prints their table and returns their figures."""
     accel = Acceleration(bf16=args.bf16, channels_last=args.channels_last, compile_backend=args.compile)
-    # The same device and forward-pass options for every worker this run starts.
-    device_env = {
-        "malloc_policy": args.malloc_policy.value,
-        "device": args.device,
-        "inference__bf16": str(args.bf16).lower(),
-        "inference__channels_last": str(args.channels_last).lower(),
-        **({"inference__compile_backend": args.compile} if args.compile else {}),
-    }
+    model, model_dir = make_model(args.size, root)
     small_jobs, naive_n, latency_n, seconds = (128, 100, 20, 0.5) if args.quick else (1024, 2000, 100, 3.0)
     bulk_n = 500 if args.quick else 20_000
     rss_sizes = (500, 1_500) if args.quick else (10_000, 100_000)
     max_wait_ms = 5.0
-    conc = args.concurrency
-    peer_n, peer_put_n = (100, 200) if args.quick else (1000, 1000)  # (h): images per path, PUTs of the ceiling
+    batches = args.batches or [1, 8, 32, 64, 128, 256, *([] if args.device == "cpu" else [512, 1024, 2048])]
+    batches = sorted({1, *batches, args.max_batch or 1})  # batch 1 and a pinned "on" batch are always measured
+    rates, raw_cpu_ms = raw_ceiling(model_dir, batches, seconds, args.device, accel)
+    best = max(rates, key=lambda bs: rates[bs])
+    # "Batching on" must batch: its max_batch is the smallest size above 1 within 5% of the fastest above 1 (on
+    # a CPU batch 1 can win outright, and max_batch=1 would make "on" the same worker as "off"). Where the curve
+    # is flat the fastest is noise, and a bigger batch costs memory and pipeline granularity for nothing.
+    fastest = max(rate for bs, rate in rates.items() if bs > 1)
+    batched = args.max_batch or min(bs for bs, rate in rates.items() if bs > 1 and rate >= 0.95 * fastest)
+    sample = load_generator(model_dir).sample([7], [1])[0].numpy()
+    from producer.contract import OutputFormat
+    from worker.generate.encode import encode_image, provenance
 
-    bucket = "bench"
-    server, endpoint = start_s3(bucket)
-    requests = count_requests(server)
-    root = Path(tempfile.mkdtemp(prefix="genq-bench-models-"))
-    model, model_dir = make_model(args.size, root)
-    client = Client(
-        ClientSettings(
-            redis=RedisSettings(url=args.redis),
-            s3=S3Settings(bucket=bucket),
-            limits=Limits(max_images_per_job=max(rss_sizes)),
-        )
-    )
-    try:
-        with claim_renewed(args.redis):
-            batches = args.batches or [1, 8, 32, 64, 128, 256, *([] if args.device == "cpu" else [512, 1024, 2048])]
-            batches = sorted({1, *batches, args.max_batch or 1})  # batch 1 and a pinned "on" batch are always measured
-            rates, raw_cpu_ms = raw_ceiling(model_dir, batches, seconds, args.device, accel)
-            best = max(rates, key=lambda bs: rates[bs])
-            # "Batching on" must batch: its max_batch is the smallest size above 1 within 5% of the fastest above 1 (on
-            # a CPU batch 1 can win outright, and max_batch=1 would make "on" the same worker as "off"). Where the curve
-            # is flat the fastest is noise, and a bigger batch costs memory and pipeline granularity for nothing.
-            fastest = max(rate for bs, rate in rates.items() if bs > 1)
-            batched = args.max_batch or min(bs for bs, rate in rates.items() if bs > 1 and rate >= 0.95 * fastest)
-            sample = load_generator(model_dir).sample([7], [1])[0].numpy()
-            from producer.contract import OutputFormat
-            from worker.generate.encode import encode_image, provenance
+    png_size = len(encode_image(sample, OutputFormat.PNG, provenance(generator=model, version="1", label="x", seed=1)))
+    puts, put_cpu_ms = put_ceiling(endpoint, bucket, png_size, 300 if args.quick else 1000)
 
-            png_size = len(
-                encode_image(sample, OutputFormat.PNG, provenance(generator=model, version="1", label="x", seed=1))
-            )
-            puts, put_cpu_ms = put_ceiling(endpoint, bucket, png_size, 300 if args.quick else 1000)
-
-            on = {"batching__max_batch": str(batched), "batching__max_wait_ms": str(max_wait_ms), **device_env}
-            # Each worker first runs a full batch of jobs unmeasured: a fresh process grows its heap to a batch's
-            # activations on its first forward passes (page faults), which a short measured run would otherwise carry.
-            warm_up = 2 * batched
-            with worker(args.redis, endpoint, bucket, root, **on) as proc:
-                jobs_per_s(client, model, warm_up)
-                meter = CpuMeter(proc.pid, redis.Redis.from_url(args.redis))
-                meter.start()
-                jobs_on = jobs_per_s(client, model, small_jobs)
-                meter.stop()
-                lat = latencies_ms(client, model, latency_n)
-                one_job = naive_n * jobs_per_s(client, model, 1, count=naive_n)  # images/s
-                shards = bulk_images_per_s(client, model, bulk_n, "webdataset")
-                objects = bulk_images_per_s(client, model, bulk_n, "objects")
-            with worker(args.redis, endpoint, bucket, root, batching__max_batch="1", **device_env):
-                jobs_per_s(client, model, warm_up)
-                jobs_off = jobs_per_s(client, model, small_jobs)
-            naive_conf = {"batching__max_batch": "1", "batching__upload_workers": "1", **device_env}
-            with worker(args.redis, endpoint, bucket, root, **naive_conf):
-                jobs_per_s(client, model, warm_up)
-                naive = jobs_per_s(client, model, naive_n)  # jobs of one image = images/s
-            rss: dict[int, float] = {}
-            for n in rss_sizes:  # a fresh worker per size: VmHWM is the peak since the process started
-                with worker(args.redis, endpoint, bucket, root, **on) as proc:
-                    bulk_images_per_s(client, model, n, "webdataset")
-                    rss[n] = peak_rss_mib(proc.pid)
-            # (h) genq against a plain Celery task (issue 19), both on the shipped 28 px model, the same -c.
-            peer_model, peer_dir = make_model(28, root)
-            plain_png = len(plain_task.render_png(load_generator(peer_dir), 7, 1))
-            peer_puts, peer_put_cpu_ms = put_ceiling(endpoint, bucket, plain_png, peer_put_n, threads=conc)
-            peer_warm = 2 * conc  # every thread's first forward pass and connections, unmeasured
-            rows: list[PeerRow] = []
-            with plain_worker(args.redis, endpoint, bucket, peer_dir, conc, args.device) as proc:
-                sender = plain_task.create_app(args.redis)
-                plain_images_per_s(sender, peer_warm, first_seed=peer_n)
-                peer_meter = CpuMeter(proc.pid, redis.Redis.from_url(args.redis), children=True)
-                rows.append(
-                    peer_row(
-                        "plain Celery task, one per image",
-                        peer_meter,
-                        requests,
-                        peer_n,
-                        peer_n,
-                        lambda: plain_images_per_s(sender, peer_n, first_seed=0),
-                    )
-                )
-                sender.close()
-            log = Path(tempfile.mkstemp(prefix="genq-bench-", suffix=".log")[1])
-            with worker(args.redis, endpoint, bucket, root, conc, log, **device_env) as proc:
-                jobs_per_s(client, peer_model, peer_warm)
-                wait_logged(log, "worker ready: callbacks only", proc)  # its start stays out of the windows
-                peer_meter = CpuMeter(proc.pid, redis.Redis.from_url(args.redis), children=True)
-                paths: list[tuple[str, int, Callable[[], float]]] = [
-                    ("genq, 1-image jobs", peer_n, lambda: jobs_per_s(client, peer_model, peer_n)),
-                    ("genq, 4-image jobs", peer_n // 4, lambda: 4 * jobs_per_s(client, peer_model, peer_n // 4, 4)),
-                    (
-                        f"genq, one {peer_n}-image job, PNG objects",
-                        1,
-                        lambda: bulk_images_per_s(client, peer_model, peer_n, "objects"),
-                    ),
-                    (
-                        f"genq, one {peer_n}-image job, WebDataset",
-                        1,
-                        lambda: bulk_images_per_s(client, peer_model, peer_n, "webdataset"),
-                    ),
-                ]
-                for name, jobs, run in paths:
-                    rows.append(peer_row(name, peer_meter, requests, peer_n, jobs, run))
-    finally:
-        server.stop()
-
+    on = {"batching__max_batch": str(batched), "batching__max_wait_ms": str(max_wait_ms), **device_env}
+    # Each worker first runs a full batch of jobs unmeasured: a fresh process grows its heap to a batch's
+    # activations on its first forward passes (page faults), which a short measured run would otherwise carry.
+    warm_up = 2 * batched
+    with worker(args.redis, endpoint, bucket, root, **on) as proc:
+        jobs_per_s(client, model, warm_up)
+        meter = CpuMeter(proc.pid, redis.Redis.from_url(args.redis))
+        meter.start()
+        jobs_on = jobs_per_s(client, model, small_jobs)
+        meter.stop()
+        lat = latencies_ms(client, model, latency_n)
+        one_job = naive_n * jobs_per_s(client, model, 1, count=naive_n)  # images/s
+        shards = bulk_images_per_s(client, model, bulk_n, "webdataset")
+        objects = bulk_images_per_s(client, model, bulk_n, "objects")
+    with worker(args.redis, endpoint, bucket, root, batching__max_batch="1", **device_env):
+        jobs_per_s(client, model, warm_up)
+        jobs_off = jobs_per_s(client, model, small_jobs)
+    naive_conf = {"batching__max_batch": "1", "batching__upload_workers": "1", **device_env}
+    with worker(args.redis, endpoint, bucket, root, **naive_conf):
+        jobs_per_s(client, model, warm_up)
+        naive = jobs_per_s(client, model, naive_n)  # jobs of one image = images/s
+    rss: dict[int, float] = {}
+    for n in rss_sizes:  # a fresh worker per size: VmHWM is the peak since the process started
+        with worker(args.redis, endpoint, bucket, root, **on) as proc:
+            bulk_images_per_s(client, model, n, "webdataset")
+            rss[n] = peak_rss_mib(proc.pid)
     compute_gain = rates[batched] / rates[1]  # what the hardware offers "on" over "off"; below 1 if batching slows it
     batching_efficiency = (jobs_on / jobs_off) / compute_gain
     small_job_ceiling = min(rates[best], puts / 2)  # 2 PUTs per 1-image job: the image and its manifest
@@ -701,10 +593,7 @@ def main() -> None:
         f"{f'(g) 1-image jobs/s vs shared-cores ceiling ({cores} cores)':<58}{jobs_on:>12.1f}"
         f"{shared_ceiling:>12.1f}{jobs_on / shared_ceiling:>8.2f}\n"
     )
-    plain = rows[0]
-    print_peers(rows, conc, peer_puts, peer_put_cpu_ms, plain_png)
-    short = ["plain", "small", "four", "bulk", "webdataset"]  # the rows' names in the figures below
-    for name, value in [
+    return [
         ("raw_images_per_s_batch1", rates[1]),
         ("raw_images_per_s_best", rates[best]),
         ("raw_best_batch", best),
@@ -727,6 +616,67 @@ def main() -> None:
         *((f"cpu_ms_per_job_{name.replace(' ', '_')}", ms) for name, ms in job_cpu_ms.items() if ms is not None),
         ("shared_cores_ceiling_jobs_per_s", shared_ceiling),
         ("small_job_efficiency_shared_cores", jobs_on / shared_ceiling),
+    ]
+
+
+def peer_figures(
+    args: argparse.Namespace,
+    client: Client,
+    endpoint: str,
+    bucket: str,
+    root: Path,
+    requests: RequestCounter,
+    device_env: dict[str, Any],
+) -> list[tuple[str, float]]:
+    """Section (h): genq against a plain Celery task, both on the shipped 28 px model, the same -c; prints its table
+    and returns its figures."""
+    conc = args.concurrency
+    peer_n, peer_put_n = (100, 200) if args.quick else (1000, 1000)  # images per path, PUTs of the ceiling
+    peer_model, peer_dir = make_model(28, root)
+    plain_png = len(plain_task.render_png(load_generator(peer_dir), 7, 1))
+    peer_puts, peer_put_cpu_ms = put_ceiling(endpoint, bucket, plain_png, peer_put_n, threads=conc)
+    peer_warm = 2 * conc  # every thread's first forward pass and connections, unmeasured
+    rows: list[PeerRow] = []
+    with plain_worker(args.redis, endpoint, bucket, peer_dir, conc, args.device) as proc:
+        sender = plain_task.create_app(args.redis)
+        plain_images_per_s(sender, peer_warm, first_seed=peer_n)
+        peer_meter = CpuMeter(proc.pid, redis.Redis.from_url(args.redis), children=True)
+        rows.append(
+            peer_row(
+                "plain Celery task, one per image",
+                peer_meter,
+                requests,
+                peer_n,
+                peer_n,
+                lambda: plain_images_per_s(sender, peer_n, first_seed=0),
+            )
+        )
+        sender.close()
+    log = Path(tempfile.mkstemp(prefix="genq-bench-", suffix=".log")[1])
+    with worker(args.redis, endpoint, bucket, root, concurrency=conc, log=log, **device_env) as proc:
+        jobs_per_s(client, peer_model, peer_warm)
+        wait_logged(log, "worker ready: callbacks only", proc)  # its start stays out of the windows
+        peer_meter = CpuMeter(proc.pid, redis.Redis.from_url(args.redis), children=True)
+        paths: list[tuple[str, int, Callable[[], float]]] = [
+            ("genq, 1-image jobs", peer_n, lambda: jobs_per_s(client, peer_model, peer_n)),
+            ("genq, 4-image jobs", peer_n // 4, lambda: 4 * jobs_per_s(client, peer_model, peer_n // 4, 4)),
+            (
+                f"genq, one {peer_n}-image job, PNG objects",
+                1,
+                lambda: bulk_images_per_s(client, peer_model, peer_n, "objects"),
+            ),
+            (
+                f"genq, one {peer_n}-image job, WebDataset",
+                1,
+                lambda: bulk_images_per_s(client, peer_model, peer_n, "webdataset"),
+            ),
+        ]
+        for name, jobs, run in paths:
+            rows.append(peer_row(name, peer_meter, requests, peer_n, jobs, run))
+    plain = rows[0]
+    print_peers(rows, conc, peer_puts, peer_put_cpu_ms, plain_png)
+    short = ["plain", "small", "four", "bulk", "webdataset"]  # the rows' names in the figures below
+    return [
         ("plain_images_per_s", plain.images_per_s),
         ("plain_worker_cpu_ms_per_image", plain.worker_ms),
         *(
@@ -741,8 +691,84 @@ def main() -> None:
         *((f"{key}_puts_per_job", row.per_job("PUT")) for key, row in zip(short, rows, strict=True)),
         (f"moto_put_per_s_{conc}_threads", peer_puts),
         ("moto_cpu_ms_per_put", peer_put_cpu_ms),
-        ("run_wall_s", time.perf_counter() - run_started),
-    ]:
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="reduced counts: finishes in about a minute")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/14", help="a Redis DB this benchmark may flush")
+    parser.add_argument("--size", type=int, default=64, choices=[28, 32, 64])
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="max_batch of 'batching on' (default: the smallest raw batch within 5%% of the fastest); pins it "
+        "where the raw curve is flat and run-to-run noise would pick another size",
+    )
+    parser.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="raw-generator batch sizes of (a) (default: 1 8 32 64 128 256 on the CPU; up to 2048 on another device, "
+        "where the best batch is larger)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device of the generator and the worker (e.g. cuda)")
+    parser.add_argument("--bf16", action="store_true", help="autocast forward passes to bfloat16 (GPU)")
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=InferenceSettings().channels_last,
+        help="NHWC layout (the worker's default)",
+    )
+    parser.add_argument("--compile", default=None, metavar="BACKEND", help="torch.compile backend, e.g. inductor")
+    parser.add_argument(
+        "--malloc-policy",
+        type=MallocPolicy,
+        default=MallocPolicy.KEEP,
+        choices=list(MallocPolicy),
+        help="glibc malloc policy of the workers and of this process's raw-generator ceilings (GENQ_MALLOC_POLICY)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="threads of the plain worker and of genq's worker in (h) (threads pool on both sides), and the client "
+        "threads of (h)'s PUT ceiling",
+    )
+    parser.add_argument("--peers-only", action="store_true", help="section (h) alone: genq against a plain Celery task")
+    args = parser.parse_args()
+    run_started = time.perf_counter()
+    # The ceilings are measured under the workers' allocator: page faults on freed-and-remapped activations cost
+    # a CPU forward pass as much as the arithmetic, so a ceiling under another policy would compare apples to pears.
+    malloc = tune_malloc(2, args.malloc_policy)
+    # The same device and forward-pass options for every worker this run starts.
+    device_env = {
+        "malloc_policy": args.malloc_policy.value,
+        "device": args.device,
+        "inference__bf16": str(args.bf16).lower(),
+        "inference__channels_last": str(args.channels_last).lower(),
+        **({"inference__compile_backend": args.compile} if args.compile else {}),
+    }
+    bucket = "bench"
+    server, endpoint = start_s3(bucket)
+    requests = count_requests(server)
+    root = Path(tempfile.mkdtemp(prefix="genq-bench-models-"))
+    client = Client(
+        ClientSettings(
+            redis=RedisSettings(url=args.redis),
+            s3=S3Settings(bucket=bucket),
+            limits=Limits(max_images_per_job=100_000),  # (f)'s largest job
+        )
+    )
+    try:
+        with claim_renewed(args.redis):
+            figures = [] if args.peers_only else own_ceilings(args, client, endpoint, bucket, root, device_env, malloc)
+            figures += peer_figures(args, client, endpoint, bucket, root, requests, device_env)
+    finally:
+        server.stop()
+    for name, value in [*figures, ("run_wall_s", time.perf_counter() - run_started)]:
         print(f"{name}={value:.3f}")
 
 

@@ -366,7 +366,9 @@ def make_sheet(
     per_row = max(1, SHEET_PER_ROW // len(names)) * len(names)
     sheet = contact_sheet([cell for i in range(count) for cell in cells[i]], captions, per_row=per_row)
     buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG", compress_level=9)
+    # zlib level 6 (the outputs' too): level 9 took 21 ms instead of 1.5 for a 4-cell sheet, 320 instead of 24 for a
+    # 64-cell one, for 3 % fewer bytes; a 4-image job's worker CPU doubled.
+    sheet.save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
 
 
