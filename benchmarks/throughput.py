@@ -52,6 +52,7 @@ import torch
 from botocore.config import Config
 
 from benchmarks import plain_task
+from benchmarks.s3_servers import AWS, S3RVER_BIN, S3RVER_INSTALL, s3rver, use_endpoint
 from models import cgan
 from models.data import FASHION_MNIST_CLASSES
 from models.generator import Acceleration, load_generator, save_generator
@@ -68,8 +69,6 @@ if TYPE_CHECKING:
     from celery import Celery
     from moto.server import ThreadedMotoServer
     from mypy_boto3_s3 import S3Client
-
-AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def make_model(size: int, root: Path) -> tuple[str, Path]:
@@ -126,23 +125,27 @@ def start_s3(bucket: str) -> tuple[ThreadedMotoServer, str]:
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     s3_client(endpoint).create_bucket(Bucket=bucket)
-    os.environ.update(AWS, AWS_ENDPOINT_URL=endpoint)
+    use_endpoint(endpoint)
     return server, endpoint
 
 
-def put_ceiling(endpoint: str, bucket: str, size: int, n: int, threads: int = 8) -> tuple[float, float]:
+def put_ceiling(
+    endpoint: str, bucket: str, size: int, n: int, threads: int = 8, server_pid: int | None = None
+) -> tuple[float, float, float | None]:
     """PUT/s of the S3 server for objects of the output's size: ``threads`` client threads (8, like a worker's
-    uploads); and the CPU milliseconds per PUT of this process, which runs both the boto3 client and (moto) the
-    server."""
+    uploads); the CPU milliseconds per PUT of this process, which runs the boto3 client (and moto's server); and
+    those of the server process ``server_pid`` (None for moto, counted in this process)."""
     from concurrent.futures import ThreadPoolExecutor
 
     s3 = s3_client(endpoint, Config(max_pool_connections=max(10, threads)))
     body = os.urandom(size)
     s3.put_object(Bucket=bucket, Key="ceiling/warm-up", Body=body)  # the connection and the client's first call
     started, cpu = time.perf_counter(), time.process_time()
+    server_cpu = process_cpu_s(server_pid) if server_pid else 0.0
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda i: s3.put_object(Bucket=bucket, Key=f"ceiling/{i}", Body=body), range(n)))
-    return n / (time.perf_counter() - started), 1000 * (time.process_time() - cpu) / n
+    rate, client_ms = n / (time.perf_counter() - started), 1000 * (time.process_time() - cpu) / n
+    return rate, client_ms, 1000 * (process_cpu_s(server_pid) - server_cpu) / n if server_pid else None
 
 
 class RequestCounter:
@@ -178,9 +181,11 @@ class CpuMeter:
     machine) between :meth:`start` and :meth:`stop`; with ``children``, also by the worker's child processes
     (``genq worker``'s callbacks worker), as "worker's children"."""
 
-    def __init__(self, worker_pid: int, client: redis.Redis, children: bool = False) -> None:
+    def __init__(self, worker_pid: int, client: redis.Redis, children: bool = False, s3_pid: int | None = None) -> None:
         pid = int(client.info("server").get("process_id", 0))
         self.pids = {"worker": worker_pid, "redis": pid if Path(f"/proc/{pid}/stat").exists() else None}
+        if s3_pid is not None:  # an S3 server of its own (s3rver); moto's runs in this process
+            self.pids["s3 server"] = s3_pid
         self.children = children
         self._start: dict[str, float | None] = {}
         self._start_children: dict[int, float] = {}
@@ -328,7 +333,7 @@ class PeerRow:
     images: int
     jobs: int
     cpu_s: dict[str, float | None]
-    requests: Counter[str]
+    requests: Counter[str] | None  # None: not counted (s3rver)
 
     def cpu_ms_per_image(self, *names: str) -> float | None:
         used = [self.cpu_s.get(name) for name in names]
@@ -341,19 +346,22 @@ class PeerRow:
         """The worker's CPU per image, its child processes included."""
         return self.cpu_ms_per_image("worker", "worker's children") or 0.0
 
-    def per_job(self, *methods: str) -> float:
+    def per_job(self, *methods: str) -> float | None:
+        if self.requests is None:
+            return None
         return sum(n for method, n in self.requests.items() if method in methods) / self.jobs
 
 
 def peer_row(
-    name: str, meter: CpuMeter, counter: RequestCounter, images: int, jobs: int, run: Callable[[], float]
+    name: str, meter: CpuMeter, counter: RequestCounter | None, images: int, jobs: int, run: Callable[[], float]
 ) -> PeerRow:
-    """Run one path of (h) (``run`` returns its images/s), metered."""
-    before = counter.snapshot()
+    """Run one path of (h) (``run`` returns its images/s), metered; S3 requests counted where ``counter`` can."""
+    before = counter.snapshot() if counter is not None else Counter[str]()
     meter.start()
     rate = run()
     meter.stop()
-    return PeerRow(name, rate, images, jobs, dict(meter.used), counter.snapshot() - before)
+    requests = counter.snapshot() - before if counter is not None else None
+    return PeerRow(name, rate, images, jobs, dict(meter.used), requests)
 
 
 @contextmanager
@@ -422,43 +430,62 @@ def latencies_ms(client: Client, model: str, n: int) -> list[float]:
     return out
 
 
-def print_peers(rows: list[PeerRow], concurrency: int, puts: float, put_cpu_ms: float, body: int) -> None:
-    """The (h) table: each path beside the plain task, and moto's PUT ceiling under it."""
+@dataclass(frozen=True)
+class Ceiling:
+    """The S3 server's PUT ceiling at (h)'s concurrency: PUT/s, and CPU ms per PUT of the client (with moto: and its
+    server) and of the server process (s3rver)."""
+
+    server: str
+    puts_per_s: float
+    client_ms: float
+    server_ms: float | None
+    body: int
+
+
+def print_peers(rows: list[PeerRow], concurrency: int, ceiling: Ceiling, puts_per_job: list[float | None]) -> None:
+    """The (h) table: each path beside the plain task, and the S3 server's PUT ceiling under it. ``puts_per_job``:
+    each row's PUTs per job, as counted (here, or against moto where this server cannot count them)."""
     plain = rows[0]
     print(
-        f"(h) genq against a plain Celery task (issue 19): fmnist-cgan 28x28, threads pool -c {concurrency} on both "
-        f"sides, {plain.images} images per path"
+        f"(h) genq against a plain Celery task (issue 19), S3 server {ceiling.server}: fmnist-cgan 28x28, threads pool "
+        f"-c {concurrency} on both sides, {plain.images} images per path"
     )
-    head = ["images/s", "vs plain", "worker", "children", "bench", "Redis", "PUT/job", "other/job", "moto-bound"]
-    widths = [10, 10, 9, 10, 8, 8, 10, 11, 12]
-    print(f"{'path':<42}" + "".join(f"{h:>{w}}" for h, w in zip(head, widths, strict=True)))
+    head = ["images/s", "vs plain", "worker", "children", "bench", "S3 srv", "Redis", "PUT/job", "other/job"]
+    widths = [10, 10, 9, 10, 8, 8, 8, 10, 11]
+    print(f"{'path':<42}" + "".join(f"{h:>{w}}" for h, w in zip(head, widths, strict=True)) + f"{'S3-bound':>10}")
 
     def cell(value: float | None, width: int, digits: int = 2) -> str:
         return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
 
-    for row in rows:
-        put_per_image = row.per_job("PUT") * row.jobs / row.images
+    for row, puts in zip(rows, puts_per_job, strict=True):
+        put_per_image = None if puts is None else puts * row.jobs / row.images
+        other = None if row.requests is None or puts is None else sum(row.requests.values()) / row.jobs - puts
         values = [
             cell(row.images_per_s, widths[0], 1),
             cell(row.images_per_s / plain.images_per_s, widths[1]),
             cell(row.worker_ms, widths[2]),
             cell(row.cpu_ms_per_image("worker's children"), widths[3]),
             cell(row.cpu_ms_per_image("this process"), widths[4]),
-            cell(row.cpu_ms_per_image("redis"), widths[5]),
-            cell(row.per_job("PUT"), widths[6]),
-            cell(sum(row.requests.values()) / row.jobs - row.per_job("PUT"), widths[7]),
-            cell(puts / put_per_image if put_per_image else None, widths[8], 1),
+            cell(row.cpu_ms_per_image("s3 server"), widths[5]),
+            cell(row.cpu_ms_per_image("redis"), widths[6]),
+            cell(puts, widths[7]),
+            cell(other, widths[8]),
+            cell(ceiling.puts_per_s / put_per_image if put_per_image else None, 10, 1),
         ]
         print(f"{row.name:<42}" + "".join(values))
-    ceiling = f"moto PUT ceiling, {concurrency} threads, {body} B body"
-    print(f"{ceiling:<42}{puts:>10.1f}{'':>10}{'':>9}{'':>10}{put_cpu_ms:>8.2f}   (PUT/s; CPU ms per PUT)")
+    name = f"{ceiling.server} PUT ceiling, {concurrency} threads, {ceiling.body} B"
+    print(
+        f"{name:<42}{ceiling.puts_per_s:>10.1f}{'':>10}{'':>9}{'':>10}{ceiling.client_ms:>8.2f}"
+        f"{cell(ceiling.server_ms, 8)}   (PUT/s; CPU ms per PUT)"
+    )
     print(
         "images/s from the first submit to the last result; CPU in ms per image over that window (user + system, "
         "/proc):\n"
         "  worker: the worker process and its children; children: of it, the child processes (genq's callbacks\n"
-        "  worker, counted in; the plain worker has none); bench: the benchmark process (moto + client): moto's S3\n"
-        "  server and the client's submits and waits; Redis: the whole server (other clients' work included).\n"
-        "  PUT/job, other/job: S3 requests per job counted at moto; moto-bound: moto's PUT ceiling / PUTs per image.\n"
+        "  worker, counted in; the plain worker has none); bench: the benchmark process: the client's submits and\n"
+        "  waits, and moto's S3 server when it is moto; S3 srv: s3rver's process; Redis: the whole server.\n"
+        "  PUT/job, other/job: S3 requests per job counted at moto (s3rver's rows show moto's count); S3-bound: the\n"
+        "  server's PUT ceiling / PUTs per image.\n"
     )
 
 
@@ -497,7 +524,7 @@ def own_ceilings(
     from worker.generate.encode import encode_image, provenance
 
     png_size = len(encode_image(sample, OutputFormat.PNG, provenance(generator=model, version="1", label="x", seed=1)))
-    puts, put_cpu_ms = put_ceiling(endpoint, bucket, png_size, 300 if args.quick else 1000)
+    puts, put_cpu_ms, _ = put_ceiling(endpoint, bucket, png_size, 300 if args.quick else 1000)
 
     on = {"batching__max_batch": str(batched), "batching__max_wait_ms": str(max_wait_ms), **device_env}
     # Each worker first runs a full batch of jobs unmeasured: a fresh process grows its heap to a batch's
@@ -622,25 +649,30 @@ def own_ceilings(
 def peer_figures(
     args: argparse.Namespace,
     client: Client,
-    endpoint: str,
+    server: tuple[str, str, int | None],
     bucket: str,
     root: Path,
-    requests: RequestCounter,
+    requests: RequestCounter | None,
     device_env: dict[str, Any],
-) -> list[tuple[str, float]]:
-    """Section (h): genq against a plain Celery task, both on the shipped 28 px model, the same -c; prints its table
-    and returns its figures."""
+    puts_counted: list[float | None] | None = None,
+) -> tuple[list[tuple[str, float]], list[float | None]]:
+    """Section (h) against one S3 server (name, endpoint, its pid when it is a process of its own): genq against a
+    plain Celery task, both on the shipped 28 px model, the same -c. Prints its table; returns its figures (named
+    with a ``_<server>`` suffix except moto's) and the PUTs per job of each row (None where not counted:
+    ``puts_counted``, moto's, stand in for them in the table)."""
+    name, endpoint, server_pid = server
+    use_endpoint(endpoint)
     conc = args.concurrency
     peer_n, peer_put_n = (100, 200) if args.quick else (1000, 1000)  # images per path, PUTs of the ceiling
     peer_model, peer_dir = make_model(28, root)
     plain_png = len(plain_task.render_png(load_generator(peer_dir), 7, 1))
-    peer_puts, peer_put_cpu_ms = put_ceiling(endpoint, bucket, plain_png, peer_put_n, threads=conc)
+    ceiling = Ceiling(name, *put_ceiling(endpoint, bucket, plain_png, peer_put_n, conc, server_pid), plain_png)
     peer_warm = 2 * conc  # every thread's first forward pass and connections, unmeasured
     rows: list[PeerRow] = []
     with plain_worker(args.redis, endpoint, bucket, peer_dir, conc, args.device) as proc:
         sender = plain_task.create_app(args.redis)
         plain_images_per_s(sender, peer_warm, first_seed=peer_n)
-        peer_meter = CpuMeter(proc.pid, redis.Redis.from_url(args.redis), children=True)
+        peer_meter = CpuMeter(proc.pid, redis.Redis.from_url(args.redis), children=True, s3_pid=server_pid)
         rows.append(
             peer_row(
                 "plain Celery task, one per image",
@@ -656,7 +688,7 @@ def peer_figures(
     with worker(args.redis, endpoint, bucket, root, concurrency=conc, log=log, **device_env) as proc:
         jobs_per_s(client, peer_model, peer_warm)
         wait_logged(log, "worker ready: callbacks only", proc)  # its start stays out of the windows
-        peer_meter = CpuMeter(proc.pid, redis.Redis.from_url(args.redis), children=True)
+        peer_meter = CpuMeter(proc.pid, redis.Redis.from_url(args.redis), children=True, s3_pid=server_pid)
         paths: list[tuple[str, int, Callable[[], float]]] = [
             ("genq, 1-image jobs", peer_n, lambda: jobs_per_s(client, peer_model, peer_n)),
             ("genq, 4-image jobs", peer_n // 4, lambda: 4 * jobs_per_s(client, peer_model, peer_n // 4, 4)),
@@ -671,27 +703,27 @@ def peer_figures(
                 lambda: bulk_images_per_s(client, peer_model, peer_n, "webdataset"),
             ),
         ]
-        for name, jobs, run in paths:
-            rows.append(peer_row(name, peer_meter, requests, peer_n, jobs, run))
+        for path, jobs, run in paths:
+            rows.append(peer_row(path, peer_meter, requests, peer_n, jobs, run))
+    counted = [row.per_job("PUT") for row in rows]
+    shown = [c if c is not None else p for c, p in zip(counted, puts_counted or counted, strict=True)]
+    print_peers(rows, conc, ceiling, shown)
     plain = rows[0]
-    print_peers(rows, conc, peer_puts, peer_put_cpu_ms, plain_png)
     short = ["plain", "small", "four", "bulk", "webdataset"]  # the rows' names in the figures below
-    return [
+    genq = list(zip(short[1:], rows[1:], strict=True))
+    tail = "" if name == "moto" else f"_{name}"
+    figures = [
         ("plain_images_per_s", plain.images_per_s),
         ("plain_worker_cpu_ms_per_image", plain.worker_ms),
-        *(
-            (f"{key}_vs_plain", row.images_per_s / plain.images_per_s)
-            for key, row in zip(short[1:], rows[1:], strict=True)
-        ),
-        *(
-            (f"{key}_cpu_vs_plain", row.worker_ms / plain.worker_ms)
-            for key, row in zip(short[1:], rows[1:], strict=True)
-        ),
-        *((f"{key}_worker_cpu_ms_per_image", row.worker_ms) for key, row in zip(short[1:], rows[1:], strict=True)),
-        *((f"{key}_puts_per_job", row.per_job("PUT")) for key, row in zip(short, rows, strict=True)),
-        (f"moto_put_per_s_{conc}_threads", peer_puts),
-        ("moto_cpu_ms_per_put", peer_put_cpu_ms),
+        *((f"{key}_vs_plain", row.images_per_s / plain.images_per_s) for key, row in genq),
+        *((f"{key}_cpu_vs_plain", row.worker_ms / plain.worker_ms) for key, row in genq),
+        *((f"{key}_worker_cpu_ms_per_image", row.worker_ms) for key, row in genq),
+        *((f"{key}_puts_per_job", puts) for key, puts in zip(short, counted, strict=True) if puts is not None),
+        (f"{name}_put_per_s_{conc}_threads", ceiling.puts_per_s),
+        (f"{name}_client_cpu_ms_per_put", ceiling.client_ms),
+        *([(f"{name}_server_cpu_ms_per_put", ceiling.server_ms)] if ceiling.server_ms is not None else []),
     ]
+    return [(f"{figure}{tail}" if not figure.startswith(name) else figure, value) for figure, value in figures], counted
 
 
 def main() -> None:
@@ -765,7 +797,15 @@ def main() -> None:
     try:
         with claim_renewed(args.redis):
             figures = [] if args.peers_only else own_ceilings(args, client, endpoint, bucket, root, device_env, malloc)
-            figures += peer_figures(args, client, endpoint, bucket, root, requests, device_env)
+            moto = ("moto", endpoint, None)
+            found, counted = peer_figures(args, client, moto, bucket, root, requests, device_env)
+            figures += found
+            if not S3RVER_BIN.exists():
+                print(f"(h) against s3rver: skipped, not installed (`{S3RVER_INSTALL}` installs it)\n")
+            else:
+                with s3rver(bucket) as other:
+                    served = ("s3rver", other.endpoint, other.pid)
+                    figures += peer_figures(args, client, served, bucket, root, None, device_env, counted)[0]
     finally:
         server.stop()
     for name, value in [*figures, ("run_wall_s", time.perf_counter() - run_started)]:
