@@ -266,15 +266,14 @@ class Client:
         sheet and its manifest into ``dest``.
 
         The manifest, not the view, lists what to fetch (a view lists at most 1,000 outputs); every image's sha256
-        is checked, inside its tar for webdataset output.
+        is checked, inside its tar for webdataset output. ``manifest.json`` is written beside them, also for a job
+        that stores none (:meth:`manifest`).
         """
-        if view.status is not JobStatus.SUCCEEDED or view.manifest_key is None:
-            raise InvalidJob(f"job {view.id} is {view.status.value}; only succeeded jobs have a complete output set")
+        raw_manifest = self._raw_manifest(view)
+        listing = Manifest.model_validate_json(raw_manifest)
         dest.mkdir(parents=True, exist_ok=True)
         s3 = self._s3_client()
         bucket = self.settings.s3.bucket
-        raw_manifest = s3.get_object(Bucket=bucket, Key=view.manifest_key)["Body"].read()
-        listing = Manifest.model_validate_json(raw_manifest)
         by_key: dict[str, list[tuple[OutputRef, OutputRef | RenditionRef]]] = {}
         for output in listing.outputs:
             files: list[OutputRef | RenditionRef] = [*output.renditions] if output.renditions else [output]
@@ -296,6 +295,23 @@ class Client:
         manifest = dest / constants.MANIFEST_NAME
         manifest.write_bytes(raw_manifest)
         return [*paths, manifest]
+
+    def manifest(self, view: JobView) -> Manifest:
+        """A succeeded job's manifest: every output's label, seed, key and sha256. Read from its manifest.json, or,
+        for a job of one image without renditions (which stores its image alone), built from its view: the same
+        document.
+
+        Raises:
+            InvalidJob: the job has not succeeded (only a succeeded job has a complete output set).
+        """
+        return Manifest.model_validate_json(self._raw_manifest(view))
+
+    def _raw_manifest(self, view: JobView) -> bytes:
+        if view.status is not JobStatus.SUCCEEDED:
+            raise InvalidJob(f"job {view.id} is {view.status.value}; only succeeded jobs have a complete output set")
+        if view.manifest_key is None:
+            return Manifest.of_view(view).model_dump_json(exclude_none=True).encode()
+        return bytes(self._s3_client().get_object(Bucket=self.settings.s3.bucket, Key=view.manifest_key)["Body"].read())
 
     def download_sheet(self, view: JobView, path: Path, key: str | None = None) -> Path:
         """Write a succeeded job's contact sheet (``view.sheet_key``, or ``key``) to ``path``; returns ``path``.

@@ -54,7 +54,13 @@ class RecordingReporter:
             yield self.shards[index]
 
     def succeeded(
-        self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str, sheet_key: str | None = None
+        self,
+        job: GenerateJob,
+        first: list[OutputRef],
+        total: int,
+        manifest_key: str | None,
+        sheet_key: str | None = None,
     ) -> None:
         self.events.append(("succeeded", total))
         self.sheet_key = sheet_key
+        self.first = first

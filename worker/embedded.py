@@ -48,7 +48,12 @@ class LocalReporter:
         yield self._stored
 
     def succeeded(
-        self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str, sheet_key: str | None = None
+        self,
+        job: GenerateJob,
+        first: list[OutputRef],
+        total: int,
+        manifest_key: str | None,
+        sheet_key: str | None = None,
     ) -> None:
         pass
 
@@ -89,6 +94,7 @@ def run_embedded(
                 prefix="",
                 sheet_images=settings.sheet_images,
                 signer=signer,
+                one_image_manifest=True,  # a folder of outputs always has its manifest.json
             )
         finally:
             engine.close()

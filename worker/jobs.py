@@ -253,6 +253,7 @@ def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard:
             stored=stored,
             sheet_images=settings.sheet_images,
             signer=runtime.signer,
+            one_image_manifest=settings.one_image_manifest,
         )
     except Exception as exc:  # a transient fault runs again later; any other ends the job loudly, with its reason
         if isinstance(exc, OUTAGES):  # Redis is away: no fault of the job, and failing it would need Redis anyway
@@ -278,7 +279,7 @@ def _execute(job: GenerateJob, runtime: Runtime, reporter: RedisReporter, shard:
         reporter.stopped(job, shard or plan_shards(job.total_images, job.total_images)[0], result.outputs)
         log.info("%s stopped after %d outputs: the job ended elsewhere", where, len(result.outputs))
     else:
-        log.info("%s stored %d outputs%s", where, len(result.outputs), "; job succeeded" if result.manifest_key else "")
+        log.info("%s stored %d outputs%s", where, len(result.outputs), "; job succeeded" if result.completed else "")
     return True
 
 

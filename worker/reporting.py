@@ -57,7 +57,12 @@ class RedisReporter:
         return True
 
     def succeeded(
-        self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str, sheet_key: str | None = None
+        self,
+        job: GenerateJob,
+        first: list[OutputRef],
+        total: int,
+        manifest_key: str | None,
+        sheet_key: str | None = None,
     ) -> None:
         self._last_progress.pop(job.job_id, None)
         announce = wants(job, EventType.SUCCEEDED)

@@ -264,6 +264,12 @@ class WorkerSettings(GenqSettings):
         description="A generate job's contact sheet (sheet.png beside its manifest) shows its first this many samples, "
         "every rendition of each; 0: no sheet.",
     )
+    one_image_manifest: bool = Field(
+        default=False,
+        description="Store manifest.json for a job of one image without renditions too. By default such a job stores "
+        "its image alone, and its manifest (the same document) is served from its record: by the HTTP API's "
+        "/manifest, client.manifest() and client.download().",
+    )
 
     @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> WorkerSettings:

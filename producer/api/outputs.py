@@ -1,6 +1,7 @@
 """A job's stored objects over HTTP: ``GET /v1/jobs/{id}/outputs/{index}``, ``GET /v1/jobs/{id}/manifest`` and
 ``GET /v1/jobs/{id}/sheet`` answer 307 to a URL of the object made for the request (presigned, or under
-``GENQ_S3__PUBLIC_BASE_URL``), for the job's tenant only. Where an output lies is :mod:`producer.api.locate`'s.
+``GENQ_S3__PUBLIC_BASE_URL``), for the job's tenant only; the manifest of a job that stores none (one image, no
+renditions) is answered from its record (200). Where an output lies is :mod:`producer.api.locate`'s.
 """
 
 from __future__ import annotations
@@ -8,11 +9,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path
-from fastapi.responses import RedirectResponse
+from fastapi.responses import RedirectResponse, Response
 
 from producer.api.deps import OwnedJob, ServicesDep, strict_query
 from producer.api.locate import StoredObject, find_output
 from producer.api.problems import INVALID, NOT_FOUND, UNAUTHORIZED, UNAVAILABLE, ApiError, ErrorBody
+from producer.contract import JobStatus, Manifest
 
 router = APIRouter(prefix="/v1", responses={**UNAUTHORIZED, **UNAVAILABLE})
 _NO_QUERY = [Depends(strict_query())]
@@ -114,6 +116,11 @@ _NO_MANIFEST: dict[int | str, dict[str, Any]] = {
     summary="Fetch a job's manifest",
     dependencies=_NO_QUERY,
     responses={
+        200: {
+            "model": Manifest,
+            "description": "The manifest itself, for a job of one image without renditions: such a job stores its "
+            "image alone, and its manifest is made from its record (the document a stored one would be).",
+        },
         307: {
             "description": "To a fresh URL of the job's `manifest.json` (every output's label, seed, key, member, "
             "sha256); follow it without the `Authorization` header.",
@@ -133,8 +140,9 @@ _NO_MANIFEST: dict[int | str, dict[str, Any]] = {
         **INVALID,
     },
 )
-def get_manifest(job: OwnedJob, services: ServicesDep) -> RedirectResponse:
-    """Redirect (307) to the job's manifest, with a URL made for this request.
+def get_manifest(job: OwnedJob, services: ServicesDep) -> Response:
+    """Redirect (307) to the job's manifest, with a URL made for this request; or, for a job of one image without
+    renditions, which stores no manifest.json, answer it (200) from the job's record.
 
     Only a succeeded job has one: a queued or running job answers 409 (`manifest_not_written`; retry once it
     succeeded), and so does a failed or canceled one (its view lists what it stored). A fine-tune has none (404).
@@ -142,6 +150,9 @@ def get_manifest(job: OwnedJob, services: ServicesDep) -> RedirectResponse:
     """
     if job.kind != "generate":
         raise ApiError(404, ["path", "job_id"], f"job {job.id} is a fine-tune: it has no manifest", "no_outputs")
+    if job.manifest_key is None and job.status is JobStatus.SUCCEEDED:
+        body = Manifest.of_view(job).model_dump_json(exclude_none=True)
+        return Response(body, media_type="application/json", headers=_NO_STORE)
     if job.manifest_key is None:
         if job.status.is_terminal():
             msg = f"job {job.id} {job.status.value}: only a succeeded job has a manifest; its view lists what it stored"

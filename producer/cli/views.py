@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from producer.contract import JobView
+from producer.contract import JobStatus, JobView
 from producer.core.clock import utcnow
 
 
@@ -25,7 +25,12 @@ def summary(view: JobView, now: datetime | None = None) -> str:
     else:
         total = f"/{view.progress.total}" if view.progress.total else ""
         made = f"{view.progress.done}{total} images"
-        made += f", manifest {view.manifest_key}" if view.manifest_key else ", no manifest"
+        if view.manifest_key:
+            made += f", manifest {view.manifest_key}"
+        elif view.status is JobStatus.SUCCEEDED:
+            made += ", manifest in its record"  # a job of one image stores its image alone
+        else:
+            made += ", no manifest"
         made += f", sheet {view.sheet_key}" if view.sheet_key else ""
     line = f"{view.id} {view.status.value}: {made}, {elapsed}"
     if view.error is not None:

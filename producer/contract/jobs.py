@@ -346,6 +346,30 @@ class Manifest(BaseModel):
     sheet_key: str | None = None  # the contact sheet beside the manifest (absent in manifests made before it)
     outputs: list[OutputRef]
 
+    @classmethod
+    def of_view(cls, view: JobView) -> Manifest:
+        """The manifest of a succeeded job that stores none (one image, no renditions: its one output is in its
+        record), built from its view: the document a stored manifest.json of the job would hold, field for field.
+
+        Raises:
+            ValueError: the view cannot make the whole manifest (the job has not succeeded, is a fine-tune, or its
+                view lists only its first outputs).
+        """
+        if view.status is not JobStatus.SUCCEEDED or view.kind != "generate" or view.outputs_truncated:
+            raise ValueError(f"job {view.id} ({view.kind}, {view.status.value}): its view cannot make its manifest")
+        if view.format is None or view.model_version is None or view.seed is None:
+            raise ValueError(f"job {view.id}: its view has no format, model version or seed")
+        return cls(
+            job_id=view.id,
+            model=view.model,
+            model_version=view.model_version,
+            seed=view.seed,
+            format=view.format,
+            created_at=view.created_at,
+            sheet_key=view.sheet_key,
+            outputs=[output.model_copy(update={"url": None}) for output in view.outputs],
+        )
+
 
 class TrainingView(BaseModel):
     """Where a fine-tune stands: its step and losses, latest sample grid, and once done, the published version."""
@@ -380,6 +404,7 @@ class JobView(BaseModel):
     model: str
     model_version: str | None = None
     seed: int | None = None
+    format: OutputFormat | None = Field(default=None, description="Generate jobs: the encoding of each output.")
     provenance: Provenance | None = Field(
         default=None, description="Generate jobs: xmp, or c2pa (each output carries signed Content Credentials)."
     )
@@ -389,7 +414,11 @@ class JobView(BaseModel):
     outputs_truncated: bool = Field(
         default=False, description="True when only the first outputs are listed here; the manifest lists all."
     )
-    manifest_key: str | None = None
+    manifest_key: str | None = Field(
+        default=None,
+        description="The job's manifest.json, once succeeded; None for a job of one image without renditions, which "
+        "stores its image alone: its manifest is served from its record (GET /v1/jobs/{id}/manifest).",
+    )
     sheet_key: str | None = Field(
         default=None, description="The job's contact sheet (PNG grid of its first outputs, captioned), once succeeded."
     )

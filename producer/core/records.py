@@ -170,6 +170,7 @@ def record_view(job_id: str, h: dict[str, str]) -> JobView:
         model, version, training = spec.model, f"{spec.model_name}@{spec.model_version}", None
     return JobView(
         provenance=None if isinstance(spec, FineTuneJob) else spec.provenance,
+        format=None if isinstance(spec, FineTuneJob) else spec.format,
         id=job_id,
         kind=spec.kind,
         tenant=spec.tenant,

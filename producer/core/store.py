@@ -382,7 +382,7 @@ class JobStore:
         self,
         job_id: str,
         outputs: list[OutputRef],
-        manifest_key: str,
+        manifest_key: str | None,
         total: int | None = None,
         sheet_key: str | None = None,
         *,
@@ -390,14 +390,16 @@ class JobStore:
     ) -> bool:
         """queued/running -> succeeded (with ``announce``, its event in the outbox). ``outputs`` may be only the
         first ones of ``total`` (default: all of them); the view keeps at most :data:`VIEW_OUTPUTS_MAX`, the
-        manifest has every one. ``sheet_key``: the job's contact sheet, if it has one."""
+        manifest has every one (``manifest_key``; None: a job of one image that stores none, whose manifest is made
+        from this record). ``sheet_key``: the job's contact sheet, if it has one."""
         total = len(outputs) if total is None else total
         fields: dict[str, str | int] = {
             "outputs": json.dumps([o.model_dump(mode="json") for o in outputs[:VIEW_OUTPUTS_MAX]]),
             "outputs_truncated": int(total > VIEW_OUTPUTS_MAX),
-            "manifest_key": manifest_key,
             "finished_at": utcnow().isoformat(),
         }
+        if manifest_key is not None:
+            fields["manifest_key"] = manifest_key
         if sheet_key is not None:
             fields["sheet_key"] = sheet_key
         # The per-shard lists served their purpose; the manifest and the view hold the outputs now.

@@ -64,10 +64,16 @@ class Reporter(Protocol):
         ...
 
     def succeeded(
-        self, job: GenerateJob, first: list[OutputRef], total: int, manifest_key: str, sheet_key: str | None = None
+        self,
+        job: GenerateJob,
+        first: list[OutputRef],
+        total: int,
+        manifest_key: str | None,
+        sheet_key: str | None = None,
     ) -> None:
         """The manifest (and the contact sheet, if any) is stored: the job succeeded with ``total`` outputs, of which
-        ``first`` are the first."""
+        ``first`` are the first. ``manifest_key`` None: no manifest object (a job of one image, whose manifest is
+        served from its record: :func:`stores_manifest`)."""
         ...
 
 
@@ -79,10 +85,12 @@ Sampler = Callable[[str, str, Sequence[int], Sequence[int]], "Future[torch.Tenso
 
 @dataclass(frozen=True)
 class GenerateResult:
-    """What a run stored: this shard's outputs, and the manifest key if it completed the job."""
+    """What a run stored: this shard's outputs, and whether it completed the job (with its manifest's key, None for
+    a job whose manifest is served from its record)."""
 
     outputs: list[OutputRef]
     manifest_key: str | None
+    completed: bool = False  # this run marked the job succeeded
     sheet_key: str | None = None  # the contact sheet, stored with the manifest
     skipped: bool = False  # the job had ended (or this shard was stored) before: nothing was done
     stopped: bool = False  # the job ended elsewhere while this shard ran: it stopped after its current chunk
@@ -146,6 +154,7 @@ def run_generate(
     clock: Clock = SYSTEM_CLOCK,
     sheet_images: int = 0,
     signer: Signer = NOT_CONFIGURED,
+    one_image_manifest: bool = False,
 ) -> GenerateResult:
     """Sample, encode and store the images of one shard of ``job`` (default: all of it); the last shard of the job
     to finish writes the manifest and marks the job succeeded.
@@ -168,6 +177,8 @@ def run_generate(
             sheet.
         signer: signs the outputs of a job with ``provenance: "c2pa"`` (Content Credentials); a job asking for it
             of a worker that cannot sign fails before any image is sampled.
+        one_image_manifest: store manifest.json for a job of one image without renditions too (see
+            :func:`stores_manifest`).
 
     Raises whatever the model, the sampler or the storage raise; nothing is swallowed.
     """
@@ -180,8 +191,8 @@ def run_generate(
     if not reporter.started(job, shard):
         if reporter.awaiting_manifest(job):  # a run recorded the job's last shard, then died before the manifest
             sheet = _Sheet(sample, chunk_size, sheet_images)
-            manifest_key, sheet_key = _finish(job, storage, reporter, shard, prefix, None, sheet)
-            return GenerateResult(outputs=[], manifest_key=manifest_key, sheet_key=sheet_key, recovered=True)
+            manifest_key, sheet_key = _finish(job, storage, reporter, shard, prefix, None, sheet, one_image_manifest)
+            return GenerateResult([], manifest_key, sheet_key=sheet_key, completed=True, recovered=True)
         return GenerateResult(outputs=[], manifest_key=None, skipped=True)
 
     sheet = _Sheet(sample, chunk_size, sheet_images)  # fills with the cells of this run's first outputs
@@ -301,8 +312,8 @@ def run_generate(
         return GenerateResult(outputs=list(outputs), manifest_key=None)
     # A job of one shard has every output in hand.
     everything = list(outputs) if shard.count == 1 else None
-    manifest_key, sheet_key = _finish(job, storage, reporter, shard, prefix, everything, sheet)
-    return GenerateResult(outputs=list(outputs), manifest_key=manifest_key, sheet_key=sheet_key)
+    manifest_key, sheet_key = _finish(job, storage, reporter, shard, prefix, everything, sheet, one_image_manifest)
+    return GenerateResult(outputs=list(outputs), manifest_key=manifest_key, sheet_key=sheet_key, completed=True)
 
 
 def _add_to_tar(
@@ -389,27 +400,41 @@ def _finish(
     prefix: str,
     outputs: list[OutputRef] | None,
     sheet: _Sheet,
-) -> tuple[str, str | None]:
+    one_image_manifest: bool,
+) -> tuple[str | None, str | None]:
     """Store the contact sheet and the manifest of a job whose shards are all stored and mark it succeeded;
     ``outputs``: all of them, or None to read each shard's back from the reporter, one shard at a time. Returns the
-    manifest's key and the sheet's (None: no sheet)."""
-    manifest_key = prefix + constants.MANIFEST_NAME
+    manifest's key (None: served from the record, :func:`stores_manifest`) and the sheet's (None: no sheet)."""
     sheet_png = make_sheet(job, sheet.sample, sheet.chunk_size, sheet.images, sheet.cells)
     sheet_key = None
     if sheet_png is not None:
         sheet_key = prefix + constants.SHEET_NAME
         storage.put(sheet_key, sheet_png, "image/png")
     parts = [outputs] if outputs is not None else reporter.stored_outputs(job, shard.count)
+    manifest_key = prefix + constants.MANIFEST_NAME if stores_manifest(job, one_image_manifest) else None
     first, total = write_manifest(job, storage, manifest_key, parts, sheet_key=sheet_key)
     reporter.succeeded(job, first, total, manifest_key, sheet_key=sheet_key)
     return manifest_key, sheet_key
 
 
+def stores_manifest(job: GenerateJob, one_image_manifest: bool = False) -> bool:
+    """Whether ``job`` stores manifest.json: every job but one of a single image without renditions (the most common
+    request), unless ``one_image_manifest``. That job's one output is in its record, so its manifest, the same
+    document, is built from the record when asked for (:meth:`producer.contract.Manifest.of_view`): one PUT per job
+    instead of two, and the job succeeds a round trip to storage sooner."""
+    return one_image_manifest or job.total_images > 1 or bool(job.renditions)
+
+
 def write_manifest(
-    job: GenerateJob, storage: Storage, key: str, parts: Iterable[list[OutputRef]], sheet_key: str | None = None
+    job: GenerateJob,
+    storage: Storage,
+    key: str | None,
+    parts: Iterable[list[OutputRef]],
+    sheet_key: str | None = None,
 ) -> tuple[list[OutputRef], int]:
-    """Store ``manifest.json`` (a :class:`Manifest`) listing every output of ``job``, streamed one shard's part at a
-    time through a spooled file: memory stays flat however many images the job has.
+    """Store ``manifest.json`` (a :class:`Manifest`) at ``key`` listing every output of ``job``, streamed one shard's
+    part at a time through a spooled file: memory stays flat however many images the job has. With ``key`` None the
+    outputs are checked the same way and nothing is stored.
 
     Returns the first :data:`VIEW_OUTPUTS_MAX` outputs (for the job's view) and how many were listed.
 
@@ -445,5 +470,6 @@ def write_manifest(
         if total != job.total_images:
             raise IncompleteJob(f"job {job.job_id}: {total} of {job.total_images} outputs stored; manifest not written")
         out.write(b"]}")
-        storage.put_file(key, cast(IO[bytes], out), "application/json")
+        if key is not None:
+            storage.put_file(key, cast(IO[bytes], out), "application/json")
     return first, total

@@ -8,6 +8,7 @@ import io
 import tarfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -98,6 +99,37 @@ def test_a_tenant_gets_the_exact_bytes_through_the_redirect_and_the_view_url_and
             foreign, unknown = globex.get(f"/v1/jobs/{job_id}{path}"), globex.get(f"/v1/jobs/{unknown_id}{path}")
             assert foreign.status_code == 404 and "location" not in foreign.headers
             assert foreign.text == unknown.text.replace(unknown_id, job_id)
+
+
+def test_a_one_image_job_stores_its_image_alone_and_its_manifest_comes_from_its_record(
+    stack: Stack, module_worker: WorkerProcess, stack_api: ApiServer, tmp_path: Path
+) -> None:
+    with session_for(stack_api, make_key(stack.redis, "acme")) as acme:
+        view = _finished(acme, {"model": "fmnist-cgan", "label": "sneaker", "seed": 5})
+        job_id = view["id"]
+        [output] = view["outputs"]
+        assert view["manifest_key"] is None and view["sheet_key"] is None and view["format"] == "png"
+        assert stack.keys(f"tenants/acme/jobs/{job_id}/") == [output["key"]]  # one PUT: no manifest, no sheet
+
+        answered = acme.get(f"/v1/jobs/{job_id}/manifest")
+        assert answered.status_code == 200, answered.text
+        assert answered.headers["content-type"] == "application/json"
+        assert answered.headers["cache-control"] == "private, no-store"
+        manifest = Manifest.model_validate_json(answered.content)
+        assert manifest.job_id == job_id and manifest.model_version == view["model_version"]
+        assert manifest.seed == 5 and manifest.format == "png" and manifest.sheet_key is None
+        assert manifest.outputs == [OutputRef.model_validate({**output, "url": None})]
+        assert hashlib.sha256(stack.get(output["key"])).hexdigest() == manifest.outputs[0].sha256
+        with session_for(stack_api, make_key(stack.redis, "globex")) as globex:  # another tenant: an unknown job
+            assert globex.get(f"/v1/jobs/{job_id}/manifest").status_code == 404
+
+    # The Python client: the same manifest, and a download that writes it beside the image and checks its sha256.
+    record = stack.client.status(job_id)
+    assert stack.client.manifest(record) == manifest
+    files = stack.client.download(record, tmp_path)
+    assert sorted(p.name for p in files) == ["00000.png", "manifest.json"]
+    assert (tmp_path / "manifest.json").read_bytes() == answered.content
+    assert (tmp_path / "00000.png").read_bytes() == stack.get(output["key"])
 
 
 def test_webdataset_output_redirects_to_its_tar_and_names_the_member(

@@ -19,7 +19,17 @@ from botocore.exceptions import EndpointConnectionError
 from factories import RecordingReporter, output_refs
 from tiny_model import TINY_NAME
 
-from producer.contract import GenerateJob, LabelCount, Manifest, OutputFormat, OutputRef, Shard, plan_shards
+from producer.contract import (
+    GenerateJob,
+    JobStatus,
+    JobView,
+    LabelCount,
+    Manifest,
+    OutputFormat,
+    OutputRef,
+    Shard,
+    plan_shards,
+)
 from worker.catalog.registry import ModelRegistry
 from worker.errors import IncompleteJob, StorageUnavailable
 from worker.generate import pipeline
@@ -97,6 +107,53 @@ def test_every_image_and_the_manifest_are_stored_before_success(
     assert [o.label for o in manifest.outputs] == ["sneaker"] * 7 + ["bag"] * 3
     for output in manifest.outputs:
         assert hashlib.sha256(storage.get(output.key)).hexdigest() == output.sha256
+
+
+@pytest.mark.parametrize("fmt", list(OutputFormat))
+def test_a_job_of_one_image_stores_it_alone_and_its_view_makes_the_manifest_a_stored_one_would_be(
+    registry: ModelRegistry, uploads: ThreadPoolExecutor, tmp_path: Path, fmt: OutputFormat
+) -> None:
+    job = _job(fmt=fmt).model_copy(update={"items": [LabelCount(index=7, name="sneaker", count=1)]})
+    alone, reporter = LocalStorage(tmp_path / "alone"), RecordingReporter()
+    result = run(job, alone, registry, uploads, reporter, sheet_images=64)
+    assert result.completed and result.manifest_key is None and result.sheet_key is None
+    [image] = alone.list("jobs/")  # one object: no manifest, no sheet
+    assert image.startswith(f"jobs/{job.job_id}/00000.")
+    assert [e for e, _ in reporter.events] == ["started", "progress", "succeeded"]
+
+    stored = LocalStorage(tmp_path / "stored")  # a worker with GENQ_ONE_IMAGE_MANIFEST=true
+    with_manifest = run(job, stored, registry, uploads, sheet_images=64, one_image_manifest=True)
+    assert with_manifest.manifest_key == f"jobs/{job.job_id}/manifest.json"
+    assert stored.list("jobs/") == sorted([image, with_manifest.manifest_key]) and stored.get(image) == alone.get(image)
+    view = JobView(
+        id=job.job_id,
+        status=JobStatus.SUCCEEDED,
+        model=job.model,
+        model_version=f"{job.model_name}@{job.model_version}",
+        seed=job.seed,
+        format=job.format,
+        outputs=reporter.first,
+        created_at=job.created_at,
+    )
+    made = Manifest.of_view(view).model_dump_json(exclude_none=True).encode()
+    assert made == stored.get(with_manifest.manifest_key)  # byte for byte
+
+
+def test_a_view_makes_no_manifest_of_a_job_that_has_not_succeeded_or_lists_only_its_first_outputs() -> None:
+    view = JobView(
+        id="j",
+        status=JobStatus.RUNNING,
+        model="m",
+        model_version="m@1",
+        seed=1,
+        format=OutputFormat.PNG,
+        created_at=datetime(2026, 12, 7, tzinfo=UTC),
+    )
+    with pytest.raises(ValueError, match="cannot make its manifest"):
+        Manifest.of_view(view)
+    with pytest.raises(ValueError, match="cannot make its manifest"):
+        Manifest.of_view(view.model_copy(update={"status": JobStatus.SUCCEEDED, "outputs_truncated": True}))
+    assert Manifest.of_view(view.model_copy(update={"status": JobStatus.SUCCEEDED})).outputs == []
 
 
 @pytest.mark.parametrize("fmt", list(OutputFormat))
