@@ -12,7 +12,7 @@
 (f) the worker's peak RSS over one 10,000-image and one 100,000-image webdataset job (500/2,500 with --quick),
     each on a fresh worker: flat in job size when shards and the bounded pipeline do their work.
 (g) where the CPU of a 1-image job goes (worker, this process's client and S3 server, Redis), against the CPU the
-    job cannot do without (one forward pass and two PUTs, each at its full-machine best). Where compute and storage
+    job cannot do without (one forward pass and one PUT, each at its full-machine best). Where compute and storage
     share the same cores (this CPU-only machine) their ceilings add up instead of the tighter one binding: the
     shared-cores ceiling is cores / that essential CPU, and `small_job_efficiency_shared_cores` is measured
     against it. On a GPU the forward pass leaves the cores and the figure approaches the PUT-bound one.
@@ -554,7 +554,7 @@ def own_ceilings(
             rss[n] = peak_rss_mib(proc.pid)
     compute_gain = rates[batched] / rates[1]  # what the hardware offers "on" over "off"; below 1 if batching slows it
     batching_efficiency = (jobs_on / jobs_off) / compute_gain
-    small_job_ceiling = min(rates[best], puts / 2)  # 2 PUTs per 1-image job: the image and its manifest
+    small_job_ceiling = min(rates[best], puts)  # 1 PUT per 1-image job: the image (its manifest is in its record)
     small_job_efficiency = jobs_on / small_job_ceiling
     naive_speedup = one_job / naive
     shard_efficiency = shards / rates[best]
@@ -562,8 +562,8 @@ def own_ceilings(
     object_bound = min(rates[best], puts)  # on a CPU the generator, not the store, may be the tighter ceiling
     p50, p99 = percentile(lat, 0.5), percentile(lat, 0.99)
     # (g) The CPU a 1-image job cannot do without: its share of a forward pass at "on"'s batch (on a GPU the
-    # forward pass's CPU is the launch work alone) and two PUTs, client and server side.
-    essential_ms = raw_cpu_ms[batched] + 2 * put_cpu_ms
+    # forward pass's CPU is the launch work alone) and one PUT, client and server side.
+    essential_ms = raw_cpu_ms[batched] + put_cpu_ms
     cores = os.cpu_count() or 1
     shared_ceiling = 1000 * cores / essential_ms
     job_cpu_ms = {name: None if used is None else 1000 * used / small_jobs for name, used in meter.used.items()}
@@ -607,7 +607,7 @@ def own_ceilings(
     print(f"{f'(f) worker peak RSS, one {small}-image webdataset job (MiB)':<58}{rss[small]:>12.1f}")
     print(f"{'(f) peak RSS ratio, large / small job':<58}{rss[large] / rss[small]:>12.2f}")
     print(f"{f'(g) essential CPU of a 1-image job (ms): forward at batch {batched}':<58}{raw_cpu_ms[batched]:>12.2f}")
-    print(f"{'(g) essential CPU of a 1-image job (ms): 2 PUTs':<58}{2 * put_cpu_ms:>12.2f}")
+    print(f"{'(g) essential CPU of a 1-image job (ms): 1 PUT':<58}{put_cpu_ms:>12.2f}")
     for name, ms in job_cpu_ms.items():
         shown = f"{ms:>12.2f}" if ms is not None else f"{'n/a':>12}"
         print(f"{f'(g) CPU per 1-image job, batching on (ms): {name}':<58}{shown}")
