@@ -163,6 +163,7 @@ def record_view(job_id: str, h: dict[str, str]) -> JobView:
     else:
         outputs = [OutputRef.model_validate(o) for o in json.loads(h.get("outputs", "[]"))]
         truncated = h.get("outputs_truncated") == "1"
+    total = int(h.get("total", spec.total_images))
     if isinstance(spec, FineTuneJob):
         model, version = spec.base, f"{spec.base_name}@{spec.base_version}"
         training = TrainingView.model_validate_json(h["training"]) if "training" in h else None
@@ -181,8 +182,12 @@ def record_view(job_id: str, h: dict[str, str]) -> JobView:
         seed=spec.seed,
         training=training,
         progress=Progress(
-            done=sum(int(v) for k, v in h.items() if k.startswith("progress:")),
-            total=int(h.get("total", spec.total_images)),
+            # A succeeded job stored every image: a job of one image records no progress of its own, its success
+            # says it (worker.generate.pipeline: one step from the stored image to success).
+            done=total
+            if status is JobStatus.SUCCEEDED
+            else sum(int(v) for k, v in h.items() if k.startswith("progress:")),
+            total=total,
         ),
         shards=int(h.get("shards", 1)),
         outputs_truncated=truncated,

@@ -208,6 +208,10 @@ def run_generate(
     storage = within(storage, window)
     version = f"{job.model_name}@{job.model_version}"
     chunks = [range(s, min(s + chunk_size, shard.stop)) for s in range(shard.start, shard.stop, chunk_size)]
+    # A job of one image (no manifest object, no sheet: nothing lies between its stored image and its success) goes
+    # from the stored image to success in one step: no progress write and no shard record before it (a run that
+    # dies before the success is run again, as one that died before its shard's record is).
+    one_step = shard.count == 1 and not stores_manifest(job, one_image_manifest)
 
     def queue_chunk(indices: range) -> Future[torch.Tensor]:
         seeds = [image_seed(job.seed, i) for i in indices]
@@ -300,15 +304,16 @@ def run_generate(
         if tar is not None:
             for blobs, ref in done:
                 in_tar.append(_add_to_tar(tar, tar_key, blobs, ref, version, job.format.extension))
-        else:
+        elif not (one_step and k == len(chunks) - 1):
             reporter.progress(job, shard, len(outputs))
     if tar is not None:
         if window.ended.is_set():
             return GenerateResult(outputs=list(outputs), manifest_key=None, stopped=True)
         storage.put(tar_key, tar.finish(), "application/x-tar")
         outputs.extend(in_tar)
-        reporter.progress(job, shard, len(outputs))
-    if not reporter.shard_stored(job, shard, list(outputs)):  # other shards still run; the last one ends the job
+        if not one_step:
+            reporter.progress(job, shard, len(outputs))
+    if not one_step and not reporter.shard_stored(job, shard, list(outputs)):  # the last shard ends the job
         return GenerateResult(outputs=list(outputs), manifest_key=None)
     # A job of one shard has every output in hand.
     everything = list(outputs) if shard.count == 1 else None
