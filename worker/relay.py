@@ -18,13 +18,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
+from producer.core.callbacks.delivery import Settle
 from producer.core.callbacks.events import CallbackMessage
 from producer.core.callbacks.outbox import CLAIM_AFTER_S, Outbox, OutboxEntry, UnreadableEntry
 from worker.outage import OUTAGES
 
 log = logging.getLogger("genq.relay")
 
-Deliver = Callable[[CallbackMessage], None]
+# Makes one attempt at a message; the callable it is given queues the entry's acknowledgement on a pipeline. Returns
+# True when it ran that in the transaction of the attempt's record (``run_delivery``'s ``settle``), False (or None)
+# when the relay must acknowledge the entry itself.
+Deliver = Callable[[CallbackMessage, Settle], bool | None]
 DeadLetter = Callable[[OutboxEntry, str], None]
 
 
@@ -41,9 +45,10 @@ class Relay:
     retry, a host with its most attempts in flight — it puts on the ``callbacks`` queue, where Celery workers take
     over. So the common case, a receiver that answers, costs no broker message at all. With ``threads`` the attempts
     run on a pool of that many threads (a hanging receiver holds at most its host's share of them, each for at most
-    the attempt deadline); with 0, in the relay's own thread. An entry is acknowledged once its attempt is done: a
-    relay that dies mid-attempt leaves it to another relay's claim (so the event may arrive twice, with one
-    ``webhook-id``).
+    the attempt deadline); with 0, in the relay's own thread. An entry is acknowledged once its attempt is done: in
+    the transaction that records the attempt when nothing follows it (delivered, 410, not sent), else after what
+    follows exists (a retry enqueued). A relay that dies mid-attempt leaves it to another relay's claim (so the
+    event may arrive twice, with one ``webhook-id``).
 
     >>> relay = Relay(client, deliver=attempt, dead_letter=record_entry)
     >>> relay.turn(block_ms=0)  # events attempted
@@ -167,8 +172,8 @@ class Relay:
 
     def _attempt(self, entry: OutboxEntry, message: CallbackMessage, *, raise_outage: bool) -> None:
         try:
-            self.deliver(message)
-            self.outbox.done([entry.entry_id])
+            if not self.deliver(message, lambda pipe: self.outbox.settle(pipe, [entry.entry_id])):
+                self.outbox.done([entry.entry_id])
         except OUTAGES as exc:  # unacknowledged: attempted again once Redis answers (by this relay, or a claim)
             self._own_pending = True
             log.warning(

@@ -138,9 +138,14 @@ class Outbox:
         if not entry_ids:
             return
         pipe = self.redis.pipeline(transaction=False)
+        self.settle(pipe, entry_ids)
+        pipe.execute()
+
+    def settle(self, pipe: redis.client.Pipeline, entry_ids: list[str]) -> None:
+        """Queue the acknowledgement and deletion of handled entries on ``pipe`` (another write's transaction: the
+        attempt's record, so that the entry is acknowledged exactly when its attempt is recorded)."""
         pipe.xack(constants.CALLBACK_OUTBOX_KEY, constants.CALLBACK_RELAY_GROUP, *entry_ids)
         pipe.xdel(constants.CALLBACK_OUTBOX_KEY, *entry_ids)
-        pipe.execute()
 
     def backlog(self) -> int:
         """Entries in the outbox: not yet handed on, or handed on and not yet acknowledged."""

@@ -14,7 +14,15 @@ from webhook_receiver import WebhookReceiver
 
 from producer.contract import Callback, EventType, JobStatus, JobView, Progress
 from producer.core import constants
-from producer.core.callbacks.delivery import CallbackLedger, Deliverer, HostSlots, Outcome, run_delivery
+from producer.core.callbacks.delivery import (
+    SETTLED_OUTCOMES,
+    CallbackLedger,
+    Deliverer,
+    HostSlots,
+    Outcome,
+    Settle,
+    run_delivery,
+)
 from producer.core.callbacks.events import CallbackMessage, DeliveryRecord, callback_message
 from producer.core.callbacks.send import hop_countdown, next_delay
 from producer.core.settings import STANDARD_RETRY_SCHEDULE_S, WebhookSettings
@@ -180,7 +188,7 @@ class Harness:
         self.now = T0
         self.requeued: list[tuple[CallbackMessage, float]] = []
 
-    def run(self, message: CallbackMessage) -> Outcome:
+    def run(self, message: CallbackMessage, settle: Settle | None = None) -> Outcome:
         clock: Callable[[], datetime] = lambda: self.now  # noqa: E731
         return run_delivery(
             message,
@@ -191,6 +199,7 @@ class Harness:
             deliverer=self.deliverer,
             rng=random.Random(7),
             now=clock,
+            settle=settle,
         )
 
     def records(self, job_id: str = JOB_ID) -> list[DeliveryRecord]:
@@ -405,3 +414,37 @@ def test_a_trickling_receiver_fails_the_attempt_at_its_deadline_and_it_is_retrie
     [letter] = harness.ledger.dead_letters()
     assert letter.attempts == 2 and letter.last_error == last.error
     deliverer.close()
+
+
+SETTLED_KEY = "test:settled"
+
+
+@pytest.mark.parametrize(
+    ("statuses", "fields", "url", "outcome"),
+    [
+        ([200], {}, None, Outcome.DELIVERED),
+        ([410], {}, None, Outcome.GONE),
+        ([500], {}, None, Outcome.RETRYING),
+        ([500], {"retry_schedule_s": [0]}, None, Outcome.DEAD_LETTERED),
+        ([], {}, "http://10.0.0.1/hook", Outcome.REFUSED),
+    ],
+)
+def test_settle_runs_in_the_records_transaction_only_when_the_record_is_the_attempts_last_write(
+    redis_client: redis.Redis,
+    webhook_receiver: WebhookReceiver,
+    statuses: list[int],
+    fields: dict[str, object],
+    url: str | None,
+    outcome: Outcome,
+) -> None:
+    webhook_receiver.script(statuses)
+    harness = Harness(redis_client, _webhook(**fields))
+    settle: Settle = lambda pipe: pipe.incr(SETTLED_KEY)  # noqa: E731
+
+    assert harness.run(_message(url or webhook_receiver.url), settle) is outcome
+
+    assert len(harness.records()) == 1  # every outcome here records its attempt (or why it was not sent)
+    assert int(redis_client.get(SETTLED_KEY) or 0) == (1 if outcome in SETTLED_OUTCOMES else 0)
+    if outcome is Outcome.GONE:  # a later event of the job is not sent, and its record settles it too
+        assert harness.run(_message(webhook_receiver.url, seq=4), settle) is Outcome.SKIPPED
+        assert int(redis_client.get(SETTLED_KEY) or 0) == 2
