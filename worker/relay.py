@@ -25,6 +25,11 @@ from worker.outage import OUTAGES
 
 log = logging.getLogger("genq.relay")
 
+# After a read that found fewer events than the relay had room for, it waits this long before the next: events that
+# trickle in (one per transition of each running job) are then read a few at a time, not one read each, for at most
+# this much delay to their first attempt.
+LINGER_S = 0.05
+
 # Makes one attempt at a message; the callable it is given queues the entry's acknowledgement on a pipeline. Returns
 # True when it ran that in the transaction of the attempt's record (``run_delivery``'s ``settle``), False (or None)
 # when the relay must acknowledge the entry itself.
@@ -67,6 +72,7 @@ class Relay:
         claim_every_s: float = 10.0,
         claim_after_s: float = CLAIM_AFTER_S,
         batch: int = 100,
+        linger_s: float = LINGER_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.outbox = Outbox(client, consumer or consumer_name(), batch=batch)
@@ -75,6 +81,7 @@ class Relay:
         self.block_ms = block_ms
         self.claim_every_s = claim_every_s
         self.claim_after_s = claim_after_s
+        self.linger_s = linger_s
         self.clock = clock
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="genq-relay") if threads > 0 else None
         # At most this many entries read and not yet attempted: the outbox, not this process, holds a backlog.
@@ -102,8 +109,10 @@ class Relay:
         wait = 0.1
         while not self._stop.is_set():
             try:
-                self.turn(self.block_ms)
+                handed = self.turn(self.block_ms)
                 wait = 0.1
+                if 0 < handed < self._capacity:  # events trickling in: let a few gather before the next read
+                    self._stop.wait(self.linger_s)
             except OUTAGES as exc:  # the entries stay in the outbox; this relay rereads its own once Redis answers
                 log.warning("callback relay: Redis away (%s); retrying in %.1f s", exc, wait)
                 self._own_pending = True

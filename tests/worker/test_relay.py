@@ -296,3 +296,32 @@ def test_an_attempt_settles_its_entry_with_its_record_or_after_its_retry_exists(
     records = ledger.redis.lrange(constants.JOB_EVENTS_KEY.format(job_id=job.job_id), 0, -1)
     assert [json.loads(r)["ok"] for r in records] == [True, False]
     assert pending() == 0 and redis_client.xlen(constants.CALLBACK_OUTBOX_KEY) == 0
+
+
+def test_events_that_trickle_in_are_read_a_few_at_a_time_after_a_short_linger(
+    store: JobStore, redis_client: redis.Redis
+) -> None:
+    sent: list[CallbackMessage] = []
+    relay, _ = _relay(redis_client, sent, block_ms=100, linger_s=0.5)
+    batches: list[int] = []
+    read = relay.relay
+
+    def counted(entries: list[OutboxEntry]) -> int:
+        if entries:
+            batches.append(len(entries))
+        return read(entries)
+
+    relay.relay = counted  # type: ignore[method-assign]
+    first, second = _job("job-relay-12"), _job("job-relay-13")
+    store.create(first)
+    store.create(second)
+    relay.start()
+    try:
+        store.start(first.job_id, 0, announce=True)
+        _wait_for(lambda: len(sent) == 1)
+        _run(store, second)  # three events while the relay lingers after the first
+        _wait_for(lambda: len(sent) == 4)
+    finally:
+        relay.stop()
+    assert batches == [1, 3]
+    assert redis_client.xlen(constants.CALLBACK_OUTBOX_KEY) == 0

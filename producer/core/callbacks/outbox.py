@@ -65,7 +65,7 @@ class OutboxEntry:
             if not isinstance(fields, dict):
                 raise TypeError(f"the record is a JSON {type(fields).__name__}, not an object")
             spec = JOB_SPEC.validate_json(fields["spec"])
-            view = record_view(self.job_id, {str(k): str(v) for k, v in fields.items()})
+            view = record_view(self.job_id, {str(k): str(v) for k, v in fields.items()}, spec)  # read once
         except CORRUPT as exc:
             raise UnreadableEntry(f"outbox entry {self.entry_id} of job {self.job_id}: {exc}") from exc
         if event is EventType.PROGRESS and view.status.is_terminal():
