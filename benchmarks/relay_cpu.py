@@ -26,8 +26,10 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import statistics
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.process import BaseProcess
 
@@ -78,11 +80,19 @@ def write_jobs(redis_url: str, url: str, jobs: int, prefix: str, rate: float = 0
         store.mark_succeeded(job_id, [output], f"jobs/{job_id}/manifest.json", announce=True)
 
 
-def relay_round(
-    client: redis.Redis, threads: int, writer: BaseProcess | None, timeout_s: float = 300.0
-) -> tuple[float, float]:
+@dataclass(frozen=True)
+class Spent:
+    """What a round cost this process: CPU seconds (all), of them in the kernel, context switches, wall seconds."""
+
+    cpu_s: float
+    sys_s: float
+    switches: int
+    wall_s: float
+
+
+def relay_round(client: redis.Redis, threads: int, writer: BaseProcess | None, timeout_s: float = 300.0) -> Spent:
     """Relay what the outbox holds, and what ``writer`` (started here) writes, with the worker's own first attempt;
-    (CPU seconds of this process, wall seconds) until the writer is done and the outbox is empty."""
+    what it cost this process until the writer is done and the outbox is empty."""
     from producer.core import constants
     from worker.relay import Relay
     from worker.tasks import _attempt, _callback_deps
@@ -96,7 +106,7 @@ def relay_round(
         threads=threads,
         block_ms=100,
     )
-    cpu, wall = time.process_time(), time.perf_counter()
+    cpu, wall, usage = time.process_time(), time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     relay.start()
     if writer is not None:
         writer.start()
@@ -106,12 +116,17 @@ def relay_round(
             time.sleep(0.05)
         while client.xlen(constants.CALLBACK_OUTBOX_KEY) and time.monotonic() < deadline:
             time.sleep(0.01)
-        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        cpu, wall, after = (
+            time.process_time() - cpu,
+            time.perf_counter() - wall,
+            resource.getrusage(resource.RUSAGE_SELF),
+        )
     finally:
         relay.stop()
     if failures or client.xlen(constants.CALLBACK_OUTBOX_KEY):
         raise RuntimeError(f"not every event was relayed: {failures[:3]}")
-    return cpu, wall
+    switches = after.ru_nvcsw + after.ru_nivcsw - usage.ru_nvcsw - usage.ru_nivcsw
+    return Spent(cpu, after.ru_stime - usage.ru_stime, switches, wall)
 
 
 def delivered(client: redis.Redis, prefix: str, jobs: int) -> tuple[int, int]:
@@ -142,8 +157,7 @@ def main() -> None:
         os.environ.update(GENQ_REDIS__URL=args.redis, GENQ_WEBHOOK__ALLOW_HOSTS=json.dumps(["127.0.0.1"]))
         events = EVENTS_PER_JOB * args.jobs
         context = multiprocessing.get_context("spawn")
-        cpu_ms: list[float] = []
-        rates: list[float] = []
+        spent: list[Spent] = []
         for round_ in range(args.rounds + 1):
             prefix = f"bench-relay-{round_}"
             writing = (args.redis, urls["ok"], args.jobs, prefix)
@@ -152,22 +166,23 @@ def main() -> None:
                 writer = context.Process(target=write_jobs, args=(*writing, args.rate), daemon=True)
             else:
                 write_jobs(*writing)
-            cpu_s, wall_s = relay_round(client, args.threads, writer)
+            cost = relay_round(client, args.threads, writer)
             ok, records = delivered(client, prefix, args.jobs)
             if ok != events or records != events:
                 raise RuntimeError(f"round {round_}: {ok} of {events} events delivered, {records} records")
             if round_ > 0:  # the first is a warm-up
-                cpu_ms.append(1000 * cpu_s / events)
-                rates.append(events / wall_s)
+                spent.append(cost)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
     written = f"written at {args.rate:g} jobs/s" if args.rate > 0 else "written before the relay starts"
     print(f"{args.jobs} 1-image jobs per round ({written}), {events} events; relay threads {args.threads}")
     print(f"rounds: {args.rounds} after a warm-up (medians)")
-    print("rounds, CPU ms per event: " + " / ".join(f"{c:.2f}" for c in cpu_ms))
+    print("rounds, CPU ms per event: " + " / ".join(f"{1000 * c.cpu_s / events:.2f}" for c in spent))
     print()
-    print(f"cpu_ms_per_event={statistics.median(cpu_ms):.2f}")
-    print(f"events_per_s={statistics.median(rates):.0f}")
+    print(f"cpu_ms_per_event={statistics.median(1000 * c.cpu_s / events for c in spent):.2f}")
+    print(f"sys_cpu_ms_per_event={statistics.median(1000 * c.sys_s / events for c in spent):.2f}")
+    print(f"context_switches_per_event={statistics.median(c.switches / events for c in spent):.1f}")
+    print(f"events_per_s={statistics.median(events / c.wall_s for c in spent):.0f}")
 
 
 if __name__ == "__main__":

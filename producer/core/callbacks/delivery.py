@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from urllib.parse import urlsplit
@@ -113,6 +114,14 @@ class CallbackLedger:
         return [CallbackDeadLetter.model_validate_json(item) for item in raw]
 
 
+@dataclass
+class _Waiters:
+    """The attempts of one host waiting for a slot: woken one per slot freed."""
+
+    freed: threading.Condition
+    count: int = 0
+
+
 class HostSlots:
     """At most ``per_host`` attempts at once to one receiver host in this process, and when a deferred one may return.
 
@@ -127,28 +136,40 @@ class HostSlots:
         self.per_host = per_host
         self.wait_s = wait_s
         self._clock = clock
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        # host -> its attempts waiting for a slot (only hosts with some): a slot that frees wakes one attempt of its
+        # own host, not every waiting thread of every host (which then found it taken: with 16 threads on one
+        # receiver, a dozen context switches per event).
+        self._waiters: dict[str, _Waiters] = {}
         self._running: dict[str, list[float]] = {}  # host -> start times of its attempts in flight
         self._pace: dict[str, float] = {}  # host -> moving average of its attempts' durations, in seconds
         self._next_turn: dict[str, float] = {}  # host -> the latest turn given to a deferred event (clock time)
 
     def acquire(self, host: str) -> float | None:
         """Take a slot of ``host``: its start time (to give to :meth:`release`), or None when none came free."""
-        with self._cond:
+        with self._lock:
             now = self._clock()
             give_up = now + (0.0 if self._slow(host, now) else self.wait_s)
-            while len(self._running.get(host, ())) >= self.per_host:
-                left = give_up - self._clock()
-                if left <= 0:
-                    return None
-                self._cond.wait(left)
+            if len(self._running.get(host, ())) >= self.per_host:
+                waiters = self._waiters.setdefault(host, _Waiters(threading.Condition(self._lock)))
+                waiters.count += 1
+                try:
+                    while len(self._running.get(host, ())) >= self.per_host:
+                        left = give_up - self._clock()
+                        if left <= 0:
+                            return None
+                        waiters.freed.wait(left)
+                finally:
+                    waiters.count -= 1
+                    if not waiters.count:
+                        del self._waiters[host]
             started = self._clock()
             self._running.setdefault(host, []).append(started)
             return started
 
     def release(self, host: str, started: float) -> None:
         """Give back the slot taken at ``started``; the attempt's duration updates the host's pace."""
-        with self._cond:
+        with self._lock:
             running = self._running.get(host, [])
             running.remove(started)
             if not running:
@@ -159,10 +180,14 @@ class HostSlots:
             self._pace[host] = took if previous is None else (1 - PACE_WEIGHT) * previous + PACE_WEIGHT * took
             while len(self._pace) > MAX_HOSTS_PACED:
                 del self._pace[next(iter(self._pace))]
-            self._cond.notify_all()
+            waiters = self._waiters.get(host)
+            if waiters is not None:
+                # One slot freed, one waiter woken. One whose wait ran out as it was woken still finds the slot
+                # free when it checks, before it gives up, and takes it: the wake-up is never lost.
+                waiters.freed.notify()
 
     def in_flight(self, host: str) -> int:
-        with self._cond:
+        with self._lock:
             return len(self._running.get(host, ()))
 
     def turn_in(self, host: str) -> float:
@@ -173,7 +198,7 @@ class HostSlots:
         attempt yet) divided by ``per_host``: about when a slot frees, in their order of arrival, and a host that
         hangs costs its events' turns at that pace only.
         """
-        with self._cond:
+        with self._lock:
             now = self._clock()
             spacing = max(self._pace.get(host, 0.0), self._oldest_age(host, now)) / self.per_host
             turn = max(now, self._next_turn.get(host, now)) + max(spacing, MIN_TURN_S / self.per_host)

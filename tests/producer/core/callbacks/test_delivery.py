@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -148,6 +149,35 @@ def test_an_attempt_waits_briefly_for_a_quick_hosts_slot() -> None:
     timer.start()
     assert slots.acquire("quick.example") is not None  # waited ~0.1 s instead of going back on the broker
     timer.join()
+
+
+def test_each_freed_slot_goes_to_one_waiting_attempt_in_turn_and_none_waits_out_its_time() -> None:
+    slots = HostSlots(1, wait_s=5.0)
+    held = slots.acquire("quick.example")
+    other = slots.acquire("other.example")  # another host's attempt in flight: its slot is not for these
+    assert held is not None and other is not None
+    got: list[float | None] = []
+    lock = threading.Lock()
+
+    def attempt() -> None:
+        started = slots.acquire("quick.example")
+        with lock:
+            got.append(started)
+        if started is not None:
+            time.sleep(0.02)
+            slots.release("quick.example", started)
+
+    waiting = [threading.Thread(target=attempt) for _ in range(6)]
+    for thread in waiting:
+        thread.start()
+    time.sleep(0.1)  # all six waiting for the one slot
+    begun = time.monotonic()
+    slots.release("quick.example", held)
+    for thread in waiting:
+        thread.join(10)
+    assert len(got) == 6 and None not in got
+    assert time.monotonic() - begun < 2.0  # handed on as each frees, never after a waiter's 5 s ran out
+    assert slots.in_flight("quick.example") == 0 and slots.in_flight("other.example") == 1
 
 
 # -- one delivery run, against real Redis and a real receiver ---------------------------------------------------
