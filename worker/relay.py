@@ -18,13 +18,22 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
+from producer.core.callbacks.delivery import Settle
 from producer.core.callbacks.events import CallbackMessage
 from producer.core.callbacks.outbox import CLAIM_AFTER_S, Outbox, OutboxEntry, UnreadableEntry
 from worker.outage import OUTAGES
 
 log = logging.getLogger("genq.relay")
 
-Deliver = Callable[[CallbackMessage], None]
+# After a read that found fewer events than the relay had room for, it waits this long before the next: events that
+# trickle in (one per transition of each running job) are then read a few at a time, not one read each, for at most
+# this much delay to their first attempt.
+LINGER_S = 0.05
+
+# Makes one attempt at a message; the callable it is given queues the entry's acknowledgement on a pipeline. Returns
+# True when it ran that in the transaction of the attempt's record (``run_delivery``'s ``settle``), False (or None)
+# when the relay must acknowledge the entry itself.
+Deliver = Callable[[CallbackMessage, Settle], bool | None]
 DeadLetter = Callable[[OutboxEntry, str], None]
 
 
@@ -41,9 +50,10 @@ class Relay:
     retry, a host with its most attempts in flight — it puts on the ``callbacks`` queue, where Celery workers take
     over. So the common case, a receiver that answers, costs no broker message at all. With ``threads`` the attempts
     run on a pool of that many threads (a hanging receiver holds at most its host's share of them, each for at most
-    the attempt deadline); with 0, in the relay's own thread. An entry is acknowledged once its attempt is done: a
-    relay that dies mid-attempt leaves it to another relay's claim (so the event may arrive twice, with one
-    ``webhook-id``).
+    the attempt deadline); with 0, in the relay's own thread. An entry is acknowledged once its attempt is done: in
+    the transaction that records the attempt when nothing follows it (delivered, 410, not sent), else after what
+    follows exists (a retry enqueued). A relay that dies mid-attempt leaves it to another relay's claim (so the
+    event may arrive twice, with one ``webhook-id``).
 
     >>> relay = Relay(client, deliver=attempt, dead_letter=record_entry)
     >>> relay.turn(block_ms=0)  # events attempted
@@ -62,6 +72,7 @@ class Relay:
         claim_every_s: float = 10.0,
         claim_after_s: float = CLAIM_AFTER_S,
         batch: int = 100,
+        linger_s: float = LINGER_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.outbox = Outbox(client, consumer or consumer_name(), batch=batch)
@@ -70,6 +81,7 @@ class Relay:
         self.block_ms = block_ms
         self.claim_every_s = claim_every_s
         self.claim_after_s = claim_after_s
+        self.linger_s = linger_s
         self.clock = clock
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="genq-relay") if threads > 0 else None
         # At most this many entries read and not yet attempted: the outbox, not this process, holds a backlog.
@@ -97,8 +109,10 @@ class Relay:
         wait = 0.1
         while not self._stop.is_set():
             try:
-                self.turn(self.block_ms)
+                handed = self.turn(self.block_ms)
                 wait = 0.1
+                if 0 < handed < self._capacity:  # events trickling in: let a few gather before the next read
+                    self._stop.wait(self.linger_s)
             except OUTAGES as exc:  # the entries stay in the outbox; this relay rereads its own once Redis answers
                 log.warning("callback relay: Redis away (%s); retrying in %.1f s", exc, wait)
                 self._own_pending = True
@@ -167,8 +181,8 @@ class Relay:
 
     def _attempt(self, entry: OutboxEntry, message: CallbackMessage, *, raise_outage: bool) -> None:
         try:
-            self.deliver(message)
-            self.outbox.done([entry.entry_id])
+            if not self.deliver(message, lambda pipe: self.outbox.settle(pipe, [entry.entry_id])):
+                self.outbox.done([entry.entry_id])
         except OUTAGES as exc:  # unacknowledged: attempted again once Redis answers (by this relay, or a claim)
             self._own_pending = True
             log.warning(

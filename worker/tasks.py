@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from producer.contract import FineTuneJob, GenerateJob, GenerateRequest, Shard
 from producer.core import constants
-from producer.core.callbacks.delivery import CallbackLedger, Deliverer, run_delivery
+from producer.core.callbacks.delivery import SETTLED_OUTCOMES, CallbackLedger, Deliverer, Settle, run_delivery
 from producer.core.callbacks.events import CallbackMessage
 from producer.core.callbacks.outbox import CLAIM_AFTER_S, OutboxEntry
 from producer.core.callbacks.pending import PendingCallbacks
@@ -265,9 +265,10 @@ def _deliver(task: Any, payload: dict[str, Any], client: redis.Redis, deliverer:
     _attempt(message, client, deliverer)
 
 
-def _attempt(message: CallbackMessage, client: redis.Redis, deliverer: Deliverer) -> None:
+def _attempt(message: CallbackMessage, client: redis.Redis, deliverer: Deliverer, settle: Settle | None = None) -> bool:
     """One delivery attempt of ``message``, from the delivery task or the relay's first attempt: what follows (a
-    retry, a deferral while its host is busy) goes on the callbacks queue."""
+    retry, a deferral while its host is busy) goes on the callbacks queue. True when ``settle`` (the relay's
+    acknowledgement of the event's outbox entry) ran in the transaction of the attempt's record."""
     settings = settings_of(app)
     pending = PendingCallbacks(client)
     outcome = run_delivery(
@@ -279,8 +280,10 @@ def _attempt(message: CallbackMessage, client: redis.Redis, deliverer: Deliverer
         max_hop_s=settings.celery.visibility_timeout_s / 2,
         deliverer=deliverer,
         signing_secrets=lambda tenant: _tenant_signing(client, tenant),
+        settle=settle,
     )
     telemetry.CALLBACKS.labels(outcome.value).inc()
+    return settle is not None and outcome in SETTLED_OUTCOMES
 
 
 def _tenant_signing(client: redis.Redis, tenant: str) -> list[str] | None:
@@ -386,7 +389,7 @@ def _start_relay() -> None:
 
     _relay = Relay(
         client,
-        lambda message: _attempt(message, client, deliverer),
+        lambda message, settle: _attempt(message, client, deliverer, settle),
         dead_letter,
         threads=min(webhook.concurrency, RELAY_THREADS_MAX),
         # Never claim an entry whose attempt may still be under way: the attempt deadline bounds it.

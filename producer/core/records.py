@@ -151,10 +151,11 @@ def _failed_outputs(h: dict[str, str]) -> dict[str, str]:
     }
 
 
-def record_view(job_id: str, h: dict[str, str]) -> JobView:
-    """The view of a job record (fields as text). Raises one of :data:`CORRUPT` when the record cannot be read."""
+def record_view(job_id: str, h: dict[str, str], spec: GenerateJob | FineTuneJob | None = None) -> JobView:
+    """The view of a job record (fields as text); ``spec``: its ``spec`` field, if the caller has read it already.
+    Raises one of :data:`CORRUPT` when the record cannot be read."""
     h = _failed_outputs(h)
-    spec = JOB_SPEC.validate_json(h["spec"])
+    spec = JOB_SPEC.validate_json(h["spec"]) if spec is None else spec
     error = JobError(type=h["error_type"], message=h.get("error_message", "")) if "error_type" in h else None
     status = JobStatus(h["status"])
     if status is JobStatus.CANCELED:  # what finished shards and stopped shards stored before the cancel

@@ -14,11 +14,14 @@ import redis
 from factories import output_refs
 from tcp_proxy import TcpProxy, redis_through
 from tiny_runtime import tiny_job
+from webhook_receiver import WebhookReceiver
 
 from producer.contract import Callback, EventType, GenerateJob, JobError, JobStatus, plan_shards
 from producer.core import constants
+from producer.core.callbacks.delivery import SETTLED_OUTCOMES, CallbackLedger, Settle, run_delivery
 from producer.core.callbacks.events import CallbackMessage
 from producer.core.callbacks.outbox import OutboxEntry
+from producer.core.settings import WebhookSettings
 from producer.core.store import JobStore
 from worker import deadletter
 from worker.relay import Relay
@@ -38,7 +41,7 @@ def _relay(
     dead: list[tuple[OutboxEntry, str]] = []
     relay = Relay(
         client,
-        sent.append,
+        lambda message, _settle: sent.append(message),
         lambda entry, reason: dead.append((entry, reason)),
         consumer=consumer,
         **options,  # type: ignore[arg-type]
@@ -142,7 +145,7 @@ def test_a_send_that_meets_a_redis_outage_is_retried_by_the_same_relay_with_the_
     _run(store, job)
     attempts: list[CallbackMessage] = []
 
-    def send(message: CallbackMessage) -> None:  # the broker refuses the second publish
+    def send(message: CallbackMessage, _settle: Settle) -> None:  # the broker refuses the second publish
         attempts.append(message)
         if len(attempts) == 2:
             raise redis.ConnectionError("Connection reset by peer")
@@ -173,7 +176,11 @@ def test_an_unreadable_entry_is_dead_lettered_and_the_others_are_sent(
     redis_client.xadd(constants.CALLBACK_OUTBOX_KEY, {"job": "job-y", "event": "exploded", "seq": 1, "record": "{}"})
     store.mark_failed(job.job_id, JobError(type="ModelError", message="nan"), [], announce=True)
     sent: list[CallbackMessage] = []
-    relay = Relay(redis_client, sent.append, lambda e, reason: deadletter.record_outbox_entry(redis_client, e, reason))
+    relay = Relay(
+        redis_client,
+        lambda message, _settle: sent.append(message),
+        lambda e, reason: deadletter.record_outbox_entry(redis_client, e, reason),
+    )
 
     assert relay.turn(block_ms=0) == 2
 
@@ -233,7 +240,7 @@ def test_with_threads_a_hanging_attempt_holds_its_own_thread_only_and_is_never_a
     release = threading.Event()
     attempted: list[str] = []
 
-    def deliver(message: CallbackMessage) -> None:
+    def deliver(message: CallbackMessage, _settle: Settle) -> None:
         attempted.append(message.job_id)
         if message.job_id == hanging.job_id:
             release.wait(30)
@@ -251,4 +258,70 @@ def test_with_threads_a_hanging_attempt_holds_its_own_thread_only_and_is_never_a
         release.set()
         relay.stop()
     assert relay.in_flight() == 0
+    assert redis_client.xlen(constants.CALLBACK_OUTBOX_KEY) == 0
+
+
+def test_an_attempt_settles_its_entry_with_its_record_or_after_its_retry_exists(
+    store: JobStore, redis_client: redis.Redis, webhook_receiver: WebhookReceiver
+) -> None:
+    webhook_receiver.script([200, 500])  # the first event is delivered, the second retried
+    job = tiny_job("job-relay-11", 1, callback=Callback.model_validate({"url": webhook_receiver.url}))
+    store.create(job)
+    store.start(job.job_id, 0, announce=True)
+    store.mark_failed(job.job_id, JobError(type="ModelError", message="nan"), [], announce=True)
+    webhook = WebhookSettings(allow_hosts=["127.0.0.1"], retry_schedule_s=[0, 60], jitter=0.0)
+    ledger = CallbackLedger(redis_client, 3600)
+    requeued: list[tuple[CallbackMessage, int]] = []
+    settled_with_record: list[bool] = []
+
+    def pending() -> int:
+        return int(redis_client.xpending(constants.CALLBACK_OUTBOX_KEY, constants.CALLBACK_RELAY_GROUP)["pending"])
+
+    def deliver(message: CallbackMessage, settle: Settle) -> bool:
+        def requeue(later: CallbackMessage, _countdown: float) -> None:
+            requeued.append((later, pending()))  # the entry is still pending while its retry is made
+
+        outcome = run_delivery(message, webhook=webhook, ledger=ledger, requeue=requeue, max_hop_s=60, settle=settle)
+        settled_with_record.append(outcome in SETTLED_OUTCOMES)
+        if outcome in SETTLED_OUTCOMES:
+            assert pending() == 0  # acknowledged by the record's own transaction, not after it
+        return outcome in SETTLED_OUTCOMES
+
+    relay = Relay(redis_client, deliver, lambda entry, reason: None)
+    assert relay.turn(block_ms=0) == 2
+
+    assert settled_with_record == [True, False]
+    [(retry, pending_then)] = requeued
+    assert retry.event.type is EventType.FAILED and retry.attempt == 2 and pending_then == 1
+    records = ledger.redis.lrange(constants.JOB_EVENTS_KEY.format(job_id=job.job_id), 0, -1)
+    assert [json.loads(r)["ok"] for r in records] == [True, False]
+    assert pending() == 0 and redis_client.xlen(constants.CALLBACK_OUTBOX_KEY) == 0
+
+
+def test_events_that_trickle_in_are_read_a_few_at_a_time_after_a_short_linger(
+    store: JobStore, redis_client: redis.Redis
+) -> None:
+    sent: list[CallbackMessage] = []
+    relay, _ = _relay(redis_client, sent, block_ms=100, linger_s=0.5)
+    batches: list[int] = []
+    read = relay.relay
+
+    def counted(entries: list[OutboxEntry]) -> int:
+        if entries:
+            batches.append(len(entries))
+        return read(entries)
+
+    relay.relay = counted  # type: ignore[method-assign]
+    first, second = _job("job-relay-12"), _job("job-relay-13")
+    store.create(first)
+    store.create(second)
+    relay.start()
+    try:
+        store.start(first.job_id, 0, announce=True)
+        _wait_for(lambda: len(sent) == 1)
+        _run(store, second)  # three events while the relay lingers after the first
+        _wait_for(lambda: len(sent) == 4)
+    finally:
+        relay.stop()
+    assert batches == [1, 3]
     assert redis_client.xlen(constants.CALLBACK_OUTBOX_KEY) == 0

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from urllib.parse import urlsplit
@@ -51,6 +52,9 @@ PACE_WEIGHT = 0.3  # the weight of the latest attempt in a host's moving average
 MAX_HOSTS_PACED = 10_000  # hosts whose pace a process remembers (the oldest forgotten first)
 
 Requeue = Callable[[CallbackMessage, float], None]  # (message, countdown in seconds)
+# Queues, on the transaction that writes an attempt's record, the commands that settle the event's source (the
+# relay's acknowledgement of its outbox entry): recorded and settled in one round trip, never one without the other.
+Settle = Callable[["redis.client.Pipeline"], None]
 
 _rng = random.Random()
 
@@ -68,6 +72,10 @@ class Outcome(StrEnum):
     DEFERRED = "deferred"  # not sent yet: its host had its most attempts in flight; put back for a later turn
 
 
+# The outcomes whose record is the last thing an attempt writes: run_delivery's ``settle`` runs in its transaction.
+SETTLED_OUTCOMES = frozenset({Outcome.DELIVERED, Outcome.GONE, Outcome.SKIPPED, Outcome.REFUSED})
+
+
 class CallbackLedger:
     """What deliveries leave in Redis: attempts per job, the 410 flag per job, and the dead letters."""
 
@@ -83,11 +91,15 @@ class CallbackLedger:
     def mark_gone(self, job_id: str, url: str) -> None:
         self.redis.set(constants.JOB_CALLBACK_GONE_KEY.format(job_id=job_id), url, ex=self.ttl_s)
 
-    def record(self, job_id: str, record: DeliveryRecord) -> None:
+    def record(self, job_id: str, record: DeliveryRecord, settle: Settle | None = None) -> None:
+        """Append ``record`` to the job's delivery records; with ``settle``, its commands run in the same
+        transaction, after the record."""
         key = constants.JOB_EVENTS_KEY.format(job_id=job_id)
         pipe = self.redis.pipeline()
         pipe.rpush(key, record.model_dump_json())
         pipe.expire(key, self.ttl_s)
+        if settle is not None:
+            settle(pipe)
         pipe.execute()
 
     def dead_letter(self, letter: CallbackDeadLetter) -> None:
@@ -100,6 +112,14 @@ class CallbackLedger:
         """The newest dead letters first."""
         raw = self.redis.lrange(constants.CALLBACK_DEAD_KEY, 0, limit - 1)
         return [CallbackDeadLetter.model_validate_json(item) for item in raw]
+
+
+@dataclass
+class _Waiters:
+    """The attempts of one host waiting for a slot: woken one per slot freed."""
+
+    freed: threading.Condition
+    count: int = 0
 
 
 class HostSlots:
@@ -116,28 +136,40 @@ class HostSlots:
         self.per_host = per_host
         self.wait_s = wait_s
         self._clock = clock
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        # host -> its attempts waiting for a slot (only hosts with some): a slot that frees wakes one attempt of its
+        # own host, not every waiting thread of every host (which then found it taken: with 16 threads on one
+        # receiver, a dozen context switches per event).
+        self._waiters: dict[str, _Waiters] = {}
         self._running: dict[str, list[float]] = {}  # host -> start times of its attempts in flight
         self._pace: dict[str, float] = {}  # host -> moving average of its attempts' durations, in seconds
         self._next_turn: dict[str, float] = {}  # host -> the latest turn given to a deferred event (clock time)
 
     def acquire(self, host: str) -> float | None:
         """Take a slot of ``host``: its start time (to give to :meth:`release`), or None when none came free."""
-        with self._cond:
+        with self._lock:
             now = self._clock()
             give_up = now + (0.0 if self._slow(host, now) else self.wait_s)
-            while len(self._running.get(host, ())) >= self.per_host:
-                left = give_up - self._clock()
-                if left <= 0:
-                    return None
-                self._cond.wait(left)
+            if len(self._running.get(host, ())) >= self.per_host:
+                waiters = self._waiters.setdefault(host, _Waiters(threading.Condition(self._lock)))
+                waiters.count += 1
+                try:
+                    while len(self._running.get(host, ())) >= self.per_host:
+                        left = give_up - self._clock()
+                        if left <= 0:
+                            return None
+                        waiters.freed.wait(left)
+                finally:
+                    waiters.count -= 1
+                    if not waiters.count:
+                        del self._waiters[host]
             started = self._clock()
             self._running.setdefault(host, []).append(started)
             return started
 
     def release(self, host: str, started: float) -> None:
         """Give back the slot taken at ``started``; the attempt's duration updates the host's pace."""
-        with self._cond:
+        with self._lock:
             running = self._running.get(host, [])
             running.remove(started)
             if not running:
@@ -148,10 +180,14 @@ class HostSlots:
             self._pace[host] = took if previous is None else (1 - PACE_WEIGHT) * previous + PACE_WEIGHT * took
             while len(self._pace) > MAX_HOSTS_PACED:
                 del self._pace[next(iter(self._pace))]
-            self._cond.notify_all()
+            waiters = self._waiters.get(host)
+            if waiters is not None:
+                # One slot freed, one waiter woken. One whose wait ran out as it was woken still finds the slot
+                # free when it checks, before it gives up, and takes it: the wake-up is never lost.
+                waiters.freed.notify()
 
     def in_flight(self, host: str) -> int:
-        with self._cond:
+        with self._lock:
             return len(self._running.get(host, ()))
 
     def turn_in(self, host: str) -> float:
@@ -162,7 +198,7 @@ class HostSlots:
         attempt yet) divided by ``per_host``: about when a slot frees, in their order of arrival, and a host that
         hangs costs its events' turns at that pace only.
         """
-        with self._cond:
+        with self._lock:
             now = self._clock()
             spacing = max(self._pace.get(host, 0.0), self._oldest_age(host, now)) / self.per_host
             turn = max(now, self._next_turn.get(host, now)) + max(spacing, MIN_TURN_S / self.per_host)
@@ -240,6 +276,7 @@ def run_delivery(
     signing_secrets: Callable[[str], list[str] | None] | None = None,
     rng: random.Random | None = None,
     now: Callable[[], datetime] = utcnow,
+    settle: Settle | None = None,
 ) -> Outcome:
     """Make one attempt at delivering ``message`` (if it is due and may be sent), record it, and enqueue what follows.
 
@@ -264,6 +301,10 @@ def run_delivery(
             any; events of such tenants and of jobs without one are signed with ``webhook.secret``.
         rng: the jitter's random source (tests pass a seeded one).
         now: the clock.
+        settle: what closes the event's source (the relay's acknowledgement of its outbox entry), run in the
+            transaction of the attempt's record when that record is the last thing written: on the outcomes of
+            :data:`SETTLED_OUTCOMES`. On the others (a retry or a deferral enqueued, a dead letter) it is not run:
+            the caller settles once ``run_delivery`` has returned, after what follows the attempt exists.
 
     Raises:
         ValueError: the signing secret is malformed (a configuration error; nothing is sent).
@@ -275,13 +316,17 @@ def run_delivery(
             requeue(message, hop_countdown(remaining, max_hop_s))
             return Outcome.WAITING
 
-    def record(**fields: object) -> None:
+    def record(settling: Settle | None = None, /, **fields: object) -> None:
+        # ``settle`` rides on the record that is the attempt's last write: acknowledged exactly when recorded.
         base = {"msg_id": message.msg_id, "type": message.event.type.value, "url": message.url}
-        ledger.record(message.job_id, DeliveryRecord.model_validate({**base, "attempt": message.attempt, **fields}))
+        entry = DeliveryRecord.model_validate({**base, "attempt": message.attempt, **fields})
+        ledger.record(message.job_id, entry, settling)
 
     gone = ledger.gone_url(message.job_id)
     if gone is not None:
-        record(ok=False, sent=False, error=f"not sent: {gone} answered 410 Gone to an earlier event", at=started)
+        record(
+            settle, ok=False, sent=False, error=f"not sent: {gone} answered 410 Gone to an earlier event", at=started
+        )
         return Outcome.SKIPPED
 
     host = _host_of(message.url)
@@ -295,7 +340,7 @@ def run_delivery(
             addresses = vetted_addresses(message.url, webhook.allow_hosts)
         except CallbackUrlRefused as exc:
             refusal = _reason(exc)
-            record(ok=False, sent=False, error=f"not sent: {refusal}", at=started)
+            record(settle, ok=False, sent=False, error=f"not sent: {refusal}", at=started)
             log.warning("callback %s of job %s refused: %s", message.msg_id, message.job_id, refusal)
             return Outcome.REFUSED
         except CallbackHostUnresolved as exc:  # DNS may be back for the next attempt
@@ -320,11 +365,11 @@ def run_delivery(
         "at": started,
     }
     if result.ok:
-        record(**attempted)
+        record(settle, **attempted)
         return Outcome.DELIVERED
     if result.gone:
         ledger.mark_gone(message.job_id, message.url)
-        record(**{**attempted, "error": "HTTP 410 Gone: no more events of this job are sent"})
+        record(settle, **{**attempted, "error": "HTTP 410 Gone: no more events of this job are sent"})
         receiver = redact_url(message.url)
         log.info("callback receiver %s of job %s answered 410: stopping its events", receiver, message.job_id)
         return Outcome.GONE

@@ -65,7 +65,7 @@ class OutboxEntry:
             if not isinstance(fields, dict):
                 raise TypeError(f"the record is a JSON {type(fields).__name__}, not an object")
             spec = JOB_SPEC.validate_json(fields["spec"])
-            view = record_view(self.job_id, {str(k): str(v) for k, v in fields.items()})
+            view = record_view(self.job_id, {str(k): str(v) for k, v in fields.items()}, spec)  # read once
         except CORRUPT as exc:
             raise UnreadableEntry(f"outbox entry {self.entry_id} of job {self.job_id}: {exc}") from exc
         if event is EventType.PROGRESS and view.status.is_terminal():
@@ -138,9 +138,14 @@ class Outbox:
         if not entry_ids:
             return
         pipe = self.redis.pipeline(transaction=False)
+        self.settle(pipe, entry_ids)
+        pipe.execute()
+
+    def settle(self, pipe: redis.client.Pipeline, entry_ids: list[str]) -> None:
+        """Queue the acknowledgement and deletion of handled entries on ``pipe`` (another write's transaction: the
+        attempt's record, so that the entry is acknowledged exactly when its attempt is recorded)."""
         pipe.xack(constants.CALLBACK_OUTBOX_KEY, constants.CALLBACK_RELAY_GROUP, *entry_ids)
         pipe.xdel(constants.CALLBACK_OUTBOX_KEY, *entry_ids)
-        pipe.execute()
 
     def backlog(self) -> int:
         """Entries in the outbox: not yet handed on, or handed on and not yet acknowledged."""

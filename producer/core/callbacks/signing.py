@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import secrets
@@ -91,7 +92,17 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     Raises:
         ValueError: the secret is malformed.
     """
-    return f"{SIGNATURE_VERSION},{_signature(decode_secret(secret), msg_id, str(timestamp), body)}"
+    keyed = _keyed(secret).copy()
+    keyed.update(f"{msg_id}.{timestamp}.".encode())
+    keyed.update(body)
+    return f"{SIGNATURE_VERSION},{base64.b64encode(keyed.digest()).decode('ascii')}"
+
+
+@functools.lru_cache(maxsize=64)
+def _keyed(secret: str) -> hmac.HMAC:
+    # The secret decoded and its HMAC key schedule made once per secret, not per event; each signature works on a
+    # copy. A malformed secret raises here every time (lru_cache keeps no exception).
+    return hmac.new(decode_secret(secret), digestmod=hashlib.sha256)
 
 
 def signed_headers(secret: str | Sequence[str], msg_id: str, body: bytes, now: int | None = None) -> dict[str, str]:

@@ -13,6 +13,7 @@ cannot answer one way to the check and another way to the connection (DNS rebind
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable, Sequence
@@ -151,7 +152,7 @@ def vetted_addresses(url: str, allow: Sequence[str] = (), *, resolve: Resolver |
         CallbackHostUnresolved: the host does not resolve (a typo, or DNS is down: may pass later).
         ValueError: an ``allow`` entry is malformed (a configuration error).
     """
-    allowed = AllowList.parse(allow)
+    allowed = _allow_list(tuple(allow))
     try:
         host = urlsplit(url).hostname
     except ValueError as exc:  # e.g. an unbalanced '[' in the netloc
@@ -174,6 +175,12 @@ def vetted_addresses(url: str, allow: Sequence[str] = (), *, resolve: Resolver |
                 "GENQ_WEBHOOK__ALLOW_HOSTS"
             )
     return addresses
+
+
+@functools.lru_cache(maxsize=16)
+def _allow_list(entries: tuple[str, ...]) -> AllowList:
+    # Parsed once per setting, not per attempt: a worker vets every attempt against the same few lists.
+    return AllowList.parse(entries)
 
 
 def _addresses(host: str, resolve: Resolver) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -14,7 +15,15 @@ from webhook_receiver import WebhookReceiver
 
 from producer.contract import Callback, EventType, JobStatus, JobView, Progress
 from producer.core import constants
-from producer.core.callbacks.delivery import CallbackLedger, Deliverer, HostSlots, Outcome, run_delivery
+from producer.core.callbacks.delivery import (
+    SETTLED_OUTCOMES,
+    CallbackLedger,
+    Deliverer,
+    HostSlots,
+    Outcome,
+    Settle,
+    run_delivery,
+)
 from producer.core.callbacks.events import CallbackMessage, DeliveryRecord, callback_message
 from producer.core.callbacks.send import hop_countdown, next_delay
 from producer.core.settings import STANDARD_RETRY_SCHEDULE_S, WebhookSettings
@@ -142,6 +151,35 @@ def test_an_attempt_waits_briefly_for_a_quick_hosts_slot() -> None:
     timer.join()
 
 
+def test_each_freed_slot_goes_to_one_waiting_attempt_in_turn_and_none_waits_out_its_time() -> None:
+    slots = HostSlots(1, wait_s=5.0)
+    held = slots.acquire("quick.example")
+    other = slots.acquire("other.example")  # another host's attempt in flight: its slot is not for these
+    assert held is not None and other is not None
+    got: list[float | None] = []
+    lock = threading.Lock()
+
+    def attempt() -> None:
+        started = slots.acquire("quick.example")
+        with lock:
+            got.append(started)
+        if started is not None:
+            time.sleep(0.02)
+            slots.release("quick.example", started)
+
+    waiting = [threading.Thread(target=attempt) for _ in range(6)]
+    for thread in waiting:
+        thread.start()
+    time.sleep(0.1)  # all six waiting for the one slot
+    begun = time.monotonic()
+    slots.release("quick.example", held)
+    for thread in waiting:
+        thread.join(10)
+    assert len(got) == 6 and None not in got
+    assert time.monotonic() - begun < 2.0  # handed on as each frees, never after a waiter's 5 s ran out
+    assert slots.in_flight("quick.example") == 0 and slots.in_flight("other.example") == 1
+
+
 # -- one delivery run, against real Redis and a real receiver ---------------------------------------------------
 
 JOB_ID = "job-delivery-1"
@@ -180,7 +218,7 @@ class Harness:
         self.now = T0
         self.requeued: list[tuple[CallbackMessage, float]] = []
 
-    def run(self, message: CallbackMessage) -> Outcome:
+    def run(self, message: CallbackMessage, settle: Settle | None = None) -> Outcome:
         clock: Callable[[], datetime] = lambda: self.now  # noqa: E731
         return run_delivery(
             message,
@@ -191,6 +229,7 @@ class Harness:
             deliverer=self.deliverer,
             rng=random.Random(7),
             now=clock,
+            settle=settle,
         )
 
     def records(self, job_id: str = JOB_ID) -> list[DeliveryRecord]:
@@ -405,3 +444,37 @@ def test_a_trickling_receiver_fails_the_attempt_at_its_deadline_and_it_is_retrie
     [letter] = harness.ledger.dead_letters()
     assert letter.attempts == 2 and letter.last_error == last.error
     deliverer.close()
+
+
+SETTLED_KEY = "test:settled"
+
+
+@pytest.mark.parametrize(
+    ("statuses", "fields", "url", "outcome"),
+    [
+        ([200], {}, None, Outcome.DELIVERED),
+        ([410], {}, None, Outcome.GONE),
+        ([500], {}, None, Outcome.RETRYING),
+        ([500], {"retry_schedule_s": [0]}, None, Outcome.DEAD_LETTERED),
+        ([], {}, "http://10.0.0.1/hook", Outcome.REFUSED),
+    ],
+)
+def test_settle_runs_in_the_records_transaction_only_when_the_record_is_the_attempts_last_write(
+    redis_client: redis.Redis,
+    webhook_receiver: WebhookReceiver,
+    statuses: list[int],
+    fields: dict[str, object],
+    url: str | None,
+    outcome: Outcome,
+) -> None:
+    webhook_receiver.script(statuses)
+    harness = Harness(redis_client, _webhook(**fields))
+    settle: Settle = lambda pipe: pipe.incr(SETTLED_KEY)  # noqa: E731
+
+    assert harness.run(_message(url or webhook_receiver.url), settle) is outcome
+
+    assert len(harness.records()) == 1  # every outcome here records its attempt (or why it was not sent)
+    assert int(redis_client.get(SETTLED_KEY) or 0) == (1 if outcome in SETTLED_OUTCOMES else 0)
+    if outcome is Outcome.GONE:  # a later event of the job is not sent, and its record settles it too
+        assert harness.run(_message(webhook_receiver.url, seq=4), settle) is Outcome.SKIPPED
+        assert int(redis_client.get(SETTLED_KEY) or 0) == 2
