@@ -26,10 +26,8 @@ from producer.contract import (
     ModelEntry,
 )
 from producer.core import constants
-from producer.core.callbacks.events import callback_message
-from producer.core.callbacks.pending import PendingCallbacks
 from producer.core.clock import utcnow
-from producer.core.messages import JobMessage, callback_task, job_messages
+from producer.core.messages import JobMessage, job_messages
 from producer.core.records import as_text
 from producer.core.resolve import resolve_finetune, resolve_request, visible_models
 from producer.core.settings import GenqSettings
@@ -175,18 +173,17 @@ class Intake:
         return enqueue(job)
 
     def _record_and_send(self, job: GenerateJob | FineTuneJob, shard_size: int) -> JobView:
-        """Record ``job`` as queued, announce it, then send its messages (:func:`producer.core.messages.job_messages`).
+        """Record ``job`` as queued and announce it (its ``queued`` event in the outbox, in the same transaction),
+        then send its messages (:func:`producer.core.messages.job_messages`).
 
         A job that cannot be enqueued is failed (``EnqueueFailed``) and the error raised: never a queued record with
         no message behind it. (A client killed between the two leaves one; the workers' sweeper sends it.)
         """
         messages = job_messages(job, shard_size)
-        view = self.store.create(job, shards=len(messages), shard_size=shard_size)
-        # The queued event is stamped and sent before the job can start, so its timestamp precedes "running".
-        message = callback_message(job.callback, EventType.QUEUED, view, self.store.next_event_seq(job.job_id))
+        # The queued event goes into the outbox with the record, before any message can start the job: it is event 1.
+        queued = job.callback is not None and EventType.QUEUED in job.callback.events
+        view = self.store.create(job, shards=len(messages), shard_size=shard_size, announce=queued)
         try:
-            if message is not None:
-                PendingCallbacks(self.redis).send(callback_task(message), self.publish)  # kept until a worker starts it
             for m in messages:
                 self.publish(m, 0.0)
         except Exception as exc:

@@ -91,9 +91,18 @@ class JobStore:
     def key(job_id: str) -> str:
         return constants.JOB_KEY.format(job_id=job_id)
 
-    def create(self, job: GenerateJob | FineTuneJob, shards: int = 1, shard_size: int | None = None) -> JobView:
+    def create(
+        self,
+        job: GenerateJob | FineTuneJob,
+        shards: int = 1,
+        shard_size: int | None = None,
+        *,
+        announce: bool = False,
+    ) -> JobView:
         """Record a new job as ``queued``, to be run as ``shards`` tasks of at most ``shard_size`` images (what
         :func:`producer.core.messages.job_messages` needs to rebuild them). Raises ValueError if the id is taken.
+        With ``announce``, its ``queued`` event goes into the outbox in the same transaction (event 1 of the job,
+        the record as it is then, as ``announce.lua`` writes the worker's events).
 
         The job is listed in its queue's index of queued jobs (``QUEUED_JOBS_KEY``), where the workers' sweeper finds
         a job whose message the broker lost. It leaves the index in the transition that ends it (:meth:`_apply`), or
@@ -103,18 +112,22 @@ class JobStore:
         if not self.redis.hsetnx(key, "spec", spec):
             raise ValueError(f"job id {job.job_id} already exists")
         created = job.created_at.timestamp()
-        pipe = self.redis.pipeline()
-        pipe.hset(
-            key,
-            mapping={
-                "status": JobStatus.QUEUED.value,
-                "shards": shards,
-                "total": job.total_images,
-                "created_at": job.created_at.isoformat(),
-            },
-        )
+        fields: dict[str, str | int] = {
+            "status": JobStatus.QUEUED.value,
+            "shards": shards,
+            "total": job.total_images,
+            "created_at": job.created_at.isoformat(),
+        }
         if shard_size is not None:
-            pipe.hset(key, "shard_size", shard_size)
+            fields["shard_size"] = shard_size
+        if announce:
+            fields["event_seq"] = 1
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping=cast(dict[Any, Any], fields))
+        if announce:  # MULTI/EXEC: the event exists exactly when the record does
+            record = {"spec": spec, **{name: str(value) for name, value in fields.items()}}
+            entry = {"job": job.job_id, "event": EventType.QUEUED.value, "seq": 1, "record": json.dumps(record)}
+            pipe.xadd(constants.CALLBACK_OUTBOX_KEY, entry)  # type: ignore[arg-type]
         pipe.expire(key, self.ttl_s)
         pipe.hincrby(constants.JOBS_BY_STATUS_KEY, JobStatus.QUEUED.value, 1)  # MULTI/EXEC: with the status
         queued = constants.QUEUED_JOBS_KEY.format(queue=queue_for(job))

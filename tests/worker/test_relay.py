@@ -66,23 +66,25 @@ def test_each_transition_is_announced_once_with_the_view_as_it_was_then(
     store: JobStore, redis_client: redis.Redis
 ) -> None:
     job = _job("job-relay-1")
-    store.create(job)
+    store.create(job, announce=True)  # the client's queued event, written with the record
     _run(store, job)
     store.start(job.job_id, 0, announce=True)  # a late redelivery: refused, announces nothing
     sent: list[CallbackMessage] = []
     relay, dead = _relay(redis_client, sent)
 
-    assert relay.turn(block_ms=0) == 3
+    assert relay.turn(block_ms=0) == 4
 
     assert [(m.event.type, m.event.seq, m.event.data.status) for m in sent] == [
-        (EventType.RUNNING, 1, JobStatus.RUNNING),
-        (EventType.PROGRESS, 2, JobStatus.RUNNING),
-        (EventType.SUCCEEDED, 3, JobStatus.SUCCEEDED),
+        (EventType.QUEUED, 1, JobStatus.QUEUED),
+        (EventType.RUNNING, 2, JobStatus.RUNNING),
+        (EventType.PROGRESS, 3, JobStatus.RUNNING),
+        (EventType.SUCCEEDED, 4, JobStatus.SUCCEEDED),
     ]
-    assert sent[1].event.data.progress.done == 1 and sent[0].event.data.progress.done == 0
-    assert [o.key for o in sent[2].event.data.outputs] == ["jobs/job-relay-1/00000.png"]
+    assert sent[0].event.data.started_at is None and sent[0].event.data.created_at == job.created_at
+    assert sent[2].event.data.progress.done == 1 and sent[1].event.data.progress.done == 0
+    assert [o.key for o in sent[3].event.data.outputs] == ["jobs/job-relay-1/00000.png"]
     assert all(m.url == HOOK and m.job_id == job.job_id for m in sent)
-    assert len({m.msg_id for m in sent}) == 3 and dead == []
+    assert len({m.msg_id for m in sent}) == 4 and dead == []
     assert redis_client.xlen(constants.CALLBACK_OUTBOX_KEY) == 0  # acknowledged and deleted
     assert relay.turn(block_ms=0) == 0
 

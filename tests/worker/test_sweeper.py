@@ -77,6 +77,14 @@ def lose_front(client: Client, queue: str = constants.GENERATE_QUEUE) -> dict[st
     return dict(json.loads(raw))
 
 
+def canceled_with_callback(client: Client) -> str:
+    """A job with a callback, canceled while queued: its ``canceled`` event is the client's callback message on the
+    callbacks queue (its ``queued`` event went into the outbox with its record)."""
+    job_id = submit(client, callback={"url": HOOK})
+    client.cancel(job_id)
+    return job_id
+
+
 def body_args(message: dict[str, Any]) -> list[Any]:
     args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
     return list(args)
@@ -202,8 +210,8 @@ HOOK = "http://127.0.0.1:9/hook"  # never called here
 
 
 def test_a_lost_callback_message_is_sent_again_as_it_was_sent(client: Client) -> None:
-    job_id = submit(client, callback={"url": HOOK})
-    lost = json.loads(client.redis.rpop(constants.CALLBACK_QUEUE) or b"{}")  # the queued event
+    job_id = canceled_with_callback(client)
+    lost = lose_front(client, constants.CALLBACK_QUEUE)  # the canceled event
     task_id = lost["headers"]["id"]
     sent = Sent()
 
@@ -212,11 +220,11 @@ def test_a_lost_callback_message_is_sent_again_as_it_was_sent(client: Client) ->
     (message,) = sent
     assert (message.task, message.queue, message.task_id) == (constants.CALLBACK_TASK, "callbacks", task_id)
     assert message.args == body_args(lost) and message.args[0]["job_id"] == job_id
-    assert message.args[0]["event"]["type"] == "queued"
+    assert message.args[0]["event"]["type"] == "canceled"
 
 
 def test_a_callback_message_on_its_queue_fetched_or_started_is_not_sent_again(client: Client, redis_url: str) -> None:
-    fetched, started, waiting = (submit(client, callback={"url": HOOK}) for _ in range(3))  # a queued event each
+    fetched, started, waiting = (canceled_with_callback(client) for _ in range(3))  # a canceled event each
     with Connection(redis_url) as connection:
         channel = connection.default_channel
         first = channel.basic_get(constants.CALLBACK_QUEUE, no_ack=False)  # in unacked
@@ -249,7 +257,7 @@ def test_a_callback_message_that_keeps_vanishing_unstarted_is_sent_again_three_t
     client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     # What a worker of an older version does: it runs the message and never tells PendingCallbacks.
-    submit(client, callback={"url": HOOK})
+    canceled_with_callback(client)
     sent = Sent()
     for _ in range(5):
         client.redis.delete(constants.CALLBACK_QUEUE)
@@ -312,9 +320,10 @@ def test_a_job_record_that_cannot_be_read_is_dead_lettered_once_and_never_stops_
     for _ in range(299):
         deep = [deep]
     client.redis.hset(key, "spec", json.dumps({**spec, "metadata": {"a": deep}}))
-    lost = client.submit(GenerateRequest(model="fmnist-cgan", label="bag", seed=7, callback={"url": HOOK}), "acme").id
+    lost = client.submit(GenerateRequest(model="fmnist-cgan", label="bag", seed=7), "acme").id
     lose_front(client)
-    event = json.loads(client.redis.rpop(constants.CALLBACK_QUEUE) or b"{}")  # its queued event, lost too
+    canceled_with_callback(client)
+    event = lose_front(client, constants.CALLBACK_QUEUE)  # another job's canceled event, lost too
     sent = Sent()
 
     with caplog.at_level(logging.ERROR):

@@ -7,7 +7,8 @@
 -- job_id: the job's id; event: the event type (running, progress, succeeded, failed, canceled)
 --
 -- Appends one entry {job, event, seq, record} to the outbox: seq is the job's next event sequence number (the
--- same counter the client's queued and canceled events take), record the job hash as it is now, as a JSON object.
+-- same counter the cancel call's canceled event takes; a job's queued event is seq 1, written with its record by
+-- JobStore.create), record the job hash as it is now, as a JSON object.
 -- Shards' output lists (shard:*, partial:*) are left out unless the job failed or was canceled: only those views
 -- list them, and a running bulk job's would make every progress event hundreds of kB.
 -- Returns: the sequence number.
