@@ -9,8 +9,8 @@
 (d) submit-to-terminal latency of 1-image jobs, one at a time, on an idle worker.
 (c) one bulk job (20,000 images) as webdataset tar shards vs the compute ceiling, and as objects vs the PUT ceiling.
 (e) N images the naive way (N one-image jobs, batch 1, one upload thread) vs the same N as one genq job.
-(f) the worker's peak RSS over one 10,000-image and one 100,000-image webdataset job (500/2,500 with --quick),
-    each on a fresh worker: flat in job size when shards and the bounded pipeline do their work.
+(f) the worker's peak RSS over one 10,000-image and one 100,000-image webdataset job, each on a fresh worker (with
+    --quick: 200 then 600 images on one worker): flat in job size when shards and the bounded pipeline do their work.
 (g) where the CPU of a 1-image job goes (worker, this process's client and S3 server, Redis), against the CPU the
     job cannot do without (one forward pass and one PUT, each at its full-machine best). Where compute and storage
     share the same cores (this CPU-only machine) their ceilings add up instead of the tighter one binding: the
@@ -506,9 +506,9 @@ def own_ceilings(
     """Sections (a)-(g): genq against its own hardware's ceilings; prints their table and returns their figures."""
     accel = Acceleration(bf16=args.bf16, channels_last=args.channels_last, compile_backend=args.compile)
     model, model_dir = make_model(args.size, root)
-    small_jobs, naive_n, latency_n, seconds = (128, 100, 20, 0.5) if args.quick else (1024, 2000, 100, 3.0)
-    bulk_n = 500 if args.quick else 20_000
-    rss_sizes = (500, 1_500) if args.quick else (10_000, 100_000)
+    small_jobs, naive_n, latency_n, seconds = (128, 100, 20, 0.3) if args.quick else (1024, 2000, 100, 3.0)
+    bulk_n = 300 if args.quick else 20_000
+    rss_sizes = (200, 600) if args.quick else (10_000, 100_000)
     max_wait_ms = 5.0
     batches = args.batches or [1, 8, 32, 64, 128, 256, *([] if args.device == "cpu" else [512, 1024, 2048])]
     batches = sorted({1, *batches, args.max_batch or 1})  # batch 1 and a pinned "on" batch are always measured
@@ -524,7 +524,7 @@ def own_ceilings(
     from worker.generate.encode import encode_image, provenance
 
     png_size = len(encode_image(sample, OutputFormat.PNG, provenance(generator=model, version="1", label="x", seed=1)))
-    puts, put_cpu_ms, _ = put_ceiling(endpoint, bucket, png_size, 300 if args.quick else 1000)
+    puts, put_cpu_ms, _ = put_ceiling(endpoint, bucket, png_size, 150 if args.quick else 1000)
 
     on = {"batching__max_batch": str(batched), "batching__max_wait_ms": str(max_wait_ms), **device_env}
     # Each worker first runs a full batch of jobs unmeasured: a fresh process grows its heap to a batch's
@@ -548,10 +548,16 @@ def own_ceilings(
         jobs_per_s(client, model, warm_up)
         naive = jobs_per_s(client, model, naive_n)  # jobs of one image = images/s
     rss: dict[int, float] = {}
-    for n in rss_sizes:  # a fresh worker per size: VmHWM is the peak since the process started
+    if args.quick:  # one worker, the small job first: its peak after the large job is the larger of the two
         with worker(args.redis, endpoint, bucket, root, **on) as proc:
-            bulk_images_per_s(client, model, n, "webdataset")
-            rss[n] = peak_rss_mib(proc.pid)
+            for n in rss_sizes:
+                bulk_images_per_s(client, model, n, "webdataset")
+                rss[n] = peak_rss_mib(proc.pid)
+    else:
+        for n in rss_sizes:  # a fresh worker per size: VmHWM is the peak since the process started
+            with worker(args.redis, endpoint, bucket, root, **on) as proc:
+                bulk_images_per_s(client, model, n, "webdataset")
+                rss[n] = peak_rss_mib(proc.pid)
     compute_gain = rates[batched] / rates[1]  # what the hardware offers "on" over "off"; below 1 if batching slows it
     batching_efficiency = (jobs_on / jobs_off) / compute_gain
     small_job_ceiling = min(rates[best], puts)  # 1 PUT per 1-image job: the image (its manifest is in its record)
@@ -663,7 +669,7 @@ def peer_figures(
     name, endpoint, server_pid = server
     use_endpoint(endpoint)
     conc = args.concurrency
-    peer_n, peer_put_n = (100, 200) if args.quick else (1000, 1000)  # images per path, PUTs of the ceiling
+    peer_n, peer_put_n = (100, 100) if args.quick else (1000, 1000)  # images per path, PUTs of the ceiling
     peer_model, peer_dir = make_model(28, root)
     plain_png = len(plain_task.render_png(load_generator(peer_dir), 7, 1))
     ceiling = Ceiling(name, *put_ceiling(endpoint, bucket, plain_png, peer_put_n, conc, server_pid), plain_png)
@@ -800,7 +806,9 @@ def main() -> None:
             moto = ("moto", endpoint, None)
             found, counted = peer_figures(args, client, moto, bucket, root, requests, device_env)
             figures += found
-            if not S3RVER_BIN.exists():
+            if args.quick:
+                print("(h) against s3rver: skipped with --quick (a smoke test)\n")
+            elif not S3RVER_BIN.exists():
                 print(f"(h) against s3rver: skipped, not installed (`{S3RVER_INSTALL}` installs it)\n")
             else:
                 with s3rver(bucket) as other:
