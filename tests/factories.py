@@ -26,8 +26,9 @@ def output_refs(indices: range, prefix: str = "jobs/job-0001/") -> list[OutputRe
 class RecordingReporter:
     """The pipeline's reporter in memory: the events it was told of, the shards stored, the sheet named."""
 
-    def __init__(self, start: bool = True) -> None:
+    def __init__(self, start: bool = True, succeeds: bool = True) -> None:
         self.start = start
+        self.succeeds = succeeds  # False: the job ended (was canceled) before its success
         self.events: list[tuple[str, int]] = []
         self.shards: dict[int, list[OutputRef]] = {}
         self.sheet_key: str | None = None
@@ -60,7 +61,8 @@ class RecordingReporter:
         total: int,
         manifest_key: str | None,
         sheet_key: str | None = None,
-    ) -> None:
+    ) -> bool:
         self.events.append(("succeeded", total))
         self.sheet_key = sheet_key
         self.first = first
+        return self.succeeds

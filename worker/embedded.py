@@ -54,8 +54,8 @@ class LocalReporter:
         total: int,
         manifest_key: str | None,
         sheet_key: str | None = None,
-    ) -> None:
-        pass
+    ) -> bool:
+        return True
 
 
 def run_embedded(

@@ -63,10 +63,12 @@ class RedisReporter:
         total: int,
         manifest_key: str | None,
         sheet_key: str | None = None,
-    ) -> None:
+    ) -> bool:
         self._last_progress.pop(job.job_id, None)
         announce = wants(job, EventType.SUCCEEDED)
-        self.store.mark_succeeded(job.job_id, first, manifest_key, total=total, sheet_key=sheet_key, announce=announce)
+        return self.store.mark_succeeded(
+            job.job_id, first, manifest_key, total=total, sheet_key=sheet_key, announce=announce
+        )
 
     def stopped(self, job: GenerateJob, shard: Shard, outputs: list[OutputRef]) -> None:
         """The shard stopped early because its job ended (canceled): keep what it stored listed in the view."""

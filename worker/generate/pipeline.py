@@ -70,10 +70,10 @@ class Reporter(Protocol):
         total: int,
         manifest_key: str | None,
         sheet_key: str | None = None,
-    ) -> None:
+    ) -> bool:
         """The manifest (and the contact sheet, if any) is stored: the job succeeded with ``total`` outputs, of which
         ``first`` are the first. ``manifest_key`` None: no manifest object (a job of one image, whose manifest is
-        served from its record: :func:`stores_manifest`)."""
+        served from its record: :func:`stores_manifest`). False when the job had ended meanwhile (canceled)."""
         ...
 
 
@@ -191,7 +191,7 @@ def run_generate(
     if not reporter.started(job, shard):
         if reporter.awaiting_manifest(job):  # a run recorded the job's last shard, then died before the manifest
             sheet = _Sheet(sample, chunk_size, sheet_images)
-            manifest_key, sheet_key = _finish(job, storage, reporter, shard, prefix, None, sheet, one_image_manifest)
+            manifest_key, sheet_key, _ = _finish(job, storage, reporter, shard, prefix, None, sheet, one_image_manifest)
             return GenerateResult([], manifest_key, sheet_key=sheet_key, completed=True, recovered=True)
         return GenerateResult(outputs=[], manifest_key=None, skipped=True)
 
@@ -317,7 +317,10 @@ def run_generate(
         return GenerateResult(outputs=list(outputs), manifest_key=None)
     # A job of one shard has every output in hand.
     everything = list(outputs) if shard.count == 1 else None
-    manifest_key, sheet_key = _finish(job, storage, reporter, shard, prefix, everything, sheet, one_image_manifest)
+    finished = _finish(job, storage, reporter, shard, prefix, everything, sheet, one_image_manifest)
+    manifest_key, sheet_key, succeeded = finished
+    if one_step and not succeeded:  # canceled between its image and its success: listed as a stopped shard's
+        return GenerateResult(outputs=list(outputs), manifest_key=None, stopped=True)
     return GenerateResult(outputs=list(outputs), manifest_key=manifest_key, sheet_key=sheet_key, completed=True)
 
 
@@ -406,10 +409,11 @@ def _finish(
     outputs: list[OutputRef] | None,
     sheet: _Sheet,
     one_image_manifest: bool,
-) -> tuple[str | None, str | None]:
+) -> tuple[str | None, str | None, bool]:
     """Store the contact sheet and the manifest of a job whose shards are all stored and mark it succeeded;
     ``outputs``: all of them, or None to read each shard's back from the reporter, one shard at a time. Returns the
-    manifest's key (None: served from the record, :func:`stores_manifest`) and the sheet's (None: no sheet)."""
+    manifest's key (None: served from the record, :func:`stores_manifest`), the sheet's (None: no sheet) and whether
+    the job was marked succeeded (False: it ended meanwhile)."""
     sheet_png = make_sheet(job, sheet.sample, sheet.chunk_size, sheet.images, sheet.cells)
     sheet_key = None
     if sheet_png is not None:
@@ -418,8 +422,8 @@ def _finish(
     parts = [outputs] if outputs is not None else reporter.stored_outputs(job, shard.count)
     manifest_key = prefix + constants.MANIFEST_NAME if stores_manifest(job, one_image_manifest) else None
     first, total = write_manifest(job, storage, manifest_key, parts, sheet_key=sheet_key)
-    reporter.succeeded(job, first, total, manifest_key, sheet_key=sheet_key)
-    return manifest_key, sheet_key
+    succeeded = reporter.succeeded(job, first, total, manifest_key, sheet_key=sheet_key)
+    return manifest_key, sheet_key, succeeded
 
 
 def stores_manifest(job: GenerateJob, one_image_manifest: bool = False) -> bool:

@@ -139,6 +139,18 @@ def test_a_job_of_one_image_stores_it_alone_and_its_view_makes_the_manifest_a_st
     assert made == stored.get(with_manifest.manifest_key)  # byte for byte
 
 
+def test_a_one_image_job_canceled_between_its_image_and_its_success_lists_the_image_as_stopped(
+    registry: ModelRegistry, uploads: ThreadPoolExecutor, tmp_path: Path
+) -> None:
+    # No shard record precedes the success of a job of one image: the run reports its stored image as a stopped
+    # shard's, so the canceled job's view lists it (every stored object listed).
+    job = _job().model_copy(update={"items": [LabelCount(index=7, name="sneaker", count=1)]})
+    storage, reporter = LocalStorage(tmp_path), RecordingReporter(succeeds=False)
+    result = run(job, storage, registry, uploads, reporter)
+    assert result.stopped and not result.completed
+    assert [o.key for o in result.outputs] == storage.list("jobs/")
+
+
 def test_a_view_makes_no_manifest_of_a_job_that_has_not_succeeded_or_lists_only_its_first_outputs() -> None:
     view = JobView(
         id="j",
