@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 
 from producer.contract import EventType, FineTuneJob, GenerateJob, JobError, OutputRef, Shard, TrainingView
+from producer.core.callbacks.events import wants
 from producer.core.store import JobStore
 
 
@@ -78,11 +79,6 @@ class RedisReporter:
     def failed(self, job: GenerateJob | FineTuneJob, error: JobError, outputs: list[OutputRef]) -> None:
         self._last_progress.pop(job.job_id, None)
         self.store.mark_failed(job.job_id, error, outputs, announce=wants(job, EventType.FAILED))
-
-
-def wants(job: GenerateJob | FineTuneJob, event: EventType) -> bool:
-    """Whether ``job``'s callback asks for ``event`` (no callback: none)."""
-    return job.callback is not None and event in job.callback.events
 
 
 class TrainingReporter(RedisReporter):

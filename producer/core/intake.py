@@ -26,6 +26,7 @@ from producer.contract import (
     ModelEntry,
 )
 from producer.core import constants
+from producer.core.callbacks.events import wants
 from producer.core.clock import utcnow
 from producer.core.messages import JobMessage, job_messages
 from producer.core.records import as_text
@@ -181,13 +182,15 @@ class Intake:
         """
         messages = job_messages(job, shard_size)
         # The queued event goes into the outbox with the record, before any message can start the job: it is event 1.
-        queued = job.callback is not None and EventType.QUEUED in job.callback.events
+        queued = wants(job, EventType.QUEUED)
         view = self.store.create(job, shards=len(messages), shard_size=shard_size, announce=queued)
         try:
             for m in messages:
                 self.publish(m, 0.0)
         except Exception as exc:
-            self.store.mark_failed(job.job_id, JobError(type="EnqueueFailed", message=f"could not enqueue: {exc}"))
+            error = JobError(type="EnqueueFailed", message=f"could not enqueue: {exc}")
+            # Its queued event is in the outbox already: the receiver hears how the job ended too.
+            self.store.mark_failed(job.job_id, error, announce=wants(job, EventType.FAILED))
             raise
         return view
 

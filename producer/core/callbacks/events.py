@@ -8,7 +8,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from producer.contract import Callback, EventType, JobView, WebhookEvent
+from producer.contract import Callback, EventType, FineTuneJob, GenerateJob, JobView, WebhookEvent
 from producer.core.callbacks.signing import msg_id_for
 from producer.core.clock import utcnow
 
@@ -53,6 +53,11 @@ class CallbackDeadLetter(BaseModel):
     last_error: str | None
     last_status_code: int | None
     at: datetime
+
+
+def wants(job: GenerateJob | FineTuneJob, event: EventType) -> bool:
+    """Whether ``job``'s callback asks for ``event`` (no callback: none)."""
+    return job.callback is not None and event in job.callback.events
 
 
 def callback_message(
