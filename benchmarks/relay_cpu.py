@@ -77,7 +77,7 @@ def write_jobs(redis_url: str, url: str, jobs: int, prefix: str, rate: float = 0
             sha256=f"{i:064x}",
             content_type="image/png",
         )
-        store.mark_succeeded(job_id, [output], f"jobs/{job_id}/manifest.json", announce=True)
+        store.mark_succeeded(job_id, [output], None, announce=True)  # a 1-image job stores no manifest object
 
 
 @dataclass(frozen=True)
