@@ -22,6 +22,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("genq.s3")
 
+# Bodies up to this size go without ``Expect: 100-continue``, the threshold of the AWS SDK for Go v2
+# (``ContinueHeaderThresholdBytes``, 2 MB by default).
+CONTINUE_THRESHOLD_BYTES = 2 * 1024 * 1024
+
+
+def _continue_only_for_large_bodies(params: dict[str, Any], **_: Any) -> None:
+    """Drop the ``Expect: 100-continue`` header boto3 puts on every PUT with a file-like body when the body is small.
+
+    The header makes the client send its headers, wait for the server's ``100 Continue`` and only then send the body:
+    one more round trip per request, worth it only where a refused request would otherwise send megabytes for nothing.
+    For an image of a few kB it cost 0.45 ms of client CPU, 0.6 ms of the S3 server's and 8 ms of latency per PUT
+    (against a local S3 server); a body whose size is unknown keeps the header.
+    """
+    from botocore.utils import determine_content_length
+
+    headers = params.get("headers", {})
+    if "Expect" not in headers:
+        return
+    size = determine_content_length(params.get("body"))
+    if size is not None and size <= CONTINUE_THRESHOLD_BYTES:
+        del headers["Expect"]
+
 
 def make_s3_client(
     *,
@@ -33,7 +55,8 @@ def make_s3_client(
 ) -> S3Client:
     """Return a boto3 S3 client configured from the standard ``AWS_*`` variables (endpoint, credentials, region).
 
-    URLs are presigned with SigV4.
+    URLs are presigned with SigV4. Bodies up to :data:`CONTINUE_THRESHOLD_BYTES` are sent without ``Expect:
+    100-continue``.
 
     Args:
         max_pool_connections: HTTP connections kept per client; at least the number of threads sharing it.
@@ -55,9 +78,10 @@ def make_s3_client(
         signature_version="s3v4",
         retries={"total_max_attempts": attempts, "mode": "standard"},
     )
-    if session is not None:
-        return session.client("s3", config=config)
-    return boto3.client("s3", config=config)
+    client = session.client("s3", config=config) if session is not None else boto3.client("s3", config=config)
+    # After boto3's own handler for the same event, which adds the header to every PUT with a file-like body.
+    client.meta.events.register_last("before-call.s3", _continue_only_for_large_bodies)
+    return client
 
 
 def public_url(base_url: str, key: str) -> str:
