@@ -98,19 +98,25 @@ def _hmac(key: bytes, message: str) -> bytes:
     return hmac.new(key, message.encode(), hashlib.sha256).digest()
 
 
-def sigv4_signer(template_url: str, template_key: str, secret_key: str) -> Callable[[str], str] | None:
-    """A function presigning a GET of any other key exactly as ``template_url`` (a URL boto3 presigned for
-    ``template_key``) was: same endpoint, addressing style, credential, date and lifetime; or None when it cannot.
+def sigv4_signer(
+    template_url: str, template_key: str, secret_key: str, method: str = "GET"
+) -> Callable[[str], str] | None:
+    """A function presigning a ``method`` request (GET, or PUT for uploads) of any other key exactly as
+    ``template_url`` (a URL boto3 presigned for ``template_key`` and the same method) was: same endpoint, addressing
+    style, credential, date and lifetime; or None when it cannot.
 
     Presigning through boto3 costs about 0.2-0.4 ms per URL (endpoint rules, request serialisation, event hooks); this
-    costs one SHA-256 and one HMAC per URL, so a view of 1,000 outputs stays cheap. It is used only when it reproduces
-    the template itself, character for character: a configuration it does not model (another signing algorithm,
-    headers besides ``host``, a credential that changed meanwhile) gives None, and the caller presigns with boto3.
+    costs one SHA-256 and one HMAC per URL, so a view of 1,000 outputs stays cheap, and so do the workers' uploads.
+    It is used only when it reproduces the template itself, character for character: a configuration it does not
+    model (another signing algorithm, headers besides ``host``, a credential that changed meanwhile) gives None, and
+    the caller presigns with boto3.
 
     Args:
-        template_url: ``generate_presigned_url("get_object", ...)`` of a SigV4 (``s3v4``) client.
+        template_url: ``generate_presigned_url("get_object", ...)`` (``"put_object"`` for a PUT, without a content
+            type: only ``host`` is signed) of a SigV4 (``s3v4``) client.
         template_key: the object key it was presigned for.
         secret_key: the secret of the access key named in the template's ``X-Amz-Credential``.
+        method: the HTTP method the template was presigned for.
     """
     parts = urlsplit(template_url)
     encoded_key = quote(template_key, safe="/~")
@@ -140,7 +146,7 @@ def sigv4_signer(template_url: str, template_key: str, secret_key: str) -> Calla
 
     def sign(key: str) -> str:
         path = prefix + quote(key, safe="/~")  # S3 signs the path as sent, not normalised nor encoded twice
-        canonical = f"GET\n{path}\n{canonical_query}\nhost:{host}\n\nhost\nUNSIGNED-PAYLOAD"
+        canonical = f"{method}\n{path}\n{canonical_query}\nhost:{host}\n\nhost\nUNSIGNED-PAYLOAD"
         to_sign = f"{_ALGORITHM}\n{date}\n{credential_scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
         digest = hmac.new(signing_key, to_sign.encode(), hashlib.sha256).hexdigest()
         return f"{origin}{path}?{query}&{_SIGNATURE}={digest}"

@@ -36,6 +36,7 @@ from worker.errors import ObjectNotFound, StorageError, StorageUnavailable
 from worker.settings import StorageRetrySettings
 from worker.storage.base import RetryWindow, Storage
 from worker.storage.local import LocalStorage
+from worker.storage.presigned import PresignedPuts, Put
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -99,7 +100,8 @@ class S3Storage:
     Args:
         bucket: bucket holding every object (``GENQ_S3__BUCKET``).
         retry: how long and how fast transient faults are retried.
-        client: a boto3 S3 client; by default one from :func:`make_s3_client`.
+        client: a boto3 S3 client; by default one from :func:`make_s3_client`, whose small uploads then skip boto3's
+            per-request machinery (:class:`~worker.storage.presigned.PresignedPuts`).
         max_pool_connections: passed to :func:`make_s3_client` when no client is given.
         page_size: keys per ListObjectsV2 request (at most 1,000; smaller in tests of pagination).
     """
@@ -115,7 +117,14 @@ class S3Storage:
     ) -> None:
         self.bucket = bucket
         self.retry = retry
-        self.client = client if client is not None else make_s3_client(max_pool_connections=max_pool_connections)
+        self._puts: PresignedPuts | None = None
+        if client is None:
+            import boto3.session
+
+            session = boto3.session.Session()
+            client = make_s3_client(max_pool_connections=max_pool_connections, session=session)
+            self._puts = PresignedPuts(client, session, bucket)
+        self.client = client
         self.page_size = page_size
         self._window: RetryWindow | None = None  # shared by every call; None: a window per call
 
@@ -130,11 +139,15 @@ class S3Storage:
         return str(self.client.meta.endpoint_url)
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
-        self._call(
-            "put",
-            key,
-            lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type),
-        )
+        def upload() -> None:
+            done = self._puts.put(key, data, content_type) if self._puts is not None else Put.SKIPPED
+            if done is Put.STORED:
+                return
+            response = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+            if done is Put.REFUSED and self._puts is not None:
+                self._puts.refused_only(key, str(response["ResponseMetadata"]["HTTPStatusCode"]))
+
+        self._call("put", key, upload)
 
     def put_file(self, key: str, source: IO[bytes], content_type: str) -> None:
         def upload() -> object:

@@ -39,12 +39,14 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     yield monkeypatch
 
 
-def _same_second(make: list[str], client: object, bucket: str = "genq", expires: int = 900) -> list[str]:
+def _same_second(
+    make: list[str], client: object, bucket: str = "genq", expires: int = 900, operation: str = "get_object"
+) -> list[str]:
     """boto3's presigned URLs of ``make``, all stamped in one second (retried across a second boundary)."""
     for _ in range(5):
         urls = [
             client.generate_presigned_url(  # type: ignore[attr-defined]
-                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires
+                operation, Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires
             )
             for key in make
         ]
@@ -59,19 +61,23 @@ def _same_second(make: list[str], client: object, bucket: str = "genq", expires:
     ids=["aws-virtual-hosted", "ip-path-style", "localhost", "regional", "ipv6"],
 )
 @pytest.mark.parametrize("token", [None, "FQoGZXIvYXdzE+session/token=="])
+@pytest.mark.parametrize(("operation", "method"), [("get_object", "GET"), ("put_object", "PUT")])
 def test_the_fast_signer_makes_exactly_the_url_boto3_presigns(
-    aws: pytest.MonkeyPatch, endpoint: str | None, token: str | None
+    aws: pytest.MonkeyPatch, endpoint: str | None, token: str | None, operation: str, method: str
 ) -> None:
     if endpoint:
         aws.setenv("AWS_ENDPOINT_URL", endpoint)
     if token:
         aws.setenv("AWS_SESSION_TOKEN", token)
     client = make_s3_client(session=boto3.session.Session())  # boto3's default session keeps what it read first
-    template, *expected = _same_second(["tenants/acme/jobs/j/00000.png", *KEYS], client)
-    sign = sigv4_signer(template, "tenants/acme/jobs/j/00000.png", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
+    template, *expected = _same_second(["tenants/acme/jobs/j/00000.png", *KEYS], client, operation=operation)
+    secret = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+    sign = sigv4_signer(template, "tenants/acme/jobs/j/00000.png", secret, method=method)
     assert sign is not None
     assert [sign(key) for key in KEYS] == expected
     assert ("X-Amz-Security-Token=" in template) is (token is not None)
+    other = "PUT" if method == "GET" else "GET"  # a URL signed for one method is no good for the other
+    assert sigv4_signer(template, "tenants/acme/jobs/j/00000.png", secret, method=other) is None
 
 
 def test_the_fast_signer_refuses_what_it_cannot_reproduce(aws: pytest.MonkeyPatch) -> None:

@@ -181,6 +181,9 @@ def test_s3_ensure_bucket_with_no_endpoint_answering_gives_up_at_once_with_no_re
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # its own: it must not depend on what an earlier test set
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     storage = S3Storage("genq", StorageRetrySettings(window_s=0))
     started = time.monotonic()
 
