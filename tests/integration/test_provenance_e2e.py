@@ -31,9 +31,9 @@ def _check_signed(data: bytes, content_type: str, chain: SigningChain, label: st
     assert (read.state, read.failures) == ("Trusted", [])
     [action] = read.assertion("c2pa.actions.v2")["actions"]
     assert (action["action"], action["digitalSourceType"]) == ("c2pa.created", IPTC_TRAINED_ALGORITHMIC)
-    assert action["softwareAgent"] == {"name": "fmnist-cgan", "version": "1"}
+    assert action["softwareAgent"] == {"name": "fmnist-cgan", "version": "2"}
     generation = read.assertion(GENERATION_ASSERTION)
-    assert (generation["version"], generation["label"], generation["seed"]) == ("fmnist-cgan@1", label, seed)
+    assert (generation["version"], generation["label"], generation["seed"]) == ("fmnist-cgan@2", label, seed)
     assert read.manifest["signature_info"]["common_name"] == LEAF_NAME
 
 
