@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,8 @@ class TrainConfig:
     # learn to judge it before G follows its gradients, or G's first updates follow a random critic.
     d_warmup_steps: int = 0
     eval_every: int = 0  # steps between calls of train()'s ``scorer`` on the export (and at the end); 0: never
+    # D updates per G update (SNGAN's n_dis; BigGAN uses 2), each on a real batch of its own; ``steps`` counts G's.
+    d_steps: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lr_decay_start <= 1.0:
@@ -70,6 +72,8 @@ class TrainConfig:
             raise InvalidModelConfig(f"eval_every must be 0 or more, got {self.eval_every}")
         if self.d_warmup_steps < 0:
             raise InvalidModelConfig(f"d_warmup_steps must be 0 or more, got {self.d_warmup_steps}")
+        if self.d_steps < 1:
+            raise InvalidModelConfig(f"d_steps must be 1 or more (D updates per G update), got {self.d_steps}")
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,7 @@ def train_step_aug(
     *,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     update_g: bool = True,
+    extra_d: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> StepResult:
     """One D and one G update with the hinge loss, optionally augmenting every batch D sees (DiffAugment).
 
@@ -199,22 +204,19 @@ def train_step_aug(
             draw each call; it must be differentiable (G's gradient goes through it). None: no augmentation and
             no extra draws from ``state.rng``.
         update_g: False updates D only (G's loss is still measured, without a gradient): D's warm-up.
+        extra_d: (real, labels) batches for D updates of their own before this step's (``TrainConfig.d_steps``
+            - 1 of them), each against a fresh fake batch; () draws exactly what a single-D-step run draws.
 
     Returns:
         The losses and the mean sign of D(real), read back from the device together (one synchronisation).
     """
     aug = augment or (lambda x: x)
-    b = real.shape[0]
-    num_classes = state.g.cfg.num_classes
-    z = host_to_device(torch.randn(b, state.g.cfg.z_dim, generator=state.rng), real.device)  # (B, z_dim)
-    y_fake = host_to_device(torch.randint(0, num_classes, (b,), generator=state.rng), real.device)  # (B,)
-    fake = state.g(z, y_fake)  # (B, C, H, W)
-
-    real_logits = state.d(aug(real), labels)  # (B,)
-    d_loss = F.relu(1.0 - real_logits).mean() + F.relu(1.0 + state.d(aug(fake.detach()), y_fake)).mean()
-    state.opt_d.zero_grad(set_to_none=True)
-    d_loss.backward()
-    state.opt_d.step()
+    for extra_real, extra_labels in extra_d:
+        with torch.no_grad():
+            extra_fake, extra_y = _fake_batch(state, extra_real.shape[0], extra_real.device)
+        _d_update(state, aug, extra_real, extra_labels, extra_fake, extra_y)
+    fake, y_fake = _fake_batch(state, real.shape[0], real.device)  # (B, C, H, W), (B,)
+    d_loss, real_logits = _d_update(state, aug, real, labels, fake.detach(), y_fake)
 
     if update_g:
         g_loss = -state.d(aug(fake), y_fake).mean()
@@ -230,6 +232,30 @@ def train_step_aug(
     measured = torch.stack([d_loss.detach(), g_loss.detach(), real_logits.detach().sign().mean()])  # (3,)
     d_value, g_value, sign = measured.tolist()
     return StepResult(d_value, g_value, sign)
+
+
+def _fake_batch(state: TrainState, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """G's images (B, C, H, W) for b random latents and classes drawn from ``state.rng``, and those classes (B,)."""
+    z = host_to_device(torch.randn(b, state.g.cfg.z_dim, generator=state.rng), device)  # (B, z_dim)
+    y = host_to_device(torch.randint(0, state.g.cfg.num_classes, (b,), generator=state.rng), device)  # (B,)
+    return state.g(z, y), y
+
+
+def _d_update(
+    state: TrainState,
+    aug: Callable[[torch.Tensor], torch.Tensor],
+    real: torch.Tensor,
+    labels: torch.Tensor,
+    fake: torch.Tensor,
+    y_fake: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One hinge-loss update of D on real and (detached) fake images; returns the loss and D's logits on the reals."""
+    real_logits = state.d(aug(real), labels)  # (B,)
+    d_loss = F.relu(1.0 - real_logits).mean() + F.relu(1.0 + state.d(aug(fake), y_fake)).mean()
+    state.opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    state.opt_d.step()
+    return d_loss, real_logits
 
 
 @torch.no_grad()
@@ -389,11 +415,11 @@ def _loop(
     grid_seeds = list(range(10))
     started, started_step = time.perf_counter(), state.step
     while state.step < cfg.steps:
-        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=state.rng)
-        real = data.images[idx].float() / 127.5 - 1.0  # (B, C, H, W) in [-1, 1]
+        batches = [_real_batch(data, cfg.batch_size, state.rng) for _ in range(cfg.d_steps)]
         set_learning_rates(state, cfg)
         update_g = state.step >= cfg.d_warmup_steps
-        result = train_step_aug(state, real, data.labels[idx], cfg, augment=augment, update_g=update_g)
+        real, labels = batches[-1]
+        result = train_step_aug(state, real, labels, cfg, augment=augment, update_g=update_g, extra_d=batches[:-1])
         rate = (state.step - started_step) / max(time.perf_counter() - started, 1e-9)
         if on_step is not None:
             on_step(StepStats(state.step, cfg.steps, result.d_loss, result.g_loss, rate))
@@ -418,6 +444,12 @@ def _loop(
                 f"step {state.step}/{cfg.steps}: d={result.d_loss:.3f} g={result.g_loss:.3f} "
                 f"lr_g={lr:.2e} {rate:.2f} steps/s; checkpoint and export written"
             )
+
+
+def _real_batch(data: LabelledImages, b: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """b training images (B, C, H, W) in [-1, 1] drawn with replacement from ``rng``, and their labels (B,)."""
+    idx = torch.randint(0, len(data), (b,), generator=rng)
+    return data.images[idx].float() / 127.5 - 1.0, data.labels[idx]
 
 
 def step_scalars(state: TrainState, cfg: TrainConfig, result: StepResult, rate: float) -> dict[str, float | None]:

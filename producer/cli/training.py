@@ -58,6 +58,9 @@ def train(
         0, "--d-warmup-steps", min=0, help="cgan: first steps update D only (a fresh D for a --init-from G)."
     ),
     ema_decay: float = typer.Option(0.999, "--ema-decay", min=0.0, max=0.99999, help="cgan: EMA decay of G."),
+    d_steps: int = typer.Option(
+        1, "--d-steps", min=1, help="cgan: D updates per G update, each on its own real batch (--steps counts G's)."
+    ),
     seed: int = typer.Option(0, "--seed"),
     sample_every: int = typer.Option(500, "--sample-every", min=1),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1),
@@ -146,6 +149,7 @@ def train(
                 ema_decay=ema_decay,
                 lr_decay_start=lr_decay_start,
                 d_warmup_steps=d_warmup_steps,
+                d_steps=d_steps,
                 seed=seed,
                 sample_every=sample_every,
                 checkpoint_every=checkpoint_every,

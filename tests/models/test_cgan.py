@@ -158,7 +158,9 @@ def test_lr_is_constant_then_falls_linearly_to_a_last_small_step() -> None:
     assert [lr_scale_at(step, TrainConfig(steps=10)) for step in range(10)] == [1.0] * 10
 
 
-@pytest.mark.parametrize("kwargs", [{"lr_decay_start": 1.5}, {"lr_decay_start": -0.1}, {"d_warmup_steps": -1}])
+@pytest.mark.parametrize(
+    "kwargs", [{"lr_decay_start": 1.5}, {"lr_decay_start": -0.1}, {"d_warmup_steps": -1}, {"d_steps": 0}]
+)
 def test_bad_train_configs_are_refused_naming_the_field(kwargs: dict[str, float]) -> None:
     with pytest.raises(InvalidModelConfig, match=next(iter(kwargs))):
         TrainConfig(**kwargs)  # type: ignore[arg-type]
@@ -177,6 +179,40 @@ def test_a_d_only_step_leaves_g_untouched_and_trains_d(tmp_path: Path) -> None:
     g_after = state.g.state_dict()
     assert all(torch.equal(v, g_after[k]) for k, v in g_before.items())
     assert any(not torch.equal(v, state.d.state_dict()[k]) for k, v in d_before.items())
+
+
+def test_extra_d_steps_update_d_once_per_batch_and_g_once(tmp_path: Path) -> None:
+    data = _synthetic_data(64)
+    config = cgan.CGANConfig(class_names=data.class_names, z_dim=8, g_ch=4, d_ch=4)
+    from models.train import new_state
+
+    real = data.images[:32].float() / 127.5 - 1.0
+    batches = [(real[:16], data.labels[:16]), (real[16:], data.labels[16:32])]
+    one, two = new_state(config, TrainConfig()), new_state(config, TrainConfig())
+    d_steps_seen: list[int] = []
+    two.opt_d.register_step_post_hook(lambda *_: d_steps_seen.append(1))
+    g_steps_seen: list[int] = []
+    two.opt_g.register_step_post_hook(lambda *_: g_steps_seen.append(1))
+    train_step_aug(one, *batches[1], TrainConfig())
+    train_step_aug(two, *batches[1], TrainConfig(), extra_d=batches[:1])
+    assert (len(d_steps_seen), len(g_steps_seen), two.step) == (2, 1, 1)  # steps count G's updates
+    assert any(not torch.equal(v, two.d.state_dict()[k]) for k, v in one.d.state_dict().items())
+
+
+def test_resume_with_two_d_steps_is_exact_and_differs_from_one(tmp_path: Path) -> None:
+    data = _synthetic_data(128)
+    config = cgan.CGANConfig(class_names=data.class_names, z_dim=8, g_ch=4, d_ch=4)
+    cfg = TrainConfig(
+        steps=6, batch_size=16, d_steps=2, sample_every=100, checkpoint_every=2, bn_recalibration_batches=1
+    )
+    with pytest.raises(_Killed):  # dies after step 3, between the checkpoints of steps 2 and 4
+        train(data, tmp_path / "a", cfg, config, on_step=lambda s: _kill_at(s.step, 3))
+    resumed = train(data, tmp_path / "a", cfg, config)
+    straight = train(data, tmp_path / "b", cfg, config)
+    single = train(data, tmp_path / "c", TrainConfig(**{**cfg.__dict__, "d_steps": 1}), config)
+    for (key, a), b in zip(resumed.ema.state_dict().items(), straight.ema.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    assert any(not torch.equal(v, single.d.state_dict()[k]) for k, v in straight.d.state_dict().items())
 
 
 def test_warm_start_begins_from_the_published_g_and_d(tmp_path: Path) -> None:
