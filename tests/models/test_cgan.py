@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import struct
 from pathlib import Path
@@ -209,7 +210,7 @@ def test_resume_with_two_d_steps_is_exact_and_differs_from_one(tmp_path: Path) -
         train(data, tmp_path / "a", cfg, config, on_step=lambda s: _kill_at(s.step, 3))
     resumed = train(data, tmp_path / "a", cfg, config)
     straight = train(data, tmp_path / "b", cfg, config)
-    single = train(data, tmp_path / "c", TrainConfig(**{**cfg.__dict__, "d_steps": 1}), config)
+    single = train(data, tmp_path / "c", dataclasses.replace(cfg, d_steps=1), config)
     for (key, a), b in zip(resumed.ema.state_dict().items(), straight.ema.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
     assert any(not torch.equal(v, single.d.state_dict()[k]) for k, v in straight.d.state_dict().items())
