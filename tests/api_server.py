@@ -17,6 +17,7 @@ import httpx
 import redis
 import uvicorn
 from fastapi import FastAPI
+from shipped import CGAN, CGAN_LATEST, CGAN_VERSIONS
 from stack import LOOPBACK_ALLOWED
 
 from producer.api.auth import KeyQuotas, KeyStore
@@ -73,7 +74,7 @@ TEST_API = {"rate_per_s": 1000.0, "burst": 1000, "events_poll_s": 0.05}
 def publish_catalog(client: redis.Redis) -> None:
     """What a worker publishes at start-up for the shipped model; enough for the API to accept jobs."""
     info = ModelVersionInfo(arch="cgan", class_names=FMNIST_CLASSES, resolution=28, channels=1)
-    entry = ModelEntry(name="fmnist-cgan", versions={"1": info, "2": info}, aliases={"latest": "2"})
+    entry = ModelEntry(name=CGAN, versions=dict.fromkeys(CGAN_VERSIONS, info), aliases={"latest": CGAN_LATEST})
     client.hset(constants.CATALOG_KEY, entry.name, entry.model_dump_json())
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from shipped import CGAN_LATEST_REF
 
 
 def _genq(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -35,7 +36,7 @@ def test_embedded_generate_writes_pngs_and_manifest_without_redis_or_s3(tmp_path
     assert result.returncode == 0, result.stderr
     assert "wrote 8 images" in result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["seed"] == 42 and manifest["model_version"] == "fmnist-cgan@2"
+    assert manifest["seed"] == 42 and manifest["model_version"] == CGAN_LATEST_REF
     assert sorted(p.name for p in out.glob("*.png")) == [f"{i:05d}.png" for i in range(8)] + ["sheet.png"]
     for entry in manifest["outputs"]:
         data = (out / entry["key"]).read_bytes()
@@ -88,7 +89,7 @@ def test_eval_quick_prints_every_score_beside_its_reference_and_writes_json(tmp_
     for score in ("FID", "KID", "precision (k=5)", "recall (k=5)", "label consistency", "CAS", "per-class FID"):
         assert score in result.stdout
     data = json.loads(report.read_text())
-    assert data["model"] == "fmnist-cgan@2"
+    assert data["model"] == CGAN_LATEST_REF
     assert 0.0 <= data["label_consistency"] <= 1.0 and data["classifier_test_accuracy"] > 0.9
 
 

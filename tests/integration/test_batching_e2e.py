@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from shipped import CGAN_LATEST
 from stack import Stack, worker_env
 
 from producer.contract import GenerateJob, GenerateRequest, JobStatus, LabelCount
@@ -52,7 +53,7 @@ def test_a_poisoned_job_in_a_shared_forward_pass_fails_alone(stack: Stack, start
         job_id=uuid.uuid4().hex,
         model="fmnist-cgan",
         model_name="fmnist-cgan",
-        model_version="2",  # latest, the good jobs' version: only then can they share its forward pass
+        model_version=CGAN_LATEST,  # latest, the good jobs' version: only then can they share its forward pass
         items=[LabelCount(index=12, name="not-a-class", count=1)],
         seed=1,
         created_at=utcnow(),

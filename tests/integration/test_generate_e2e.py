@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from shipped import CGAN_LATEST_REF
 from stack import Stack
 from webhook_receiver import Received, WebhookReceiver
 from worker_process import WorkerProcess
@@ -63,7 +64,7 @@ def test_generate_job_stores_pngs_and_manifest_and_sends_signed_callbacks(
     view = stack.client.wait(queued.id, timeout=60)
     assert view.status is JobStatus.SUCCEEDED, view.error
     assert view.progress.done == view.progress.total == 8
-    assert view.model_version == "fmnist-cgan@2" and view.seed == 42 and view.metadata == {"sku": "SNK-1"}
+    assert view.model_version == CGAN_LATEST_REF and view.seed == 42 and view.metadata == {"sku": "SNK-1"}
 
     prefix = f"jobs/{queued.id}/"
     keys = stack.keys(prefix)

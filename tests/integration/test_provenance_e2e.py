@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from c2pa_chain import LEAF_NAME, SigningChain, read_credentials
 from PIL import Image
+from shipped import CGAN_LATEST, CGAN_LATEST_REF
 from stack import Stack, worker_env
 from stack_fixtures import GENERATION_QUEUES, WorkerFactory
 
@@ -31,9 +32,9 @@ def _check_signed(data: bytes, content_type: str, chain: SigningChain, label: st
     assert (read.state, read.failures) == ("Trusted", [])
     [action] = read.assertion("c2pa.actions.v2")["actions"]
     assert (action["action"], action["digitalSourceType"]) == ("c2pa.created", IPTC_TRAINED_ALGORITHMIC)
-    assert action["softwareAgent"] == {"name": "fmnist-cgan", "version": "2"}
+    assert action["softwareAgent"] == {"name": "fmnist-cgan", "version": CGAN_LATEST}
     generation = read.assertion(GENERATION_ASSERTION)
-    assert (generation["version"], generation["label"], generation["seed"]) == ("fmnist-cgan@2", label, seed)
+    assert (generation["version"], generation["label"], generation["seed"]) == (CGAN_LATEST_REF, label, seed)
     assert read.manifest["signature_info"]["common_name"] == LEAF_NAME
 
 

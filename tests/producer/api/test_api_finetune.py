@@ -10,6 +10,7 @@ import httpx
 import pytest
 import redis
 from api_server import ServeApi, make_key, session_for
+from shipped import CGAN_LATEST_REF
 
 from producer.core import constants
 
@@ -74,7 +75,7 @@ def test_a_finetune_is_queued_on_the_train_queue_and_read_like_any_job(
     assert created.status_code == 202, created.text
     view = created.json()
     assert view["kind"] == "finetune" and view["status"] == "queued" and view["tenant"] == "acme"
-    assert view["model_version"] == "fmnist-cgan@2" and view["progress"] == {"done": 0, "total": 50}
+    assert view["model_version"] == CGAN_LATEST_REF and view["progress"] == {"done": 0, "total": 50}
     assert catalog.llen(constants.TRAIN_QUEUE) == 1 and catalog.llen(constants.GENERATE_QUEUE) == 0
     assert acme.get(f"/v1/jobs/{view['id']}").json() == view
     assert globex.get(f"/v1/jobs/{view['id']}").status_code == 404

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import redis
 from api_server import ApiServer, ServeApi, make_key, session_for
+from shipped import CGAN_LATEST, CGAN_LATEST_REF
 
 from producer.core import constants
 
@@ -29,7 +30,7 @@ def test_create_answers_202_with_the_queued_job_and_get_returns_it(acme: httpx.C
     created = acme.post("/v1/jobs", json={**SNEAKERS, "metadata": {"sku": "SNK-1"}})
     assert created.status_code == 202, created.text
     view = created.json()
-    assert view["status"] == "queued" and view["tenant"] == "acme" and view["model_version"] == "fmnist-cgan@2"
+    assert view["status"] == "queued" and view["tenant"] == "acme" and view["model_version"] == CGAN_LATEST_REF
     assert view["progress"] == {"done": 0, "total": 2} and view["metadata"] == {"sku": "SNK-1"}
     assert created.headers["location"] == f"/v1/jobs/{view['id']}"
     assert catalog.llen(constants.GENERATE_QUEUE) == 1
@@ -52,7 +53,7 @@ def test_list_pages_newest_first_with_an_opaque_cursor_and_filters(acme: httpx.C
 
     assert len(acme.get("/v1/jobs", params={"status": "queued"}).json()["items"]) == 5
     assert acme.get("/v1/jobs", params={"status": "succeeded"}).json() == {"items": [], "next_cursor": None}
-    assert len(acme.get("/v1/jobs", params={"model": "fmnist-cgan@2"}).json()["items"]) == 5
+    assert len(acme.get("/v1/jobs", params={"model": CGAN_LATEST_REF}).json()["items"]) == 5
     assert acme.get("/v1/jobs", params={"model": "other-gan"}).json()["items"] == []
 
 
@@ -221,7 +222,10 @@ def test_malformed_job_id_is_422_and_unknown_is_404(acme: httpx.Client) -> None:
 def test_models_lists_the_catalogue(acme: httpx.Client) -> None:
     models = acme.get("/v1/models").json()
     assert [m["name"] for m in models] == ["fmnist-cgan"]
-    assert models[0]["aliases"] == {"latest": "2"} and "sneaker" in models[0]["versions"]["2"]["class_names"]
+    assert (
+        models[0]["aliases"] == {"latest": CGAN_LATEST}
+        and "sneaker" in models[0]["versions"][CGAN_LATEST]["class_names"]
+    )
 
 
 def test_healthz_needs_nothing_and_readyz_checks_redis_and_s3(
