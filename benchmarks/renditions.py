@@ -44,7 +44,7 @@ CASES: dict[str, list[dict[str, Any]] | None] = {
 def run(count: int, renditions: list[dict[str, Any]] | None, sheet: int, repeats: int) -> float:
     """Best wall time in seconds of ``repeats`` embedded jobs of ``count`` sneakers."""
     request = GenerateRequest.model_validate(
-        {"model": "fmnist-cgan", "label": "sneaker", "count": count, "seed": 42, "renditions": renditions}
+        {"model": "fmnist-cgan@2", "label": "sneaker", "count": count, "seed": 42, "renditions": renditions}
     )
     settings = WorkerSettings(sheet_images=sheet)
     best = float("inf")

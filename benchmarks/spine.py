@@ -30,14 +30,15 @@ from worker.catalog.registry import ZOO_DIR, ModelRegistry
 from worker.embedded import run_embedded
 from worker.settings import WorkerSettings
 
-MODEL = "fmnist-cgan"
+# Pinned: docs/benchmarks.md's figures are of this network's widths (versions 1 and 2; 3 costs 3x per image).
+MODEL, VERSION = "fmnist-cgan", "2"
 AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def raw_generator(batch_sizes: list[int], images: int) -> dict[int, float]:
     """images/s of sample() alone (latents, forward pass, uint8) at each batch size."""
     registry = ModelRegistry([ZOO_DIR])
-    model = registry.load(MODEL, registry.catalog()[MODEL].aliases["latest"])
+    model = registry.load(MODEL, VERSION)
     model.sample([0] * 8, list(range(8)))  # warm-up
     rates = {}
     for bs in batch_sizes:
@@ -51,7 +52,7 @@ def raw_generator(batch_sizes: list[int], images: int) -> dict[int, float]:
 
 def embedded_job(images: int) -> float:
     with tempfile.TemporaryDirectory() as out:
-        request = GenerateRequest(model=MODEL, label="sneaker", count=images, seed=1)
+        request = GenerateRequest(model=f"{MODEL}@{VERSION}", label="sneaker", count=images, seed=1)
         started = time.perf_counter()
         run_embedded(request, Path(out), WorkerSettings())
         return images / (time.perf_counter() - started)
@@ -84,7 +85,7 @@ def queued_job(images: int, redis_url: str, endpoint: str, bucket: str) -> tuple
         os.environ.update(AWS, AWS_ENDPOINT_URL=endpoint)
         client = Client(ClientSettings(redis=RedisSettings(url=redis_url), s3=S3Settings(bucket=bucket)))
         started = time.perf_counter()
-        job = client.submit(GenerateRequest(model=MODEL, label="sneaker", count=images, seed=2))
+        job = client.submit(GenerateRequest(model=f"{MODEL}@{VERSION}", label="sneaker", count=images, seed=2))
         first: list[float] = []
 
         def note_first(view: JobView) -> None:
@@ -134,7 +135,7 @@ def main() -> None:
         server.stop()
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
-    print(f"model: {MODEL} (shipped zoo), job: {args.images} images of one label, PNG\n")
+    print(f"model: {MODEL}@{VERSION} (shipped zoo), job: {args.images} images of one label, PNG\n")
     print(f"{'figure':<44}{'value':>12}")
     for bs, rate in rates.items():
         print(f"{f'raw generator, batch {bs} (images/s)':<44}{rate:>12.0f}")
