@@ -182,7 +182,7 @@ def test_a_d_only_step_leaves_g_untouched_and_trains_d(tmp_path: Path) -> None:
     assert any(not torch.equal(v, state.d.state_dict()[k]) for k, v in d_before.items())
 
 
-def test_extra_d_steps_update_d_once_per_batch_and_g_once(tmp_path: Path) -> None:
+def test_extra_d_steps_update_d_once_per_batch_and_g_once() -> None:
     data = _synthetic_data(64)
     config = cgan.CGANConfig(class_names=data.class_names, z_dim=8, g_ch=4, d_ch=4)
     from models.train import new_state
