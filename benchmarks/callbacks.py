@@ -3,6 +3,7 @@ that fails three times before 200, and one that hangs; then the CPU one delivery
 attempt (what genq did before) and with the delivery thread's reused one.
 
     python -m benchmarks.callbacks [--jobs 120] [--rounds 3] [-c 16] [--inline-callbacks] [--redis URL]
+                                   [--scenarios none,ok,failing,hanging]
 
 Each round submits ``--jobs`` 1-image jobs of the shipped fmnist-cgan at once (every event: ``queued``, ``running`` and
 ``succeeded``, 3 per job; a 1-image job's only chunk has no ``progress`` event of its own) and measures
@@ -239,7 +240,15 @@ def main() -> None:
     parser.add_argument("-c", "--concurrency", type=int, default=16)
     parser.add_argument("--inline-callbacks", action="store_true", help="callbacks from the generation pool")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/14", help="a Redis DB this benchmark may flush")
+    parser.add_argument(
+        "--scenarios",
+        default="none,ok,failing,hanging",
+        help="comma-separated, of none (always run: the base of every ratio), ok, failing, hanging",
+    )
     args = parser.parse_args()
+    wanted = {"none", *(name.strip() for name in args.scenarios.split(",") if name.strip())}
+    if unknown := wanted - {"none", "ok", "failing", "hanging"}:
+        parser.error(f"--scenarios: unknown {', '.join(sorted(unknown))} (choose from none, ok, failing, hanging)")
 
     from moto.server import ThreadedMotoServer
 
@@ -275,7 +284,8 @@ def main() -> None:
             worker(env, args.concurrency, args.inline_callbacks) as (worker_pid, callbacks_pid),
         ):
             run_round(client, 16, None)  # warm-up: first forward passes, connections
-            order = [*(["none", "ok", "failing"] * args.rounds), *(["none_hanging", "hanging"] * args.rounds)]
+            order = [name for name in ("none", "ok", "failing") if name in wanted] * args.rounds
+            order += ["none_hanging", "hanging"] * args.rounds if "hanging" in wanted else []
             for scenario in order:
                 url = urls.get(scenario)
                 before = (_cpu_s(worker_pid), _cpu_s(callbacks_pid))
@@ -291,7 +301,7 @@ def main() -> None:
     finally:
         server.stop()
 
-    median = {name: statistics.median(values) for name, values in rates.items()}
+    median = {name: statistics.median(values) for name, values in rates.items() if values}
     base = median["none"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
     mode = "inline (--inline-callbacks)" if args.inline_callbacks else "a callbacks worker beside it"
@@ -306,6 +316,7 @@ def main() -> None:
         "none_hanging": "no callbacks, between the hanging rounds",
         "hanging": "receiver hangs 30 s",
     }
+    labels = {name: label for name, label in labels.items() if name in median}
     for name, label in labels.items():
         w_cpu = 1000 * statistics.median(c[0] for c in cpu[name]) / args.jobs
         cb_cpu = 1000 * statistics.median(c[1] for c in cpu[name]) / args.jobs
@@ -322,14 +333,14 @@ def main() -> None:
     print(f"jobs_per_s_no_callbacks={base:.1f}")
     worker_cpu = {name: statistics.median(c[0] for c in cpu[name]) for name in labels}
     callbacks_cpu = {name: statistics.median(c[1] for c in cpu[name]) for name in labels}
-    for name in ("ok", "failing", "none_hanging", "hanging"):
+    for name in [name for name in ("ok", "failing", "none_hanging", "hanging") if name in labels]:
         print(f"jobs_per_s_{name}={median[name]:.1f}")
         print(f"ratio_{name}={median[name] / base:.2f}")
         # The generation worker's own CPU per job without callbacks over with them: the jobs/s ratio where the
         # deliveries run on CPU of their own (another core, another machine, a GPU box's idle cores).
         print(f"worker_cpu_ratio_{name}={worker_cpu['none'] / worker_cpu[name]:.2f}")
     # What bounds jobs/s on a machine whose cores are all busy: generation and deliveries share them.
-    for name in ("ok", "hanging"):
+    for name in [name for name in ("ok", "hanging") if name in labels]:
         shared = (worker_cpu["none"] + callbacks_cpu["none"]) / (worker_cpu[name] + callbacks_cpu[name])
         print(f"shared_cores_cpu_ratio_{name}={shared:.2f}")
     for key, value in cpu_per_delivery.items():
