@@ -64,6 +64,10 @@ class TrainConfig:
     eval_every: int = 0  # steps between calls of train()'s ``scorer`` on the export (and at the end); 0: never
     # D updates per G update (SNGAN's n_dis; BigGAN uses 2), each on a real batch of its own; ``steps`` counts G's.
     d_steps: int = 1
+    # Weight of MSGAN's mode-seeking term (Mao et al., 2019) in G's loss: G's batch pairs two latents per class and
+    # is rewarded for mapping them far apart, λ / (mean|G(z1,y) - G(z2,y)| / mean|z1 - z2| + ε). 0: off, and the
+    # step draws exactly what it drew before the term existed.
+    mode_seeking: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lr_decay_start <= 1.0:
@@ -74,6 +78,10 @@ class TrainConfig:
             raise InvalidModelConfig(f"d_warmup_steps must be 0 or more, got {self.d_warmup_steps}")
         if self.d_steps < 1:
             raise InvalidModelConfig(f"d_steps must be 1 or more (D updates per G update), got {self.d_steps}")
+        if self.mode_seeking < 0:
+            raise InvalidModelConfig(f"mode_seeking must be 0 or more (a loss weight), got {self.mode_seeking}")
+        if self.mode_seeking > 0 and self.batch_size % 2:
+            raise InvalidModelConfig(f"mode_seeking pairs G's batch: batch_size must be even, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -199,7 +207,7 @@ def train_step_aug(
 
     Args:
         real: float images (B, C, H, W) in [-1, 1] on the networks' device; labels: (B,) class indices there.
-        cfg: only ``ema_start`` and ``ema_decay`` are read.
+        cfg: only ``ema_start``, ``ema_decay`` and ``mode_seeking`` are read.
         augment: applied to the real and the fake batch right before each of the three D calls, a fresh random
             draw each call; it must be differentiable (G's gradient goes through it). None: no augmentation and
             no extra draws from ``state.rng``.
@@ -213,13 +221,16 @@ def train_step_aug(
     aug = augment or (lambda x: x)
     for extra_real, extra_labels in extra_d:
         with torch.no_grad():
-            extra_fake, extra_y = _fake_batch(state, extra_real.shape[0], extra_real.device)
+            extra_fake, extra_y, _ = _fake_batch(state, extra_real.shape[0], extra_real.device)
         _d_update(state, aug, extra_real, extra_labels, extra_fake, extra_y)
-    fake, y_fake = _fake_batch(state, real.shape[0], real.device)  # (B, C, H, W), (B,)
+    paired = cfg.mode_seeking > 0
+    fake, y_fake, z = _fake_batch(state, real.shape[0], real.device, paired=paired)  # (B, C, H, W), (B,), (B, z)
     d_loss, real_logits = _d_update(state, aug, real, labels, fake.detach(), y_fake)
 
     if update_g:
         g_loss = -state.d(aug(fake), y_fake).mean()
+        if paired:
+            g_loss = g_loss + cfg.mode_seeking * mode_seeking_penalty(fake, z)
         state.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         state.opt_g.step()
@@ -234,11 +245,34 @@ def train_step_aug(
     return StepResult(d_value, g_value, sign)
 
 
-def _fake_batch(state: TrainState, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """G's images (B, C, H, W) for b random latents and classes drawn from ``state.rng``, and those classes (B,)."""
+def _fake_batch(
+    state: TrainState, b: int, device: torch.device, paired: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """G's images (B, C, H, W) for b random latents and classes drawn from ``state.rng``, those classes (B,) and
+    latents (B, z_dim).
+
+    paired: the second half of the batch repeats the first half's classes (for :func:`mode_seeking_penalty`);
+    b must then be even (TrainConfig checks). False draws b classes, exactly as before pairing existed.
+    """
     z = host_to_device(torch.randn(b, state.g.cfg.z_dim, generator=state.rng), device)  # (B, z_dim)
-    y = host_to_device(torch.randint(0, state.g.cfg.num_classes, (b,), generator=state.rng), device)  # (B,)
-    return state.g(z, y), y
+    if paired:
+        half = torch.randint(0, state.g.cfg.num_classes, (b // 2,), generator=state.rng)  # (B/2,)
+        y = host_to_device(torch.cat([half, half]), device)  # (B,)
+    else:
+        y = host_to_device(torch.randint(0, state.g.cfg.num_classes, (b,), generator=state.rng), device)  # (B,)
+    return state.g(z, y), y, z
+
+
+def mode_seeking_penalty(fake: torch.Tensor, z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """MSGAN's term for a batch whose halves share classes: 1 / (mean|Δimage| / mean|Δz| + eps), a scalar.
+
+    Small when two latents of one class give far-apart images, large when G maps them to one mode.
+    fake: (B, C, H, W); z: (B, z_dim); row i of the first half pairs with row i of the second.
+    """
+    half = fake.shape[0] // 2
+    image_gap = (fake[:half] - fake[half:]).abs().mean()
+    latent_gap = (z[:half] - z[half:]).abs().mean()
+    return 1.0 / (image_gap / latent_gap + eps)
 
 
 def _d_update(

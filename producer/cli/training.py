@@ -61,6 +61,13 @@ def train(
     d_steps: int = typer.Option(
         1, "--d-steps", min=1, help="cgan: D updates per G update, each on its own real batch (--steps counts G's)."
     ),
+    mode_seeking: float = typer.Option(
+        0.0,
+        "--mode-seeking",
+        min=0.0,
+        help="cgan: weight of MSGAN's mode-seeking term, which rewards G for mapping two latents of one class to "
+        "different images (variety; 1 in the paper); 0: off.",
+    ),
     seed: int = typer.Option(0, "--seed"),
     sample_every: int = typer.Option(500, "--sample-every", min=1),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1),
@@ -91,6 +98,10 @@ def train(
         raise typer.BadParameter(f"unknown prior {prior!r} (known: {', '.join(cvae.PRIORS)})", param_hint="--prior")
     if init_from is not None and arch != cgan.ARCH:
         raise typer.BadParameter("only a cgan can start from a published model", param_hint="--init-from")
+    if mode_seeking > 0 and batch_size % 2:
+        raise typer.BadParameter(
+            f"mode seeking pairs G's batch: batch_size must be even, got {batch_size}", param_hint="--batch-size"
+        )
     base_dir = _model_dir(init_from)[0] if init_from is not None else None
     if threads is not None:
         torch.set_num_threads(threads)
@@ -150,6 +161,7 @@ def train(
                 lr_decay_start=lr_decay_start,
                 d_warmup_steps=d_warmup_steps,
                 d_steps=d_steps,
+                mode_seeking=mode_seeking,
                 seed=seed,
                 sample_every=sample_every,
                 checkpoint_every=checkpoint_every,

@@ -17,7 +17,7 @@ from models import cgan
 from models.data import FASHION_MNIST_CLASSES, LabelledImages, read_idx
 from models.errors import DatasetError, InvalidModelConfig, WeightsError
 from models.generator import WEIGHTS_FILE, load_generator, save_generator
-from models.train import TrainConfig, load_checkpoint, lr_scale_at, train, train_step_aug
+from models.train import TrainConfig, load_checkpoint, lr_scale_at, mode_seeking_penalty, train, train_step_aug
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,15 @@ def test_lr_is_constant_then_falls_linearly_to_a_last_small_step() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"lr_decay_start": 1.5}, {"lr_decay_start": -0.1}, {"d_warmup_steps": -1}, {"d_steps": 0}]
+    "kwargs",
+    [
+        {"lr_decay_start": 1.5},
+        {"lr_decay_start": -0.1},
+        {"d_warmup_steps": -1},
+        {"d_steps": 0},
+        {"mode_seeking": -0.5},
+        {"mode_seeking": 1.0, "batch_size": 15},
+    ],
 )
 def test_bad_train_configs_are_refused_naming_the_field(kwargs: dict[str, float]) -> None:
     with pytest.raises(InvalidModelConfig, match=next(iter(kwargs))):
@@ -200,20 +208,54 @@ def test_extra_d_steps_update_d_once_per_batch_and_g_once() -> None:
     assert any(not torch.equal(v, two.d.state_dict()[k]) for k, v in one.d.state_dict().items())
 
 
-def test_resume_with_two_d_steps_is_exact_and_differs_from_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("option", [{"d_steps": 2}, {"mode_seeking": 1.0}])
+def test_resume_with_an_option_is_exact_and_differs_from_without(tmp_path: Path, option: dict[str, float]) -> None:
     data = _synthetic_data(128)
     config = cgan.CGANConfig(class_names=data.class_names, z_dim=8, g_ch=4, d_ch=4)
-    cfg = TrainConfig(
-        steps=6, batch_size=16, d_steps=2, sample_every=100, checkpoint_every=2, bn_recalibration_batches=1
-    )
+    cfg = TrainConfig(steps=6, batch_size=16, sample_every=100, checkpoint_every=2, bn_recalibration_batches=1)
+    cfg = dataclasses.replace(cfg, **option)
     with pytest.raises(_Killed):  # dies after step 3, between the checkpoints of steps 2 and 4
         train(data, tmp_path / "a", cfg, config, on_step=lambda s: _kill_at(s.step, 3))
     resumed = train(data, tmp_path / "a", cfg, config)
     straight = train(data, tmp_path / "b", cfg, config)
-    single = train(data, tmp_path / "c", dataclasses.replace(cfg, d_steps=1), config)
+    default = train(data, tmp_path / "c", dataclasses.replace(cfg, d_steps=1, mode_seeking=0.0), config)
     for (key, a), b in zip(resumed.ema.state_dict().items(), straight.ema.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
-    assert any(not torch.equal(v, single.d.state_dict()[k]) for k, v in straight.d.state_dict().items())
+    assert any(not torch.equal(v, default.d.state_dict()[k]) for k, v in straight.d.state_dict().items())
+
+
+def test_mode_seeking_penalty_falls_as_a_class_s_two_images_move_apart() -> None:
+    z = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))  # (B, z_dim); rows i and i + 4 pair
+    base = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(1))  # (B/2, C, H, W)
+    penalties = [float(mode_seeking_penalty(torch.cat([base, base + gap]), z)) for gap in (0.0, 0.1, 0.5)]
+    assert penalties[0] > 1e4  # one mode for both latents: 1 / eps
+    latent_gap = float((z[:4] - z[4:]).abs().mean())
+    assert penalties[1:] == pytest.approx([latent_gap / 0.1, latent_gap / 0.5], rel=1e-3)
+
+
+def test_mode_seeking_pairs_classes_and_changes_only_g_s_update() -> None:
+    data = _synthetic_data(64)
+    config = cgan.CGANConfig(class_names=data.class_names, z_dim=8, g_ch=4, d_ch=4)
+    from models.train import _fake_batch, new_state
+
+    state = new_state(config, TrainConfig())
+    _, y, z = _fake_batch(state, 16, torch.device("cpu"), paired=True)
+    assert torch.equal(y[:8], y[8:]) and not torch.equal(z[:8], z[8:])
+    real, labels = data.images[:16].float() / 127.5 - 1.0, data.labels[:16]
+    off, on = new_state(config, TrainConfig()), new_state(config, TrainConfig(mode_seeking=1.0))
+    train_step_aug(off, real, labels, TrainConfig())
+    train_step_aug(on, real, labels, TrainConfig(mode_seeking=1.0))
+    assert any(not torch.equal(v, on.g.state_dict()[k]) for k, v in off.g.state_dict().items())
+
+
+def test_without_mode_seeking_a_fake_batch_draws_as_before_the_term_existed() -> None:
+    config = cgan.CGANConfig(class_names=("a", "b", "c"), z_dim=8, g_ch=4, d_ch=4)
+    from models.train import _fake_batch, new_state
+
+    _, y, z = _fake_batch(new_state(config, TrainConfig()), 16, torch.device("cpu"))
+    rng = torch.Generator().manual_seed(TrainConfig().seed)  # b latents, then b classes, from the state's rng
+    assert torch.equal(z, torch.randn(16, 8, generator=rng))
+    assert torch.equal(y, torch.randint(0, 3, (16,), generator=rng))
 
 
 def test_warm_start_begins_from_the_published_g_and_d(tmp_path: Path) -> None:
