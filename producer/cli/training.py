@@ -10,7 +10,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-console = Console(stderr=True)
+# Soft wrap: a log line or a path longer than the terminal (80 columns when stderr is a file) stays one line, so a
+# run's log can be read back with grep and a printed path copied whole.
+console = Console(stderr=True, soft_wrap=True)
 
 
 def train(
