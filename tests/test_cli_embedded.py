@@ -114,8 +114,9 @@ def test_train_writes_grids_a_checkpoint_and_a_servable_export(tmp_path: Path, a
     again = _genq(*args[:-4], "--steps", "3", "--threads", "1", *widths)  # resumes: 1 step left
     assert again.returncode == 0 and "resuming from step 2" in again.stderr
     lines = again.stderr.splitlines()  # stderr is a pipe: rich would wrap at 80 columns
-    assert any(line.startswith("step 3/3: ") and line.endswith(" written") for line in lines), again.stderr
-    assert f"exported generator to {out / 'export'}" in lines, again.stderr
+    assert f"exported generator to {out / 'export'}" in lines, again.stderr  # a path longer than 80 columns
+    if arch == "cgan":  # the cVAE logs no checkpoint lines
+        assert any(line.startswith("step 3/3: ") and line.endswith(" written") for line in lines), again.stderr
 
 
 def test_train_reads_an_image_folder_at_the_asked_size_with_diffaugment(tmp_path: Path) -> None:
