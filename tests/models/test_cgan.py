@@ -233,7 +233,7 @@ def test_mode_seeking_penalty_falls_as_a_class_s_two_images_move_apart() -> None
     assert penalties[1:] == pytest.approx([latent_gap / 0.1, latent_gap / 0.5], rel=1e-3)
 
 
-def test_mode_seeking_pairs_classes_and_changes_only_g_s_update() -> None:
+def test_mode_seeking_pairs_each_class_and_changes_g_s_update() -> None:
     data = _synthetic_data(64)
     config = cgan.CGANConfig(class_names=data.class_names, z_dim=8, g_ch=4, d_ch=4)
     from models.train import _fake_batch, new_state
