@@ -6,7 +6,8 @@ attempt (what genq did before) and with the delivery thread's reused one.
                                    [--scenarios none,ok,failing,hanging]
 
 Each round submits ``--jobs`` 1-image jobs of the shipped fmnist-cgan at once (every event: ``queued``, ``running`` and
-``succeeded``, 3 per job; a 1-image job's only chunk has no ``progress`` event of its own) and measures
+``succeeded``, 3 per job; a 1-image job's only chunk has no ``progress`` event of its own; scenario ``ok_terminal``
+subscribes the healthy receiver to the terminal events only, ``callback.events``: 1 per job) and measures
 jobs/s from the first job's creation to the last one's end, from the job records. Starts its own moto S3 server,
 the receivers (HTTP/1.1 on loopback, in a process of their own at nice 10: they stand in for receivers on other
 machines) and one `genq worker -c 16` (which delivers callbacks from a callbacks worker of its own, unless
@@ -54,6 +55,7 @@ AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFA
 HANG_S = 30.0  # the hanging receiver answers after this long (as in issue 17)
 SCHEDULE = [0, 0.5, 0.5, 0.5]  # four attempts, half a second apart: the failing receiver's events all get through
 EVENTS_PER_JOB = 3  # queued, running, succeeded
+TERMINAL = ["succeeded", "failed", "canceled"]  # ok_terminal's subscription: a job's end only, 1 event per job
 
 
 class Receiver:
@@ -160,9 +162,10 @@ def worker(env: dict[str, str], concurrency: int, inline: bool) -> Iterator[tupl
             proc.kill()
 
 
-def run_round(client: Client, jobs: int, url: str | None) -> tuple[float, list[str]]:
-    """Submit ``jobs`` 1-image jobs at once; (jobs/s from the first's creation to the last's end, their ids)."""
-    callback = None if url is None else {"url": url}
+def run_round(client: Client, jobs: int, url: str | None, events: list[str] | None = None) -> tuple[float, list[str]]:
+    """Submit ``jobs`` 1-image jobs at once, their callbacks (if ``url``) subscribed to ``events`` (default: all);
+    (jobs/s from the first's creation to the last's end, their ids)."""
+    callback = None if url is None else {"url": url, **({"events": events} if events else {})}
     ids = []
     for i in range(jobs):
         request = {"model": MODEL, "label": "sneaker", "count": 1, "seed": i, "callback": callback}
@@ -233,7 +236,13 @@ def delivery_cpu_ms(url: str, n: int) -> dict[str, float]:
         }
 
 
-SCENARIOS = ("none", "ok", "failing", "hanging")  # --scenarios; "hanging" brings its own rounds without callbacks
+SCENARIOS = (
+    "none",
+    "ok",
+    "ok_terminal",
+    "failing",
+    "hanging",
+)  # --scenarios; "hanging" brings its own rounds without callbacks
 
 
 def main() -> None:
@@ -274,9 +283,11 @@ def main() -> None:
         redis=RedisSettings(url=args.redis), s3=S3Settings(bucket=bucket), webhook=WebhookSettings(allow_hosts=allow)
     )
     client = Client(settings)
-    events = EVENTS_PER_JOB * args.jobs
+    events = {name: EVENTS_PER_JOB * args.jobs for name in SCENARIOS} | {"ok_terminal": args.jobs}
     # "none_hanging": rounds without callbacks between the hanging ones (that receiver's events in flight meanwhile)
-    rates: dict[str, list[float]] = {"none": [], "ok": [], "failing": [], "none_hanging": [], "hanging": []}
+    rates: dict[str, list[float]] = {
+        name: [] for name in ("none", "ok", "ok_terminal", "failing", "none_hanging", "hanging")
+    }
     cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in rates}
     states: dict[str, dict[str, int]] = {}
     settled_s: dict[str, float] = {}
@@ -287,17 +298,17 @@ def main() -> None:
             worker(env, args.concurrency, args.inline_callbacks) as (worker_pid, callbacks_pid),
         ):
             run_round(client, 16, None)  # warm-up: first forward passes, connections
-            order = [name for name in ("none", "ok", "failing") if name in wanted] * args.rounds
+            order = [name for name in ("none", "ok", "ok_terminal", "failing") if name in wanted] * args.rounds
             order += ["none_hanging", "hanging"] * args.rounds if "hanging" in wanted else []
             for scenario in order:
-                url = urls.get(scenario)
+                url = urls.get("ok" if scenario == "ok_terminal" else scenario)
                 before = (_cpu_s(worker_pid), _cpu_s(callbacks_pid))
-                rate, ids = run_round(client, args.jobs, url)
+                rate, ids = run_round(client, args.jobs, url, TERMINAL if scenario == "ok_terminal" else None)
                 after = (_cpu_s(worker_pid), _cpu_s(callbacks_pid))
                 rates[scenario].append(rate)
                 cpu[scenario].append((after[0] - before[0], after[1] - before[1]))
-                if scenario in ("ok", "failing"):  # let them finish before the next round measures
-                    states[scenario], settled_s[scenario] = settle(client, ids, events, timeout=120)
+                if scenario in ("ok", "ok_terminal", "failing"):  # let them finish before the next round measures
+                    states[scenario], settled_s[scenario] = settle(client, ids, events[scenario], timeout=120)
                 elif scenario == "hanging":
                     states[scenario] = delivery_state(client, ids)
             cpu_per_delivery = delivery_cpu_ms(urls["ok"], 200)
@@ -315,6 +326,7 @@ def main() -> None:
     labels = {
         "none": "no callbacks",
         "ok": "receiver answers 200",
+        "ok_terminal": "receiver answers 200, terminal events only",
         "failing": "receiver fails 3x, then 200",
         "none_hanging": "no callbacks, between the hanging rounds",
         "hanging": "receiver hangs 30 s",
@@ -330,20 +342,20 @@ def main() -> None:
     for name, state in states.items():
         waited = f", all settled {settled_s[name]:.1f} s after the round" if name in settled_s else ""
         done = f"{state['delivered']} delivered, {state['dead_lettered']} dead-lettered"
-        print(f"events ({labels[name]}, last round): {events} sent, {done}{waited}")
+        print(f"events ({labels[name]}, last round): {events[name]} sent, {done}{waited}")
     print("CPU ms per delivery (delivering thread): " + ", ".join(f"{k} {v:.2f}" for k, v in cpu_per_delivery.items()))
     print()
     print(f"jobs_per_s_no_callbacks={base:.1f}")
     worker_cpu = {name: statistics.median(c[0] for c in cpu[name]) for name in labels}
     callbacks_cpu = {name: statistics.median(c[1] for c in cpu[name]) for name in labels}
-    for name in [name for name in ("ok", "failing", "none_hanging", "hanging") if name in labels]:
+    for name in [name for name in ("ok", "ok_terminal", "failing", "none_hanging", "hanging") if name in labels]:
         print(f"jobs_per_s_{name}={median[name]:.1f}")
         print(f"ratio_{name}={median[name] / base:.2f}")
         # The generation worker's own CPU per job without callbacks over with them: the jobs/s ratio where the
         # deliveries run on CPU of their own (another core, another machine, a GPU box's idle cores).
         print(f"worker_cpu_ratio_{name}={worker_cpu['none'] / worker_cpu[name]:.2f}")
     # What bounds jobs/s on a machine whose cores are all busy: generation and deliveries share them.
-    for name in [name for name in ("ok", "hanging") if name in labels]:
+    for name in [name for name in ("ok", "ok_terminal", "hanging") if name in labels]:
         shared = (worker_cpu["none"] + callbacks_cpu["none"]) / (worker_cpu[name] + callbacks_cpu[name])
         print(f"shared_cores_cpu_ratio_{name}={shared:.2f}")
     for key, value in cpu_per_delivery.items():
