@@ -68,6 +68,11 @@ class TrainConfig:
     # is rewarded for mapping them far apart, λ / (mean|G(z1,y) - G(z2,y)| / mean|z1 - z2| + ε). 0: off, and the
     # step draws exactly what it drew before the term existed.
     mode_seeking: float = 0.0
+    # Weight of balanced consistency regularisation (bCR, Zhao et al. 2021) in D's loss: D's logits on each real and
+    # fake batch and on the same batch shifted by up to 1/8 of the side are pulled together, λ * (mean (D(x) -
+    # D(T(x)))² over the reals + the same over the fakes); 10 in the paper. Unlike DiffAugment, D is still trained
+    # on the images themselves, and G's loss is untouched. 0: off, and the step draws exactly what it drew before.
+    consistency: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lr_decay_start <= 1.0:
@@ -80,6 +85,12 @@ class TrainConfig:
             raise InvalidModelConfig(f"d_steps must be 1 or more (D updates per G update), got {self.d_steps}")
         if self.mode_seeking < 0:
             raise InvalidModelConfig(f"mode_seeking must be 0 or more (a loss weight), got {self.mode_seeking}")
+        if self.consistency < 0:
+            raise InvalidModelConfig(f"consistency must be 0 or more (a loss weight), got {self.consistency}")
+        if self.consistency > 0 and self.augment:
+            raise InvalidModelConfig(
+                "consistency regularisation and augment both regularise D with shifted images: use one of them"
+            )
         if self.mode_seeking > 0 and self.batch_size % 2:
             raise InvalidModelConfig(f"mode_seeking pairs G's batch: batch_size must be even, got {self.batch_size}")
 
@@ -202,30 +213,36 @@ def train_step_aug(
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     update_g: bool = True,
     extra_d: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+    shift: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> StepResult:
     """One D and one G update with the hinge loss, optionally augmenting every batch D sees (DiffAugment).
 
     Args:
         real: float images (B, C, H, W) in [-1, 1] on the networks' device; labels: (B,) class indices there.
-        cfg: only ``ema_start``, ``ema_decay`` and ``mode_seeking`` are read.
+        cfg: only ``ema_start``, ``ema_decay``, ``mode_seeking`` and ``consistency`` are read.
         augment: applied to the real and the fake batch right before each of the three D calls, a fresh random
             draw each call; it must be differentiable (G's gradient goes through it). None: no augmentation and
             no extra draws from ``state.rng``.
         update_g: False updates D only (G's loss is still measured, without a gradient): D's warm-up.
         extra_d: (real, labels) batches for D updates of their own before this step's (``TrainConfig.d_steps``
             - 1 of them), each against a fresh fake batch; () draws exactly what a single-D-step run draws.
+        shift: the transform of ``cfg.consistency``'s term (a fresh random draw each call; the translation of
+            :func:`_augmenter`); needed when that weight is above 0, unused otherwise.
 
     Returns:
         The losses and the mean sign of D(real), read back from the device together (one synchronisation).
     """
     aug = augment or (lambda x: x)
+    if cfg.consistency > 0 and shift is None:
+        raise ValueError("cfg.consistency > 0 needs the shift that its term compares with")
+    cr = (shift, cfg.consistency) if cfg.consistency > 0 and shift is not None else None
     for extra_real, extra_labels in extra_d:
         with torch.no_grad():
             extra_fake, extra_y, _ = _fake_batch(state, extra_real.shape[0], extra_real.device)
-        _d_update(state, aug, extra_real, extra_labels, extra_fake, extra_y)
+        _d_update(state, aug, extra_real, extra_labels, extra_fake, extra_y, cr)
     paired = cfg.mode_seeking > 0
     fake, y_fake, z = _fake_batch(state, real.shape[0], real.device, paired=paired)  # (B, C, H, W), (B,), (B, z)
-    d_loss, real_logits = _d_update(state, aug, real, labels, fake.detach(), y_fake)
+    d_loss, real_logits = _d_update(state, aug, real, labels, fake.detach(), y_fake, cr)
 
     if update_g:
         g_loss = -state.d(aug(fake), y_fake).mean()
@@ -282,10 +299,18 @@ def _d_update(
     labels: torch.Tensor,
     fake: torch.Tensor,
     y_fake: torch.Tensor,
+    consistency: tuple[Callable[[torch.Tensor], torch.Tensor], float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One hinge-loss update of D on real and (detached) fake images; returns the loss and D's logits on the reals."""
+    """One hinge-loss update of D on real and (detached) fake images, plus bCR's term when ``consistency`` (the
+    shift, the weight) is given; returns the loss and D's logits on the reals."""
     real_logits = state.d(aug(real), labels)  # (B,)
-    d_loss = F.relu(1.0 - real_logits).mean() + F.relu(1.0 + state.d(aug(fake), y_fake)).mean()
+    fake_logits = state.d(aug(fake), y_fake)  # (B,)
+    d_loss = F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+    if consistency is not None:
+        shift, weight = consistency
+        gap_real = (real_logits - state.d(shift(real), labels)).square().mean()
+        gap_fake = (fake_logits - state.d(shift(fake), y_fake)).square().mean()
+        d_loss = d_loss + weight * (gap_real + gap_fake)
     state.opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     state.opt_d.step()
@@ -423,10 +448,11 @@ def train(
     state.g.train()
     state.d.train()
     augment = _augmenter(cfg.augment, state.rng)
+    shift = _augmenter(("translation",), state.rng) if cfg.consistency > 0 else None
     # the first step this process logs: an earlier process's events from there on were redone after its checkpoint
     events = RunEvents.open(out, purge_step=state.step + 1 if state.step else None)
     try:
-        _loop(data, out, cfg, model_cfg, state, augment, events, on_step, log, scorer)
+        _loop(data, out, cfg, model_cfg, state, augment, events, on_step, log, scorer, shift)
     finally:
         events.close()
     return state
@@ -443,6 +469,7 @@ def _loop(
     on_step: Callable[[StepStats], None] | None,
     log: Callable[[str], None],
     scorer: Callable[[Path], dict[str, float]] | None,
+    shift: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """:func:`train`'s steps from ``state.step`` to ``cfg.steps``, with its grids, checkpoints, exports and events."""
     ckpt = out / CHECKPOINT_FILE
@@ -453,7 +480,9 @@ def _loop(
         set_learning_rates(state, cfg)
         update_g = state.step >= cfg.d_warmup_steps
         real, labels = batches[-1]
-        result = train_step_aug(state, real, labels, cfg, augment=augment, update_g=update_g, extra_d=batches[:-1])
+        result = train_step_aug(
+            state, real, labels, cfg, augment=augment, update_g=update_g, extra_d=batches[:-1], shift=shift
+        )
         rate = (state.step - started_step) / max(time.perf_counter() - started, 1e-9)
         if on_step is not None:
             on_step(StepStats(state.step, cfg.steps, result.d_loss, result.g_loss, rate))

@@ -150,6 +150,7 @@ def test_train_reads_an_image_folder_at_the_asked_size_with_diffaugment(tmp_path
         (["--init-from", "shoe-gan"], "unknown model 'shoe-gan'"),
         (["--arch", "cvae", "--init-from", "fmnist-cgan@1"], "only a cgan can start from a published model"),
         (["--mode-seeking", "1", "--batch-size", "7"], "batch_size must be even, got 7"),
+        (["--consistency", "10", "--augment", "translation"], "use one of them"),
     ],
 )
 def test_train_refuses_bad_data_and_augmentation_naming_them(tmp_path: Path, args: list[str], words: str) -> None:

@@ -70,6 +70,13 @@ def train(
         help="cgan: weight of MSGAN's mode-seeking term, which rewards G for mapping two latents of one class to "
         "different images (variety; 1 in the paper); 0: off.",
     ),
+    consistency: float = typer.Option(
+        0.0,
+        "--consistency",
+        min=0.0,
+        help="cgan: weight of balanced consistency regularisation (bCR): D's logits on each batch and on it shifted "
+        "by up to 1/8 of the side are pulled together (10 in the paper); not with --augment; 0: off.",
+    ),
     seed: int = typer.Option(0, "--seed"),
     sample_every: int = typer.Option(500, "--sample-every", min=1),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1),
@@ -100,6 +107,11 @@ def train(
         raise typer.BadParameter(f"unknown prior {prior!r} (known: {', '.join(cvae.PRIORS)})", param_hint="--prior")
     if init_from is not None and arch != cgan.ARCH:
         raise typer.BadParameter("only a cgan can start from a published model", param_hint="--init-from")
+    if consistency > 0 and augment.strip():
+        raise typer.BadParameter(
+            "consistency regularisation and --augment both regularise D with shifted images: use one of them",
+            param_hint="--consistency",
+        )
     if mode_seeking > 0 and batch_size % 2:
         raise typer.BadParameter(
             f"mode seeking pairs G's batch: batch_size must be even, got {batch_size}", param_hint="--batch-size"
@@ -164,6 +176,7 @@ def train(
                 d_warmup_steps=d_warmup_steps,
                 d_steps=d_steps,
                 mode_seeking=mode_seeking,
+                consistency=consistency,
                 seed=seed,
                 sample_every=sample_every,
                 checkpoint_every=checkpoint_every,

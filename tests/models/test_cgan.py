@@ -168,6 +168,8 @@ def test_lr_is_constant_then_falls_linearly_to_a_last_small_step() -> None:
         {"d_steps": 0},
         {"mode_seeking": -0.5},
         {"mode_seeking": 1.0, "batch_size": 15},
+        {"consistency": -1.0},
+        {"consistency": 10.0, "augment": ("translation",)},
     ],
 )
 def test_bad_train_configs_are_refused_naming_the_field(kwargs: dict[str, float]) -> None:
@@ -208,7 +210,7 @@ def test_extra_d_steps_update_d_once_per_batch_and_g_once() -> None:
     assert any(not torch.equal(v, two.d.state_dict()[k]) for k, v in one.d.state_dict().items())
 
 
-@pytest.mark.parametrize("option", [{"d_steps": 2}, {"mode_seeking": 1.0}])
+@pytest.mark.parametrize("option", [{"d_steps": 2}, {"mode_seeking": 1.0}, {"consistency": 10.0}])
 def test_resume_with_an_option_is_exact_and_differs_from_without(tmp_path: Path, option: dict[str, float]) -> None:
     data = _synthetic_data(128)
     config = cgan.CGANConfig(class_names=data.class_names, z_dim=8, g_ch=4, d_ch=4)
@@ -218,7 +220,9 @@ def test_resume_with_an_option_is_exact_and_differs_from_without(tmp_path: Path,
         train(data, tmp_path / "a", cfg, config, on_step=lambda s: _kill_at(s.step, 3))
     resumed = train(data, tmp_path / "a", cfg, config)
     straight = train(data, tmp_path / "b", cfg, config)
-    default = train(data, tmp_path / "c", dataclasses.replace(cfg, d_steps=1, mode_seeking=0.0), config)
+    default = train(
+        data, tmp_path / "c", dataclasses.replace(cfg, d_steps=1, mode_seeking=0.0, consistency=0.0), config
+    )
     for (key, a), b in zip(resumed.ema.state_dict().items(), straight.ema.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
     assert any(not torch.equal(v, default.d.state_dict()[k]) for k, v in straight.d.state_dict().items())
@@ -246,6 +250,26 @@ def test_mode_seeking_pairs_each_class_and_changes_g_s_update() -> None:
     train_step_aug(off, real, labels, TrainConfig())
     train_step_aug(on, real, labels, TrainConfig(mode_seeking=1.0))
     assert any(not torch.equal(v, on.g.state_dict()[k]) for k, v in off.g.state_dict().items())
+
+
+def test_consistency_adds_d_s_gap_to_the_shifted_batch_and_leaves_g_s_loss_alone() -> None:
+    data = _synthetic_data(64)
+    config = cgan.CGANConfig(class_names=data.class_names, z_dim=8, g_ch=4, d_ch=4)
+    from models.train import _augmenter, new_state
+
+    real, labels = data.images[:16].float() / 127.5 - 1.0, data.labels[:16]
+    off, on = new_state(config, TrainConfig()), new_state(config, TrainConfig(consistency=10.0))
+    shift = _augmenter(("translation",), torch.Generator().manual_seed(1))
+    calls: list[int] = []
+    on.d.register_forward_hook(lambda *_: calls.append(1))
+    plain = train_step_aug(off, real, labels, TrainConfig())
+    regularised = train_step_aug(on, real, labels, TrainConfig(consistency=10.0), shift=shift)
+    # D judges reals, fakes, both shifted, then G's fakes: 5 calls, against 3 without the term
+    assert len(calls) == 5
+    assert regularised.d_loss > plain.d_loss  # the same batches, G and D: the hinge part is equal, the gap adds
+    assert any(not torch.equal(v, on.d.state_dict()[k]) for k, v in off.d.state_dict().items())
+    with pytest.raises(ValueError, match="shift"):
+        train_step_aug(new_state(config, TrainConfig()), real, labels, TrainConfig(consistency=10.0))
 
 
 def test_without_mode_seeking_a_fake_batch_draws_as_before_the_term_existed() -> None:
