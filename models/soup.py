@@ -1,14 +1,16 @@
 """Weight averaging of two cGANs trained from one another (a "model soup", Wortsman et al. 2022; WiSE-FT).
 
 A run that continues a published model moves its weights a short way from that model's; the two then lie in one
-basin, and the generator with weights ``w * A + (1 - w) * B`` can score better than either (it did for
-``fmnist-cgan@5``, docs/models.md). BN running statistics are not averaged: they are recomputed for the averaged
+basin, and the generator with weights ``w * A + (1 - w) * B`` can score better than either (``fmnist-cgan@5`` covers
+more of the real variety than both its halves, docs/models.md). BN running statistics are not averaged: they are recomputed for the averaged
 weights (:func:`models.train.recalibrate_bn`, the same recalibration every export gets). Discriminators are averaged
 the same way when both models ship one, so a fine-tune of the soup starts from a matching critic.
 
 Reproduce the shipped ``fmnist-cgan@5`` with::
 
-    python -m models.soup models/zoo/fmnist-cgan/4 runs/dat/export --weight 0.5 --out runs/fmnist-cgan-v5
+    python -m models.soup models/zoo/fmnist-cgan/4 runs/dat/export --weight 0.5 --out runs/fmnist-cgan-v5 --threads 1
+
+(one thread: BN recalibration's sums round differently with more, in the last bits of the statistics).
 """
 
 from __future__ import annotations
@@ -31,9 +33,6 @@ from models.grid import class_grid, save_png
 from models.train import DISCRIMINATOR_FILE, recalibrate_bn, sample_grid_images
 
 SAMPLES_FILE = "samples.png"  # the soup's own grid: one row per class, seeds 0-9
-
-# What BN recalibration recomputes: averaging them would describe neither network.
-_BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def average_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], weight: float) -> dict[str, torch.Tensor]:
