@@ -3,8 +3,9 @@
 A run that continues a published model moves its weights a short way from that model's; the two then lie in one
 basin, and the generator with weights ``w * A + (1 - w) * B`` can score better than either (``fmnist-cgan@5`` covers
 more of the real variety than both its halves, docs/models.md). BN running statistics are not averaged: they are
-recomputed for the averaged weights (:func:`models.train.recalibrate_bn`, the same recalibration every export gets). Discriminators are averaged
-the same way when both models ship one, so a fine-tune of the soup starts from a matching critic.
+recomputed for the averaged weights (:func:`models.train.recalibrate_bn`, the same recalibration every export
+gets). Discriminators are averaged the same way when both models ship one, so a fine-tune of the soup starts from a
+matching critic.
 
 Reproduce the shipped ``fmnist-cgan@5`` with::
 
